@@ -1,0 +1,243 @@
+"""The `forwardpass` command line: demo, models, predict, import.
+
+    forwardpass demo --samples samples       # build the demo repository, write sample inputs
+    forwardpass predict digits samples/digit-3.png
+    forwardpass predict iris '{"sepal length (cm)": 5.1, ...}' --json
+    forwardpass import sklearn model.joblib --name churn --trust --repository models
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from forwardpass.errors import ForwardpassError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="forwardpass: AI inference on ONNX Runtime.")  # fmt: skip
+import_app = typer.Typer(no_args_is_help=True, help="Import models from other frameworks into a repository.")
+app.add_typer(import_app, name="import")
+out = Console()
+err = Console(stderr=True)
+
+RepositoryOption = Annotated[
+    Path | None,
+    typer.Option("--repository", "-r", envvar="FORWARDPASS_REPOSITORY",
+                 help="Model repository folder [default: the built-in demo repository]"),
+]  # fmt: skip
+
+
+def _repository(path: Path | None):
+    from forwardpass import Repository, default_repository
+
+    return Repository(path or default_repository())
+
+
+@app.command()
+def demo(
+    samples: Annotated[Path | None, typer.Option(help="Also write held-out sample inputs into this folder")] = None,
+    rebuild: Annotated[bool, typer.Option(help="Build the demo repository again")] = False,
+) -> None:
+    """Build the built-in demo repository (once) and list its models."""
+    from forwardpass import Repository, demo as demo_pkg
+
+    path = demo_pkg.build(demo_pkg.home() / "demo") if rebuild else demo_pkg.repository()
+    out.print(f"demo repository: {path}")
+    _models_table(Repository(path))
+    if samples is not None:
+        files = demo_pkg.write_samples(samples)
+        out.print(f"wrote {len(files)} sample inputs to {samples}/ (try: forwardpass predict digits {files[3]})")
+
+
+@app.command()
+def models(repository: RepositoryOption = None) -> None:
+    """List models, their versions and status (each is loaded to check it)."""
+    _models_table(_repository(repository))
+
+
+def _models_table(repo: Any) -> None:
+    repo.load_all()
+    table = Table("model", "version", "status", "task", "held-out")
+    problems = []
+    for status in repo.status():
+        try:
+            config = repo.config(status.name)
+            task, metrics = config.task, _metrics(config.metrics)
+        except ForwardpassError as exc:
+            task, metrics = "?", ""
+            problems.append(f"{status.name}: {exc}")
+        if status.reason:
+            problems.append(f"{status.name} v{status.version}: {status.reason}")
+        table.add_row(status.name, str(status.version), status.state, task, metrics)
+    out.print(table)
+    for problem in dict.fromkeys(problems):
+        err.print(f"[red]{problem}[/red]", highlight=False, soft_wrap=True)
+
+
+def _metrics(metrics: dict[str, float]) -> str:
+    short = {"accuracy": "acc", "interval_coverage_0.9": "cover90"}
+    shown = {short.get(k, k): v for k, v in metrics.items() if k != "eval_rows"}
+    return " ".join(f"{k}={v:.3g}" for k, v in shown.items())
+
+
+@app.command()
+def predict(
+    model: Annotated[str, typer.Argument(help="Model name")],
+    inputs: Annotated[list[str], typer.Argument(help="JSON object/list or file (.json, .jsonl, .csv), image or WAV "
+                                                "file, or text; '-' reads JSON from stdin")],  # fmt: skip
+    repository: RepositoryOption = None,
+    version: Annotated[int | None, typer.Option(help="Model version [default: newest]")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="Labels to show per prediction")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")] = False,
+) -> None:
+    """Predict with a model: prints labels with probabilities, or values with intervals."""
+    loaded = _repository(repository).load(model, version)
+    instances, names = _read_inputs(inputs, loaded.config.pre.kind)
+    answers = loaded.predict(instances, top_k=top_k)
+    if as_json:
+        out.print_json(json.dumps(_jsonable(answers)))
+    elif isinstance(answers, dict):
+        for name, array in answers.items():
+            out.print(f"{name} {list(array.shape)} {array.dtype}:\n{array}")
+    else:
+        _answers_table(names, answers)
+
+
+def _read_inputs(args: list[str], pre_kind: str) -> tuple[list[Any], list[str]]:
+    instances: list[Any] = []
+    names: list[str] = []
+
+    def add(items: list[Any], label: str) -> None:
+        instances.extend(items)
+        names.extend([label] if len(items) == 1 else [f"{label}[{i}]" for i in range(len(items))])
+
+    for arg in args:
+        path = Path(arg)
+        if arg == "-":
+            add(_json_items(sys.stdin.read(), "stdin"), "stdin")
+        elif path.is_file():
+            suffix = path.suffix.lower()
+            if suffix == ".json":
+                add(_json_items(path.read_text(encoding="utf-8"), arg), path.name)
+            elif suffix == ".jsonl":
+                lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+                add([_json_value(ln, f"{arg} line {i + 1}") for i, ln in enumerate(lines)], path.name)
+            elif suffix == ".csv":
+                with path.open(newline="", encoding="utf-8") as f:
+                    add(list(csv.DictReader(f)), path.name)
+            elif suffix == ".txt" and pre_kind == "text":
+                add([path.read_text(encoding="utf-8")], path.name)
+            else:
+                add([path.read_bytes()], path.name)  # images, audio: the model's pre-processing decodes them
+        elif arg.lstrip()[:1] in ("{", "["):
+            add(_json_items(arg, "argument"), _clip(arg))
+        elif pre_kind == "text":
+            add([arg], _clip(arg))
+        else:
+            raise ForwardpassError(f"input {arg!r} is not a file, and not JSON (this model's pre-processing is "
+                                   f"'{pre_kind}', so plain text is not an input)")  # fmt: skip
+    return instances, names
+
+
+def _json_value(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ForwardpassError(f"{where}: not valid JSON ({exc})") from None
+
+
+def _json_items(text: str, where: str) -> list[Any]:
+    value = _json_value(text, where)
+    return value if isinstance(value, list) and value and isinstance(value[0], (dict, list)) else [value]
+
+
+def _clip(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _answers_table(names: list[str], answers: list[dict[str, Any]]) -> None:
+    first = answers[0]
+    if "label" in first:
+        table = Table("input", "label", "probability", "top-k")
+        for name, a in zip(names, answers):
+            top = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in a["top_k"])
+            table.add_row(name, str(a["label"]), f"{a['probability']:.3f}", top)
+    else:
+        has_interval = "low" in first
+        table = Table("input", "value", *([f"{first['level']:.0%} interval"] if has_interval else []))
+        for name, a in zip(names, answers):
+            extra = [f"[{a['low']:.4g}, {a['high']:.4g}]"] if has_interval else []
+            table.add_row(name, f"{a['value']:.4g}", *extra)
+    out.print(table)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+@import_app.command("sklearn")
+def import_sklearn(
+    file: Annotated[Path, typer.Argument(help="A pickled or joblib scikit-learn estimator or pipeline")],
+    name: Annotated[str, typer.Option(help="Model name in the repository")],
+    trust: Annotated[bool, typer.Option(help="Allow unpickling FILE (it can run code: only for files you trust)")] = False,
+    repository: RepositoryOption = None,
+    features: Annotated[str | None, typer.Option(help="Comma-separated feature names [default: from the estimator]")] = None,
+    calibration: Annotated[Path | None, typer.Option(help="Held-out CSV for a regressor's conformal interval")] = None,
+    target: Annotated[str | None, typer.Option(help="Target column in the calibration CSV")] = None,
+    level: Annotated[float, typer.Option(help="Interval coverage for regressors")] = 0.9,
+) -> None:
+    """Convert a scikit-learn estimator (with skl2onnx) into a model folder."""
+    from forwardpass.convert.sklearn import import_sklearn_file
+
+    repo = repository or _default_path()
+    feature_names = [f.strip() for f in features.split(",")] if features else None
+    kwargs: dict[str, Any] = {"feature_names": feature_names, "level": level}
+    if calibration is not None:
+        if target is None:
+            raise ForwardpassError("--calibration needs --target naming the target column")
+        kwargs["X_calib"], kwargs["y_calib"], kwargs["feature_names"] = _calibration(calibration, target, feature_names)
+    folder = import_sklearn_file(file, name, repo, trust=trust, **kwargs)
+    out.print(f"imported {file} as {folder}")
+
+
+def _calibration(path: Path, target: str, names: list[str] | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or target not in rows[0]:
+        raise ForwardpassError(f"{path}: no column '{target}'")
+    names = names or [k for k in rows[0] if k != target]
+    try:
+        X = np.array([[float(r[n]) for n in names] for r in rows])
+        y = np.array([float(r[target]) for r in rows])
+    except (KeyError, ValueError) as exc:
+        raise ForwardpassError(f"{path}: calibration rows must be numeric with columns {names}: {exc}") from None
+    return X, y, names
+
+
+def _default_path() -> Path:
+    from forwardpass import default_repository
+
+    return default_repository()
+
+
+def main() -> None:
+    """Entry point: domain errors become one red line and exit code 2, never a traceback."""
+    try:
+        app()
+    except ForwardpassError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)

@@ -1,0 +1,336 @@
+"""The model.yaml schema: one pydantic model per concern, strict about unknown fields.
+
+A minimal model.yaml::
+
+    task: classification
+    labels: [setosa, versicolor, virginica]
+    inputs:
+      - {name: input, datatype: FP32, shape: [-1, 4], features: [a, b, c, d]}
+    pre: {kind: tabular}
+    post: {kind: classification, output: probabilities, top_k: 3}
+
+Everything else has a default; ``load_config(path)`` turns any mistake into a
+ModelConfigError naming the file, the field and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from forwardpass.errors import ModelConfigError
+from forwardpass.tensors import Datatype
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Feature(_Strict):
+    """A named tabular feature; ``default`` fills it when a row leaves it out."""
+
+    name: str
+    default: float | None = None
+
+
+class TensorSpec(_Strict):
+    """One model input or output: V2 datatype and shape (-1 = any size)."""
+
+    name: str
+    datatype: Datatype
+    shape: list[Annotated[int, Field(ge=-1)]]
+    features: list[Feature] | None = None
+    allow_nan: bool = False
+
+    @field_validator("features", mode="before")
+    @classmethod
+    def _features_from_names(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"name": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @model_validator(mode="after")
+    def _features_fit_shape(self) -> TensorSpec:
+        if self.features is not None:
+            if len(self.shape) != 2 or self.shape[1] not in (-1, len(self.features)):
+                raise ValueError(
+                    f"{len(self.features)} features need shape [-1, {len(self.features)}], got {self.shape}"
+                )
+            names = [f.name for f in self.features]
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"feature names must be unique, repeated: {dupes}")
+        return self
+
+
+# --- pre-processing ---------------------------------------------------------------
+
+
+class TensorPre(_Strict):
+    """No pre-processing: requests carry the model's input tensors."""
+
+    kind: Literal["tensor"] = "tensor"
+
+
+class TabularPre(_Strict):
+    """Rows as objects of named features (JSON, CSV) -> one [N, F] tensor in declared order."""
+
+    kind: Literal["tabular"]
+    input: str | None = None  # defaults to the only input that declares features
+
+
+class ImagePre(_Strict):
+    """PNG/JPEG bytes -> decoded, resized, cropped, scaled, normalized tensor."""
+
+    kind: Literal["image"]
+    input: str | None = None
+    color: Literal["L", "RGB"] = "RGB"
+    resize: int | tuple[int, int] | None = None  # int: shorter side; [h, w]: exact size
+    center_crop: tuple[int, int] | None = None  # [h, w]
+    invert: bool = False  # 255 - pixel, for models trained on white-on-black
+    scale: float = 1 / 255
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    layout: Literal["NCHW", "NHWC", "flat"] = "NCHW"
+
+    @model_validator(mode="after")
+    def _mean_std_lengths(self) -> ImagePre:
+        channels = 1 if self.color == "L" else 3
+        for field in ("mean", "std"):
+            value = getattr(self, field)
+            if value is not None and len(value) not in (1, channels):
+                raise ValueError(f"{field} needs 1 or {channels} values for color {self.color}, got {len(value)}")
+        if self.std is not None and any(s == 0 for s in self.std):
+            raise ValueError("std values must be non-zero")
+        return self
+
+
+class TextPre(_Strict):
+    """Strings -> a BYTES input, or through a tokenizer.json -> input_ids / attention_mask."""
+
+    kind: Literal["text"]
+    tokenizer: str | None = None  # path relative to the model folder; None = raw strings
+    input: str | None = None  # the BYTES input for raw strings
+    max_length: int = Field(512, ge=1)
+    input_ids: str = "input_ids"
+    attention_mask: str | None = "attention_mask"
+    token_type_ids: str | None = None
+
+
+class AudioPre(_Strict):
+    """WAV bytes -> float32 mono at the model's sample rate, [N, samples] (padded with zeros)."""
+
+    kind: Literal["audio"]
+    input: str | None = None
+    sample_rate: int = Field(16000, gt=0)
+    max_seconds: float = Field(60.0, gt=0)
+
+
+PreConfig = Annotated[TensorPre | TabularPre | ImagePre | TextPre | AudioPre, Field(discriminator="kind")]
+
+
+# --- post-processing --------------------------------------------------------------
+
+
+class ClassificationPost(_Strict):
+    """Scores -> label, probability and top-k; softmax first when the output is logits."""
+
+    kind: Literal["classification"]
+    output: str | None = None  # defaults to 'probabilities', else the last float output
+    logits: bool = False
+    top_k: int = Field(3, ge=1)
+    threshold: float | None = Field(None, gt=0, lt=1)  # binary: positive label when p >= threshold
+
+
+class Interval(_Strict):
+    """A prediction interval: split-conformal half-width, or two quantile outputs."""
+
+    level: float = Field(gt=0, lt=1)
+    conformal: float | None = Field(None, ge=0)  # half-width from calibration residuals
+    low: str | None = None  # output holding the lower quantile
+    high: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Interval:
+        quantiles = self.low is not None or self.high is not None
+        if quantiles and (self.low is None or self.high is None):
+            raise ValueError("quantile intervals need both 'low' and 'high' outputs")
+        if quantiles == (self.conformal is not None):
+            raise ValueError("give either 'conformal' (a half-width) or 'low' and 'high' outputs, not both or none")
+        return self
+
+
+class RegressionPost(_Strict):
+    """A value per row, with an interval when configured."""
+
+    kind: Literal["regression"]
+    output: str | None = None
+    interval: Interval | None = None
+
+
+class PassthroughPost(_Strict):
+    """Raw output tensors, by name."""
+
+    kind: Literal["passthrough"]
+
+
+PostConfig = Annotated[ClassificationPost | RegressionPost | PassthroughPost, Field(discriminator="kind")]
+
+
+# --- serving knobs ----------------------------------------------------------------
+
+
+class Batching(_Strict):
+    """Dynamic batching (used by the server's scheduler)."""
+
+    max_batch_size: int = Field(64, ge=1)
+    max_queue_delay_ms: float = Field(0.0, ge=0)
+    preferred_batch_sizes: list[Annotated[int, Field(ge=1)]] = []
+    max_queue_size: int = Field(1024, ge=1)
+    timeout_ms: float | None = Field(None, gt=0)
+
+
+class Cache(_Strict):
+    """Response cache for identical requests."""
+
+    enabled: bool = False
+    max_bytes: int = Field(64 * 2**20, ge=0)
+
+
+class Threads(_Strict):
+    """ONNX Runtime thread pools; 'auto' picks intra-op threads from the model's measured cost."""
+
+    intra_op: int | Literal["auto"] = "auto"
+    inter_op: int = Field(1, ge=0)
+
+    @field_validator("intra_op")
+    @classmethod
+    def _positive(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 0:
+            raise ValueError("intra_op must be 'auto', 0 (ONNX Runtime's default) or a positive count")
+        return value
+
+
+class LatestPolicy(_Strict):
+    latest: int = Field(ge=1)
+
+
+class SpecificPolicy(_Strict):
+    specific: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
+
+
+VersionPolicy = Literal["all"] | LatestPolicy | SpecificPolicy
+
+_DEFAULT_POST = {"classification": "classification", "regression": "regression"}
+
+
+class ModelConfig(_Strict):
+    """Everything model.yaml can say about a model."""
+
+    task: Literal["classification", "regression", "generation", "custom"]
+    description: str = ""
+    inputs: list[TensorSpec] | None = None  # None: taken from the ONNX file
+    outputs: list[TensorSpec] | None = None
+    labels: list[str] | str | None = None  # a list, or a file name (one label a line)
+    pre: PreConfig = TensorPre()
+    post: PostConfig | None = None  # None: from the task
+    batching: Batching = Batching()
+    instances: int = Field(1, ge=1)
+    cache: Cache = Cache()
+    threads: Threads = Threads()
+    providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"], min_length=1)
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    version_policy: VersionPolicy = LatestPolicy(latest=1)
+    metrics: dict[str, float] = {}  # held-out evaluation recorded when the model was built
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_post(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("post") is None:
+            kind = _DEFAULT_POST.get(data.get("task"), "passthrough")
+            data = {**data, "post": {"kind": kind}}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelConfig:
+        names = [s.name for s in self.inputs or []]
+        for field in ("input",):
+            wanted = getattr(self.pre, field, None)
+            if wanted is not None and self.inputs is not None and wanted not in names:
+                raise ValueError(f"pre.input '{wanted}' is not among the declared inputs {names}")
+        if isinstance(self.pre, TabularPre) and self.inputs is not None:
+            if not any(s.features for s in self.inputs):
+                raise ValueError("tabular pre-processing needs an input that lists its 'features'")
+        return self
+
+
+# --- loading with errors that say file, field and fix ------------------------------
+
+
+def load_config(path: Path) -> ModelConfig:
+    """Read and validate a model.yaml; any mistake raises ModelConfigError (file, field, fix)."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelConfigError(str(path), "", "file not found", "create it (see README: model.yaml)") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ModelConfigError(str(path), where, f"not valid YAML: {problem}", "fix the YAML syntax there") from None
+    if not isinstance(raw, dict):
+        raise ModelConfigError(
+            str(path), "", f"expected a mapping of fields, got {type(raw).__name__}", "start with 'task: ...'"
+        )
+    try:
+        return ModelConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise _config_error(path, exc) from None
+
+
+def _config_error(path: Path, exc: ValidationError) -> ModelConfigError:
+    # the most specific error first: a deep loc, and a real complaint over "missing"/"extra" from union arms
+    errors = exc.errors()
+    err = max(errors, key=lambda e: len(e["loc"]) + (e["type"] not in ("missing", "extra_forbidden", "literal_error")))
+    # drop the union tags pydantic adds ('tabular', 'LatestPolicy', ...) so loc reads like the YAML
+    loc = ".".join(str(p) for p in _yaml_loc(err["loc"]))
+    kind = err["type"]
+    msg = err["msg"]
+    if kind == "missing":
+        fix = f"add '{loc.rsplit('.', 1)[-1]}' to model.yaml"
+    elif kind == "extra_forbidden":
+        fix = f"remove '{loc.rsplit('.', 1)[-1]}' or correct its spelling" + _suggest(loc, err)
+    elif kind in ("literal_error", "union_tag_invalid", "enum"):
+        fix = "use one of the values listed"
+    else:
+        fix = "correct the value"
+    got = err.get("input")
+    got_text = "" if kind == "missing" or isinstance(got, (dict, list)) else f", got {got!r}"
+    return ModelConfigError(str(path), loc, f"{msg.removeprefix('Value error, ')}{got_text}", fix)
+
+
+_UNION_TAGS = {
+    "tensor", "tabular", "image", "text", "audio", "classification", "regression", "passthrough",
+    "function-after", "function-before",
+}  # fmt: skip
+
+
+def _yaml_loc(loc: tuple[Any, ...]) -> list[Any]:
+    """Drop the union tags pydantic puts in loc ('tabular', 'LatestPolicy', ...) so it reads like the YAML."""
+    out: list[Any] = []
+    for part in loc:
+        is_tag = isinstance(part, str) and (part[:1].isupper() or "[" in part or part in _UNION_TAGS)
+        if not is_tag:
+            out.append(part)
+    return out
+
+
+def _suggest(loc: str, err: dict[str, Any]) -> str:
+    name = loc.rsplit(".", 1)[-1]
+    known = list(ModelConfig.model_fields) if "." not in loc else []
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""

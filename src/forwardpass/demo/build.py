@@ -1,0 +1,156 @@
+"""Building the demo repository (atomically, once per DEMO_VERSION) and sample inputs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from forwardpass._deps import require
+from forwardpass.demo import datasets
+
+DEMO_VERSION = "1"
+_STAMP = ".forwardpass-demo"
+
+
+def home() -> Path:
+    """forwardpass's own folder: $FORWARDPASS_HOME, else the user cache folder."""
+    env = os.environ.get("FORWARDPASS_HOME")
+    if env:
+        return Path(env).expanduser()
+    platformdirs = require("platformdirs", "sklearn", "finding the user cache folder")
+    return Path(platformdirs.user_cache_dir("forwardpass"))
+
+
+def _silero_onnx() -> Path | None:
+    # find_spec locates the package without importing it (its __init__ imports torch)
+    spec = importlib.util.find_spec("silero_vad")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "silero_vad_16k_op15.onnx"
+    return path if path.is_file() else None
+
+
+def _stamp() -> str:
+    return f"{DEMO_VERSION} silero={_silero_onnx() is not None}"
+
+
+def repository(build_if_missing: bool = True) -> Path:
+    """The demo repository's path, built first if missing or made by an older forwardpass."""
+    path = home() / "demo"
+    stamp = path / _STAMP
+    if stamp.is_file() and stamp.read_text().strip() == _stamp():
+        return path
+    if not build_if_missing:
+        raise FileNotFoundError(path)
+    return build(path)
+
+
+def build(path: Path) -> Path:
+    """Train and convert the demo models into ``path`` (built beside it, then swapped in)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=path.parent))
+    try:
+        _build_into(staging)
+        (staging / _STAMP).write_text(_stamp() + "\n")
+        old = path.with_name(f".demo-old-{os.getpid()}")
+        if path.exists():
+            os.replace(path, old)
+        try:
+            os.replace(staging, path)
+        except OSError:  # another process built it at the same moment: theirs is as good
+            pass
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def _build_into(root: Path) -> None:
+    from forwardpass.convert.sklearn import import_sklearn
+
+    linear = require("sklearn.linear_model", "sklearn", "building the demo models")
+    neural = require("sklearn.neural_network", "sklearn", "building the demo models")
+    pipeline = require("sklearn.pipeline", "sklearn", "building the demo models")
+    preprocessing = require("sklearn.preprocessing", "sklearn", "building the demo models")
+    serving = {"cache": {"enabled": True}, "batching": {"max_batch_size": 64, "max_queue_delay_ms": 0}}
+
+    def scaled(model):
+        return pipeline.make_pipeline(preprocessing.StandardScaler(), model)
+
+    d = datasets.load("digits")
+    digits = scaled(neural.MLPClassifier(hidden_layer_sizes=(64,), max_iter=600, random_state=datasets.SEED))
+    import_sklearn(
+        digits.fit(d.X_train, d.y_train), "digits", root, X_eval=d.X_test, y_eval=d.y_test,
+        description="Handwritten digits 0-9: an MLP on 8x8 grayscale images (white ink on black).",
+        pre={"kind": "image", "color": "L", "resize": [8, 8], "scale": 16 / 255, "layout": "flat"},
+        extra=serving,
+    )  # fmt: skip
+    b = datasets.load("breast-cancer")
+    import_sklearn(
+        scaled(linear.LogisticRegression(max_iter=2000)).fit(b.X_train, b.y_train), "breast-cancer", root,
+        feature_names=b.feature_names, X_eval=b.X_test, y_eval=b.y_test,
+        description="Breast cancer diagnosis (malignant/benign) from 30 named cell-nucleus measurements.",
+        extra=serving,
+    )  # fmt: skip
+    r = datasets.load("diabetes")
+    import_sklearn(
+        scaled(linear.Ridge(alpha=1.0)).fit(r.X_train, r.y_train), "diabetes", root,
+        feature_names=r.feature_names, X_calib=r.X_calib, y_calib=r.y_calib, level=0.9,
+        X_eval=r.X_test, y_eval=r.y_test,
+        description="Diabetes progression one year after baseline, with a 90% split-conformal interval.",
+        extra=serving,
+    )  # fmt: skip
+    i = datasets.load("iris")
+    import_sklearn(
+        scaled(linear.LogisticRegression(max_iter=2000)).fit(i.X_train, i.y_train), "iris", root,
+        feature_names=i.feature_names, X_eval=i.X_test, y_eval=i.y_test,
+        description="Iris species from sepal and petal sizes.", extra=serving,
+    )  # fmt: skip
+    silero = _silero_onnx()
+    if silero is not None:
+        _add_silero(root, silero)
+
+
+def _add_silero(root: Path, onnx_file: Path) -> None:
+    folder = root / "silero-vad"
+    (folder / "1").mkdir(parents=True)
+    shutil.copyfile(onnx_file, folder / "1" / "model.onnx")
+    config = {
+        "task": "custom",
+        "description": "Silero VAD (16 kHz): speech probability per 512-sample window; stateful "
+        "(feed 'stateN' back as 'state'). From the silero-vad package.",
+        "inputs": [
+            {"name": "input", "datatype": "FP32", "shape": [-1, -1]},
+            {"name": "state", "datatype": "FP32", "shape": [2, -1, 128]},
+            {"name": "sr", "datatype": "INT64", "shape": []},
+        ],
+        "post": {"kind": "passthrough"},
+        "threads": {"intra_op": 1},  # a 512-sample window costs well under a millisecond
+    }
+    (folder / "model.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+
+
+def write_samples(folder: Path) -> list[Path]:
+    """Held-out sample inputs for trying the demo: digit PNGs, JSON rows, a CSV."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    d = datasets.load("digits")
+    for digit in range(10):
+        row = d.X_test[list(d.y_test).index(str(digit))]
+        written.append(folder / f"digit-{digit}.png")
+        written[-1].write_bytes(datasets.digit_png(row))
+    for name in ("breast-cancer", "iris", "diabetes"):
+        s = datasets.load(name)
+        rows = [dict(zip(s.feature_names, map(float, x))) for x in s.X_test[:3]]
+        written.append(folder / f"{name}.json")
+        written[-1].write_text(json.dumps(rows[0], indent=2) + "\n")
+        written.append(folder / f"{name}.csv")
+        lines = [",".join(s.feature_names)] + [",".join(repr(float(v)) for v in x) for x in s.X_test[:5]]
+        written[-1].write_text("\n".join(lines) + "\n")
+    return written

@@ -1,0 +1,154 @@
+"""The forwardpass error tree.
+
+Every failure a user can cause or meet is one of these; each class carries the
+HTTP status it maps to as data, so the server maps errors in one place::
+
+    ForwardpassError (500)
+     ├── InvalidInput (400)          request data is wrong: loc, msg, input, expected
+     ├── InvalidModelName (400)      a model name with a path separator or '..'
+     ├── UntrustedFile (400)         a pickle/joblib file loaded without --trust
+     ├── ModelNotFound (404)         no such model or version in the repository
+     ├── ModelNotReady (503)         known, but not loaded (or failed to load)
+     ├── ModelConfigError (500)      a model.yaml that is broken: file, field, fix
+     ├── ModelLoadError (500)        the model file does not load or disagrees with model.yaml
+     └── MissingDependency (500)     an optional package is not installed: install hint
+
+Usage::
+
+    try:
+        model.predict({"mean radius": "abc"})
+    except InvalidInput as e:
+        e.loc   # ('instances', 0, 'mean radius')
+        e.to_dict()  # {'type': 'invalid_input', 'loc': [...], 'msg': ..., 'input': 'abc'}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+class ForwardpassError(Exception):
+    """Base of every forwardpass error; ``status`` is the HTTP status it maps to."""
+
+    status: int = 500
+    type: str = "internal_error"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def to_dict(self) -> dict[str, Any]:
+        """The error as JSON-ready data (pydantic's shape where it applies)."""
+        return {"type": self.type, "msg": self.message}
+
+
+def format_loc(loc: Sequence[str | int]) -> str:
+    """('instances', 0, 'mean radius') -> 'instances[0].mean radius'."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class InvalidInput(ForwardpassError):
+    """Request data that does not fit the model: names the field, what was expected and what came."""
+
+    status = 400
+    type = "invalid_input"
+    _MISSING = object()
+
+    def __init__(self, loc: Sequence[str | int], msg: str, input: Any = _MISSING):
+        self.loc = tuple(loc)
+        self.msg = msg
+        self.input = input
+        where = format_loc(self.loc) or "input"
+        came = "" if input is self._MISSING else f" (got {_short(input)})"
+        super().__init__(f"{where}: {msg}{came}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.type, "loc": list(self.loc), "msg": self.msg}
+        if self.input is not self._MISSING:
+            out["input"] = _jsonable(self.input)
+        return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, bytes):
+        return f"<{len(value)} bytes>"
+    return _short(value, 200)
+
+
+class InvalidModelName(ForwardpassError):
+    """A model name that could escape the repository folder."""
+
+    status = 400
+    type = "invalid_model_name"
+
+
+class UntrustedFile(ForwardpassError):
+    """Refusing to unpickle a file that was not marked as trusted."""
+
+    status = 400
+    type = "untrusted_file"
+
+
+class ModelNotFound(ForwardpassError):
+    """No model (or version) of that name in the repository."""
+
+    status = 404
+    type = "model_not_found"
+
+
+class ModelNotReady(ForwardpassError):
+    """The model exists but is not loaded, or failed to load."""
+
+    status = 503
+    type = "model_not_ready"
+
+
+class ModelConfigError(ForwardpassError):
+    """A broken model.yaml: names the file, the field and the fix."""
+
+    type = "model_config_error"
+
+    def __init__(self, file: str, loc: str, msg: str, fix: str = ""):
+        self.file, self.loc, self.msg, self.fix = file, loc, msg, fix
+        where = f"{file}: {loc}" if loc else file
+        super().__init__(f"{where}: {msg}" + (f"; fix: {fix}" if fix else ""))
+
+
+class ModelLoadError(ForwardpassError):
+    """The model file does not load, or its inputs/outputs disagree with model.yaml."""
+
+    type = "model_load_error"
+
+
+class MissingDependency(ForwardpassError):
+    """An optional package is needed; the message carries the pip command."""
+
+    type = "missing_dependency"
+
+
+__all__ = [
+    "ForwardpassError",
+    "InvalidInput",
+    "InvalidModelName",
+    "UntrustedFile",
+    "ModelNotFound",
+    "ModelNotReady",
+    "ModelConfigError",
+    "ModelLoadError",
+    "MissingDependency",
+    "format_loc",
+]
