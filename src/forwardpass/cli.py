@@ -156,7 +156,9 @@ def _json_value(text: str, where: str) -> Any:
 
 def _json_items(text: str, where: str) -> list[Any]:
     value = _json_value(text, where)
-    return value if isinstance(value, list) and value and isinstance(value[0], (dict, list)) else [value]
+    # a list of rows is many instances; a list of numbers is one row
+    many = isinstance(value, list) and (not value or isinstance(value[0], (dict, list)))
+    return value if many else [value]
 
 
 def _clip(text: str, limit: int = 40) -> str:

@@ -55,6 +55,8 @@ def format_loc(loc: Sequence[str | int]) -> str:
 
 
 def _short(value: Any, limit: int = 60) -> str:
+    if getattr(value, "shape", None) == ():  # numpy scalars read as plain numbers
+        value = value.item()
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument
 
 from forwardpass.errors import ForwardpassError, InvalidInput, ModelConfigError, ModelLoadError
 from forwardpass.pipeline import build_post, build_pre
@@ -102,8 +102,8 @@ class Model:
     def _forward(self, feeds: dict[str, np.ndarray], names: Sequence[str] | None) -> list[np.ndarray]:
         try:
             return self.runtime.run(feeds, names)
-        except InvalidArgument as exc:  # e.g. inputs whose batch sizes disagree
-            raise InvalidInput(("inputs",), f"the model rejected the inputs: {exc}") from None
+        except (InvalidArgument, Fail) as exc:  # inputs that pass the checks but not a kernel (indices, broadcasts)
+            raise InvalidInput(("inputs",), f"the model rejected the inputs: {_ort_message(exc)}") from None
         except Exception as exc:
             raise ForwardpassError(f"{self.name} v{self.version}: forward pass failed: {exc}") from exc
 
@@ -124,6 +124,12 @@ class Model:
         if single:
             feeds = {k: v[None] for k, v in feeds.items()}
         return single, feeds
+
+
+def _ort_message(exc: Exception) -> str:
+    """The useful tail of an ONNX Runtime error (node status, without source paths)."""
+    text = str(exc).rsplit("Status Message: ", 1)[-1]
+    return text.rsplit(" was false. ", 1)[-1].strip()
 
 
 def _is_tensors(data: Any) -> bool:

@@ -99,8 +99,8 @@ class Tabular:
                 values = [row.get(name, _MISSING) for name in self.features]
             elif isinstance(row, (list, tuple)):
                 if len(row) != len(self.features):
-                    raise InvalidInput(("instances", i), f"expected {len(self.features)} values in feature order",
-                                       f"{len(row)} values")  # fmt: skip
+                    raise InvalidInput(("instances", i), f"expected {len(self.features)} values in feature order, "
+                                       f"got {len(row)}")  # fmt: skip
                 values = list(row)
             else:
                 raise InvalidInput(("instances", i), "expected an object of named features", row)

@@ -81,7 +81,7 @@ class OnnxRuntime:
         options.graph_optimization_level = _OPT_LEVELS[self._graph_optimization]
         options.intra_op_num_threads = intra_op
         options.inter_op_num_threads = self._inter_op
-        options.log_severity_level = 3  # errors only: initializer clean-up warnings are noise to users
+        options.log_severity_level = 4  # fatal only: we raise every error with its message; the log repeats it
         try:
             return ort.InferenceSession(str(self.path), sess_options=options, providers=list(self.providers))
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
