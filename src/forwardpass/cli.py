@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from forwardpass.errors import ForwardpassError
+from forwardpass.pipeline.answers import Answers
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="forwardpass: AI inference on ONNX Runtime.")  # fmt: skip
@@ -182,6 +183,8 @@ def _answers_table(names: list[str], answers: list[dict[str, Any]]) -> None:
 
 
 def _jsonable(value: Any) -> Any:
+    if isinstance(value, Answers):
+        return value.to_list()
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, dict):

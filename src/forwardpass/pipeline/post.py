@@ -1,6 +1,7 @@
 """Post-processing declared in model.yaml: output tensors -> answers.
 
-Classification gives, per row::
+Classification and regression return an Answers sequence (columns, rows built on access);
+classification gives, per row::
 
     {"label": "benign", "probability": 0.98, "top_k": [{"label": "benign", "probability": 0.98}, ...]}
 
@@ -16,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from forwardpass.errors import ModelLoadError
+from forwardpass.pipeline.answers import ClassificationAnswers, RegressionAnswers
 from forwardpass.config import ClassificationPost, PostConfig, RegressionPost
 from forwardpass.runtime.base import TensorInfo
 
@@ -65,27 +67,21 @@ class Classify:
         self.output_names = [out.name]
         self.config = config
         self.labels = labels
+        self._logits, self._top_k, self._threshold = config.logits, config.top_k, config.threshold
+        self._label_lists: dict[int, tuple[np.ndarray, list[str]]] = {}  # n classes -> (array, list)
 
-    def __call__(self, outputs: Sequence[np.ndarray], top_k: int | None = None) -> list[dict[str, Any]]:
-        scores = outputs[0]
-        if scores.ndim == 1:
-            scores = scores[:, None]
-        probs = softmax(scores.astype(np.float32)) if self.config.logits else scores
+    def __call__(self, outputs: Sequence[np.ndarray], top_k: int | None = None) -> ClassificationAnswers:
+        probs = outputs[0]
+        if self._logits or probs.ndim != 2:
+            probs = probs.reshape(len(probs), -1)
+            probs = softmax(probs.astype(np.float32)) if self._logits else probs
         n_classes = probs.shape[1]
-        labels = self.labels or [str(c) for c in range(n_classes)]
-        k = min(top_k or self.config.top_k, n_classes)
-        order = np.argsort(-probs, axis=1, kind="stable")[:, :k].tolist()
-        rows = probs.tolist()  # python floats once, not per element
-        threshold = self.config.threshold
-        answers = []
-        for row, top in zip(rows, order):
-            best = top[0] if threshold is None else int(row[1] >= threshold)
-            answers.append({
-                "label": labels[best],
-                "probability": row[best],
-                "top_k": [{"label": labels[c], "probability": row[c]} for c in top],
-            })  # fmt: skip
-        return answers
+        labels = self._label_lists.get(n_classes)
+        if labels is None:  # built once: numpy calls are dear beside a 20 us forward pass
+            names = self.labels or [str(c) for c in range(n_classes)]
+            labels = self._label_lists[n_classes] = (np.asarray(names), list(names))
+        k = top_k or self._top_k
+        return ClassificationAnswers(probs, labels[0], labels[1], k if k < n_classes else n_classes, self._threshold)
 
 
 class Regress:
@@ -102,19 +98,15 @@ class Regress:
                     raise ModelLoadError(f"{file}: interval output '{name}' is not a model output: {sorted(names)}")
             self.output_names += [self.interval.low, self.interval.high]
 
-    def __call__(self, outputs: Sequence[np.ndarray], top_k: int | None = None) -> list[dict[str, Any]]:
+    def __call__(self, outputs: Sequence[np.ndarray], top_k: int | None = None) -> RegressionAnswers:
         values = outputs[0].reshape(len(outputs[0]), -1)[:, 0].astype(np.float64)
         if self.interval is None:
-            return [{"value": v} for v in values.tolist()]
+            return RegressionAnswers(values, None, None, None)
         if self.interval.conformal is not None:
             low, high = values - self.interval.conformal, values + self.interval.conformal
         else:
             low, high = (o.reshape(len(o), -1)[:, 0].astype(np.float64) for o in outputs[1:3])
-        level = self.interval.level
-        return [
-            {"value": v, "low": lo, "high": hi, "level": level}
-            for v, lo, hi in zip(values.tolist(), low.tolist(), high.tolist())
-        ]
+        return RegressionAnswers(values, low, high, self.interval.level)
 
 
 class Passthrough:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,7 +23,12 @@ class Runtime(Protocol):
 
     inputs: Sequence[TensorInfo]
     outputs: Sequence[TensorInfo]
+    guarded: frozenset[str]  # float inputs the runtime itself rejects NaN/infinity in
 
     def run(self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None) -> list[np.ndarray]:
         """Run the forward pass; returns outputs in ``output_names`` order (all outputs when None)."""
+        ...
+
+    def prepare(self, output_names: Sequence[str] | None = None) -> Callable[[Mapping[str, np.ndarray]], list[np.ndarray]]:
+        """A run function bound to fixed outputs, for hot paths: ``prepare(names)(feeds)``."""
         ...

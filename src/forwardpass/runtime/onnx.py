@@ -5,14 +5,16 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from math import isnan
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from forwardpass.errors import ModelLoadError
+from forwardpass.errors import InvalidInput, ModelLoadError
 from forwardpass.runtime.base import TensorInfo
+from forwardpass.runtime.guard import GUARD_PREFIX, add_finite_guards
 from forwardpass.tensors import from_ort, to_numpy
 
 log = logging.getLogger(__name__)
@@ -56,12 +58,19 @@ class OnnxRuntime:
         graph_optimization: str = "all",
         intra_op: int | str = "auto",
         inter_op: int = 1,
+        allow_nan: Collection[str] = (),
     ):
         self.path = Path(path)
         self.providers = _check_providers(providers, self.path)
         self._graph_optimization = graph_optimization
         self._inter_op = inter_op
         self.probe_ms: float | None = None
+        self._source: str | bytes = str(self.path)
+        if self.path.is_file():  # a missing file gets ONNX Runtime's own error below
+            try:
+                self._source = add_finite_guards(self.path, allow_nan) or self._source
+            except Exception as exc:  # onnx's DecodeError and friends: let ORT report the file
+                log.debug("no finite guards for %s: %s", self.path, exc)
         if intra_op == "auto":
             self._session = self._open(1)
             self.probe_ms = self._probe()
@@ -73,8 +82,17 @@ class OnnxRuntime:
             self.intra_op = int(intra_op)
             self._session = self._open(self.intra_op)
         self.inputs = [_info(i) for i in self._session.get_inputs()]
-        self.outputs = [_info(o) for o in self._session.get_outputs()]
-        self._run = self._session.run  # bound once: the hot path skips an attribute lookup
+        every = [_info(o) for o in self._session.get_outputs()]
+        self.outputs = [o for o in every if not o.name.startswith(GUARD_PREFIX)]
+        self._guards = [o.name for o in every if o.name.startswith(GUARD_PREFIX)]
+        self.guarded = frozenset(g.removeprefix(GUARD_PREFIX) for g in self._guards)
+        self._prepared: dict[tuple[str, ...], Callable[[Mapping[str, np.ndarray]], list[np.ndarray]]] = {}
+        self._all_outputs = [o.name for o in self.outputs]
+        # The C++ binding's run, bound once: InferenceSession.run's Python wrapper re-validates the
+        # feed names and builds the output list on every call (about 5-10 us, a third of a tiny model's
+        # forward pass); Model.check has already validated everything it checks.
+        binding = getattr(self._session, "_sess", None)
+        self._run = binding.run if binding is not None and hasattr(binding, "run") else self._wrapper_run
 
     def _open(self, intra_op: int) -> ort.InferenceSession:
         options = ort.SessionOptions()
@@ -83,7 +101,7 @@ class OnnxRuntime:
         options.inter_op_num_threads = self._inter_op
         options.log_severity_level = 4  # fatal only: we raise every error with its message; the log repeats it
         try:
-            return ort.InferenceSession(str(self.path), sess_options=options, providers=list(self.providers))
+            return ort.InferenceSession(self._source, sess_options=options, providers=list(self.providers))
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
             raise ModelLoadError(f"{self.path}: ONNX Runtime could not load the model: {exc}") from exc
 
@@ -109,7 +127,44 @@ class OnnxRuntime:
 
     def run(self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None) -> list[np.ndarray]:
         """Forward pass; outputs in ``output_names`` order, all outputs when None."""
-        return self._run(output_names, feeds)
+        key = tuple(output_names or self._all_outputs)
+        run = self._prepared.get(key) or self.prepare(key)
+        return run(feeds)
+
+    def prepare(self, output_names: Sequence[str] | None = None) -> Callable[[Mapping[str, np.ndarray]], list[np.ndarray]]:
+        """A run function for fixed outputs: ``run(feeds) -> [arrays]``, guards checked.
+
+        Raises InvalidInput naming the input when a guarded float input holds NaN or infinity.
+        """
+        names = list(output_names or self._all_outputs)
+        run, guards = self._run, self._guards
+        if not guards:
+            prepared = lambda feeds: run(names, feeds, None)  # noqa: E731
+        elif len(guards) == 1:  # the common case, kept to one isnan and one pop
+            full, guard = names + guards, guards[0].removeprefix(GUARD_PREFIX)
+
+            def prepared(feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+                outputs = run(full, feeds, None)
+                if isnan(outputs.pop()):
+                    raise InvalidInput(("inputs", guard), "expected finite numbers, got NaN or infinity")
+                return outputs
+        else:
+            full, n = names + guards, len(names)
+
+            def prepared(feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+                outputs = run(full, feeds, None)
+                for guard, value in zip(guards, outputs[n:]):
+                    if isnan(value):
+                        raise InvalidInput(("inputs", guard.removeprefix(GUARD_PREFIX)),
+                                           "expected finite numbers, got NaN or infinity")  # fmt: skip
+                del outputs[n:]
+                return outputs
+
+        self._prepared[tuple(names)] = prepared
+        return prepared
+
+    def _wrapper_run(self, names: Sequence[str], feeds: Mapping[str, np.ndarray], options: None) -> list[np.ndarray]:
+        return self._session.run(names, feeds, options)
 
 
 def _info(node: ort.NodeArg) -> TensorInfo:
