@@ -1,0 +1,52 @@
+"""The README's examples run, and its claims match what the code does."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+README = (Path(__file__).parents[2] / "README.md").read_text()
+
+
+def blocks(lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", README, re.S)
+
+
+@pytest.mark.parametrize("code", blocks("python"))
+def test_python_examples_run(demo_repo, code):
+    exec(compile(code, "README.md", "exec"), {})
+
+
+def test_error_example_is_what_the_cli_prints(demo_repo):
+    example = re.search(r"\$ forwardpass (predict .*)\n(error: .*)\n", README)
+    args = example.group(1).split(" ", 2)
+    result = subprocess.run([sys.executable, "-m", "forwardpass", *args[:2], args[2].strip("'")],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip() == example.group(2)
+
+
+def test_model_yaml_example_is_valid(tmp_path):
+    from forwardpass.config import load_config
+
+    (tmp_path / "model.yaml").write_text(blocks("yaml")[0])
+    config = load_config(tmp_path / "model.yaml")
+    assert config.inputs[0].features[2].default == 4.0
+
+
+def test_demo_table_matches_recorded_metrics(demo_repo):
+    rows = dict(re.findall(r"^\| `([\w-]+)` \|.*\| \w+ ([\d.]+) \|$", README, re.M))
+    assert set(rows) == {"digits", "breast-cancer", "diabetes", "iris"}
+    for name, value in rows.items():
+        metrics = yaml.safe_load((demo_repo / name / "model.yaml").read_text())["metrics"]
+        recorded = metrics.get("accuracy", metrics.get("interval_coverage_0.9"))
+        assert float(value) == pytest.approx(recorded, abs=6e-4), name
+
+
+def test_readme_commands_match_ci():
+    ci = (Path(__file__).parents[2] / ".ci" / "run").read_text()
+    test_command = blocks("bash")[1].strip()
+    assert test_command.replace("pip install", "python3 -m pip install -q").replace("python -m", "python3 -m") in ci
