@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,6 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from forwardpass._deps import require
 from forwardpass.errors import ForwardpassError
 from forwardpass.pipeline.answers import Answers
 
@@ -40,6 +42,49 @@ def _repository(path: Path | None):
     from forwardpass import Repository, default_repository
 
     return Repository(path or default_repository())
+
+
+@app.command()
+def serve(
+    repository: Annotated[Path | None, typer.Argument(help="Model repository [default: the built-in demo]")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port")] = 8000,
+    workers: Annotated[int, typer.Option(help="Processes sharing the port")] = 1,
+    poll_interval: Annotated[float, typer.Option(help="Seconds between repository scans (0: no hot reload)")] = 2.0,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+) -> None:
+    """Serve a model repository over HTTP: Open Inference Protocol V2, /v1 predict, /metrics."""
+    require("uvicorn", "server", "forwardpass serve")
+    import uvicorn
+
+    from forwardpass import default_repository
+    from forwardpass.server.config import ServeConfig
+
+    repo = repository or _env_path("FORWARDPASS_REPOSITORY") or default_repository()  # builds the demo once
+    config = ServeConfig.from_env(repository=repo, host=host, port=port, workers=workers, poll_interval=poll_interval)
+    options: dict[str, Any] = {
+        "host": config.host, "port": config.port, "log_level": log_level, "access_log": False,
+        "lifespan": "on", "timeout_graceful_shutdown": config.drain_timeout,
+        "loop": "uvloop" if _has("uvloop") else "asyncio", "http": "httptools" if _has("httptools") else "h11",
+    }  # fmt: skip
+    if config.workers > 1:
+        os.environ.update(config.to_env())
+        uvicorn.run("forwardpass.server.app:create_app_from_env", factory=True, workers=config.workers, **options)
+    else:
+        from forwardpass.server.app import create_app
+
+        uvicorn.run(create_app(config), **options)
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
 
 
 @app.command()

@@ -9,6 +9,10 @@ HTTP status it maps to as data, so the server maps errors in one place::
      ├── UntrustedFile (400)         a pickle/joblib file loaded without --trust
      ├── ModelNotFound (404)         no such model or version in the repository
      ├── ModelNotReady (503)         known, but not loaded (or failed to load)
+     ├── Overloaded (503)            the model's queue is full: retry after ``retry_after`` seconds
+     ├── RequestTimeout (504)        the request waited past its deadline
+     ├── PayloadTooLarge (413)       a request body over the server's limit
+     ├── UnsupportedMediaType (415)  a body that is neither JSON nor V2 binary tensors
      ├── ModelConfigError (500)      a model.yaml that is broken: file, field, fix
      ├── ModelLoadError (500)        the model file does not load or disagrees with model.yaml
      └── MissingDependency (500)     an optional package is not installed: install hint
@@ -119,6 +123,38 @@ class ModelNotReady(ForwardpassError):
     type = "model_not_ready"
 
 
+class Overloaded(ForwardpassError):
+    """The queue for a model is full; the server answers 503 with Retry-After."""
+
+    status = 503
+    type = "overloaded"
+
+    def __init__(self, message: str, retry_after: float = 1.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RequestTimeout(ForwardpassError):
+    """The request was not served before its deadline."""
+
+    status = 504
+    type = "timeout"
+
+
+class PayloadTooLarge(ForwardpassError):
+    """The request body is larger than the server accepts."""
+
+    status = 413
+    type = "payload_too_large"
+
+
+class UnsupportedMediaType(ForwardpassError):
+    """A Content-Type the endpoint does not read."""
+
+    status = 415
+    type = "unsupported_media_type"
+
+
 class ModelConfigError(ForwardpassError):
     """A broken model.yaml: names the file, the field and the fix."""
 
@@ -152,5 +188,9 @@ __all__ = [
     "ModelConfigError",
     "ModelLoadError",
     "MissingDependency",
+    "Overloaded",
+    "RequestTimeout",
+    "PayloadTooLarge",
+    "UnsupportedMediaType",
     "format_loc",
 ]

@@ -98,6 +98,22 @@ class Model:
             return {k: v[0] for k, v in answers.items()} if isinstance(answers, dict) else answers[0]
         return answers
 
+    @property
+    def pre_kind(self) -> str:
+        """The pre-processing model.yaml declares: tensor, tabular, image, text or audio."""
+        return self.config.pre.kind
+
+    def prepare(self, instances: Sequence[Any]) -> dict[str, np.ndarray]:
+        """Pre-processing alone: a list of instances -> validated input tensors."""
+        if not instances:
+            raise InvalidInput(("instances",), "expected at least one instance, got an empty list")
+        return self.check(self._pre(instances))
+
+    def postprocess(self, outputs: Mapping[str, np.ndarray], top_k: int | None = None) -> Any:
+        """Post-processing alone: {output name: array} for a batch -> answers."""
+        names = self._post.output_names or self._output_names
+        return self._post([outputs[n] for n in names], top_k)
+
     def run(self, feeds: Mapping[str, Any], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """The forward pass alone: validated input tensors -> {output name: array}."""
         names = list(outputs) if outputs is not None else self._output_names

@@ -1,0 +1,360 @@
+"""The data plane: every entrypoint (HTTP V2, the human endpoint, later batch and streaming) calls here.
+
+    engine = Engine(Repository("models"))
+    await engine.start()                                   # load, warm up, start hot reload
+    outputs = await engine.infer("digits", None, request)  # a parsed V2 request
+    answers = await engine.predict("iris", None, [{"sepal length (cm)": 5.1, ...}])
+    await engine.stop()                                    # drain queues
+
+Each served model version has one DynamicBatcher; the response cache sits in front of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Hashable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from forwardpass.errors import ForwardpassError, InvalidInput, ModelNotFound, ModelNotReady
+from forwardpass.model import Model
+from forwardpass.repository import Repository, check_name
+from forwardpass.runtime.onnx import AUTO_THREADS_THRESHOLD_MS, available_cores
+from forwardpass.scheduler import DynamicBatcher, Policy, ResponseCache, cache_key
+from forwardpass.inference import InferRequest, OutputTensor, RequestedOutput
+from forwardpass.stats import ModelStats, Stats
+from forwardpass.tensors import from_numpy, to_numpy
+
+log = logging.getLogger("forwardpass.engine")
+
+
+@dataclass
+class Served:
+    """A model version being served: the model, its batcher and its statistics."""
+
+    model: Model
+    batcher: DynamicBatcher
+    stats: ModelStats
+    batchable: bool
+
+    @property
+    def cache_enabled(self) -> bool:
+        return self.model.config.cache.enabled
+
+
+class Engine:
+    """Serves a repository: batchers per model version, response cache, hot reload."""
+
+    def __init__(
+        self,
+        repository: Repository,
+        *,
+        cache_bytes: int = 64 * 2**20,
+        poll_interval: float = 2.0,
+        stats: Stats | None = None,
+    ):
+        self.repository = repository
+        self.stats = stats or Stats()
+        self.cache = ResponseCache(cache_bytes)
+        self.poll_interval = poll_interval
+        self.ready = False
+        self._served: dict[str, dict[int, Served]] = {}
+        self._seen: dict[str, tuple[Any, ...]] = {}  # what the folder looked like when last loaded
+        self._executor = ThreadPoolExecutor(max_workers=max(2, available_cores()), thread_name_prefix="forwardpass")
+        self._poller: asyncio.Task[None] | None = None
+        self._draining: set[asyncio.Task[None]] = set()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load every model (failures are logged and reported by index()), warm up, then turn ready."""
+        for name in self.repository.names():
+            try:
+                await self.load(name)
+            except ForwardpassError as exc:
+                log.error("model %s not loaded: %s", name, exc)
+        self.ready = True
+        if self.poll_interval > 0:
+            self._poller = asyncio.create_task(self._poll_forever())
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Stop hot reload, finish queued requests, release threads."""
+        self.ready = False
+        if self._poller is not None:
+            self._poller.cancel()
+        batchers = [s.batcher for versions in self._served.values() for s in versions.values()]
+        await asyncio.gather(*(b.drain(timeout) for b in batchers), *self._draining)
+        self._executor.shutdown(wait=False)
+
+    # -- what is served ------------------------------------------------------------------------
+
+    def served(self, name: str, version: int | None = None) -> Served:
+        """The served version (newest when None); ModelNotFound / ModelNotReady otherwise."""
+        versions = self._served.get(name)
+        if versions:
+            key = max(versions) if version is None else version
+            served = versions.get(key)
+            if served is not None:
+                return served
+        self.repository.folder(name)  # InvalidModelName / ModelNotFound for unknown names
+        if version is not None and version not in self.repository.versions(name):
+            raise ModelNotFound(f"model '{name}' has no version {version}")
+        raise ModelNotReady(f"model '{name}'" + (f" version {version}" if version else "") + " is not loaded")
+
+    def names(self) -> list[str]:
+        """Models with at least one version served."""
+        return sorted(n for n, v in self._served.items() if v)
+
+    def versions(self, name: str) -> list[int]:
+        """Versions of a model being served."""
+        return sorted(self._served.get(name, {}))
+
+    def index(self) -> list[dict[str, Any]]:
+        """Every model version on disk with its state (the repository extension's index)."""
+        out = []
+        for status in self.repository.status():
+            state = "READY" if status.version in self._served.get(status.name, {}) else status.state
+            state = "UNAVAILABLE" if state == "UNLOADED" and status.reason else state
+            entry = {"name": status.name, "version": str(status.version), "state": state}
+            if status.reason:
+                entry["reason"] = status.reason
+            out.append(entry)
+        return out
+
+    # -- loading and hot reload ------------------------------------------------------------------
+
+    async def load(self, name: str) -> list[int]:
+        """(Re)load a model from disk and serve it; old versions finish their queues, then go."""
+        check_name(name)
+        seen = self._fingerprint(name)
+        versions = await asyncio.to_thread(self.repository.reload, name)
+        fresh = {v: self._serve(self.repository.get(name, v)) for v in versions}
+        await asyncio.gather(*(asyncio.to_thread(_warm_up, s.model) for s in fresh.values()))
+        old = self._served.get(name, {})
+        self._served[name] = fresh
+        self._seen[name] = seen
+        self._retire(old.values())
+        log.info("serving %s versions %s", name, versions)
+        return versions
+
+    async def unload(self, name: str) -> None:
+        """Stop serving a model; requests already queued still finish."""
+        check_name(name)
+        self.repository.folder(name)
+        old = self._served.pop(name, {})
+        self._seen.pop(name, None)
+        self.repository.unload(name)
+        self._retire(old.values())
+
+    def _retire(self, old: Any) -> None:
+        for served in old:
+            task = asyncio.create_task(served.batcher.drain())
+            self._draining.add(task)
+            task.add_done_callback(self._draining.discard)
+
+    def _fingerprint(self, name: str) -> tuple[Any, ...]:
+        folder = self.repository.path / name
+        try:
+            parts: list[Any] = [(folder / "model.yaml").stat().st_mtime_ns]
+            for child in sorted(folder.iterdir()):
+                if child.name.isdigit() and (child / "model.onnx").is_file():
+                    parts.append((child.name, (child / "model.onnx").stat().st_mtime_ns))
+            return tuple(parts)
+        except OSError:
+            return ()
+
+    async def poll_once(self) -> None:
+        """Load what changed on disk: new models, new or removed versions, edited model.yaml."""
+        on_disk = set(self.repository.names())
+        for name in sorted(on_disk):
+            if self._fingerprint(name) != self._seen.get(name):
+                try:
+                    await self.load(name)
+                except ForwardpassError as exc:
+                    self._seen[name] = self._fingerprint(name)  # do not retry a broken folder every poll
+                    log.error("reload of %s failed, still serving the previous versions: %s", name, exc)
+        for name in set(self._served) - on_disk:
+            await self.unload(name)
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            try:
+                await self.poll_once()
+            except Exception:  # a poll must never take the server down
+                log.exception("model repository poll failed")
+
+    def _serve(self, model: Model) -> Served:
+        config = model.config
+        batchable = all(s.shape[:1] == [-1] for s in model.inputs) and all(s.shape[:1] == [-1] for s in model.outputs)
+        names = [s.name for s in model.outputs]
+        run_list = model.runtime.prepare(names)
+
+        def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return dict(zip(names, run_list(feeds)))
+
+        probe = getattr(model.runtime, "probe_ms", None)
+        inline = config.instances == 1 and probe is not None and probe < AUTO_THREADS_THRESHOLD_MS
+        stats = self.stats.stats(model.name, model.version)
+        policy = Policy(
+            max_batch_size=config.batching.max_batch_size if batchable else 1,
+            max_queue_delay=config.batching.max_queue_delay_ms / 1000,
+            preferred_batch_sizes=tuple(config.batching.preferred_batch_sizes),
+        )
+        batcher = DynamicBatcher(
+            run, policy, instances=config.instances, inline=inline, max_queue_size=config.batching.max_queue_size,
+            executor=self._executor, on_batch=stats.batch,
+        )  # fmt: skip
+        return Served(model, batcher, stats, batchable)
+
+    # -- inference -------------------------------------------------------------------------------
+
+    async def infer(self, name: str, version: int | None, request: InferRequest) -> tuple[Served, list[OutputTensor]]:
+        """A V2 inference: tensors (or BYTES into pre-processing) in, the requested outputs out."""
+        served = self.served(name, version)
+        start = time.monotonic()
+        try:
+            model = served.model
+            wanted = self._requested_outputs(model, request)
+            feeds = self._feeds(model, request)
+            key = None
+            if served.cache_enabled:
+                key = cache_key(name, model.version, ((t.name, t.datatype, t.shape, _bytes(t)) for t in request.inputs),
+                                _cache_params(request.parameters), [(o.name, o.classification) for o in wanted])  # fmt: skip
+            outputs, queued, cached = await self._run(served, feeds, key, request.parameters.get("timeout"))
+            result = [self._output(model, o, outputs[o.name]) for o in wanted]
+        except ForwardpassError as exc:
+            served.stats.request(exc.status, time.monotonic() - start)
+            raise
+        served.stats.request(200, time.monotonic() - start, queued, _rows(feeds), cached)
+        return served, result
+
+    async def predict(self, name: str, version: int | None, instances: list[Any], top_k: int | None = None) -> tuple[Served, list[dict[str, Any]]]:
+        """The human endpoint: instances through pre-processing, the model and post-processing."""
+        served = self.served(name, version)
+        start = time.monotonic()
+        try:
+            if not isinstance(instances, list):
+                raise InvalidInput(("instances",), "expected a list", type(instances).__name__)
+            feeds = served.model.prepare(instances)
+            outputs, queued, _ = await self._run(served, feeds, None, None)
+            answers = served.model.postprocess(outputs, top_k)
+            answers = answers.to_list() if hasattr(answers, "to_list") else {k: v.tolist() for k, v in answers.items()}
+        except ForwardpassError as exc:
+            served.stats.request(exc.status, time.monotonic() - start)
+            raise
+        served.stats.request(200, time.monotonic() - start, queued, _rows(feeds))
+        return served, answers
+
+    async def _run(
+        self, served: Served, feeds: dict[str, np.ndarray], key: bytes | None, timeout_us: Any
+    ) -> tuple[dict[str, np.ndarray], float, bool]:
+        if key is not None:
+            hit = self.cache.get(key)
+            if hit is not None:
+                served.stats.cache_hits += 1
+                return hit, 0.0, True
+            served.stats.cache_misses += 1
+        timeout_ms = served.model.config.batching.timeout_ms
+        if timeout_us is not None:
+            if not isinstance(timeout_us, (int, float)) or timeout_us <= 0:
+                raise InvalidInput(("parameters", "timeout"), "expected microseconds > 0", timeout_us)
+            timeout_ms = timeout_us / 1000
+        deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
+        signature: Hashable = _signature(feeds) if served.batchable else object()
+        outputs, queued, _ = await served.batcher.submit(feeds, _rows(feeds) if served.batchable else 1, signature,
+                                                         deadline)  # fmt: skip
+        if key is not None:
+            self.cache.put(key, outputs)
+        return outputs, queued, False
+
+    def _feeds(self, model: Model, request: InferRequest) -> dict[str, np.ndarray]:
+        specs = {s.name: s for s in model.inputs}
+        byte_inputs = [t for t in request.inputs if t.datatype == "BYTES" and specs.get(t.name) is None
+                       or (t.datatype == "BYTES" and specs[t.name].datatype != "BYTES")]  # fmt: skip
+        if byte_inputs and model.pre_kind in ("image", "text", "audio"):
+            if len(request.inputs) != 1:
+                raise InvalidInput(("inputs",), f"send one BYTES input of raw {model.pre_kind} data for this model's "
+                                   f"pre-processing, got {len(request.inputs)} inputs")  # fmt: skip
+            raw = request.inputs[0].array.reshape(-1).tolist()
+            instances = [v.decode("utf-8", errors="replace") for v in raw] if model.pre_kind == "text" else raw
+            return model.prepare(instances)
+        feeds = {}
+        for t in request.inputs:
+            spec = specs.get(t.name)
+            if spec is None:
+                raise InvalidInput(("inputs", t.name), f"unknown input; the model takes {list(specs)}")
+            if t.datatype != spec.datatype:
+                raise InvalidInput(("inputs", t.name, "datatype"), f"expected {spec.datatype}", t.datatype)
+            array = t.array
+            if t.datatype == "BYTES":  # ONNX Runtime string tensors take str
+                array = np.array([v.decode("utf-8") if isinstance(v, bytes) else v for v in array.reshape(-1)],
+                                 dtype=object).reshape(array.shape)  # fmt: skip
+            feeds[t.name] = array
+        return model.check(feeds)
+
+    def _requested_outputs(self, model: Model, request: InferRequest) -> list[RequestedOutput]:
+        names = [s.name for s in model.outputs]
+        if request.outputs is None:
+            return [RequestedOutput(n, request.binary_output) for n in names]
+        for o in request.outputs:
+            if o.name not in names:
+                raise InvalidInput(("outputs", o.name), f"unknown output; the model has {names}")
+        return request.outputs
+
+    def _output(self, model: Model, wanted: RequestedOutput, array: np.ndarray) -> OutputTensor:
+        if wanted.classification:
+            return OutputTensor(wanted.name, "BYTES", _classes(array, wanted.classification, model.labels), wanted.binary)
+        return OutputTensor(wanted.name, from_numpy(array.dtype), array, wanted.binary)
+
+
+def _classes(array: np.ndarray, k: int, labels: list[str] | None) -> np.ndarray:
+    """Triton's classification extension: the top k of each row as 'value:index[:label]' strings."""
+    rows = array.reshape(len(array), -1) if array.ndim > 1 else array.reshape(1, -1)
+    k = min(k, rows.shape[1])
+    order = np.argsort(-rows, axis=1, kind="stable")[:, :k]
+    out = np.empty((len(rows), k), dtype=object)
+    for r, (row, idx) in enumerate(zip(rows.tolist(), order.tolist())):
+        for j, c in enumerate(idx):
+            label = f":{labels[c]}" if labels and c < len(labels) else ""
+            out[r, j] = f"{row[c]:f}:{c}{label}".encode()
+    return out
+
+
+def _warm_up(model: Model) -> None:
+    """One forward pass on zeros so the first request does not pay for allocation."""
+    feeds = {}
+    for spec in model.inputs:
+        shape = [1 if d == -1 else d for d in spec.shape]
+        feeds[spec.name] = np.full(shape, "", object) if spec.datatype == "BYTES" else np.zeros(shape, to_numpy(spec.datatype))
+    try:
+        model.runtime.run(feeds)
+    except Exception as exc:  # a model may reject zeros (a sample rate of 0): warm-up is best effort
+        log.debug("warm-up of %s skipped: %s", model.name, exc)
+
+
+def _rows(feeds: dict[str, np.ndarray]) -> int:
+    first = next(iter(feeds.values()))
+    return int(first.shape[0]) if first.ndim else 1
+
+
+def _signature(feeds: dict[str, np.ndarray]) -> Hashable:
+    return tuple((name, a.dtype.str, a.shape[1:]) for name, a in feeds.items())
+
+
+def _bytes(tensor: Any) -> bytes | memoryview:
+    if tensor.raw is not None:
+        return tensor.raw
+    if tensor.datatype == "BYTES":
+        return b"\x00".join(len(v).to_bytes(4, "little") + v for v in tensor.array.reshape(-1).tolist())
+    return np.ascontiguousarray(tensor.array).tobytes()
+
+
+def _cache_params(parameters: dict[str, Any]) -> dict[str, Any]:
+    # transport details do not change an answer
+    return {k: v for k, v in parameters.items() if k not in ("binary_data_output", "timeout")}

@@ -1,0 +1,86 @@
+"""Assembly: engine + handlers + routes as one ASGI application, with lifespan start/stop.
+
+    app = create_app(ServeConfig(repository="models"))
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from forwardpass.engine import Engine
+from forwardpass.repository import Repository
+from forwardpass.server.config import ServeConfig
+from forwardpass.server.errors import error_response
+from forwardpass.server.handlers import Handlers
+from forwardpass.server.http import Request, Response
+from forwardpass.server.routes import routes
+
+log = logging.getLogger("forwardpass.server")
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class App:
+    """The ASGI callable: routes HTTP requests, runs the engine's start/stop on lifespan events."""
+
+    def __init__(self, engine: Engine, config: ServeConfig):
+        self.engine, self.config = engine, config
+        self.router = routes(Handlers(engine, config))
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _http(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        handler, params, path_exists = self.router.match(scope["method"], scope["path"])
+        stats = self.engine.stats
+        stats.inflight += 1
+        try:
+            if handler is None:
+                status = 405 if path_exists else 404
+                response = Response.json({"error": f"{scope['method']} {scope['path']}: "
+                                          + ("method not allowed" if path_exists else "no such endpoint")}, status)  # fmt: skip
+            else:
+                response = await handler(Request(scope, receive, params), **params)
+        except Exception as exc:  # every error becomes a response; the server keeps serving
+            response = error_response(exc)
+        finally:
+            stats.inflight -= 1
+        await response.send(send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.engine.start()
+                except Exception as exc:
+                    log.exception("start-up failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.engine.stop(self.config.drain_timeout)
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def create_app(config: ServeConfig | None = None) -> App:
+    """The ASGI app for a repository (the demo repository when config.repository is None)."""
+    from forwardpass import default_repository
+
+    config = config or ServeConfig.from_env()
+    repository = Repository(config.repository or default_repository())
+    engine = Engine(repository, cache_bytes=config.cache_bytes, poll_interval=config.poll_interval)
+    return App(engine, config)
+
+
+def create_app_from_env() -> App:
+    """Factory for `uvicorn --factory` worker processes: settings come from FORWARDPASS_* variables."""
+    return create_app(ServeConfig.from_env())

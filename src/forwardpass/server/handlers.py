@@ -1,0 +1,190 @@
+"""Endpoint handlers: the Open Inference Protocol V2 (REST, binary tensors, repository and statistics
+extensions), the human predict endpoint, and /metrics. Each turns a Request into a Response via the engine.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from forwardpass import __version__
+from forwardpass.engine import Engine, Served
+from forwardpass.errors import InvalidInput, ModelNotFound, ModelNotReady, UnsupportedMediaType
+from forwardpass.server import metrics
+from forwardpass.server.config import ServeConfig
+from forwardpass.server.http import Request, Response
+from forwardpass.server.v2 import encode_response, parse_infer
+
+EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "statistics"]
+_TRITON_TYPES = {"BOOL": "TYPE_BOOL", "BYTES": "TYPE_STRING", "FP16": "TYPE_FP16", "FP32": "TYPE_FP32",
+                 "FP64": "TYPE_FP64"}  # fmt: skip
+_READABLE = ("application/json", "application/octet-stream")
+
+
+def _version(version: str | None) -> int | None:
+    if version is None:
+        return None
+    if not version.isdigit():
+        raise ModelNotFound(f"version '{version}' is not a version number")
+    return int(version)
+
+
+def _check_content_type(request: Request) -> None:
+    kind = request.headers.get("content-type")
+    if kind is not None and not kind.split(";")[0].strip().lower() in _READABLE:
+        raise UnsupportedMediaType(f"Content-Type '{kind}' is not readable here; send application/json, or V2 "
+                                   "binary tensors with Inference-Header-Content-Length")  # fmt: skip
+
+
+def _json_body(request: Request) -> Any:
+    if not request.body:
+        return {}
+    try:
+        return orjson.loads(request.body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(("body",), f"malformed JSON: {exc}") from None
+
+
+class Handlers:
+    """One instance per app; handler methods are what routes.py lists."""
+
+    def __init__(self, engine: Engine, config: ServeConfig):
+        self.engine, self.config = engine, config
+
+    # -- inference ---------------------------------------------------------------------------
+
+    async def infer(self, request: Request, model: str, version: str | None = None) -> Response:
+        served = self.engine.served(model, _version(version))  # 404 before reading a large body
+        _check_content_type(request)
+        body = await request.read_body(self.config.max_body_bytes)
+        header = request.headers.get("inference-header-content-length")
+        if header is not None and not header.isdigit():
+            raise InvalidInput(("Inference-Header-Content-Length",), "expected a byte count", header)
+        parsed = parse_infer(body, int(header) if header is not None else None, self.config.max_elements)
+        served, outputs = await self.engine.infer(model, served.model.version, parsed)
+        payload, header_length = encode_response(model, served.model.version, parsed.id, outputs)
+        if header_length is None:
+            return Response(200, payload)
+        return Response(200, payload, "application/octet-stream",
+                        [(b"inference-header-content-length", str(header_length).encode())])  # fmt: skip
+
+    async def predict(self, request: Request, model: str, version: str | None = None) -> Response:
+        served = self.engine.served(model, _version(version))
+        _check_content_type(request)
+        await request.read_body(self.config.max_body_bytes)
+        doc = _json_body(request)
+        if not isinstance(doc, dict) or "instances" not in doc:
+            raise InvalidInput(("instances",), 'expected a JSON object {"instances": [...]}', doc)
+        top_k = (doc.get("parameters") or {}).get("top_k")
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise InvalidInput(("parameters", "top_k"), "expected an integer >= 1", top_k)
+        instances = doc["instances"]
+        if served.model.pre_kind in ("image", "audio") and isinstance(instances, list):
+            instances = [i["b64"] if isinstance(i, dict) and "b64" in i else i for i in instances]
+        served, answers = await self.engine.predict(model, served.model.version, instances, top_k)
+        return Response.json({"model_name": model, "model_version": str(served.model.version), "predictions": answers})
+
+    # -- metadata ------------------------------------------------------------------------------
+
+    async def server_metadata(self, request: Request) -> Response:
+        return Response.json({"name": "forwardpass", "version": __version__, "extensions": EXTENSIONS})
+
+    async def live(self, request: Request) -> Response:
+        return Response.json({"live": True})
+
+    async def ready(self, request: Request) -> Response:
+        if not self.engine.ready:
+            return Response.json({"error": "models are still loading", "ready": False}, 503)
+        return Response.json({"ready": True})
+
+    async def model_metadata(self, request: Request, model: str, version: str | None = None) -> Response:
+        served = self.engine.served(model, _version(version))
+        m = served.model
+        return Response.json({
+            "name": model,
+            "versions": [str(v) for v in self.engine.versions(model)] if version is None else [version],
+            "platform": "onnxruntime_onnx",
+            "inputs": [{"name": s.name, "datatype": s.datatype, "shape": s.shape} for s in m.inputs],
+            "outputs": [{"name": s.name, "datatype": s.datatype, "shape": s.shape} for s in m.outputs],
+            "parameters": {"task": m.config.task, "pre_processing": m.pre_kind, "labels": m.labels or []},
+        })  # fmt: skip
+
+    async def model_ready(self, request: Request, model: str, version: str | None = None) -> Response:
+        try:
+            self.engine.served(model, _version(version))
+        except ModelNotReady as exc:
+            return Response.json({"error": exc.message, "ready": False}, 503)
+        return Response.json({"name": model, "ready": True})
+
+    async def model_config(self, request: Request, model: str, version: str | None = None) -> Response:
+        served = self.engine.served(model, _version(version))
+        return Response.json(_triton_config(model, served))
+
+    async def model_stats(self, request: Request, model: str | None = None, version: str | None = None) -> Response:
+        wanted = _version(version)
+        if model is not None:
+            self.engine.served(model, wanted)  # 404 for unknown models
+        stats = [
+            s.v2() for (name, v), s in sorted(self.engine.stats.models.items())
+            if (model is None or name == model) and (wanted is None or v == wanted)
+        ]  # fmt: skip
+        return Response.json({"model_stats": stats})
+
+    async def metrics(self, request: Request) -> Response:
+        return Response.text(metrics.render(self.engine.stats), content_type="text/plain; version=0.0.4; charset=utf-8")
+
+    # -- repository extension ----------------------------------------------------------------------
+
+    async def repository_index(self, request: Request) -> Response:
+        await request.read_body(self.config.max_body_bytes)
+        doc = _json_body(request)
+        entries = self.engine.index()
+        if isinstance(doc, dict) and doc.get("ready"):
+            entries = [e for e in entries if e["state"] == "READY"]
+        return Response.json(entries)
+
+    async def repository_load(self, request: Request, model: str) -> Response:
+        await request.read_body(self.config.max_body_bytes)
+        await self.engine.load(model)
+        return Response.json({})
+
+    async def repository_unload(self, request: Request, model: str) -> Response:
+        await request.read_body(self.config.max_body_bytes)
+        await self.engine.unload(model)
+        return Response.json({})
+
+    async def home(self, request: Request) -> Response:
+        return Response.json({
+            "name": "forwardpass", "version": __version__, "ready": self.engine.ready,
+            "models": {n: self.engine.versions(n) for n in self.engine.names()},
+            "try": 'POST /v1/models/{model}:predict with {"instances": [...]}, or V2 at /v2/models/{model}/infer',
+        })  # fmt: skip
+
+
+def _triton_config(model: str, served: Served) -> dict[str, Any]:
+    """Triton's model configuration, as perf_analyzer and tritonclient read it."""
+    m, batching = served.model, served.model.config.batching
+    batched = served.batchable
+
+    def dims(shape: list[int]) -> list[int]:
+        return shape[1:] if batched else shape
+
+    def tensor(s: Any) -> dict[str, Any]:
+        return {"name": s.name, "data_type": _TRITON_TYPES.get(s.datatype, f"TYPE_{s.datatype}"), "dims": dims(s.shape)}
+
+    return {
+        "name": model,
+        "platform": "onnxruntime_onnx",
+        "backend": "onnxruntime",
+        "version_policy": {"latest": {"num_versions": 1}},
+        "max_batch_size": batching.max_batch_size if batched else 0,
+        "input": [tensor(s) for s in m.inputs],
+        "output": [tensor(s) for s in m.outputs],
+        "dynamic_batching": {
+            "preferred_batch_size": batching.preferred_batch_sizes,
+            "max_queue_delay_microseconds": int(batching.max_queue_delay_ms * 1000),
+        },
+        "instance_group": [{"count": m.config.instances, "kind": "KIND_CPU"}],
+        "response_cache": {"enable": m.config.cache.enabled},
+    }

@@ -1,0 +1,115 @@
+"""A small ASGI layer: requests, responses and a route table; no framework on the hot path.
+
+Starlette's request/response objects and FastAPI's dependency machinery cost 200+ us per
+request on a 2-core machine, more than a small model's forward pass (see issue 4's facts and
+bench/serve.py), so the few things a V2 server needs are written here directly.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from forwardpass.errors import PayloadTooLarge
+
+
+class Request:
+    """An HTTP request: method, path, headers (lower-case names), query and body."""
+
+    __slots__ = ("scope", "receive", "params", "body", "_headers")
+
+    def __init__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]], params: dict[str, str]):
+        self.scope, self.receive, self.params = scope, receive, params
+        self.body = b""
+        self._headers: dict[str, str] | None = None
+
+    @property
+    def method(self) -> str:
+        return self.scope["method"]
+
+    @property
+    def path(self) -> str:
+        return self.scope["path"]
+
+    @property
+    def headers(self) -> dict[str, str]:
+        if self._headers is None:
+            self._headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in self.scope["headers"]}
+        return self._headers
+
+    async def read_body(self, limit: int) -> bytes:
+        """The whole body; PayloadTooLarge as soon as it is known to pass ``limit`` bytes."""
+        length = self.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise PayloadTooLarge(f"request body of {int(length)} bytes is over the limit of {limit} bytes")
+        chunks, size = [], 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        self.body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return self.body
+
+
+@dataclass
+class Response:
+    """Status, body and headers; ``json()`` and ``text()`` build the common ones."""
+
+    status: int = 200
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+    @classmethod
+    def json(cls, data: Any, status: int = 200, headers: list[tuple[bytes, bytes]] | None = None) -> Response:
+        return cls(status, orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY), "application/json", headers or [])
+
+    @classmethod
+    def text(cls, text: str | bytes, status: int = 200, content_type: str = "text/plain; charset=utf-8") -> Response:
+        return cls(status, text.encode() if isinstance(text, str) else text, content_type)
+
+    async def send(self, send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        headers = [(b"content-type", self.content_type.encode()), (b"content-length", str(len(self.body)).encode())]
+        await send({"type": "http.response.start", "status": self.status, "headers": headers + self.headers})
+        await send({"type": "http.response.body", "body": self.body})
+
+
+Handler = Callable[..., Awaitable[Response]]
+
+
+class Router:
+    """Routes as (method, pattern, handler); '{name}' segments become keyword arguments.
+
+    Routes are tried in order, so the hot ones go first.
+    """
+
+    def __init__(self, routes: list[tuple[str, str, Handler]]):
+        self.routes = [(method, _compile(pattern), handler) for method, pattern, handler in routes]
+        self.paths = [pattern for _, pattern, _ in routes]
+
+    def match(self, method: str, path: str) -> tuple[Handler | None, dict[str, str], bool]:
+        """(handler, params, path_exists): path_exists tells 405 from 404 when handler is None."""
+        path_exists = False
+        for route_method, regex, handler in self.routes:
+            found = regex.fullmatch(path)
+            if found is not None:
+                if route_method == method:
+                    return handler, found.groupdict(), True
+                path_exists = True
+        return None, {}, path_exists
+
+
+def _compile(pattern: str) -> re.Pattern[str]:
+    regex = re.sub(r"\{(\w+)\}", lambda m: rf"(?P<{m.group(1)}>[^/:]+)", re.escape(pattern).replace(r"\{", "{").replace(r"\}", "}"))
+    return re.compile(regex)

@@ -1,0 +1,122 @@
+"""Serving statistics, counted on the hot path with plain arithmetic (well under a microsecond).
+
+One ModelStats per model version; ``Stats`` holds them all. server/metrics.py formats them as
+Prometheus text when /metrics is scraped, and as Triton's statistics extension for /v2/.../stats.
+"""
+
+from __future__ import annotations
+
+import time
+from bisect import bisect_left
+from typing import Any
+
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Histogram:
+    """Counts per bucket (upper bounds), sum and count; observe() is a bisect and two adds."""
+
+    __slots__ = ("bounds", "counts", "sum", "count")
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        out, total = [], 0
+        for bound, n in zip((*map(str, self.bounds), "+Inf"), self.counts):
+            total += n
+            out.append((bound, total))
+        return out
+
+
+class ModelStats:
+    """What one model version has done: requests by status, latencies, batches, cache."""
+
+    def __init__(self, name: str, version: int):
+        self.name, self.version = name, version
+        self.by_status: dict[int, int] = {}
+        self.success_count = self.fail_count = 0
+        self.success_ns = self.fail_ns = self.queue_ns = self.compute_ns = 0
+        self.inference_count = self.execution_count = 0  # rows inferred, batches run
+        self.cache_hits = self.cache_misses = 0
+        self.cache_hit_ns = 0
+        self.last_inference_ms = 0
+        self.total = Histogram(LATENCY_BUCKETS)
+        self.queue = Histogram(LATENCY_BUCKETS)
+        self.compute = Histogram(LATENCY_BUCKETS)
+        self.batch_rows = Histogram(BATCH_BUCKETS)
+
+    def request(self, status: int, total_s: float, queue_s: float = 0.0, rows: int = 0, cached: bool = False) -> None:
+        """Record one finished request."""
+        self.by_status[status] = self.by_status.get(status, 0) + 1
+        ns = int(total_s * 1e9)
+        if status == 200:
+            self.success_count += 1
+            self.success_ns += ns
+            self.inference_count += rows
+            self.queue_ns += int(queue_s * 1e9)
+            self.last_inference_ms = int(time.time() * 1000)
+            if cached:
+                self.cache_hit_ns += ns
+            self.queue.observe(queue_s)
+        else:
+            self.fail_count += 1
+            self.fail_ns += ns
+        self.total.observe(total_s)
+
+    def batch(self, rows: int, compute_s: float) -> None:
+        """Record one forward pass over a merged batch."""
+        self.execution_count += 1
+        self.compute_ns += int(compute_s * 1e9)
+        self.compute.observe(compute_s)
+        self.batch_rows.observe(rows)
+
+    def v2(self) -> dict[str, Any]:
+        """Triton's statistics-extension shape for this version."""
+
+        def duration(count: int, ns: int) -> dict[str, int]:
+            return {"count": count, "ns": ns}
+
+        return {
+            "name": self.name,
+            "version": str(self.version),
+            "last_inference": self.last_inference_ms,
+            "inference_count": self.inference_count,
+            "execution_count": self.execution_count,
+            "inference_stats": {
+                "success": duration(self.success_count, self.success_ns),
+                "fail": duration(self.fail_count, self.fail_ns),
+                "queue": duration(self.success_count, self.queue_ns),
+                "compute_input": duration(self.execution_count, 0),
+                "compute_infer": duration(self.execution_count, self.compute_ns),
+                "compute_output": duration(self.execution_count, 0),
+                "cache_hit": duration(self.cache_hits, self.cache_hit_ns),
+                "cache_miss": duration(self.cache_misses, 0),
+            },
+            "batch_stats": [],
+        }
+
+
+class Stats:
+    """Every ModelStats of a server, plus the in-flight request gauge."""
+
+    def __init__(self) -> None:
+        self.models: dict[tuple[str, int], ModelStats] = {}
+        self.inflight = 0
+
+    def stats(self, name: str, version: int) -> ModelStats:
+        """The stats object for a model version (kept across reloads of that version)."""
+        key = (name, version)
+        found = self.models.get(key)
+        if found is None:
+            found = self.models[key] = ModelStats(name, version)
+        return found
