@@ -55,31 +55,13 @@ def serve(
 ) -> None:
     """Serve a model repository over HTTP: Open Inference Protocol V2, /v1 predict, /metrics."""
     require("uvicorn", "server", "forwardpass serve")
-    import uvicorn
-
     from forwardpass import default_repository
     from forwardpass.server.config import ServeConfig
+    from forwardpass.server.run import serve as run_server
 
     repo = repository or _env_path("FORWARDPASS_REPOSITORY") or default_repository()  # builds the demo once
     config = ServeConfig.from_env(repository=repo, host=host, port=port, workers=workers, poll_interval=poll_interval)
-    options: dict[str, Any] = {
-        "host": config.host, "port": config.port, "log_level": log_level, "access_log": False,
-        "lifespan": "on", "timeout_graceful_shutdown": config.drain_timeout,
-        "loop": "uvloop" if _has("uvloop") else "asyncio", "http": "httptools" if _has("httptools") else "h11",
-    }  # fmt: skip
-    if config.workers > 1:
-        os.environ.update(config.to_env())
-        uvicorn.run("forwardpass.server.app:create_app_from_env", factory=True, workers=config.workers, **options)
-    else:
-        from forwardpass.server.app import create_app
-
-        uvicorn.run(create_app(config), **options)
-
-
-def _has(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
+    run_server(config, log_level)
 
 
 def _env_path(name: str) -> Path | None:

@@ -26,6 +26,7 @@ from forwardpass.model import Model
 from forwardpass.repository import Repository, check_name
 from forwardpass.runtime.onnx import AUTO_THREADS_THRESHOLD_MS, available_cores
 from forwardpass.scheduler import DynamicBatcher, Policy, ResponseCache, cache_key
+from forwardpass.scheduler.dynamic import BatcherClosed
 from forwardpass.inference import InferRequest, OutputTensor, RequestedOutput
 from forwardpass.stats import ModelStats, Stats
 from forwardpass.tensors import from_numpy, to_numpy
@@ -214,9 +215,24 @@ class Engine:
 
     # -- inference -------------------------------------------------------------------------------
 
-    async def infer(self, name: str, version: int | None, request: InferRequest) -> tuple[Served, list[OutputTensor]]:
-        """A V2 inference: tensors (or BYTES into pre-processing) in, the requested outputs out."""
-        served = self.served(name, version)
+    async def infer(
+        self, name: str, version: int | None, request: InferRequest, served: Served | None = None
+    ) -> tuple[Served, list[OutputTensor]]:
+        """A V2 inference: tensors (or BYTES into pre-processing) in, the requested outputs out.
+
+        ``served`` is the version the caller resolved before reading the body; if it is replaced
+        meanwhile and no version was asked for, the request moves to the new one.
+        """
+        served = served or self.served(name, version)
+        try:
+            return await self._infer(served, request)
+        except BatcherClosed:
+            if version is not None:
+                raise
+            return await self._infer(self.served(name), request)
+
+    async def _infer(self, served: Served, request: InferRequest) -> tuple[Served, list[OutputTensor]]:
+        name = served.model.name
         start = time.monotonic()
         try:
             model = served.model
@@ -228,15 +244,26 @@ class Engine:
                                 _cache_params(request.parameters), [(o.name, o.classification) for o in wanted])  # fmt: skip
             outputs, queued, cached = await self._run(served, feeds, key, request.parameters.get("timeout"))
             result = [self._output(model, o, outputs[o.name]) for o in wanted]
+        except BatcherClosed:
+            raise  # retried on the current version: not a failure of this one
         except ForwardpassError as exc:
             served.stats.request(exc.status, time.monotonic() - start)
             raise
         served.stats.request(200, time.monotonic() - start, queued, _rows(feeds), cached)
         return served, result
 
-    async def predict(self, name: str, version: int | None, instances: list[Any], top_k: int | None = None) -> tuple[Served, list[dict[str, Any]]]:
+    async def predict(
+        self, name: str, version: int | None, instances: list[Any], top_k: int | None = None
+    ) -> tuple[Served, list[dict[str, Any]]]:
         """The human endpoint: instances through pre-processing, the model and post-processing."""
-        served = self.served(name, version)
+        try:
+            return await self._predict(self.served(name, version), instances, top_k)
+        except BatcherClosed:
+            if version is not None:
+                raise
+            return await self._predict(self.served(name), instances, top_k)
+
+    async def _predict(self, served: Served, instances: list[Any], top_k: int | None) -> tuple[Served, list[dict[str, Any]]]:
         start = time.monotonic()
         try:
             if not isinstance(instances, list):
@@ -245,6 +272,8 @@ class Engine:
             outputs, queued, _ = await self._run(served, feeds, None, None)
             answers = served.model.postprocess(outputs, top_k)
             answers = answers.to_list() if hasattr(answers, "to_list") else {k: v.tolist() for k, v in answers.items()}
+        except BatcherClosed:
+            raise  # retried on the current version: not a failure of this one
         except ForwardpassError as exc:
             served.stats.request(exc.status, time.monotonic() - start)
             raise

@@ -20,6 +20,10 @@ import numpy as np
 from forwardpass.errors import ModelNotReady, Overloaded, RequestTimeout
 from forwardpass.scheduler.batcher import Pending, Policy, plan
 
+class BatcherClosed(ModelNotReady):
+    """The batcher is draining (its model version is being replaced or unloaded)."""
+
+
 Outputs = dict[str, np.ndarray]
 Result = tuple[Outputs, float, float]  # outputs for this request's rows, seconds queued, seconds computing
 
@@ -61,7 +65,7 @@ class DynamicBatcher:
     ) -> Result:
         """Queue one request (``rows`` rows) and wait for its outputs."""
         if self._closing:
-            raise ModelNotReady("the model version is being unloaded; retry to reach the current version")
+            raise BatcherClosed("the model version is being unloaded; retry to reach the current version")
         if self._direct and self._idle == self.instances and not self._queue:
             self._idle -= 1
             try:

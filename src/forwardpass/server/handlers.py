@@ -55,14 +55,15 @@ class Handlers:
     # -- inference ---------------------------------------------------------------------------
 
     async def infer(self, request: Request, model: str, version: str | None = None) -> Response:
-        served = self.engine.served(model, _version(version))  # 404 before reading a large body
+        pinned = _version(version)
+        served = self.engine.served(model, pinned)  # 404 before reading a large body
         _check_content_type(request)
         body = await request.read_body(self.config.max_body_bytes)
         header = request.headers.get("inference-header-content-length")
         if header is not None and not header.isdigit():
             raise InvalidInput(("Inference-Header-Content-Length",), "expected a byte count", header)
         parsed = parse_infer(body, int(header) if header is not None else None, self.config.max_elements)
-        served, outputs = await self.engine.infer(model, served.model.version, parsed)
+        served, outputs = await self.engine.infer(model, pinned, parsed, served)
         payload, header_length = encode_response(model, served.model.version, parsed.id, outputs)
         if header_length is None:
             return Response(200, payload)
@@ -70,7 +71,8 @@ class Handlers:
                         [(b"inference-header-content-length", str(header_length).encode())])  # fmt: skip
 
     async def predict(self, request: Request, model: str, version: str | None = None) -> Response:
-        served = self.engine.served(model, _version(version))
+        pinned = _version(version)
+        served = self.engine.served(model, pinned)
         _check_content_type(request)
         await request.read_body(self.config.max_body_bytes)
         doc = _json_body(request)
@@ -82,7 +84,7 @@ class Handlers:
         instances = doc["instances"]
         if served.model.pre_kind in ("image", "audio") and isinstance(instances, list):
             instances = [i["b64"] if isinstance(i, dict) and "b64" in i else i for i in instances]
-        served, answers = await self.engine.predict(model, served.model.version, instances, top_k)
+        served, answers = await self.engine.predict(model, pinned, instances, top_k)
         return Response.json({"model_name": model, "model_version": str(served.model.version), "predictions": answers})
 
     # -- metadata ------------------------------------------------------------------------------
