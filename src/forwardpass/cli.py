@@ -51,16 +51,18 @@ def serve(
     port: Annotated[int, typer.Option(help="Port")] = 8000,
     workers: Annotated[int, typer.Option(help="Processes sharing the port")] = 1,
     poll_interval: Annotated[float, typer.Option(help="Seconds between repository scans (0: no hot reload)")] = 2.0,
-    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+    http: Annotated[str, typer.Option(help="HTTP implementation: forwardpass (fastest) or uvicorn")] = "forwardpass",
+    log_level: Annotated[str, typer.Option(help="Log level")] = "info",
 ) -> None:
     """Serve a model repository over HTTP: Open Inference Protocol V2, /v1 predict, /metrics."""
-    require("uvicorn", "server", "forwardpass serve")
+    require("httptools", "server", "forwardpass serve")
     from forwardpass import default_repository
     from forwardpass.server.config import ServeConfig
     from forwardpass.server.run import serve as run_server
 
     repo = repository or _env_path("FORWARDPASS_REPOSITORY") or default_repository()  # builds the demo once
-    config = ServeConfig.from_env(repository=repo, host=host, port=port, workers=workers, poll_interval=poll_interval)
+    config = ServeConfig.from_env(repository=repo, host=host, port=port, workers=workers, poll_interval=poll_interval,
+                                  http=http)  # fmt: skip
     run_server(config, log_level)
 
 

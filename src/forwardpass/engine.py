@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -42,10 +42,8 @@ class Served:
     batcher: DynamicBatcher
     stats: ModelStats
     batchable: bool
-
-    @property
-    def cache_enabled(self) -> bool:
-        return self.model.config.cache.enabled
+    cache_enabled: bool
+    all_outputs: dict[bool, list[RequestedOutput]]  # what "no outputs listed" means, JSON and binary
 
 
 class Engine:
@@ -68,6 +66,9 @@ class Engine:
         self._seen: dict[str, tuple[Any, ...]] = {}  # what the folder looked like when last loaded
         self._executor = ThreadPoolExecutor(max_workers=max(2, available_cores()), thread_name_prefix="forwardpass")
         self._poller: asyncio.Task[None] | None = None
+        # requests the HTTP layer has received and not yet answered, when it can tell (its own
+        # protocol can; ASGI servers cannot, and the batcher then yields once to find out)
+        self.pending: Callable[[], int] | None = None
         self._draining: set[asyncio.Task[None]] = set()
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -190,6 +191,10 @@ class Engine:
             except Exception:  # a poll must never take the server down
                 log.exception("model repository poll failed")
 
+    def _crowded(self) -> bool:
+        # other requests are in flight: queue, so that they batch together
+        return (self.pending() if self.pending is not None else self.stats.inflight) > 1
+
     def _serve(self, model: Model) -> Served:
         config = model.config
         batchable = all(s.shape[:1] == [-1] for s in model.inputs) and all(s.shape[:1] == [-1] for s in model.outputs)
@@ -209,9 +214,10 @@ class Engine:
         )
         batcher = DynamicBatcher(
             run, policy, instances=config.instances, inline=inline, max_queue_size=config.batching.max_queue_size,
-            executor=self._executor, on_batch=stats.batch,
+            executor=self._executor, on_batch=stats.batch, crowded=self._crowded, settle=self.pending is None,
         )  # fmt: skip
-        return Served(model, batcher, stats, batchable)
+        every = {b: [RequestedOutput(n, b) for n in names] for b in (False, True)}
+        return Served(model, batcher, stats, batchable, config.cache.enabled, every)
 
     # -- inference -------------------------------------------------------------------------------
 
@@ -236,7 +242,7 @@ class Engine:
         start = time.monotonic()
         try:
             model = served.model
-            wanted = self._requested_outputs(model, request)
+            wanted = self._requested_outputs(served, request)
             feeds = self._feeds(model, request)
             key = None
             if served.cache_enabled:
@@ -327,10 +333,10 @@ class Engine:
             feeds[t.name] = array
         return model.check(feeds)
 
-    def _requested_outputs(self, model: Model, request: InferRequest) -> list[RequestedOutput]:
-        names = [s.name for s in model.outputs]
+    def _requested_outputs(self, served: Served, request: InferRequest) -> list[RequestedOutput]:
         if request.outputs is None:
-            return [RequestedOutput(n, request.binary_output) for n in names]
+            return served.all_outputs[request.binary_output]
+        names = [s.name for s in served.model.outputs]
         for o in request.outputs:
             if o.name not in names:
                 raise InvalidInput(("outputs", o.name), f"unknown output; the model has {names}")

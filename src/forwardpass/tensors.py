@@ -60,13 +60,16 @@ def from_ort(ort_type: str) -> str:
         raise ValueError(f"unsupported ONNX tensor type {ort_type}") from None
 
 
+_FROM_NUMPY = {dtype: name for name, dtype in _NUMPY.items()}
+
+
 def from_numpy(dtype: np.dtype) -> str:
     """numpy dtype -> V2 datatype name; strings and objects are BYTES."""
+    name = _FROM_NUMPY.get(dtype)
+    if name is not None:
+        return name
     if dtype.kind in "OSU":
         return "BYTES"
-    for name, candidate in _NUMPY.items():
-        if candidate == dtype:
-            return name
     raise ValueError(f"no V2 datatype for numpy dtype {dtype}")
 
 

@@ -42,6 +42,8 @@ class DynamicBatcher:
         executor: Executor | None = None,
         clock: Callable[[], float] = time.monotonic,
         on_batch: Callable[[int, float], None] | None = None,
+        crowded: Callable[[], bool] = lambda: False,
+        settle: bool = True,
     ):
         if not inline and executor is None:
             raise ValueError("a batcher that does not run inline needs an executor")
@@ -52,8 +54,13 @@ class DynamicBatcher:
         self._workers: list[asyncio.Task[None]] = []
         self._idle = instances
         self._closing = False
-        # run on the caller's coroutine when nothing waits and nothing runs: no task switch at all
+        # A request alone in the server runs on its own coroutine, with no hand-over to a worker.
+        # If others are in flight (``crowded``) it queues instead, so the worker runs them all as
+        # one batch. With ``settle`` it first yields once, for servers whose count of requests in
+        # flight lags (ASGI: requests that arrived together start one after another); forwardpass's
+        # own HTTP protocol counts a request as soon as its bytes are parsed and needs no yield.
         self._direct = inline and policy.max_queue_delay <= 0
+        self._crowded, self._settle = crowded, settle
 
     @property
     def queued(self) -> int:
@@ -66,7 +73,9 @@ class DynamicBatcher:
         """Queue one request (``rows`` rows) and wait for its outputs."""
         if self._closing:
             raise BatcherClosed("the model version is being unloaded; retry to reach the current version")
-        if self._direct and self._idle == self.instances and not self._queue:
+        if self._settle and self._direct and self._idle == self.instances and not self._queue:
+            await asyncio.sleep(0)
+        if self._direct and self._idle == self.instances and not self._queue and not self._crowded():
             self._idle -= 1
             try:
                 start = self._clock()

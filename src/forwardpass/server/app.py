@@ -38,21 +38,25 @@ class App:
             await self._lifespan(receive, send)
 
     async def _http(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        handler, params, path_exists = self.router.match(scope["method"], scope["path"])
+        response = await self.dispatch(scope, receive, None)
+        await response.send(send)
+
+    async def dispatch(self, scope: dict[str, Any], receive: Receive | None, body: bytes | None) -> Response:
+        """Route one request (``scope`` needs method, path and headers) and answer it; never raises."""
+        method, path = scope["method"], scope["path"]
+        handler, params, path_exists = self.router.match(method, path)
         stats = self.engine.stats
         stats.inflight += 1
         try:
             if handler is None:
                 status = 405 if path_exists else 404
-                response = Response.json({"error": f"{scope['method']} {scope['path']}: "
-                                          + ("method not allowed" if path_exists else "no such endpoint")}, status)  # fmt: skip
-            else:
-                response = await handler(Request(scope, receive, params), **params)
+                return Response.json({"error": f"{method} {path}: "
+                                      + ("method not allowed" if path_exists else "no such endpoint")}, status)  # fmt: skip
+            return await handler(Request(scope, receive, params, body), **params)
         except Exception as exc:  # every error becomes a response; the server keeps serving
-            response = error_response(exc)
+            return error_response(exc)
         finally:
             stats.inflight -= 1
-        await response.send(send)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -22,6 +23,7 @@ class ServeConfig(BaseModel):
     poll_interval: float = Field(2.0, ge=0)  # seconds between repository scans; 0 turns hot reload off
     cache_bytes: int = Field(64 * 2**20, ge=0)
     drain_timeout: float = Field(30.0, ge=0)  # seconds to finish in-flight requests on shutdown
+    http: Literal["forwardpass", "uvicorn"] = "forwardpass"  # the HTTP/1.1 implementation (bench/serve.py)
 
     @classmethod
     def from_env(cls, **overrides: object) -> ServeConfig:

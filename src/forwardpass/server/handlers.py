@@ -31,7 +31,7 @@ def _version(version: str | None) -> int | None:
 
 
 def _check_content_type(request: Request) -> None:
-    kind = request.headers.get("content-type")
+    kind = request.header(b"content-type")
     if kind is not None and not kind.split(";")[0].strip().lower() in _READABLE:
         raise UnsupportedMediaType(f"Content-Type '{kind}' is not readable here; send application/json, or V2 "
                                    "binary tensors with Inference-Header-Content-Length")  # fmt: skip
@@ -59,7 +59,7 @@ class Handlers:
         served = self.engine.served(model, pinned)  # 404 before reading a large body
         _check_content_type(request)
         body = await request.read_body(self.config.max_body_bytes)
-        header = request.headers.get("inference-header-content-length")
+        header = request.header(b"inference-header-content-length")
         if header is not None and not header.isdigit():
             raise InvalidInput(("Inference-Header-Content-Length",), "expected a byte count", header)
         parsed = parse_infer(body, int(header) if header is not None else None, self.config.max_elements)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
 import orjson
@@ -18,13 +19,24 @@ from forwardpass.errors import PayloadTooLarge
 
 
 class Request:
-    """An HTTP request: method, path, headers (lower-case names), query and body."""
+    """An HTTP request: method, path, headers (lower-case names) and body.
 
-    __slots__ = ("scope", "receive", "params", "body", "_headers")
+    From ASGI, ``receive`` delivers the body; from forwardpass's own HTTP protocol the body is
+    complete before the handler runs (``body`` given, ``receive`` None).
+    """
 
-    def __init__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]], params: dict[str, str]):
+    __slots__ = ("scope", "receive", "params", "body", "_headers", "_complete")
+
+    def __init__(
+        self,
+        scope: dict[str, Any],
+        receive: Callable[[], Awaitable[dict[str, Any]]] | None,
+        params: dict[str, str],
+        body: bytes | None = None,
+    ):
         self.scope, self.receive, self.params = scope, receive, params
-        self.body = b""
+        self.body = body or b""
+        self._complete = body is not None
         self._headers: dict[str, str] | None = None
 
     @property
@@ -41,11 +53,22 @@ class Request:
             self._headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in self.scope["headers"]}
         return self._headers
 
+    def header(self, name: bytes) -> str | None:
+        """One header by lower-case name, without decoding all of them (the hot path reads three)."""
+        for key, value in self.scope["headers"]:
+            if key == name:
+                return value.decode("latin-1")
+        return None
+
     async def read_body(self, limit: int) -> bytes:
         """The whole body; PayloadTooLarge as soon as it is known to pass ``limit`` bytes."""
-        length = self.headers.get("content-length")
+        length = self.header(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             raise PayloadTooLarge(f"request body of {int(length)} bytes is over the limit of {limit} bytes")
+        if self._complete or self.receive is None:
+            if len(self.body) > limit:
+                raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+            return self.body
         chunks, size = [], 0
         while True:
             message = await self.receive()
@@ -79,11 +102,33 @@ class Response:
     def text(cls, text: str | bytes, status: int = 200, content_type: str = "text/plain; charset=utf-8") -> Response:
         return cls(status, text.encode() if isinstance(text, str) else text, content_type)
 
+    def encode(self, keep_alive: bool = True, head: bool = False) -> bytes:
+        """The whole HTTP/1.1 response as one buffer: status line, headers, body."""
+        lines = [_STATUS_LINES.get(self.status) or b"HTTP/1.1 %d %s\r\n" % (self.status, _reason(self.status)),
+                 b"content-type: ", self.content_type.encode(), b"\r\ncontent-length: ", b"%d" % len(self.body), b"\r\n"]  # fmt: skip
+        for name, value in self.headers:
+            lines += [name, b": ", value, b"\r\n"]
+        if not keep_alive:
+            lines.append(b"connection: close\r\n")
+        lines.append(b"\r\n")
+        if not head:
+            lines.append(self.body)
+        return b"".join(lines)
+
     async def send(self, send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
         headers = [(b"content-type", self.content_type.encode()), (b"content-length", str(len(self.body)).encode())]
         await send({"type": "http.response.start", "status": self.status, "headers": headers + self.headers})
         await send({"type": "http.response.body", "body": self.body})
 
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b"Unknown"
+
+
+_STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 
 Handler = Callable[..., Awaitable[Response]]
 

@@ -1,50 +1,164 @@
-"""Running the server under uvicorn (uvloop + httptools when installed), one process or several."""
+"""Running the server: forwardpass's own HTTP/1.1 protocol on uvloop (default) or uvicorn, 1..N processes.
+
+    serve(ServeConfig(repository="models", port=8000, workers=2))
+
+Workers are forked after the listening socket is bound, so they share it; each loads the
+repository itself and starts accepting only once its models are warm. SIGTERM or SIGINT:
+stop accepting, finish in-flight requests (up to ``drain_timeout``), exit 0.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.util
+import logging
 import os
+import signal
+import socket
+import sys
+import time
 from collections.abc import Iterator
 from typing import Any
-
-import uvicorn
 
 from forwardpass.server.app import create_app
 from forwardpass.server.config import ServeConfig
 
-
-class _Server(uvicorn.Server):
-    """uvicorn's server, but a SIGTERM that drained cleanly exits with status 0.
-
-    uvicorn re-raises the caught signal after its graceful shutdown, so the process would end
-    with -15; for a server that finished every in-flight request that is not a failure.
-    """
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        with super().capture_signals():
-            try:
-                yield
-            finally:
-                captured = getattr(self, "_captured_signals", None)
-                if isinstance(captured, list):
-                    captured.clear()
-
-
-def _has(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+log = logging.getLogger("forwardpass.server")
 
 
 def serve(config: ServeConfig, log_level: str = "info") -> None:
-    """Serve until SIGINT/SIGTERM, then drain in-flight requests (up to config.drain_timeout) and return."""
+    """Serve until SIGINT/SIGTERM, drain, return (the process then exits 0)."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.http == "uvicorn":
+        _serve_uvicorn(config, log_level)
+        return
+    sock = _listen(config.host, config.port)
+    if config.workers == 1:
+        _run_worker(config, sock)
+        return
+    _supervise(config, sock)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _run_worker(config: ServeConfig, sock: socket.socket) -> None:
+    if importlib.util.find_spec("uvloop") is not None:
+        import uvloop
+
+        uvloop.run(_worker(config, sock))
+    else:
+        asyncio.run(_worker(config, sock))
+
+
+async def _worker(config: ServeConfig, sock: socket.socket) -> None:
+    from forwardpass.server.protocol import HttpProtocol, ServerState
+
+    started = time.monotonic()
+    app = create_app(config)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    state = ServerState(app, config.max_body_bytes)
+    app.engine.pending = lambda: state.active
+    await app.engine.start()
+    server = await loop.create_server(lambda: HttpProtocol(state), sock=sock, backlog=2048)
+    host, port = sock.getsockname()[:2]
+    log.info("forwardpass serving %s on http://%s:%d (pid %d, ready in %.2f s)", app.engine.repository.path, host,
+             port, os.getpid(), time.monotonic() - started)  # fmt: skip
+    await stop.wait()
+    log.info("shutting down: draining %d requests in progress", state.active)
+    state.closing = True
+    server.close()  # no new connections
+    for connection in list(state.connections):
+        connection.close_if_idle()
+    try:
+        await asyncio.wait_for(state.idle.wait(), config.drain_timeout)
+    except TimeoutError:
+        log.warning("drain timeout: %d requests still in progress are dropped", state.active)
+    await app.engine.stop(config.drain_timeout)
+    for connection in list(state.connections):
+        if connection.transport is not None:
+            connection.transport.close()
+
+
+def _supervise(config: ServeConfig, sock: socket.socket) -> None:
+    """Fork the workers, forward SIGTERM/SIGINT to them, exit 0 when they all did."""
+    children = []
+    for _ in range(config.workers):
+        pid = os.fork()
+        if pid == 0:  # the child serves, then leaves without running the parent's cleanup
+            code = 0
+            try:
+                _run_worker(config, sock)
+            except BaseException:
+                log.exception("worker failed")
+                code = 1
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        children.append(pid)
+    sock.close()
+
+    def forward(sig: int, frame: Any) -> None:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, sig)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    failed = 0
+    for child in children:
+        _, status = os.waitpid(child, 0)
+        failed += os.waitstatus_to_exitcode(status) != 0
+    if failed:
+        sys.exit(1)
+
+
+class _UvicornServer:
+    """uvicorn's server, but a SIGTERM that drained cleanly exits with status 0 (uvicorn re-raises it)."""
+
+    @staticmethod
+    def make(config: Any) -> Any:
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self) -> Iterator[None]:
+                with super().capture_signals():
+                    try:
+                        yield
+                    finally:
+                        captured = getattr(self, "_captured_signals", None)
+                        if isinstance(captured, list):
+                            captured.clear()
+
+        return Server(config)
+
+
+def _serve_uvicorn(config: ServeConfig, log_level: str) -> None:
+    import uvicorn
+
+    def has(module: str) -> bool:
+        return importlib.util.find_spec(module) is not None
+
     options: dict[str, Any] = {
         "host": config.host, "port": config.port, "log_level": log_level, "access_log": False,
         "lifespan": "on", "timeout_graceful_shutdown": config.drain_timeout,
-        "loop": "uvloop" if _has("uvloop") else "asyncio", "http": "httptools" if _has("httptools") else "h11",
+        # per-request work nobody here needs: X-Forwarded-* rewriting, Server and Date headers
+        "proxy_headers": False, "server_header": False, "date_header": False,
+        "loop": "uvloop" if has("uvloop") else "asyncio", "http": "httptools" if has("httptools") else "h11",
     }  # fmt: skip
     if config.workers > 1:  # worker processes build their own app from the environment
         os.environ.update(config.to_env())
         uvicorn.run("forwardpass.server.app:create_app_from_env", factory=True, workers=config.workers, **options)
         return
-    _Server(uvicorn.Config(create_app(config), **options)).run()
+    _UvicornServer.make(uvicorn.Config(create_app(config), **options)).run()
