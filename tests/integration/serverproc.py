@@ -22,12 +22,14 @@ def free_port() -> int:
 class Server:
     """A running `forwardpass serve` process."""
 
-    def __init__(self, repository: Path, env: dict[str, str] | None = None, poll_interval: float = 0.0):
+    def __init__(
+        self, repository: Path, env: dict[str, str] | None = None, poll_interval: float = 0.0, args: tuple[str, ...] = ()
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = repository.parent / f"server-{self.port}.log"
         cmd = [sys.executable, "-m", "forwardpass", "serve", str(repository), "--port", str(self.port),
-               "--poll-interval", str(poll_interval), "--log-level", "warning"]  # fmt: skip
+               "--poll-interval", str(poll_interval), "--log-level", "warning", *args]  # fmt: skip
         self.proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=self.log.open("wb"),
                                      stderr=subprocess.STDOUT)  # fmt: skip
         self.wait_ready()

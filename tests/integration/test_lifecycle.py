@@ -88,3 +88,15 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(repo_copy):
     assert srv.proc.wait(20) == 0
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{srv.url}/v2/health/live", timeout=2)
+
+
+@pytest.mark.parametrize("args", [("--workers", "2"), ("--http", "uvicorn")])
+def test_other_server_modes_serve_and_exit_0(repo_copy, args):
+    srv = Server(repo_copy, args=args)
+    try:
+        for _ in range(8):  # spread over the workers
+            r = httpx.post(f"{srv.url}/v2/models/iris/infer", json=ROW)
+            assert r.status_code == 200 and r.json()["model_version"] == "1"
+        assert httpx.get(f"{srv.url}/metrics").status_code == 200
+    finally:
+        assert srv.stop() == 0

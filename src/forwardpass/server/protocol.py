@@ -132,7 +132,9 @@ class HttpProtocol(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self.header_bytes += len(name) + len(value)
         if self.header_bytes > MAX_HEADER_BYTES:
-            raise httptools.HttpParserError("request headers are larger than 64 KiB")
+            if self.error is None:  # keep parsing (the parser needs to), but keep nothing more
+                self.error = Response.json({"error": "request headers are larger than 64 KiB"}, 431)
+            return
         self.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
