@@ -250,12 +250,13 @@ class Engine:
                                 _cache_params(request.parameters), [(o.name, o.classification) for o in wanted])  # fmt: skip
             outputs, queued, cached = await self._run(served, feeds, key, request.parameters.get("timeout"))
             result = [self._output(model, o, outputs[o.name]) for o in wanted]
+            rows = _rows(feeds)
         except BatcherClosed:
             raise  # retried on the current version: not a failure of this one
         except ForwardpassError as exc:
             served.stats.request(exc.status, time.monotonic() - start)
             raise
-        served.stats.request(200, time.monotonic() - start, queued, _rows(feeds), cached)
+        served.stats.request(200, time.monotonic() - start, queued, rows, cached)
         return served, result
 
     async def predict(
@@ -301,7 +302,8 @@ class Engine:
                 raise InvalidInput(("parameters", "timeout"), "expected microseconds > 0", timeout_us)
             timeout_ms = timeout_us / 1000
         deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
-        signature: Hashable = _signature(feeds) if served.batchable else object()
+        # batchable: the batcher merges by (input, dtype, non-batch shape), computed only if it queues
+        signature: Hashable | None = None if served.batchable else object()
         outputs, queued, _ = await served.batcher.submit(feeds, _rows(feeds) if served.batchable else 1, signature,
                                                          deadline)  # fmt: skip
         if key is not None:
@@ -376,10 +378,6 @@ def _warm_up(model: Model) -> None:
 def _rows(feeds: dict[str, np.ndarray]) -> int:
     first = next(iter(feeds.values()))
     return int(first.shape[0]) if first.ndim else 1
-
-
-def _signature(feeds: dict[str, np.ndarray]) -> Hashable:
-    return tuple((name, a.dtype.str, a.shape[1:]) for name, a in feeds.items())
 
 
 def _bytes(tensor: Any) -> bytes | memoryview:

@@ -97,3 +97,15 @@ def test_huge_headers_are_refused(conn):
 def test_percent_encoded_path_is_decoded(conn):
     conn.sendall(request("/v2/models/%69ris/infer"))
     assert read_responses(conn, 1)[0][0] == 200
+
+
+def test_idle_keep_alive_connections_are_closed(server):
+    import time
+
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=15)
+    sock.sendall(request())
+    assert read_responses(sock, 1)[0][0] == 200
+    start = time.monotonic()
+    assert sock.recv(10) == b""  # the server closes it after the keep-alive timeout (5 s, swept each second)
+    assert 4 <= time.monotonic() - start <= 8
+    sock.close()

@@ -99,6 +99,10 @@ class OnnxRuntime:
         options.graph_optimization_level = _OPT_LEVELS[self._graph_optimization]
         options.intra_op_num_threads = intra_op
         options.inter_op_num_threads = self._inter_op
+        if intra_op != 1:
+            # pool threads that spin between runs take the cores the server's event loop needs
+            # (bench/serve.py: the CNN under load, spinning on vs off)
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 4  # fatal only: we raise every error with its message; the log repeats it
         try:
             return ort.InferenceSession(self._source, sess_options=options, providers=list(self.providers))

@@ -68,9 +68,13 @@ class DynamicBatcher:
         return len(self._queue)
 
     async def submit(
-        self, feeds: dict[str, np.ndarray], rows: int, signature: Hashable, deadline: float | None = None
+        self, feeds: dict[str, np.ndarray], rows: int, signature: Hashable | None = None, deadline: float | None = None
     ) -> Result:
-        """Queue one request (``rows`` rows) and wait for its outputs."""
+        """Queue one request (``rows`` rows) and wait for its outputs.
+
+        Requests merge when their ``signature`` is equal; None means the feeds' input names,
+        datatypes and non-batch shapes.
+        """
         if self._closing:
             raise BatcherClosed("the model version is being unloaded; retry to reach the current version")
         if self._settle and self._direct and self._idle == self.instances and not self._queue:
@@ -91,6 +95,8 @@ class DynamicBatcher:
         if len(self._queue) >= self._max_queue:
             raise Overloaded(f"queue full ({self._max_queue} requests waiting); retry shortly", retry_after=1.0)
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        if signature is None:
+            signature = tuple((name, a.dtype.str, a.shape[1:]) for name, a in feeds.items())
         self._queue.append(Pending(rows, signature, self._clock(), deadline, (feeds, future)))
         self._wakeup()
         return await future

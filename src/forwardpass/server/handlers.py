@@ -32,7 +32,7 @@ def _version(version: str | None) -> int | None:
 
 def _check_content_type(request: Request) -> None:
     kind = request.header(b"content-type")
-    if kind is not None and not kind.split(";")[0].strip().lower() in _READABLE:
+    if kind is not None and kind not in _READABLE and kind.split(";")[0].strip().lower() not in _READABLE:
         raise UnsupportedMediaType(f"Content-Type '{kind}' is not readable here; send application/json, or V2 "
                                    "binary tensors with Inference-Header-Content-Length")  # fmt: skip
 

@@ -37,10 +37,24 @@ class ServerState:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.connections: set[HttpProtocol] = set()
-        self.active = 0  # requests being handled
+        self.active = 0  # connections with a request being handled
         self.idle = asyncio.Event()  # set when active drops to 0
         self.idle.set()
         self.closing = False
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def start_sweeping(self) -> None:
+        """Close keep-alive connections idle for KEEP_ALIVE_TIMEOUT: one timer for the server, not one per request."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for connection in list(self.connections):
+            if not connection.busy and not connection.queue and now - connection.last_active > KEEP_ALIVE_TIMEOUT:
+                connection.close_if_idle()
+        self._sweeper = loop.call_later(1.0, self.start_sweeping)
+
+    def stop_sweeping(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
 
 
 class HttpProtocol(asyncio.Protocol):
@@ -57,7 +71,7 @@ class HttpProtocol(asyncio.Protocol):
         self.write_paused = False
         self.drained = asyncio.Event()
         self.drained.set()
-        self.idle_timer: asyncio.TimerHandle | None = None
+        self.last_active = self.loop.time()
         self._reset()
 
     def _reset(self) -> None:
@@ -73,12 +87,9 @@ class HttpProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.state.connections.add(self)
-        self._arm_idle_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state.connections.discard(self)
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
         self.queue.clear()
         self.transport = None
         self.drained.set()
@@ -92,9 +103,6 @@ class HttpProtocol(asyncio.Protocol):
         self.drained.set()
 
     def data_received(self, data: bytes) -> None:
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-            self.idle_timer = None
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -105,14 +113,6 @@ class HttpProtocol(asyncio.Protocol):
     def _fatal(self, status: int, message: str) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(Response.json({"error": message}, status).encode(keep_alive=False))
-            self.transport.close()
-
-    def _arm_idle_timer(self) -> None:
-        if self.idle_timer is None and not self.busy and not self.queue:
-            self.idle_timer = self.loop.call_later(KEEP_ALIVE_TIMEOUT, self._close_idle)
-
-    def _close_idle(self) -> None:
-        if self.transport is not None and not self.busy and not self.queue:
             self.transport.close()
 
     def close_if_idle(self) -> None:
@@ -209,5 +209,4 @@ class HttpProtocol(asyncio.Protocol):
             self.state.active -= 1
             if self.state.active == 0:
                 self.state.idle.set()
-            if self.transport is not None:
-                self._arm_idle_timer()
+            self.last_active = self.loop.time()

@@ -71,12 +71,14 @@ async def _worker(config: ServeConfig, sock: socket.socket) -> None:
     app.engine.pending = lambda: state.active
     await app.engine.start()
     server = await loop.create_server(lambda: HttpProtocol(state), sock=sock, backlog=2048)
+    state.start_sweeping()
     host, port = sock.getsockname()[:2]
     log.info("forwardpass serving %s on http://%s:%d (pid %d, ready in %.2f s)", app.engine.repository.path, host,
              port, os.getpid(), time.monotonic() - started)  # fmt: skip
     await stop.wait()
     log.info("shutting down: draining %d requests in progress", state.active)
     state.closing = True
+    state.stop_sweeping()
     server.close()  # no new connections
     for connection in list(state.connections):
         connection.close_if_idle()
