@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 README = (Path(__file__).parents[2] / "README.md").read_text()
+ROOT = Path(__file__).parents[2]
 
 
 def blocks(lang: str) -> list[str]:
@@ -16,8 +17,19 @@ def blocks(lang: str) -> list[str]:
 
 
 @pytest.mark.parametrize("code", blocks("python"))
-def test_python_examples_run(demo_repo, code):
+def test_python_examples_run(demo_repo, server, code):
+    code = code.replace("127.0.0.1:8000", f"127.0.0.1:{server.port}")  # the examples' server is the fixture's
     exec(compile(code, "README.md", "exec"), {})
+
+
+def test_curl_iris_example_answers_as_shown(server):
+    import httpx
+
+    example = re.search(r"curl -s localhost:8000(/v1/models/iris:predict) .*?\\\n\s+-d '(.*?)'\n# (.*)\n", README, re.S)
+    answer = httpx.post(server.url + example.group(1), content=example.group(2),
+                        headers={"Content-Type": "application/json"}).json()  # fmt: skip
+    assert answer["predictions"][0]["label"] == "setosa"
+    assert example.group(3).startswith('{"model_name":"iris","model_version":"1","predictions":[{"label":"setosa"')
 
 
 def test_error_example_is_what_the_cli_prints(demo_repo):
@@ -47,6 +59,6 @@ def test_demo_table_matches_recorded_metrics(demo_repo):
 
 
 def test_readme_commands_match_ci():
-    ci = (Path(__file__).parents[2] / ".ci" / "run").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
     test_command = blocks("bash")[1].strip()
     assert test_command.replace("pip install", "python3 -m pip install -q").replace("python -m", "python3 -m") in ci
