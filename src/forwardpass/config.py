@@ -206,6 +206,10 @@ class Threads(_Strict):
 
     intra_op: int | Literal["auto"] = "auto"
     inter_op: int = Field(1, ge=0)
+    # multi-threaded sessions: keep pool threads spinning between runs (ONNX Runtime's default:
+    # lowest latency for a lone request) or stop them after each run (default here: under load
+    # they would take the cores the server's event loop needs; see runtime/onnx.py)
+    spinning: bool = False
 
     @field_validator("intra_op")
     @classmethod

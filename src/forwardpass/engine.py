@@ -27,7 +27,7 @@ from forwardpass.repository import Repository, check_name
 from forwardpass.runtime.onnx import AUTO_THREADS_THRESHOLD_MS, available_cores
 from forwardpass.scheduler import DynamicBatcher, Policy, ResponseCache, cache_key
 from forwardpass.scheduler.dynamic import BatcherClosed
-from forwardpass.inference import InferRequest, OutputTensor, RequestedOutput
+from forwardpass.inference import InferRequest, InputTensor, OutputTensor, RequestedOutput
 from forwardpass.stats import ModelStats, Stats
 from forwardpass.tensors import from_numpy, to_numpy
 
@@ -311,16 +311,19 @@ class Engine:
         return outputs, queued, False
 
     def _feeds(self, model: Model, request: InferRequest) -> dict[str, np.ndarray]:
+        """Request tensors -> validated model inputs; raw BYTES go through declared pre-processing."""
         specs = {s.name: s for s in model.inputs}
-        byte_inputs = [t for t in request.inputs if t.datatype == "BYTES" and specs.get(t.name) is None
-                       or (t.datatype == "BYTES" and specs[t.name].datatype != "BYTES")]  # fmt: skip
-        if byte_inputs and model.pre_kind in ("image", "text", "audio"):
+
+        def raw_data(t: InputTensor) -> bool:  # BYTES where the model takes no BYTES: images, text, audio
+            return t.datatype == "BYTES" and (t.name not in specs or specs[t.name].datatype != "BYTES")
+
+        if model.pre_kind in ("image", "text", "audio") and any(raw_data(t) for t in request.inputs):
             if len(request.inputs) != 1:
                 raise InvalidInput(("inputs",), f"send one BYTES input of raw {model.pre_kind} data for this model's "
                                    f"pre-processing, got {len(request.inputs)} inputs")  # fmt: skip
-            raw = request.inputs[0].array.reshape(-1).tolist()
-            instances = [v.decode("utf-8", errors="replace") for v in raw] if model.pre_kind == "text" else raw
-            return model.prepare(instances)
+            tensor = request.inputs[0]
+            raw = tensor.array.reshape(-1).tolist()
+            return model.prepare([_text(tensor.name, v) for v in raw] if model.pre_kind == "text" else raw)
         feeds = {}
         for t in request.inputs:
             spec = specs.get(t.name)
@@ -329,9 +332,8 @@ class Engine:
             if t.datatype != spec.datatype:
                 raise InvalidInput(("inputs", t.name, "datatype"), f"expected {spec.datatype}", t.datatype)
             array = t.array
-            if t.datatype == "BYTES":  # ONNX Runtime string tensors take str
-                array = np.array([v.decode("utf-8") if isinstance(v, bytes) else v for v in array.reshape(-1)],
-                                 dtype=object).reshape(array.shape)  # fmt: skip
+            if t.datatype == "BYTES":  # ONNX Runtime's string tensors take str
+                array = np.array([_text(t.name, v) for v in array.reshape(-1).tolist()], dtype=object).reshape(array.shape)
             feeds[t.name] = array
         return model.check(feeds)
 
@@ -373,6 +375,15 @@ def _warm_up(model: Model) -> None:
         model.runtime.run(feeds)
     except Exception as exc:  # a model may reject zeros (a sample rate of 0): warm-up is best effort
         log.debug("warm-up of %s skipped: %s", model.name, exc)
+
+
+def _text(name: str, value: Any) -> str:
+    if not isinstance(value, bytes):
+        return str(value)
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput(("inputs", name, "data"), "expected UTF-8 text", value[:16]) from None
 
 
 def _rows(feeds: dict[str, np.ndarray]) -> int:

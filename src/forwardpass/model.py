@@ -39,6 +39,7 @@ class Model:
                 intra_op=config.threads.intra_op,
                 inter_op=config.threads.inter_op,
                 allow_nan=[s.name for s in config.inputs or [] if s.allow_nan],
+                spinning=config.threads.spinning,
             )
         self.runtime = runtime
         self.inputs = reconcile(config.inputs, runtime.inputs, "inputs", file)

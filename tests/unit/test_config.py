@@ -34,7 +34,7 @@ post: {kind: classification, top_k: 1, threshold: 0.7}
 batching: {max_batch_size: 32, max_queue_delay_ms: 2, preferred_batch_sizes: [8, 16]}
 instances: 2
 cache: {enabled: true, max_bytes: 1000}
-threads: {intra_op: 1, inter_op: 1}
+threads: {intra_op: 1, inter_op: 1, spinning: true}
 graph_optimization: basic
 version_policy: {specific: [1, 3]}
 """

@@ -239,6 +239,9 @@ class Text:
             return
         tokenizers = require("tokenizers", "text", "text pre-processing with a tokenizer.json")
         path = folder / config.tokenizer
+        if folder.resolve() not in path.resolve().parents:
+            raise ModelConfigError(str(folder / "model.yaml"), "pre.tokenizer", f"'{config.tokenizer}' is outside the "
+                                   "model folder", "put tokenizer.json beside model.yaml")  # fmt: skip
         try:
             self.tokenizer = tokenizers.Tokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises a bare Exception for missing/corrupt files

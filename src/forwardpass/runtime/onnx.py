@@ -59,11 +59,13 @@ class OnnxRuntime:
         intra_op: int | str = "auto",
         inter_op: int = 1,
         allow_nan: Collection[str] = (),
+        spinning: bool = False,
     ):
         self.path = Path(path)
         self.providers = _check_providers(providers, self.path)
         self._graph_optimization = graph_optimization
         self._inter_op = inter_op
+        self._spinning = spinning
         self.probe_ms: float | None = None
         self._source: str | bytes = str(self.path)
         if self.path.is_file():  # a missing file gets ONNX Runtime's own error below
@@ -99,11 +101,12 @@ class OnnxRuntime:
         options.graph_optimization_level = _OPT_LEVELS[self._graph_optimization]
         options.intra_op_num_threads = intra_op
         options.inter_op_num_threads = self._inter_op
-        if intra_op != 1:
-            # Pool threads spin while a run has parallel work (fast), then stop, instead of spinning
-            # on between runs and taking the cores the server's event loop needs. bench/serve.py,
-            # ResNet-18-shaped CNN on 2 cores: spinning always, 0.84x raw at c=64; never
-            # (allow_spinning=0), 0.99x at c=64 but half the speed at c=1; this, both.
+        if intra_op != 1 and not self._spinning:
+            # Pool threads stop spinning after each run instead of spinning on and taking the cores
+            # the server's event loop needs. bench/serve.py, ResNet-18-shaped CNN on 2 cores, images/s
+            # against raw ONNX Runtime: spinning 0.84x at concurrency 64 and 0.94x at 1; stopped
+            # 0.90x at 64 but 0.51x at 1 (threads wake per parallel section). threads.spinning: true
+            # in model.yaml picks the other side.
             options.add_session_config_entry("session.force_spinning_stop", "1")
         options.log_severity_level = 4  # fatal only: we raise every error with its message; the log repeats it
         try:
