@@ -73,8 +73,8 @@ async def _worker(config: ServeConfig, sock: socket.socket) -> None:
     server = await loop.create_server(lambda: HttpProtocol(state), sock=sock, backlog=2048)
     state.start_sweeping()
     host, port = sock.getsockname()[:2]
-    log.info("forwardpass serving %s on http://%s:%d (pid %d, ready in %.2f s)", app.engine.repository.path, host,
-             port, os.getpid(), time.monotonic() - started)  # fmt: skip
+    log.info("forwardpass serving %s on http://%s:%d (pid %d; models loaded and warm in %.2f s)",
+             app.engine.repository.path, host, port, os.getpid(), time.monotonic() - started)  # fmt: skip
     await stop.wait()
     log.info("shutting down: draining %d requests in progress", state.active)
     state.closing = True
