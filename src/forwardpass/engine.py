@@ -29,7 +29,7 @@ from forwardpass.scheduler import DynamicBatcher, Policy, ResponseCache, cache_k
 from forwardpass.scheduler.dynamic import BatcherClosed
 from forwardpass.inference import InferRequest, InputTensor, OutputTensor, RequestedOutput
 from forwardpass.stats import ModelStats, Stats
-from forwardpass.tensors import from_numpy, to_numpy
+from forwardpass.tensors import from_numpy, zeros
 
 log = logging.getLogger("forwardpass.engine")
 
@@ -367,12 +367,8 @@ def _classes(array: np.ndarray, k: int, labels: list[str] | None) -> np.ndarray:
 
 def _warm_up(model: Model) -> None:
     """One forward pass on zeros so the first request does not pay for allocation."""
-    feeds = {}
-    for spec in model.inputs:
-        shape = [1 if d == -1 else d for d in spec.shape]
-        feeds[spec.name] = np.full(shape, "", object) if spec.datatype == "BYTES" else np.zeros(shape, to_numpy(spec.datatype))
     try:
-        model.runtime.run(feeds)
+        model.runtime.run({s.name: zeros(s.datatype, s.shape) for s in model.inputs})
     except Exception as exc:  # a model may reject zeros (a sample rate of 0): warm-up is best effort
         log.debug("warm-up of %s skipped: %s", model.name, exc)
 

@@ -73,6 +73,14 @@ def from_numpy(dtype: np.dtype) -> str:
     raise ValueError(f"no V2 datatype for numpy dtype {dtype}")
 
 
+def zeros(datatype: str, shape: Sequence[int]) -> np.ndarray:
+    """A tensor of zeros (empty strings for BYTES), dynamic dims (-1) as 1: for warm-up and probes."""
+    concrete = [1 if d == -1 else d for d in shape]
+    if datatype == "BYTES":
+        return np.full(concrete, "", dtype=object)
+    return np.zeros(concrete, _NUMPY[datatype])
+
+
 def shape_matches(expected: Sequence[int], actual: Sequence[int]) -> bool:
     """True when ``actual`` fits ``expected`` (-1 in expected matches any size)."""
     if len(expected) != len(actual):

@@ -15,7 +15,7 @@ import onnxruntime as ort
 from forwardpass.errors import InvalidInput, ModelLoadError
 from forwardpass.runtime.base import TensorInfo
 from forwardpass.runtime.guard import GUARD_PREFIX, add_finite_guards
-from forwardpass.tensors import from_ort, to_numpy
+from forwardpass.tensors import from_ort, zeros
 
 log = logging.getLogger(__name__)
 
@@ -116,12 +116,7 @@ class OnnxRuntime:
 
     def _probe(self) -> float | None:
         """Median ms of a one-row forward pass on zeros; None when the model rejects zeros."""
-        feeds = {}
-        for node in self._session.get_inputs():
-            info = _info(node)
-            shape = [1 if d == -1 else d for d in info.shape]
-            dtype = to_numpy(info.datatype)
-            feeds[info.name] = np.full(shape, "", dtype=object) if info.datatype == "BYTES" else np.zeros(shape, dtype)
+        feeds = {i.name: zeros(i.datatype, i.shape) for i in map(_info, self._session.get_inputs())}
         try:
             self._session.run(None, feeds)  # warm-up: first run allocates
             times = []
