@@ -1,0 +1,174 @@
+"""GGUF Llama-family decoder -> one ONNX graph of ONNX Runtime's CPU contrib ops.
+
+    model = build_decoder(GGUFFile.open(path), accuracy_level=4)   # onnx.ModelProto
+
+Graph (B batch rows, T new tokens, S cache length, C = n_embd, V = vocab):
+
+    input_ids (B, T) int64 -> embedding rows gathered from the Q8_0 table, dequantized in-graph
+    per layer:  SkipSimplifiedLayerNormalization (residual + RMSNorm in one kernel)
+                qkv = MatMulNBits(4-bit, q/k/v fused) + block-sum correction
+                GroupQueryAttention (packed qkv, interleaved rotary from cos/sin caches,
+                                     past/present KV buffers that can be one shared buffer)
+                o = MatMulNBits + correction
+                SkipSimplifiedLayerNormalization
+                gate|up = MatMulNBits (fused) + correction; SiLU(gate) * up; down = MatMulNBits + correction
+    last position only -> RMSNorm -> the tied Q8_0 head as 8-bit MatMulNBits -> logits (B, 1, V)
+
+Inputs: input_ids, seqlens_k (B,) int32 = tokens in the cache after this call - 1,
+total_sequence_length () int32, past_key.{i} / past_value.{i} (B, Hkv, S, D).
+Outputs: logits, present_key.{i} / present_value.{i}. See convert/ggml_quants.py for the
+Q4_1 mapping; accuracy_level 4 (int8 activations) is ONNX Runtime's fast CPU path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from forwardpass._deps import require
+from forwardpass.convert.ggml_quants import q4_1_to_nbits, q8_0_rows, q8_0_to_nbits
+from forwardpass.generation.gguf_file import GGUFError, GGUFFile
+
+MS = "com.microsoft"
+
+
+@dataclass
+class _Graph:
+    """Nodes and initializers being assembled, with unique names."""
+
+    nodes: list = field(default_factory=list)
+    inits: list = field(default_factory=list)
+    count: int = 0
+
+    def name(self, hint: str) -> str:
+        self.count += 1
+        return f"{hint}_{self.count}"
+
+    def const(self, hint: str, array: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        name = self.name(hint)
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], hint: str, outputs: int = 1, domain: str = "", **attrs) -> list[str]:
+        from onnx import helper
+
+        names = [self.name(f"{hint}_out{i}") for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, inputs, names, name=self.name(hint), domain=domain, **attrs))
+        return names
+
+
+def _q4_linear(g: _Graph, x: str, raws: list[np.ndarray], k: int, level: int, hint: str) -> str:
+    """x (.., K) @ W.T for Q4_1 weights (several fused along N): MatMulNBits + block-sum correction."""
+    parts = [q4_1_to_nbits(r) for r in raws]
+    packed = np.concatenate([p[0] for p in parts])  # (N, K/32, 16)
+    scales = np.concatenate([p[1] for p in parts])
+    correction = np.concatenate([p[2] for p in parts], axis=1)  # (K/32, N)
+    n = packed.shape[0]
+    (y,) = g.op("MatMulNBits", [x, g.const(f"{hint}_B", packed), g.const(f"{hint}_scales", scales)], hint,
+                domain=MS, K=k, N=n, bits=4, block_size=32, accuracy_level=level)  # fmt: skip
+    shape = g.const("blocks_shape", np.array([0, 0, k // 32, 32], np.int64))
+    (blocks,) = g.op("Reshape", [x, shape], f"{hint}_blocks")  # (B, T, K/32, 32)
+    (sums,) = g.op("ReduceSum", [blocks, g.const("axis", np.array([-1], np.int64))], f"{hint}_sums", keepdims=0)
+    (corr,) = g.op("MatMul", [sums, g.const(f"{hint}_corr", correction)], f"{hint}_corr")  # (B, T, N)
+    (out,) = g.op("Add", [y, corr], f"{hint}_sum")
+    return out
+
+
+def _rope_caches(hp, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
+    half = hp.rope_dim // 2
+    theta = hp.rope_base ** (-np.arange(half, dtype=np.float64) * 2 / hp.rope_dim)
+    angles = np.arange(max_positions, dtype=np.float64)[:, None] * theta[None, :]  # (P, D/2)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def build_decoder(model: GGUFFile, *, accuracy_level: int = 4, max_positions: int | None = None):
+    """The ONNX decoder for a GGUF Llama-family model with Q4_1 linears and a Q8_0 (tied) head."""
+    onnx = require("onnx", "llm", "converting GGUF models")
+    from onnx import TensorProto, helper
+
+    hp = model.hparams
+    if hp.rope_dim != hp.head_dim:
+        raise GGUFError(f"{model.path}: partial rotary ({hp.rope_dim} of {hp.head_dim} dims) is not supported yet")
+    for name in ("blk.0.attn_q.weight", "blk.0.ffn_up.weight"):
+        kind = model.tensor(name).tensor_type.name
+        if kind != "Q4_1":
+            raise GGUFError(f"{model.path}: {name} is {kind}; this converter maps Q4_1 linears (and a Q8_0 head)")
+    head_name = "output.weight" if "output.weight" in model.tensors else "token_embd.weight"
+    for name in ("token_embd.weight", head_name):
+        if model.tensor(name).tensor_type.name != "Q8_0":
+            raise GGUFError(f"{model.path}: {name} is {model.tensor(name).tensor_type.name}; Q8_0 is supported")
+    raw = lambda name: np.asarray(model.tensor(name).data)  # noqa: E731
+    g = _Graph()
+    C, D, H, Hkv = hp.n_embd, hp.head_dim, hp.n_head, hp.n_head_kv
+
+    # embedding: gather int8 rows and their block scales, dequantize only the T rows needed
+    q, d = q8_0_rows(raw("token_embd.weight"))
+    (rows,) = g.op("Gather", [g.const("embed_q", q), "input_ids"], "embed_rows")  # (B, T, C) int8
+    (scales,) = g.op("Gather", [g.const("embed_scales", d), "input_ids"], "embed_scales")  # (B, T, C/32)
+    (rows_f,) = g.op("Cast", [rows], "embed_cast", to=TensorProto.FLOAT)
+    (blocks,) = g.op("Reshape", [rows_f, g.const("embed_blocks", np.array([0, 0, C // 32, 32], np.int64))], "embed_b")
+    (scales_u,) = g.op("Unsqueeze", [scales, g.const("last_axis", np.array([-1], np.int64))], "embed_su")
+    (scaled,) = g.op("Mul", [blocks, scales_u], "embed_mul")
+    (x,) = g.op("Reshape", [scaled, g.const("embed_shape", np.array([0, 0, C], np.int64))], "embed")  # (B, T, C)
+
+    cos, sin = _rope_caches(hp, max_positions or hp.n_ctx)
+    cos_name, sin_name = g.const("cos_cache", cos), g.const("sin_cache", sin)
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "tokens"]),
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
+        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+    ]
+    outputs = []
+    residual, pending = x, None  # pending: the last sub-block's output, not yet added to the residual
+    for i in range(hp.n_layer):
+        w = lambda name: f"blk.{i}.{name}.weight"  # noqa: E731
+        norm = model.dequantize(w("attn_norm"))
+        if pending is None:
+            (h,) = g.op("SimplifiedLayerNormalization", [residual, g.const("attn_norm", norm)], f"l{i}_attn_norm",
+                        epsilon=hp.rms_eps, axis=-1)  # fmt: skip
+        else:
+            h, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [pending, residual, g.const("attn_norm", norm)],
+                                     f"l{i}_attn_norm", outputs=4, domain=MS, epsilon=hp.rms_eps)  # fmt: skip
+        qkv = _q4_linear(g, h, [raw(w("attn_q")), raw(w("attn_k")), raw(w("attn_v"))], C, accuracy_level, f"l{i}_qkv")
+        past_k, past_v = f"past_key.{i}", f"past_value.{i}"
+        inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", Hkv, "past", D]) for n in (past_k, past_v)]
+        attn, present_k, present_v = g.op(
+            "GroupQueryAttention", [qkv, "", "", past_k, past_v, "seqlens_k", "total_sequence_length", cos_name, sin_name],
+            f"l{i}_attn", outputs=3, domain=MS, num_heads=H, kv_num_heads=Hkv, do_rotary=1, rotary_interleaved=1,
+            local_window_size=-1,
+        )  # fmt: skip
+        for out, name in ((present_k, f"present_key.{i}"), (present_v, f"present_value.{i}")):
+            g.nodes.append(helper.make_node("Identity", [out], [name], name=g.name("present")))
+            outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", Hkv, "present", D]))
+        o = _q4_linear(g, attn, [raw(w("attn_output"))], C, accuracy_level, f"l{i}_o")
+        h, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [o, residual, g.const("ffn_norm", model.dequantize(w("ffn_norm")))],
+                                 f"l{i}_ffn_norm", outputs=4, domain=MS, epsilon=hp.rms_eps)  # fmt: skip
+        gate_up = _q4_linear(g, h, [raw(w("ffn_gate")), raw(w("ffn_up"))], C, accuracy_level, f"l{i}_gate_up")
+        gate, up = g.op("Split", [gate_up, g.const("split", np.array([hp.n_ff, hp.n_ff], np.int64))], f"l{i}_split",
+                        outputs=2, axis=-1)  # fmt: skip
+        (sig,) = g.op("Sigmoid", [gate], f"l{i}_sigmoid")
+        (silu,) = g.op("Mul", [gate, sig], f"l{i}_silu")
+        (act,) = g.op("Mul", [silu, up], f"l{i}_swiglu")
+        pending = _q4_linear(g, act, [raw(w("ffn_down"))], hp.n_ff, accuracy_level, f"l{i}_down")
+
+    # only the last position goes through the head: a 512-token prefill would otherwise pay 512 head rows
+    last = [g.const("minus1", np.array([-1], np.int64)), g.const("end", np.array([np.iinfo(np.int64).max], np.int64)),
+            g.const("seq_axis", np.array([1], np.int64))]  # fmt: skip
+    (last_pending,) = g.op("Slice", [pending, *last], "last_pending")
+    (last_residual,) = g.op("Slice", [residual, *last], "last_residual")
+    h, _, _, _ = g.op("SkipSimplifiedLayerNormalization", [last_pending, last_residual,
+                                                           g.const("output_norm", model.dequantize("output_norm.weight"))],
+                      "final_norm", outputs=4, domain=MS, epsilon=hp.rms_eps)  # fmt: skip
+    head_q, head_scales = q8_0_to_nbits(raw(head_name))
+    g.nodes.append(helper.make_node(
+        "MatMulNBits", [h, g.const("head_B", head_q), g.const("head_scales", head_scales)], ["logits"], name="head",
+        domain=MS, K=C, N=head_q.shape[0], bits=8, block_size=32, accuracy_level=accuracy_level,
+    ))  # fmt: skip
+    outputs.insert(0, helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1, head_q.shape[0]]))
+    graph = helper.make_graph(g.nodes, f"{hp.arch}_decoder", inputs, outputs, g.inits)
+    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)])
+    onnx_model.ir_version = 9
+    return onnx_model

@@ -1,0 +1,65 @@
+"""The ONNX decoder built from GGUF against the numpy reference decoder (same dequantized weights).
+
+At accuracy_level 0 (fp32 activations) the graph computes what the reference computes, up to float
+rounding: stated tolerance 1e-4 of the largest logit, through prefill and cached decode steps.
+"""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("gguf")
+ort = pytest.importorskip("onnxruntime")
+
+from forwardpass.convert.gguf_decoder import build_decoder  # noqa: E402
+from forwardpass.generation.gguf_file import GGUFFile  # noqa: E402
+from forwardpass.generation.reference import ReferenceDecoder  # noqa: E402
+
+from test_gguf import needs_model, smollm2_path  # noqa: E402
+
+CACHE = 64
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    model = GGUFFile.open(smollm2_path())
+    folder = tmp_path_factory.mktemp("decoder")
+    import onnx
+
+    onnx.save(build_decoder(model, accuracy_level=0, max_positions=CACHE), str(folder / "decoder.onnx"),
+              save_as_external_data=True, location="decoder.data")  # fmt: skip
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    session = ort.InferenceSession(str(folder / "decoder.onnx"), options, providers=["CPUExecutionProvider"])
+    return model, session, ReferenceDecoder(model)
+
+
+@needs_model
+def test_prefill_and_decode_match_the_reference(pair):
+    model, session, reference = pair
+    hp = model.hparams
+    names = [o.name for o in session.get_outputs()]
+    past = {f"past_{kv}.{i}": np.zeros((1, hp.n_head_kv, CACHE, hp.head_dim), np.float32)
+            for i in range(hp.n_layer) for kv in ("key", "value")}  # fmt: skip
+    reference.reset()
+    position = 0
+    for tokens in ([1, 4093, 198, 1780, 314, 216, 34, 27, 34, 47, 2, 198], [504], [3575]):
+        feeds = {"input_ids": np.array([tokens], np.int64), "seqlens_k": np.array([position + len(tokens) - 1], np.int32),
+                 "total_sequence_length": np.array(position + len(tokens), np.int32), **past}  # fmt: skip
+        result = dict(zip(names, session.run(None, feeds)))
+        for i in range(hp.n_layer):  # the cache stays one buffer of CACHE positions (shared past/present)
+            past[f"past_key.{i}"], past[f"past_value.{i}"] = result[f"present_key.{i}"], result[f"present_value.{i}"]
+            assert past[f"past_key.{i}"].shape == (1, hp.n_head_kv, CACHE, hp.head_dim)
+        expected = reference.forward(tokens)[-1]
+        got = result["logits"][0, -1]
+        assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+        position += len(tokens)
+
+
+@needs_model
+def test_unsupported_quantization_is_named(tmp_path):
+    model = GGUFFile.open(smollm2_path())
+    model.tensors["blk.0.attn_q.weight"] = type("T", (), {"tensor_type": type("K", (), {"name": "Q6_K"})()})()
+    from forwardpass.generation.gguf_file import GGUFError
+
+    with pytest.raises(GGUFError, match="blk.0.attn_q.weight is Q6_K"):
+        build_decoder(model)
