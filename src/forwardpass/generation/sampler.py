@@ -1,0 +1,105 @@
+"""Choosing the next token from fp32 logits: penalties, temperature, top-k, top-p, min-p, a seeded RNG.
+
+    sampler = Sampler(SamplingParams(temperature=0.7, top_p=0.9, seed=42))
+    token = sampler.pick(logits, previous_tokens)
+
+Temperature 0 is greedy (argmax, no randomness). The same seed, prompt and parameters give the
+same tokens every time: the generator is a per-request ``numpy.random.Generator(PCG64(seed))``.
+Order of operations (llama.cpp's and vLLM's): penalties, then temperature, then top-k, top-p,
+min-p on the resulting distribution, then one draw.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from forwardpass.errors import InvalidInput
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling settings (OpenAI's names where they exist)."""
+
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already seen (divides positive logits)
+    frequency_penalty: float = 0.0  # subtracts count * this
+    presence_penalty: float = 0.0  # subtracts this once a token has appeared
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("temperature", self.temperature >= 0, "expected >= 0"),
+            ("top_k", self.top_k >= 0, "expected >= 0 (0 turns it off)"),
+            ("top_p", 0 < self.top_p <= 1, "expected in (0, 1]"),
+            ("min_p", 0 <= self.min_p < 1, "expected in [0, 1)"),
+            ("repetition_penalty", self.repetition_penalty > 0, "expected > 0"),
+            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "expected in [-2, 2]"),
+            ("presence_penalty", -2 <= self.presence_penalty <= 2, "expected in [-2, 2]"),
+        ]
+        for name, ok, msg in checks:
+            if not ok:
+                raise InvalidInput((name,), msg, getattr(self, name))
+
+
+class Sampler:
+    """Stateful for one request: holds its random generator."""
+
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self.rng = np.random.Generator(np.random.PCG64(params.seed))
+
+    def adjust(self, logits: np.ndarray, previous: Sequence[int]) -> np.ndarray:
+        """Logits after penalties (float64 copy)."""
+        p = self.params
+        out = logits.astype(np.float64, copy=True)
+        if previous and (p.repetition_penalty != 1 or p.frequency_penalty or p.presence_penalty):
+            counts = Counter(previous)
+            ids = np.fromiter(counts, dtype=np.int64)
+            n = np.fromiter(counts.values(), dtype=np.float64)
+            seen = out[ids]
+            seen = np.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
+            out[ids] = seen - n * p.frequency_penalty - p.presence_penalty
+        return out
+
+    def probabilities(self, logits: np.ndarray, previous: Sequence[int] = ()) -> np.ndarray:
+        """The distribution the next token is drawn from (zeros where filters cut)."""
+        p = self.params
+        z = self.adjust(logits, previous) / p.temperature
+        z -= z.max()
+        probs = np.exp(z)
+        probs /= probs.sum()
+        if p.top_k and p.top_k < len(probs):
+            cutoff = np.partition(probs, -p.top_k)[-p.top_k]
+            probs = np.where(probs >= cutoff, probs, 0.0)
+        if p.top_p < 1:
+            order = np.argsort(-probs, kind="stable")
+            cumulative = np.cumsum(probs[order]) / probs.sum()
+            keep = order[: int(np.searchsorted(cumulative, p.top_p) + 1)]  # the smallest set reaching top_p
+            mask = np.zeros_like(probs, dtype=bool)
+            mask[keep] = True
+            probs = np.where(mask, probs, 0.0)
+        if p.min_p > 0:
+            probs = np.where(probs >= p.min_p * probs.max(), probs, 0.0)
+        return probs / probs.sum()
+
+    def pick(self, logits: np.ndarray, previous: Sequence[int] = ()) -> int:
+        """The next token id."""
+        if self.params.temperature == 0:
+            return int(np.argmax(self.adjust(logits, previous)))
+        probs = self.probabilities(logits, previous)
+        return int(self.rng.choice(len(probs), p=probs))
+
+
+def top_logprobs(logits: np.ndarray, n: int) -> list[tuple[int, float]]:
+    """The n most likely tokens with their log-probabilities (OpenAI's top_logprobs)."""
+    z = logits.astype(np.float64) - logits.max()
+    logp = z - np.log(np.exp(z).sum())
+    top = np.argsort(-logp, kind="stable")[:n]
+    return [(int(t), float(logp[t])) for t in top]

@@ -1,0 +1,85 @@
+"""Sampling filters on hand-made logits, seeded determinism, UTF-8-safe streaming."""
+
+import numpy as np
+import pytest
+
+from forwardpass.errors import InvalidInput
+from forwardpass.generation.sampler import Sampler, SamplingParams, top_logprobs
+
+LOGITS = np.log(np.array([0.5, 0.2, 0.15, 0.1, 0.05]))  # probabilities at temperature 1
+
+
+def probs(**kw):
+    return Sampler(SamplingParams(**kw)).probabilities(LOGITS)
+
+
+def test_plain_distribution_and_temperature():
+    np.testing.assert_allclose(probs(), [0.5, 0.2, 0.15, 0.1, 0.05], rtol=1e-9)
+    sharp = probs(temperature=0.5)  # p^2 renormalized
+    expected = np.array([0.5, 0.2, 0.15, 0.1, 0.05]) ** 2
+    np.testing.assert_allclose(sharp, expected / expected.sum(), rtol=1e-9)
+
+
+def test_top_k_top_p_min_p():
+    np.testing.assert_allclose(probs(top_k=2), [0.5 / 0.7, 0.2 / 0.7, 0, 0, 0], rtol=1e-9)
+    np.testing.assert_allclose(probs(top_p=0.7), [0.5 / 0.7, 0.2 / 0.7, 0, 0, 0], rtol=1e-9)  # 0.5 + 0.2 reaches 0.7
+    assert np.count_nonzero(probs(top_p=0.71)) == 3
+    np.testing.assert_allclose(probs(min_p=0.3), [0.5 / 0.85, 0.2 / 0.85, 0.15 / 0.85, 0, 0], rtol=1e-9)  # >= 0.15
+    assert np.count_nonzero(probs(top_k=3, min_p=0.35)) == 2
+
+
+def test_penalties():
+    s = Sampler(SamplingParams(repetition_penalty=2.0))
+    adjusted = s.adjust(np.array([2.0, -2.0, 1.0]), [0, 1, 0])
+    np.testing.assert_allclose(adjusted, [1.0, -4.0, 1.0])  # positive divided, negative multiplied, once per token
+    s = Sampler(SamplingParams(frequency_penalty=0.5, presence_penalty=0.25))
+    np.testing.assert_allclose(s.adjust(np.zeros(3), [2, 2, 0]), [-0.75, 0.0, -1.25])
+
+
+def test_greedy_and_seeds():
+    assert Sampler(SamplingParams(temperature=0)).pick(LOGITS) == 0
+    assert _sequence(7) == _sequence(7)
+    assert _sequence(7) != _sequence(8)
+
+
+def _sequence(seed, n=40):
+    s = Sampler(SamplingParams(seed=seed))
+    return [s.pick(LOGITS) for _ in range(n)]
+
+
+def test_sample_frequencies_follow_the_distribution():
+    counts = np.bincount(_sequence(3, 4000), minlength=5) / 4000
+    np.testing.assert_allclose(counts, [0.5, 0.2, 0.15, 0.1, 0.05], atol=0.03)
+
+
+@pytest.mark.parametrize(("field", "value"), [("temperature", -1), ("top_p", 0), ("top_p", 1.5), ("min_p", 1),
+                                              ("top_k", -1), ("frequency_penalty", 3)])  # fmt: skip
+def test_bad_parameters_name_the_field(field, value):
+    with pytest.raises(InvalidInput) as info:
+        SamplingParams(**{field: value})
+    assert info.value.loc == (field,)
+
+
+def test_top_logprobs():
+    top = top_logprobs(LOGITS, 2)
+    assert [t for t, _ in top] == [0, 1]
+    assert top[0][1] == pytest.approx(np.log(0.5))
+
+
+class FakeBytesTokenizer:
+    """Tokens are single bytes; decode replaces incomplete UTF-8 with U+FFFD, like byte-level BPE."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_stream_never_splits_a_character():
+    from forwardpass.generation.detokenize import TextStream
+
+    stream = TextStream(FakeBytesTokenizer())
+    text = "héllo 🙂!"
+    pieces = [stream.push(b) for b in text.encode()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert pieces[list(text.encode()).index(0xF0)] == ""  # the emoji's first byte releases nothing
+    assert stream.flush() == ""
