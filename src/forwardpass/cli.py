@@ -223,6 +223,93 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+@import_app.command("gguf")
+def import_gguf(
+    file: Annotated[Path, typer.Argument(help="A GGUF language model (llama family; Q4_1 linears, Q8_0 embeddings)")],
+    name: Annotated[str, typer.Option(help="Model name in the repository")],
+    repository: RepositoryOption = None,
+    accuracy_level: Annotated[int, typer.Option(help="MatMulNBits activations: 4 = int8 (fast), 0 = fp32 (exact)")] = 4,
+    max_context: Annotated[int, typer.Option(help="Context length to allocate the KV cache for")] = 2048,
+) -> None:
+    """Convert a GGUF language model into an ONNX decoder model folder (no code runs from the file)."""
+    from forwardpass.convert.gguf import import_gguf as convert
+
+    folder = convert(file, name, repository or _default_path(), accuracy_level=accuracy_level, max_context=max_context)
+    out.print(f"imported {file} as {folder}")
+
+
+@app.command()
+def generate(
+    model: Annotated[str, typer.Argument(help="A generation model")],
+    prompt: Annotated[str, typer.Argument(help="The prompt (a user message, unless --raw)")],
+    repository: RepositoryOption = None,
+    max_tokens: Annotated[int, typer.Option(help="Tokens to generate at most")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.7,
+    top_k: Annotated[int, typer.Option(help="0 = off")] = 0,
+    top_p: Annotated[float, typer.Option()] = 0.95,
+    min_p: Annotated[float, typer.Option()] = 0.0,
+    seed: Annotated[int | None, typer.Option(help="Same seed and prompt, same text")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop at this text (repeatable)")] = None,
+    raw: Annotated[bool, typer.Option(help="Send the prompt as is, without the chat template")] = False,
+) -> None:
+    """Stream a completion to the terminal, then tokens/s."""
+    llm = _language_model(model, repository)
+    kwargs: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+                              "min_p": min_p, "seed": seed, "stop": stop or []}  # fmt: skip
+    target = {"prompt": prompt} if raw else {"messages": [{"role": "user", "content": prompt}]}
+    _stream(llm, target, kwargs)
+
+
+def _stream(llm: Any, target: dict[str, Any], kwargs: dict[str, Any]) -> str:
+    import time
+
+    start, pieces = time.perf_counter(), []
+    for piece in llm.generate(**target, stream=True, **kwargs):
+        pieces.append(piece)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    seconds = time.perf_counter() - start
+    text = "".join(pieces)
+    n = len(llm.encode(text)) if text else 0
+    err.print(f"\n[dim]{n} tokens in {seconds:.2f} s, {n / seconds if seconds else 0:.1f} tokens/s[/dim]")
+    return text
+
+
+@app.command()
+def chat(
+    model: Annotated[str, typer.Argument(help="A generation model")],
+    repository: RepositoryOption = None,
+    system: Annotated[str | None, typer.Option(help="A system message")] = None,
+    max_tokens: Annotated[int, typer.Option()] = 512,
+    temperature: Annotated[float, typer.Option()] = 0.7,
+    seed: Annotated[int | None, typer.Option()] = None,
+) -> None:
+    """Chat in the terminal; the conversation is kept until you type /exit (or end the input)."""
+    llm = _language_model(model, repository)
+    messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            break
+        if line.strip() in ("/exit", "/quit"):
+            break
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        sys.stdout.write("model> ")
+        reply = _stream(llm, {"messages": messages}, {"max_tokens": max_tokens, "temperature": temperature, "seed": seed})
+        messages.append({"role": "assistant", "content": reply})
+
+
+def _language_model(name: str, repository: Path | None) -> Any:
+    loaded = _repository(repository).load(name)
+    if not hasattr(loaded, "generate"):
+        raise ForwardpassError(f"model '{name}' is a {loaded.config.task} model; generate and chat need a generation "
+                               "model (forwardpass import gguf ...)")  # fmt: skip
+    return loaded
+
+
 @import_app.command("sklearn")
 def import_sklearn(
     file: Annotated[Path, typer.Argument(help="A pickled or joblib scikit-learn estimator or pipeline")],

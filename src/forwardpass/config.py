@@ -229,6 +229,21 @@ class SpecificPolicy(_Strict):
 
 VersionPolicy = Literal["all"] | LatestPolicy | SpecificPolicy
 
+class GenerationConfig(_Strict):
+    """Language models: the decoder's shape, context, special tokens, chat template (written by the importer)."""
+
+    context_length: int = Field(2048, ge=1)
+    bos_token_id: int = -1
+    add_bos_token: bool = False
+    stop_token_ids: list[int] = []
+    chat_template: str | None = None  # a file beside model.yaml
+    max_tokens: int = Field(256, ge=1)  # default completion length
+    n_layer: int = Field(ge=1)
+    n_head_kv: int = Field(ge=1)
+    head_dim: int = Field(ge=1)
+    n_vocab: int = Field(ge=1)
+
+
 _DEFAULT_POST = {"classification": "classification", "regression": "regression"}
 
 
@@ -250,6 +265,7 @@ class ModelConfig(_Strict):
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     version_policy: VersionPolicy = LatestPolicy(latest=1)
     metrics: dict[str, float] = {}  # held-out evaluation recorded when the model was built
+    generation: GenerationConfig | None = None  # task: generation
 
     @model_validator(mode="before")
     @classmethod
@@ -266,6 +282,8 @@ class ModelConfig(_Strict):
             wanted = getattr(self.pre, field, None)
             if wanted is not None and self.inputs is not None and wanted not in names:
                 raise ValueError(f"pre.input '{wanted}' is not among the declared inputs {names}")
+        if self.task == "generation" and self.generation is None:
+            raise ValueError("task: generation needs a 'generation' section (forwardpass import gguf writes it)")
         if isinstance(self.pre, TabularPre) and self.inputs is not None:
             if not any(s.features for s in self.inputs):
                 raise ValueError("tabular pre-processing needs an input that lists its 'features'")

@@ -134,6 +134,11 @@ class Engine:
         """(Re)load a model from disk and serve it; old versions finish their queues, then go."""
         check_name(name)
         seen = self._fingerprint(name)
+        if self.repository.config(name).task == "generation":
+            # language models are served by the OpenAI-compatible API, not by V2 tensors
+            self._seen[name] = seen
+            log.info("%s is a generation model: not on the V2 API", name)
+            return []
         versions = await asyncio.to_thread(self.repository.reload, name)
         fresh = {v: self._serve(self.repository.get(name, v)) for v in versions}
         await asyncio.gather(*(asyncio.to_thread(_warm_up, s.model) for s in fresh.values()))

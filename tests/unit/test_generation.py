@@ -1,0 +1,135 @@
+"""Generation with the converted SmolLM2: seeds, stop strings, streaming, context overflow, the CLI."""
+
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("gguf")
+pytest.importorskip("jinja2")
+
+import forwardpass  # noqa: E402
+from forwardpass.errors import InvalidInput  # noqa: E402
+
+from test_gguf import needs_model, smollm2_path  # noqa: E402
+
+pytestmark = needs_model
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    from forwardpass.convert.gguf import import_gguf
+
+    root = tmp_path_factory.mktemp("llm")
+    import_gguf(smollm2_path(), "smollm2", root, max_context=256)
+    return root
+
+
+@pytest.fixture(scope="module")
+def llm(repo):
+    return forwardpass.load("smollm2", repository=repo)
+
+
+QUESTION = [{"role": "user", "content": "Name three colors."}]
+
+
+def test_folder_and_config(repo, llm):
+    assert {p.name for p in (repo / "smollm2").iterdir()} >= {"model.yaml", "tokenizer.json", "chat_template.jinja", "1"}
+    assert llm.gen.context_length == 256 and llm.gen.stop_token_ids == [2]
+    assert llm.render(QUESTION).endswith("<|im_start|>assistant\n")
+
+
+def test_same_seed_same_text_different_seeds_differ(llm):
+    runs = [llm.generate(messages=QUESTION, max_tokens=24, temperature=1.0, seed=s).text for s in (5, 5, 6, 7)]
+    assert runs[0] == runs[1]
+    assert len({runs[0], runs[2], runs[3]}) > 1
+
+
+def test_greedy_is_deterministic_and_streaming_matches(llm):
+    full = llm.generate(messages=QUESTION, max_tokens=20, temperature=0)
+    assert full.text == llm.generate(messages=QUESTION, max_tokens=20, temperature=0).text
+    pieces = list(llm.generate(messages=QUESTION, max_tokens=20, temperature=0, stream=True))
+    assert "".join(pieces) == full.text
+    assert full.prompt_tokens > 10 and 0 < full.completion_tokens <= 20
+    assert full.finish_reason in ("stop", "length")
+
+
+def test_stop_strings(llm):
+    free = llm.generate(messages=QUESTION, max_tokens=30, temperature=0).text
+    assert len(free) > 3
+    stop = free[2:4]
+    cut = llm.generate(messages=QUESTION, max_tokens=30, temperature=0, stop=[stop])
+    assert cut.text == free[: free.index(stop)] and cut.finish_reason == "stop"
+    streamed = "".join(llm.generate(messages=QUESTION, max_tokens=30, temperature=0, stop=[stop], stream=True))
+    assert streamed == cut.text  # held-back text never leaks the stop string
+
+
+def test_max_tokens_is_a_length_finish(llm):
+    g = llm.generate("Count: 1, 2, 3,", max_tokens=3, temperature=0)
+    assert g.completion_tokens == 3 and g.finish_reason == "length"
+
+
+def test_context_overflow_names_the_numbers(llm):
+    with pytest.raises(InvalidInput, match=r"the prompt \(\d+ tokens\) \+ max_tokens \(250\) = \d+ is more than the context of 256"):
+        llm.generate(messages=QUESTION, max_tokens=250)
+    with pytest.raises(InvalidInput, match="expected system, user, assistant or tool"):
+        llm.generate(messages=[{"role": "robot", "content": "hi"}])
+    with pytest.raises(InvalidInput, match="top_p"):
+        llm.generate("hi", max_tokens=5, top_p=2.0)
+
+
+def test_cli_generate_streams_and_reports_speed(repo):
+    result = subprocess.run([sys.executable, "-m", "forwardpass", "generate", "smollm2", "Say hi.", "--max-tokens", "8",
+                             "--temperature", "0", "-r", str(repo)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() and "tokens/s" in result.stderr
+    wrong = subprocess.run([sys.executable, "-m", "forwardpass", "generate", "nope", "x", "-r", str(repo)],
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert wrong.returncode == 2 and "no model 'nope'" in wrong.stderr
+
+
+# --- greedy parity with llama.cpp ------------------------------------------------------------------
+# Both sides quantize activations to int8 (llama.cpp: Q8_1 blocks; ONNX Runtime's MatMulNBits at
+# accuracy_level 4: int8 blocks), differently, so their logits differ. How much llama.cpp itself
+# departs from exact arithmetic was measured with this converter at accuracy_level 0 (fp32,
+# matching the numpy reference to 1e-4): on "What is the capital of France?" llama.cpp picks 'L'
+# by a margin of 0.35 where exact arithmetic picks 'The' by 0.08, so llama.cpp's logits are 0.43
+# or more from exact there. Stated tolerance: a divergence is accepted only at a step where
+# llama.cpp's top-1/top-2 margin is below MARGIN_TOLERANCE = 0.5 logits; after it the sequences
+# differ, so the comparison of that prompt ends there, and the test prints where.
+MARGIN_TOLERANCE = 0.5
+GOLDENS = __import__("pathlib").Path(__file__).parents[1] / "goldens" / "smollm2_greedy.json"
+
+
+def test_greedy_parity_with_llama_cpp(llm, capsys):
+    import json
+
+    import numpy as np
+
+    goldens = json.loads(GOLDENS.read_text())
+    assert "llama-cpp-python" in goldens["header"]["made_with"]
+    report, matched_steps = [], 0
+    for case in goldens["cases"]:
+        prompt = llm.encode(case["prompt_text"])
+        assert prompt == case["prompt_tokens"], f"tokenizer differs from llama.cpp's on {case['user']!r}"
+        session = llm.session
+        session.reset()
+        logits = session.step(prompt)
+        for step, (expected, margin) in enumerate(zip(case["greedy_tokens"], case["top1_top2_margin"])):
+            token = int(np.argmax(logits))
+            if token != expected:
+                assert margin < MARGIN_TOLERANCE, (
+                    f"{case['user']!r}: step {step} chose {token}, llama.cpp {expected} with a margin of {margin} "
+                    f"(>= {MARGIN_TOLERANCE}): a real divergence")  # fmt: skip
+                report.append(f"{case['user']!r}: near-tie at step {step} (llama.cpp margin {margin}), compared {step} tokens")
+                break
+            matched_steps += 1
+            if token in llm.gen.stop_token_ids:
+                report.append(f"{case['user']!r}: all {step + 1} tokens equal")
+                break
+            logits = session.step([token])
+        else:
+            report.append(f"{case['user']!r}: all {len(case['greedy_tokens'])} tokens equal")
+    with capsys.disabled():
+        print("\nparity with llama.cpp (accepted near-ties said here):\n  " + "\n  ".join(report))
+    assert matched_steps >= 40  # what the stored goldens allow today: 9 + 1 + 26 + 12 + 6 = 54
