@@ -69,9 +69,10 @@ def _q4_linear(g: _Graph, x: str, raws: list[np.ndarray], k: int, level: int, hi
     n = packed.shape[0]
     (y,) = g.op("MatMulNBits", [x, g.const(f"{hint}_B", packed), g.const(f"{hint}_scales", scales)], hint,
                 domain=MS, K=k, N=n, bits=4, block_size=32, accuracy_level=level)  # fmt: skip
-    shape = g.const("blocks_shape", np.array([0, 0, k // 32, 32], np.int64))
-    (blocks,) = g.op("Reshape", [x, shape], f"{hint}_blocks")  # (B, T, K/32, 32)
-    (sums,) = g.op("ReduceSum", [blocks, g.const("axis", np.array([-1], np.int64))], f"{hint}_sums", keepdims=0)
+    # per-block input sums as one MatMul with a 0/1 block indicator (K, K/32): fewer, cheaper ops than
+    # Reshape + ReduceSum at decode, where per-op overhead is most of these tiny products' cost
+    indicator = np.kron(np.eye(k // 32, dtype=np.float32), np.ones((32, 1), np.float32))
+    (sums,) = g.op("MatMul", [x, g.const(f"block_indicator_{k}", indicator)], f"{hint}_sums")  # (B, T, K/32)
     (corr,) = g.op("MatMul", [sums, g.const(f"{hint}_corr", correction)], f"{hint}_corr")  # (B, T, N)
     (out,) = g.op("Add", [y, corr], f"{hint}_sum")
     return out
