@@ -22,6 +22,7 @@ Q4_1 mapping; accuracy_level 4 (int8 activations) is ONNX Runtime's fast CPU pat
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,6 +41,7 @@ class _Graph:
     nodes: list = field(default_factory=list)
     inits: list = field(default_factory=list)
     count: int = 0
+    shared: dict = field(default_factory=dict)  # constants used by many nodes, stored once
 
     def name(self, hint: str) -> str:
         self.count += 1
@@ -51,6 +53,11 @@ class _Graph:
         name = self.name(hint)
         self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
+
+    def const_once(self, key: str, make: Callable[[], np.ndarray]) -> str:
+        if key not in self.shared:
+            self.shared[key] = self.const(key, make())
+        return self.shared[key]
 
     def op(self, op_type: str, inputs: list[str], hint: str, outputs: int = 1, domain: str = "", **attrs) -> list[str]:
         from onnx import helper
@@ -71,8 +78,9 @@ def _q4_linear(g: _Graph, x: str, raws: list[np.ndarray], k: int, level: int, hi
                 domain=MS, K=k, N=n, bits=4, block_size=32, accuracy_level=level)  # fmt: skip
     # per-block input sums as one MatMul with a 0/1 block indicator (K, K/32): fewer, cheaper ops than
     # Reshape + ReduceSum at decode, where per-op overhead is most of these tiny products' cost
-    indicator = np.kron(np.eye(k // 32, dtype=np.float32), np.ones((32, 1), np.float32))
-    (sums,) = g.op("MatMul", [x, g.const(f"block_indicator_{k}", indicator)], f"{hint}_sums")  # (B, T, K/32)
+    indicator = g.const_once(f"block_indicator_{k}", lambda: np.kron(np.eye(k // 32, dtype=np.float32),
+                                                                      np.ones((32, 1), np.float32)))  # fmt: skip
+    (sums,) = g.op("MatMul", [x, indicator], f"{hint}_sums")  # (B, T, K/32)
     (corr,) = g.op("MatMul", [sums, g.const(f"{hint}_corr", correction)], f"{hint}_corr")  # (B, T, N)
     (out,) = g.op("Add", [y, corr], f"{hint}_sum")
     return out
