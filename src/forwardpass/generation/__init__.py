@@ -1,1 +1,2 @@
-"""Generative inference: GGUF language models, tokenizer, reference forward pass (issue 5, in progress)."""
+"""Generative inference: GGUF reading, the tokenizer, a numpy reference decoder, the ONNX decoder
+session with its KV cache, sampling, streaming detokenization, and LanguageModel.generate()."""
