@@ -133,3 +133,16 @@ def test_greedy_parity_with_llama_cpp(llm, capsys):
     with capsys.disabled():
         print("\nparity with llama.cpp (accepted near-ties said here):\n  " + "\n  ".join(report))
     assert matched_steps >= 40  # what the stored goldens allow today: 9 + 1 + 26 + 12 + 6 = 54
+
+
+def test_logprobs(llm):
+    import math
+
+    g = llm.generate(messages=QUESTION, max_tokens=4, temperature=0, logprobs=3)
+    assert len(g.token_logprobs) == g.completion_tokens
+    for entry, token in zip(g.token_logprobs, g.tokens):
+        assert entry["token"] == token and len(entry["top_logprobs"]) == 3
+        assert entry["top_logprobs"][0][0] == token  # greedy picks the most likely
+        assert entry["logprob"] <= 0 and sum(math.exp(lp) for _, lp in entry["top_logprobs"]) <= 1 + 1e-9
+    with pytest.raises(InvalidInput, match="logprobs"):
+        llm.generate("hi", max_tokens=2, logprobs=50)

@@ -19,7 +19,7 @@ from forwardpass._deps import require
 from forwardpass.config import ModelConfig
 from forwardpass.errors import InvalidInput, ModelConfigError
 from forwardpass.generation.detokenize import TextStream
-from forwardpass.generation.sampler import Sampler, SamplingParams
+from forwardpass.generation.sampler import Sampler, SamplingParams, token_logprob, top_logprobs
 from forwardpass.generation.session import DecoderSession
 
 
@@ -90,12 +90,16 @@ class LanguageModel:
 
     def generate(self, prompt: str | None = None, *, messages: Sequence[dict[str, Any]] | None = None,
                  max_tokens: int | None = None, stop: Sequence[str] = (), stream: bool = False,
-                 **sampling: Any) -> Generation | Iterator[str]:  # fmt: skip
+                 logprobs: int = 0, **sampling: Any) -> Generation | Iterator[str]:  # fmt: skip
         """Complete ``prompt`` (raw text) or ``messages`` (through the chat template).
 
         Sampling keywords are SamplingParams' (temperature, top_k, top_p, min_p, penalties, seed);
         temperature 0 is greedy. With ``stream`` an iterator of text pieces, else a Generation.
+        ``logprobs`` > 0 records, per generated token, its log-probability and the top ``logprobs``
+        alternatives (before sampling filters, as OpenAI reports them) in ``token_logprobs``.
         """
+        if not 0 <= logprobs <= 20:
+            raise InvalidInput(("logprobs",), "expected 0 to 20", logprobs)
         if (prompt is None) == (messages is None):
             raise InvalidInput(("prompt",), "give either prompt or messages")
         text = prompt if prompt is not None else self.render(messages or [])
@@ -108,7 +112,7 @@ class LanguageModel:
                                f"{len(ids) + limit} is more than the context of {self.gen.context_length} tokens; "
                                "shorten the prompt or lower max_tokens")  # fmt: skip
         params = SamplingParams(**sampling)
-        run = self._run(ids, limit, list(stop), params)
+        run = self._run(ids, limit, list(stop), params, logprobs)
         if stream:
             return (piece for piece in run if isinstance(piece, str))
         result = None
@@ -118,7 +122,8 @@ class LanguageModel:
         assert result is not None
         return result
 
-    def _run(self, ids: list[int], limit: int, stop: list[str], params: SamplingParams) -> Iterator[str | Generation]:
+    def _run(self, ids: list[int], limit: int, stop: list[str], params: SamplingParams,
+             logprobs: int = 0) -> Iterator[str | Generation]:  # fmt: skip
         sampler = Sampler(params)
         stop_ids = set(self.gen.stop_token_ids)
         holdback = max((len(s) for s in stop), default=0)  # text that might still become a stop string
@@ -129,12 +134,18 @@ class LanguageModel:
             first = time.perf_counter() - started
             out = TextStream(self.tokenizer)
             generated: list[int] = []
+            recorded: list[Any] = []
             text, sent, reason = "", 0, "length"
             for _ in range(limit):
                 token = sampler.pick(logits, generated)
                 if token in stop_ids:
                     reason = "stop"
                     break
+                if logprobs:
+                    top = top_logprobs(logits, logprobs)
+                    own = dict(top).get(token)
+                    recorded.append({"token": token, "logprob": own if own is not None else token_logprob(logits, token),
+                                     "top_logprobs": top})  # fmt: skip
                 generated.append(token)
                 text += out.push(token)
                 cut = min((text.find(s) for s in stop if s in text), default=-1)
@@ -151,4 +162,4 @@ class LanguageModel:
                 text += out.flush()
             if len(text) > sent:
                 yield text[sent:]
-        yield Generation(text, generated, reason, len(ids), first, time.perf_counter() - started)
+        yield Generation(text, generated, reason, len(ids), first, time.perf_counter() - started, recorded)

@@ -97,6 +97,12 @@ class Sampler:
         return int(self.rng.choice(len(probs), p=probs))
 
 
+def token_logprob(logits: np.ndarray, token: int) -> float:
+    """log softmax(logits)[token]."""
+    z = logits.astype(np.float64) - logits.max()
+    return float(z[token] - np.log(np.exp(z).sum()))
+
+
 def top_logprobs(logits: np.ndarray, n: int) -> list[tuple[int, float]]:
     """The n most likely tokens with their log-probabilities (OpenAI's top_logprobs)."""
     z = logits.astype(np.float64) - logits.max()
