@@ -25,7 +25,7 @@ def pair(tmp_path_factory):
     folder = tmp_path_factory.mktemp("decoder")
     import onnx
 
-    onnx.save(build_decoder(model, accuracy_level=0, max_positions=CACHE), str(folder / "decoder.onnx"),
+    onnx.save(build_decoder(model, accuracy_level=0, max_positions=CACHE, expose_hidden=True), str(folder / "decoder.onnx"),
               save_as_external_data=True, location="decoder.data")  # fmt: skip
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
@@ -53,6 +53,27 @@ def test_prefill_and_decode_match_the_reference(pair):
         got = result["logits"][0, -1]
         assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
         position += len(tokens)
+
+
+@needs_model
+def test_layer_by_layer(pair):
+    """Every block's output (the residual stream) against the reference: 1e-4 of its largest value."""
+    model, session, reference = pair
+    hp = model.hparams
+    tokens = [1, 4093, 198, 1780, 314, 216, 34, 27, 34, 47]
+    past = {f"past_{kv}.{i}": np.zeros((1, hp.n_head_kv, CACHE, hp.head_dim), np.float32)
+            for i in range(hp.n_layer) for kv in ("key", "value")}  # fmt: skip
+    feeds = {"input_ids": np.array([tokens], np.int64), "seqlens_k": np.array([len(tokens) - 1], np.int32),
+             "total_sequence_length": np.array(len(tokens), np.int32), **past}  # fmt: skip
+    names = [o.name for o in session.get_outputs()]
+    result = dict(zip(names, session.run(None, feeds)))
+    reference.reset()
+    hidden: list = []
+    reference.forward(tokens, hidden=hidden)
+    assert len(hidden) == hp.n_layer
+    for i, expected in enumerate(hidden):
+        got = result[f"hidden.{i}"][0]
+        assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max(), f"block {i}"
 
 
 @needs_model

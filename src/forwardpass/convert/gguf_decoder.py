@@ -93,8 +93,13 @@ def _rope_caches(hp, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def build_decoder(model: GGUFFile, *, accuracy_level: int = 4, max_positions: int | None = None):
-    """The ONNX decoder for a GGUF Llama-family model with Q4_1 linears and a Q8_0 (tied) head."""
+def build_decoder(model: GGUFFile, *, accuracy_level: int = 4, max_positions: int | None = None,
+                  expose_hidden: bool = False):  # fmt: skip
+    """The ONNX decoder for a GGUF Llama-family model with Q4_1 linears and a Q8_0 (tied) head.
+
+    ``expose_hidden`` adds outputs ``hidden.{i}``: the residual stream after block i, for
+    layer-by-layer checks against the numpy reference.
+    """
     onnx = require("onnx", "llm", "converting GGUF models")
     from onnx import TensorProto, helper
 
@@ -162,6 +167,9 @@ def build_decoder(model: GGUFFile, *, accuracy_level: int = 4, max_positions: in
         (silu,) = g.op("Mul", [gate, sig], f"l{i}_silu")
         (act,) = g.op("Mul", [silu, up], f"l{i}_swiglu")
         pending = _q4_linear(g, act, [raw(w("ffn_down"))], hp.n_ff, accuracy_level, f"l{i}_down")
+        if expose_hidden:
+            g.nodes.append(helper.make_node("Add", [pending, residual], [f"hidden.{i}"], name=g.name("hidden")))
+            outputs.append(helper.make_tensor_value_info(f"hidden.{i}", TensorProto.FLOAT, ["batch", "tokens", C]))
 
     # only the last position goes through the head: a 512-token prefill would otherwise pay 512 head rows
     last = [g.const("minus1", np.array([-1], np.int64)), g.const("end", np.array([np.iinfo(np.int64).max], np.int64)),

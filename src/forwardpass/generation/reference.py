@@ -63,9 +63,9 @@ class ReferenceDecoder:
     def position(self) -> int:
         return len(self.k[0])
 
-    def forward(self, tokens: list[int], layers: int | None = None) -> np.ndarray:
+    def forward(self, tokens: list[int], layers: int | None = None, hidden: list[np.ndarray] | None = None) -> np.ndarray:
         """Logits (T, V) for ``tokens`` placed after what the cache holds; with ``layers``, the
-        hidden state (T, C) after that many blocks instead (for layer-by-layer checks)."""
+        hidden state (T, C) after that many blocks instead; ``hidden`` collects every block's output."""
         hp = self.hp
         T, D, group = len(tokens), hp.head_dim, hp.n_head // hp.n_head_kv
         positions = np.arange(self.position, self.position + T)
@@ -91,6 +91,8 @@ class ReferenceDecoder:
             h = rms_norm(x, p["ffn_norm"], hp.rms_eps)
             gate, up = h @ p["ffn_gate"].T, h @ p["ffn_up"].T  # (T, F)
             x = x + (gate / (1 + np.exp(-gate)) * up) @ p["ffn_down"].T  # SwiGLU
+            if hidden is not None:
+                hidden.append(x)
         if layers is not None:
             return x
         return rms_norm(x, self.norm, hp.rms_eps) @ self.head.T  # (T, V)
