@@ -45,7 +45,12 @@ class Model:
         self.inputs = reconcile(config.inputs, runtime.inputs, "inputs", file)
         self.outputs = reconcile(config.outputs, runtime.outputs, "outputs", file)
         self.labels = _labels(config.labels, folder, file)
-        self._pre = build_pre(config.pre, self.inputs, folder)
+        try:
+            self._pre = build_pre(config.pre, self.inputs, folder)
+        except ModelConfigError as exc:  # pre-processors know the field, not the file
+            if exc.file != "model.yaml":
+                raise
+            raise ModelConfigError(file, exc.loc, exc.msg, exc.fix) from None
         infos = [TensorInfo(s.name, s.datatype, tuple(s.shape)) for s in self.outputs]
         self._post = build_post(config.post, infos, self.labels, file)  # type: ignore[arg-type]
         self._specs = {s.name: s for s in self.inputs}

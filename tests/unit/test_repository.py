@@ -162,3 +162,13 @@ def test_threads_auto_picks_one_for_a_tiny_model_and_config_overrides(tmp_path):
     auto = repo.load("auto")
     assert auto.runtime.intra_op == 1 and auto.runtime.probe_ms is not None
     assert repo.load("two").runtime.intra_op == 2
+
+
+def test_pre_processing_that_cannot_pick_an_input_names_the_file(tmp_path):
+    from fixtures import token_model
+
+    write_model(tmp_path, "m", {"task": "custom", "pre": {"kind": "audio"}}, token_model(10))
+    with pytest.raises(ModelConfigError) as info:
+        Repository(tmp_path).load("m")
+    assert info.value.file == str(tmp_path / "m" / "model.yaml") and info.value.loc == "pre.input"
+    assert "name it with pre.input" in str(info.value)
