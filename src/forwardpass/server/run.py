@@ -125,25 +125,22 @@ def _supervise(config: ServeConfig, sock: socket.socket) -> None:
         sys.exit(1)
 
 
-class _UvicornServer:
+def _uvicorn_server(config: Any) -> Any:
     """uvicorn's server, but a SIGTERM that drained cleanly exits with status 0 (uvicorn re-raises it)."""
+    import uvicorn
 
-    @staticmethod
-    def make(config: Any) -> Any:
-        import uvicorn
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            with super().capture_signals():
+                try:
+                    yield
+                finally:
+                    captured = getattr(self, "_captured_signals", None)
+                    if isinstance(captured, list):
+                        captured.clear()
 
-        class Server(uvicorn.Server):
-            @contextlib.contextmanager
-            def capture_signals(self) -> Iterator[None]:
-                with super().capture_signals():
-                    try:
-                        yield
-                    finally:
-                        captured = getattr(self, "_captured_signals", None)
-                        if isinstance(captured, list):
-                            captured.clear()
-
-        return Server(config)
+    return Server(config)
 
 
 def _serve_uvicorn(config: ServeConfig, log_level: str) -> None:
@@ -163,4 +160,4 @@ def _serve_uvicorn(config: ServeConfig, log_level: str) -> None:
         os.environ.update(config.to_env())
         uvicorn.run("forwardpass.server.app:create_app_from_env", factory=True, workers=config.workers, **options)
         return
-    _UvicornServer.make(uvicorn.Config(create_app(config), **options)).run()
+    _uvicorn_server(uvicorn.Config(create_app(config), **options)).run()
