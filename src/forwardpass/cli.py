@@ -230,11 +230,14 @@ def import_gguf(
     repository: RepositoryOption = None,
     accuracy_level: Annotated[int, typer.Option(help="MatMulNBits activations: 4 = int8 (fast), 0 = fp32 (exact)")] = 4,
     max_context: Annotated[int, typer.Option(help="Context length to allocate the KV cache for")] = 2048,
+    prefill_accuracy_level: Annotated[int, typer.Option(help="Prompt graph's activations: 1 = fp32 (faster for many "
+                                                        "rows on AVX2), 4 = int8 (no second graph)")] = 1,  # fmt: skip
 ) -> None:
     """Convert a GGUF language model into an ONNX decoder model folder (no code runs from the file)."""
     from forwardpass.convert.gguf import import_gguf as convert
 
-    folder = convert(file, name, repository or _default_path(), accuracy_level=accuracy_level, max_context=max_context)
+    folder = convert(file, name, repository or _default_path(), accuracy_level=accuracy_level, max_context=max_context,
+                     prefill_accuracy_level=prefill_accuracy_level)  # fmt: skip
     out.print(f"imported {file} as {folder}")
 
 

@@ -5,6 +5,8 @@
       tokenizer.json        rebuilt from the GGUF metadata (generation/tokenizer.py)
       chat_template.jinja   the template stored in the GGUF
       1/model.onnx          the decoder graph (convert/gguf_decoder.py), weights in model.onnx.data
+      1/prefill.onnx        the same graph for prompts: fp32 activations in the linears (faster than int8
+                            for many rows on AVX2: bench/generate.py), weights in prefill.onnx.data
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from forwardpass.repository import check_name
 
 
 def import_gguf(path: str | Path, name: str, repository: str | Path, *, accuracy_level: int = 4,
-                max_context: int = 2048) -> Path:  # fmt: skip
+                max_context: int = 2048, prefill_accuracy_level: int | None = 1) -> Path:  # fmt: skip
     """Convert ``path`` into ``repository/name`` (a new version if the model exists); returns the folder."""
     onnx = require("onnx", "llm", "converting GGUF models")
     check_name(name)
@@ -39,6 +41,10 @@ def import_gguf(path: str | Path, name: str, repository: str | Path, *, accuracy
     try:
         decoder = build_decoder(source, accuracy_level=accuracy_level, max_positions=context)
         onnx.save(decoder, str(staging / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+        if prefill_accuracy_level is not None and prefill_accuracy_level != accuracy_level:
+            prefill = build_decoder(source, accuracy_level=prefill_accuracy_level, max_positions=context,
+                                    head_accuracy_level=accuracy_level)  # fmt: skip
+            onnx.save(prefill, str(staging / "prefill.onnx"), save_as_external_data=True, location="prefill.onnx.data")
         os.replace(staging, folder / str(version))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

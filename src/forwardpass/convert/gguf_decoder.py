@@ -94,11 +94,13 @@ def _rope_caches(hp, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build_decoder(model: GGUFFile, *, accuracy_level: int = 4, max_positions: int | None = None,
-                  expose_hidden: bool = False):  # fmt: skip
+                  expose_hidden: bool = False, head_accuracy_level: int | None = None):  # fmt: skip
     """The ONNX decoder for a GGUF Llama-family model with Q4_1 linears and a Q8_0 (tied) head.
 
     ``expose_hidden`` adds outputs ``hidden.{i}``: the residual stream after block i, for
-    layer-by-layer checks against the numpy reference.
+    layer-by-layer checks against the numpy reference. ``head_accuracy_level`` (default: the same)
+    lets a prefill graph use fp32 linears while its one-row head keeps the int8 path, whose 8-bit
+    fp32 fallback is far slower.
     """
     onnx = require("onnx", "llm", "converting GGUF models")
     from onnx import TensorProto, helper
@@ -182,7 +184,8 @@ def build_decoder(model: GGUFFile, *, accuracy_level: int = 4, max_positions: in
     head_q, head_scales = q8_0_to_nbits(raw(head_name))
     g.nodes.append(helper.make_node(
         "MatMulNBits", [h, g.const("head_B", head_q), g.const("head_scales", head_scales)], ["logits"], name="head",
-        domain=MS, K=C, N=head_q.shape[0], bits=8, block_size=32, accuracy_level=accuracy_level,
+        domain=MS, K=C, N=head_q.shape[0], bits=8, block_size=32,
+        accuracy_level=accuracy_level if head_accuracy_level is None else head_accuracy_level,
     ))  # fmt: skip
     outputs.insert(0, helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1, head_q.shape[0]]))
     graph = helper.make_graph(g.nodes, f"{hp.arch}_decoder", inputs, outputs, g.inits)

@@ -63,9 +63,10 @@ class LanguageModel:
             except (OSError, jinja2.TemplateError) as exc:
                 raise ModelConfigError(str(folder / "model.yaml"), "generation.chat_template", str(exc),
                                        "point it at the template file beside model.yaml") from None  # fmt: skip
+        prefill = folder / str(version) / "prefill.onnx"
         self.session = DecoderSession(
             folder / str(version) / "model.onnx", n_layer=gen.n_layer, n_head_kv=gen.n_head_kv, head_dim=gen.head_dim,
-            n_vocab=gen.n_vocab, max_context=gen.context_length,
+            n_vocab=gen.n_vocab, max_context=gen.context_length, prefill_path=prefill if prefill.is_file() else None,
         )  # fmt: skip
         self._lock = threading.Lock()
 
