@@ -33,19 +33,26 @@ def pair(tmp_path_factory):
     return model, session, ReferenceDecoder(model)
 
 
+def empty_cache(hp) -> dict:
+    return {f"past_{kv}.{i}": np.zeros((1, hp.n_head_kv, CACHE, hp.head_dim), np.float32)
+            for i in range(hp.n_layer) for kv in ("key", "value")}  # fmt: skip
+
+
+def feeds_for(tokens: list[int], position: int, past: dict) -> dict:
+    return {"input_ids": np.array([tokens], np.int64), "seqlens_k": np.array([position + len(tokens) - 1], np.int32),
+            "total_sequence_length": np.array(position + len(tokens), np.int32), **past}  # fmt: skip
+
+
 @needs_model
 def test_prefill_and_decode_match_the_reference(pair):
     model, session, reference = pair
     hp = model.hparams
     names = [o.name for o in session.get_outputs()]
-    past = {f"past_{kv}.{i}": np.zeros((1, hp.n_head_kv, CACHE, hp.head_dim), np.float32)
-            for i in range(hp.n_layer) for kv in ("key", "value")}  # fmt: skip
+    past = empty_cache(hp)
     reference.reset()
     position = 0
     for tokens in ([1, 4093, 198, 1780, 314, 216, 34, 27, 34, 47, 2, 198], [504], [3575]):
-        feeds = {"input_ids": np.array([tokens], np.int64), "seqlens_k": np.array([position + len(tokens) - 1], np.int32),
-                 "total_sequence_length": np.array(position + len(tokens), np.int32), **past}  # fmt: skip
-        result = dict(zip(names, session.run(None, feeds)))
+        result = dict(zip(names, session.run(None, feeds_for(tokens, position, past))))
         for i in range(hp.n_layer):  # the cache stays one buffer of CACHE positions (shared past/present)
             past[f"past_key.{i}"], past[f"past_value.{i}"] = result[f"present_key.{i}"], result[f"present_value.{i}"]
             assert past[f"past_key.{i}"].shape == (1, hp.n_head_kv, CACHE, hp.head_dim)
@@ -61,10 +68,7 @@ def test_layer_by_layer(pair):
     model, session, reference = pair
     hp = model.hparams
     tokens = [1, 4093, 198, 1780, 314, 216, 34, 27, 34, 47]
-    past = {f"past_{kv}.{i}": np.zeros((1, hp.n_head_kv, CACHE, hp.head_dim), np.float32)
-            for i in range(hp.n_layer) for kv in ("key", "value")}  # fmt: skip
-    feeds = {"input_ids": np.array([tokens], np.int64), "seqlens_k": np.array([len(tokens) - 1], np.int32),
-             "total_sequence_length": np.array(len(tokens), np.int32), **past}  # fmt: skip
+    feeds = feeds_for(tokens, 0, empty_cache(hp))
     names = [o.name for o in session.get_outputs()]
     result = dict(zip(names, session.run(None, feeds)))
     reference.reset()
