@@ -139,8 +139,9 @@ def main() -> None:
         print(f"\ndecode {fp['decode'] / lc['decode']:.2f}x llama.cpp (target >= 1.0); TTFT(512) {fp['ttft512'] / lc['ttft512']:.2f}x "
               f"(target <= 0.5); prefill(128) {fp['prefill128'] / lc['prefill128']:.2f}x")
     print(f"RSS {fp['rss_mib']:.0f} MiB (target <= 600)")
-    # every weight but the embedding table (one row read per token) is read once per decoded token
-    weights = sum(f.stat().st_size for f in (repo / "smollm2" / "1").iterdir())
+    # every weight of the decode graph but the embedding table (one row read per token) is read once per
+    # decoded token (prefill.onnx.data is the prompt graph's copy, not read while decoding)
+    weights = sum((repo / "smollm2" / "1" / f).stat().st_size for f in ("model.onnx", "model.onnx.data"))
     embedding = 49152 * 576 * (1 + 4 / 32)  # int8 rows + fp32 block scales
     per_token = weights - embedding
     print(f"weights read per decoded token ~{per_token / 1e6:.0f} MB -> {per_token * fp['decode'] / 1e9:.1f} GB/s")

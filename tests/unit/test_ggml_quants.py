@@ -7,7 +7,8 @@ pytest.importorskip("gguf")
 ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from forwardpass.convert.ggml_quants import q4_1_to_nbits, q8_0_to_nbits, q8_0_rows  # noqa: E402
+from forwardpass.convert.ggml_quants import block_sum_rows, q8_0_to_nbits, q8_0_rows  # noqa: E402
+from forwardpass.convert.gguf_decoder import _Graph, _q4_linear  # noqa: E402
 from forwardpass.generation.gguf_file import GGUFFile  # noqa: E402
 
 from test_gguf import needs_model, smollm2_path  # noqa: E402
@@ -19,27 +20,36 @@ def gguf_model():
 
 
 def run_matmul(raw: np.ndarray, bits: int, level: int, x: np.ndarray) -> np.ndarray:
+    """x @ W.T through the converter's own nodes: _q4_linear for Q4_1, one 8-bit MatMulNBits for Q8_0."""
     n, k = raw.shape[0], x.shape[1]
-    nodes, inits = [], []
+    g = _Graph()
     if bits == 4:
-        packed, scales, correction = q4_1_to_nbits(raw)
-        inits += [numpy_helper.from_array(correction, "C"), numpy_helper.from_array(np.array([0, k // 32, 32], np.int64), "shape"),
-                  numpy_helper.from_array(np.array([-1], np.int64), "axes")]  # fmt: skip
-        nodes += [helper.make_node("Reshape", ["x", "shape"], ["xb"]), helper.make_node("ReduceSum", ["xb", "axes"], ["xs"], keepdims=0),
-                  helper.make_node("MatMul", ["xs", "C"], ["corr"]), helper.make_node("Add", ["y0", "corr"], ["y"])]  # fmt: skip
-        out = "y0"
+        out = _q4_linear(g, "x", [raw], k, level, "linear")
     else:
         packed, scales = q8_0_to_nbits(raw)
-        out = "y"
-    inits += [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales, "S")]
-    nodes.insert(0, helper.make_node("MatMulNBits", ["x", "B", "S"], [out], domain="com.microsoft", K=k, N=n, bits=bits,
-                                     block_size=32, accuracy_level=level))  # fmt: skip
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", n])], inits)  # fmt: skip
+        (out,) = g.op("MatMulNBits", ["x", g.const("B", packed), g.const("S", scales)], "head", domain="com.microsoft",
+                      K=k, N=n, bits=8, block_size=32, accuracy_level=level)  # fmt: skip
+    graph = helper.make_graph(g.nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", k])],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["T", n])], g.inits)  # fmt: skip
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 8
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, {"x": x})[0]
+
+
+def test_block_sum_rows_give_exact_block_sums():
+    k = 96
+    packed, scales = block_sum_rows(k)
+    x = np.random.default_rng(1).normal(size=(2, k)).astype(np.float32)
+    node = helper.make_node("MatMulNBits", ["x", "B", "S"], ["y"], domain="com.microsoft", K=k, N=3, bits=4,
+                            block_size=32, accuracy_level=0)  # fmt: skip
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+                              [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales, "S")])  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    sums = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(sums, x.reshape(2, 3, 32).sum(-1), rtol=1e-6, atol=1e-6)
 
 
 @needs_model

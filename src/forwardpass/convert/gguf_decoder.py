@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from forwardpass._deps import require
-from forwardpass.convert.ggml_quants import q4_1_to_nbits, q8_0_rows, q8_0_to_nbits
+from forwardpass.convert.ggml_quants import block_sum_rows, q4_1_to_nbits, q8_0_rows, q8_0_to_nbits
 from forwardpass.generation.gguf_file import GGUFError, GGUFFile
 
 MS = "com.microsoft"
@@ -70,17 +70,17 @@ class _Graph:
 def _q4_linear(g: _Graph, x: str, raws: list[np.ndarray], k: int, level: int, hint: str) -> str:
     """x (.., K) @ W.T for Q4_1 weights (several fused along N): MatMulNBits + block-sum correction."""
     parts = [q4_1_to_nbits(r) for r in raws]
-    packed = np.concatenate([p[0] for p in parts])  # (N, K/32, 16)
-    scales = np.concatenate([p[1] for p in parts])
+    sum_rows, sum_scales = block_sum_rows(k)
+    packed = np.concatenate([p[0] for p in parts] + [sum_rows])  # (N + K/32, K/32, 16)
+    scales = np.concatenate([p[1] for p in parts] + [sum_scales])
     correction = np.concatenate([p[2] for p in parts], axis=1)  # (K/32, N)
-    n = packed.shape[0]
-    (y,) = g.op("MatMulNBits", [x, g.const(f"{hint}_B", packed), g.const(f"{hint}_scales", scales)], hint,
-                domain=MS, K=k, N=n, bits=4, block_size=32, accuracy_level=level)  # fmt: skip
-    # per-block input sums as one MatMul with a 0/1 block indicator (K, K/32): fewer, cheaper ops than
-    # Reshape + ReduceSum at decode, where per-op overhead is most of these tiny products' cost
-    indicator = g.const_once(f"block_indicator_{k}", lambda: np.kron(np.eye(k // 32, dtype=np.float32),
-                                                                      np.ones((32, 1), np.float32)))  # fmt: skip
-    (sums,) = g.op("MatMul", [x, indicator], f"{hint}_sums")  # (B, T, K/32)
+    n, blocks = correction.shape[1], k // 32
+    # one kernel gives the product and the per-block input sums: at decode each extra node costs more than
+    # its arithmetic (a separate sums MatMul was 10% slower per token: bench/generate.py)
+    (y_sums,) = g.op("MatMulNBits", [x, g.const(f"{hint}_B", packed), g.const(f"{hint}_scales", scales)], hint,
+                     domain=MS, K=k, N=n + blocks, bits=4, block_size=32, accuracy_level=level)  # fmt: skip
+    y, sums = g.op("Split", [y_sums, g.const_once(f"split_{n}_{blocks}", lambda: np.array([n, blocks], np.int64))],
+                   f"{hint}_split", outputs=2, axis=-1)  # fmt: skip
     (corr,) = g.op("MatMul", [sums, g.const(f"{hint}_corr", correction)], f"{hint}_corr")  # (B, T, N)
     (out,) = g.op("Add", [y, corr], f"{hint}_sum")
     return out

@@ -14,7 +14,7 @@ import yaml
 from forwardpass._deps import require
 from forwardpass.demo import datasets
 
-DEMO_VERSION = "1"
+DEMO_VERSION = "2"
 _STAMP = ".forwardpass-demo"
 
 
