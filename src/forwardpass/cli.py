@@ -53,8 +53,11 @@ def serve(
     poll_interval: Annotated[float, typer.Option(help="Seconds between repository scans (0: no hot reload)")] = 2.0,
     http: Annotated[str, typer.Option(help="HTTP implementation: forwardpass (fastest) or uvicorn")] = "forwardpass",
     log_level: Annotated[str, typer.Option(help="Log level")] = "info",
+    api_key: Annotated[str | None, typer.Option(help="Bearer key the OpenAI-compatible API requires "
+                                                     "[env FORWARDPASS_API_KEY]")] = None,  # fmt: skip
 ) -> None:
-    """Serve a model repository over HTTP: Open Inference Protocol V2, /v1 predict, /metrics."""
+    """Serve a model repository over HTTP: Open Inference Protocol V2, the OpenAI-compatible API for language
+    models (/v1/chat/completions, /v1/completions), /v1 predict, /metrics."""
     require("httptools", "server", "forwardpass serve")
     from forwardpass import default_repository
     from forwardpass.server.config import ServeConfig
@@ -62,7 +65,7 @@ def serve(
 
     repo = repository or _env_path("FORWARDPASS_REPOSITORY") or default_repository()  # builds the demo once
     config = ServeConfig.from_env(repository=repo, host=host, port=port, workers=workers, poll_interval=poll_interval,
-                                  http=http)  # fmt: skip
+                                  http=http, api_key=api_key)  # fmt: skip
     run_server(config, log_level)
 
 

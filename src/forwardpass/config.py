@@ -242,6 +242,11 @@ class GenerationConfig(_Strict):
     n_head_kv: int = Field(ge=1)
     head_dim: int = Field(ge=1)
     n_vocab: int = Field(ge=1)
+    # serving (continuous batching, generation/scheduler.py)
+    slots: int = Field(8, ge=1, le=64)  # sequences decoded together in one ONNX Runtime call
+    queue: int = Field(64, ge=0)  # requests waiting for a slot; one more gets 503
+    prefill_chunk: int = Field(64, ge=1)  # prompt tokens per call, between decode steps of running streams
+    prefix_cache_mib: int = Field(128, ge=0)  # KV of prompt prefixes kept for reuse; 0 turns it off
 
 
 _DEFAULT_POST = {"classification": "classification", "regression": "regression"}

@@ -63,6 +63,8 @@ class Engine:
         self.poll_interval = poll_interval
         self.ready = False
         self._served: dict[str, dict[int, Served]] = {}
+        self._generators: dict[str, Any] = {}  # language models: name -> GenerationScheduler
+        self.drain_timeout = 30.0
         self._seen: dict[str, tuple[Any, ...]] = {}  # what the folder looked like when last loaded
         self._executor = ThreadPoolExecutor(max_workers=max(2, available_cores()), thread_name_prefix="forwardpass")
         self._poller: asyncio.Task[None] | None = None
@@ -90,7 +92,8 @@ class Engine:
         if self._poller is not None:
             self._poller.cancel()
         batchers = [s.batcher for versions in self._served.values() for s in versions.values()]
-        await asyncio.gather(*(b.drain(timeout) for b in batchers), *self._draining)
+        await asyncio.gather(*(b.drain(timeout) for b in batchers), *self._draining,
+                             *(asyncio.to_thread(g.close, timeout) for g in self._generators.values()))  # fmt: skip
         self._executor.shutdown(wait=False)
 
     # -- what is served ------------------------------------------------------------------------
@@ -135,10 +138,7 @@ class Engine:
         check_name(name)
         seen = self._fingerprint(name)
         if self.repository.config(name).task == "generation":
-            # language models are served by the OpenAI-compatible API, not by V2 tensors
-            self._seen[name] = seen
-            log.info("%s is a generation model: not on the V2 API", name)
-            return []
+            return await self._load_generator(name, seen)
         versions = await asyncio.to_thread(self.repository.reload, name)
         fresh = {v: self._serve(self.repository.get(name, v)) for v in versions}
         await asyncio.gather(*(asyncio.to_thread(_warm_up, s.model) for s in fresh.values()))
@@ -149,10 +149,50 @@ class Engine:
         log.info("serving %s versions %s", name, versions)
         return versions
 
+    async def _load_generator(self, name: str, seen: tuple[Any, ...]) -> list[int]:
+        """Language models are served by the OpenAI-compatible API (a continuous-batching scheduler), not V2."""
+        from forwardpass.generation.scheduler import GenerationScheduler, warm_up
+
+        versions = await asyncio.to_thread(self.repository.reload, name)
+        version = max(versions)
+        llm = self.repository.get(name, version)
+
+        def start() -> GenerationScheduler:
+            scheduler = GenerationScheduler(llm, stats=self.stats.generation_stats(name, version))
+            warm_up(scheduler)
+            return scheduler
+
+        scheduler = await asyncio.to_thread(start)
+        old = self._generators.get(name)
+        self._generators[name] = scheduler
+        self._seen[name] = seen
+        if old is not None:
+            self._executor.submit(old.close, self.drain_timeout)
+        log.info("serving %s version %s (generation, %d slots)", name, version, scheduler.slots)
+        return [version]
+
+    def generator(self, name: str) -> Any:
+        """The GenerationScheduler of a served language model; ModelNotFound / ModelNotReady otherwise."""
+        found = self._generators.get(name)
+        if found is not None:
+            return found
+        self.repository.folder(name)  # InvalidModelName / ModelNotFound for unknown names
+        if self.repository.config(name).task != "generation":
+            raise ModelNotFound(f"model '{name}' is not a language model (task {self.repository.config(name).task}); "
+                                f"use /v2/models/{name}/infer")  # fmt: skip
+        raise ModelNotReady(f"model '{name}' is not loaded")
+
+    def generators(self) -> dict[str, Any]:
+        """Served language models by name."""
+        return dict(self._generators)
+
     async def unload(self, name: str) -> None:
         """Stop serving a model; requests already queued still finish."""
         check_name(name)
         self.repository.folder(name)
+        generator = self._generators.pop(name, None)
+        if generator is not None:
+            self._executor.submit(generator.close, self.drain_timeout)
         old = self._served.pop(name, {})
         self._seen.pop(name, None)
         self.repository.unload(name)
@@ -185,7 +225,7 @@ class Engine:
                 except ForwardpassError as exc:
                     self._seen[name] = self._fingerprint(name)  # do not retry a broken folder every poll
                     log.error("reload of %s failed, still serving the previous versions: %s", name, exc)
-        for name in set(self._served) - on_disk:
+        for name in (set(self._served) | set(self._generators)) - on_disk:
             await self.unload(name)
 
     async def _poll_forever(self) -> None:

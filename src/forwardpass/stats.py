@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
+from collections import deque
 from typing import Any
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -106,12 +107,55 @@ class ModelStats:
         }
 
 
+class GenerationStats:
+    """A served language model: tokens, latencies per token, queue, slots, prefix cache."""
+
+    RATE_WINDOW = 10.0  # seconds over which tokens_per_second is measured
+
+    def __init__(self, name: str, version: int):
+        self.name, self.version = name, version
+        self.queued = self.active = 0  # gauges
+        self.prompt_tokens = self.generated_tokens = 0
+        self.finish_reasons: dict[str, int] = {}
+        self.cancelled = 0
+        self.prefix_hits = self.prefix_misses = self.prefix_saved_tokens = self.prefix_cache_bytes = 0
+        self.decode_steps = self.decode_rows = 0
+        self.ttft = Histogram(LATENCY_BUCKETS)  # request queued -> first token
+        self.itl = Histogram(LATENCY_BUCKETS)  # between tokens of one request
+        self.queue_time = Histogram(LATENCY_BUCKETS)  # waiting for a slot
+        self.step_time = Histogram(LATENCY_BUCKETS)  # one batched decode call
+        self._recent: deque[float] = deque(maxlen=65536)  # token times, for tokens_per_second
+
+    def token(self, now: float) -> None:
+        self.generated_tokens += 1
+        self._recent.append(now)
+
+    def finished(self, result: Any) -> None:
+        self.finish_reasons[result.finish_reason] = self.finish_reasons.get(result.finish_reason, 0) + 1
+
+    def tokens_per_second(self, now: float | None = None) -> float:
+        """Tokens generated per second over the last RATE_WINDOW seconds (all requests together)."""
+        now = time.perf_counter() if now is None else now
+        recent = self._recent
+        while recent and recent[0] < now - self.RATE_WINDOW:
+            recent.popleft()
+        return len(recent) / self.RATE_WINDOW
+
+
 class Stats:
-    """Every ModelStats of a server, plus the in-flight request gauge."""
+    """Every ModelStats of a server, the language models' GenerationStats, and the in-flight gauge."""
 
     def __init__(self) -> None:
         self.models: dict[tuple[str, int], ModelStats] = {}
+        self.generation: dict[tuple[str, int], GenerationStats] = {}
         self.inflight = 0
+
+    def generation_stats(self, name: str, version: int) -> GenerationStats:
+        key = (name, version)
+        found = self.generation.get(key)
+        if found is None:
+            found = self.generation[key] = GenerationStats(name, version)
+        return found
 
     def stats(self, name: str, version: int) -> ModelStats:
         """The stats object for a model version (kept across reloads of that version)."""

@@ -25,6 +25,7 @@ class Server:
     def __init__(
         self, repository: Path, env: dict[str, str] | None = None, poll_interval: float = 0.0, args: tuple[str, ...] = ()
     ):
+        self.repository = repository
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = repository.parent / f"server-{self.port}.log"

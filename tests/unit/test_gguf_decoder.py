@@ -40,7 +40,8 @@ def empty_cache(hp) -> dict:
 
 def feeds_for(tokens: list[int], position: int, past: dict) -> dict:
     return {"input_ids": np.array([tokens], np.int64), "seqlens_k": np.array([position + len(tokens) - 1], np.int32),
-            "total_sequence_length": np.array(position + len(tokens), np.int32), **past}  # fmt: skip
+            "total_sequence_length": np.array(position + len(tokens), np.int32), "logit_rows": np.array([1], np.int64),
+            **past}  # fmt: skip
 
 
 @needs_model

@@ -15,7 +15,8 @@ Graph (B batch rows, T new tokens, S cache length, C = n_embd, V = vocab):
     last position only -> RMSNorm -> the tied Q8_0 head as 8-bit MatMulNBits -> logits (B, 1, V)
 
 Inputs: input_ids, seqlens_k (B,) int32 = tokens in the cache after this call - 1,
-total_sequence_length () int32, past_key.{i} / past_value.{i} (B, Hkv, S, D).
+total_sequence_length () int32, past_key.{i} / past_value.{i} (B, Hkv, S, D); logit_rows (1,) int64:
+logits for the first rows only (the rest are padding).
 Outputs: logits, present_key.{i} / present_value.{i}. See convert/ggml_quants.py for the
 Q4_1 mapping; accuracy_level 4 (int8 activations) is ONNX Runtime's fast CPU path.
 """
@@ -136,6 +137,7 @@ def build_decoder(model: GGUFFile, *, accuracy_level: int = 4, max_positions: in
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "tokens"]),
         helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
         helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+        helper.make_tensor_value_info("logit_rows", TensorProto.INT64, [1]),
     ]
     outputs = []
     residual, pending = x, None  # pending: the last sub-block's output, not yet added to the residual
@@ -181,6 +183,10 @@ def build_decoder(model: GGUFFile, *, accuracy_level: int = 4, max_positions: in
     h, _, _, _ = g.op("SkipSimplifiedLayerNormalization", [last_pending, last_residual,
                                                            g.const("output_norm", model.dequantize("output_norm.weight"))],
                       "final_norm", outputs=4, domain=MS, epsilon=hp.rms_eps)  # fmt: skip
+    # the head (a third of a decode step) runs for the first `logit_rows` rows only: a decode call padded with a
+    # dummy row (generation/scheduler.py, MIN_ROWS) does not pay for its logits.
+    (h,) = g.op("Slice", [h, g.const("zero", np.array([0], np.int64)), "logit_rows", g.const("batch_axis", np.array([0], np.int64))],
+                "head_rows")  # fmt: skip
     head_q, head_scales = q8_0_to_nbits(raw(head_name))
     g.nodes.append(helper.make_node(
         "MatMulNBits", [h, g.const("head_B", head_q), g.const("head_scales", head_scales)], ["logits"], name="head",

@@ -14,7 +14,7 @@ import yaml
 from forwardpass._deps import require
 from forwardpass.demo import datasets
 
-DEMO_VERSION = "2"
+DEMO_VERSION = "4"
 _STAMP = ".forwardpass-demo"
 
 

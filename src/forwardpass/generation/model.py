@@ -9,40 +9,20 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from forwardpass._deps import require
 from forwardpass.config import ModelConfig
 from forwardpass.errors import InvalidInput, ModelConfigError
-from forwardpass.generation.detokenize import TextStream
-from forwardpass.generation.sampler import Sampler, SamplingParams, token_logprob, top_logprobs
+from forwardpass.generation.sampler import SamplingParams
+from forwardpass.generation.sequence import Generation
+from forwardpass.generation.sequence import Sequence as TokenSequence
 from forwardpass.generation.session import DecoderSession
 
-
-@dataclass
-class Generation:
-    """A finished generation."""
-
-    text: str
-    tokens: list[int]
-    finish_reason: str  # "stop" (a stop token or string) or "length" (max_tokens)
-    prompt_tokens: int
-    seconds_to_first_token: float
-    seconds: float
-    token_logprobs: list[Any] = field(default_factory=list)
-
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.tokens)
-
-    @property
-    def tokens_per_second(self) -> float:
-        decode = self.seconds - self.seconds_to_first_token
-        return (len(self.tokens) - 1) / decode if decode > 0 and len(self.tokens) > 1 else 0.0
+__all__ = ["Generation", "LanguageModel"]
 
 
 class LanguageModel:
@@ -63,12 +43,24 @@ class LanguageModel:
             except (OSError, jinja2.TemplateError) as exc:
                 raise ModelConfigError(str(folder / "model.yaml"), "generation.chat_template", str(exc),
                                        "point it at the template file beside model.yaml") from None  # fmt: skip
-        prefill = folder / str(version) / "prefill.onnx"
-        self.session = DecoderSession(
-            folder / str(version) / "model.onnx", n_layer=gen.n_layer, n_head_kv=gen.n_head_kv, head_dim=gen.head_dim,
-            n_vocab=gen.n_vocab, max_context=gen.context_length, prefill_path=prefill if prefill.is_file() else None,
-        )  # fmt: skip
         self._lock = threading.Lock()
+
+    @cached_property
+    def session(self) -> DecoderSession:
+        """The single-sequence session generate() uses (created on first use: a server decodes through its
+        own multi-slot scheduler and never needs this one)."""
+        return self.open_session(slots=1)
+
+    def open_session(self, slots: int = 1, context: int | None = None) -> DecoderSession:
+        """A decoder with ``slots`` KV rows of ``context`` positions (default: the model's context)."""
+        gen = self.gen
+        folder = self.folder / str(self.version)
+        prefill = folder / "prefill.onnx"
+        return DecoderSession(
+            folder / "model.onnx", n_layer=gen.n_layer, n_head_kv=gen.n_head_kv, head_dim=gen.head_dim,
+            n_vocab=gen.n_vocab, max_context=context or gen.context_length, slots=slots,
+            prefill_path=prefill if prefill.is_file() else None,
+        )  # fmt: skip
 
     def __repr__(self) -> str:
         return f"<LanguageModel {self.name} v{self.version}, context {self.gen.context_length}>"
@@ -89,8 +81,40 @@ class LanguageModel:
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         return [self.gen.bos_token_id, *ids] if self.gen.add_bos_token and self.gen.bos_token_id >= 0 else ids
 
+    def prepare(self, prompt: str | None = None, *, messages: Sequence[dict[str, Any]] | None = None,
+                max_tokens: int | None = None, stop: str | Sequence[str] | None = None, logprobs: int = 0,
+                **sampling: Any) -> TokenSequence:  # fmt: skip
+        """A checked, tokenized request, ready to run (generate() and the server's scheduler both start here)."""
+        if not 0 <= logprobs <= 20:
+            raise InvalidInput(("logprobs",), "expected 0 to 20", logprobs)
+        if (prompt is None) == (messages is None):
+            raise InvalidInput(("prompt",), "give either prompt or messages")
+        if prompt is not None and not isinstance(prompt, str):
+            raise InvalidInput(("prompt",), "expected a string", prompt)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
+            raise InvalidInput(("stop",), "expected a non-empty string or a list of up to 4", stop)
+        text = prompt if prompt is not None else self.render(messages or [])
+        ids = self.encode(text)
+        if not ids:
+            raise InvalidInput(("prompt",), "expected at least one token", text)
+        if len(ids) >= self.gen.context_length:
+            raise InvalidInput(("messages" if prompt is None else "prompt",),
+                               f"the prompt is {len(ids)} tokens, the context holds {self.gen.context_length} "
+                               "(prompt and completion together); shorten the prompt")  # fmt: skip
+        limit = max_tokens if max_tokens is not None else min(self.gen.max_tokens, self.gen.context_length - len(ids))
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise InvalidInput(("max_tokens",), "expected an integer >= 1", limit)
+        if len(ids) + limit > self.gen.context_length:
+            raise InvalidInput(("max_tokens",), f"the prompt ({len(ids)} tokens) + max_tokens ({limit}) = "
+                               f"{len(ids) + limit} is more than the context of {self.gen.context_length} tokens; "
+                               "shorten the prompt or lower max_tokens")  # fmt: skip
+        params = SamplingParams(**sampling)
+        return TokenSequence(ids, limit=limit, stop=stops, params=params, logprobs=logprobs,
+                             stop_ids=self.gen.stop_token_ids, tokenizer=self.tokenizer)  # fmt: skip
+
     def generate(self, prompt: str | None = None, *, messages: Sequence[dict[str, Any]] | None = None,
-                 max_tokens: int | None = None, stop: Sequence[str] = (), stream: bool = False,
+                 max_tokens: int | None = None, stop: str | Sequence[str] | None = None, stream: bool = False,
                  logprobs: int = 0, **sampling: Any) -> Generation | Iterator[str]:  # fmt: skip
         """Complete ``prompt`` (raw text) or ``messages`` (through the chat template).
 
@@ -99,21 +123,8 @@ class LanguageModel:
         ``logprobs`` > 0 records, per generated token, its log-probability and the top ``logprobs``
         alternatives (before sampling filters, as OpenAI reports them) in ``token_logprobs``.
         """
-        if not 0 <= logprobs <= 20:
-            raise InvalidInput(("logprobs",), "expected 0 to 20", logprobs)
-        if (prompt is None) == (messages is None):
-            raise InvalidInput(("prompt",), "give either prompt or messages")
-        text = prompt if prompt is not None else self.render(messages or [])
-        ids = self.encode(text)
-        limit = max_tokens if max_tokens is not None else self.gen.max_tokens
-        if limit < 1:
-            raise InvalidInput(("max_tokens",), "expected at least 1", limit)
-        if len(ids) + limit > self.gen.context_length:
-            raise InvalidInput(("max_tokens",), f"the prompt ({len(ids)} tokens) + max_tokens ({limit}) = "
-                               f"{len(ids) + limit} is more than the context of {self.gen.context_length} tokens; "
-                               "shorten the prompt or lower max_tokens")  # fmt: skip
-        params = SamplingParams(**sampling)
-        run = self._run(ids, limit, list(stop), params, logprobs)
+        seq = self.prepare(prompt, messages=messages, max_tokens=max_tokens, stop=stop, logprobs=logprobs, **sampling)
+        run = self._run(seq)
         if stream:
             return (piece for piece in run if isinstance(piece, str))
         result = None
@@ -123,44 +134,16 @@ class LanguageModel:
         assert result is not None
         return result
 
-    def _run(self, ids: list[int], limit: int, stop: list[str], params: SamplingParams,
-             logprobs: int = 0) -> Iterator[str | Generation]:  # fmt: skip
-        sampler = Sampler(params)
-        stop_ids = set(self.gen.stop_token_ids)
-        holdback = max((len(s) for s in stop), default=0)  # text that might still become a stop string
-        started = time.perf_counter()
+    def _run(self, seq: TokenSequence) -> Iterator[str | Generation]:
         with self._lock:
-            self.session.reset()
-            logits = self.session.step(ids)
-            first = time.perf_counter() - started
-            out = TextStream(self.tokenizer)
-            generated: list[int] = []
-            recorded: list[Any] = []
-            text, sent, reason = "", 0, "length"
-            for _ in range(limit):
-                token = sampler.pick(logits, generated)
-                if token in stop_ids:
-                    reason = "stop"
+            session = self.session
+            session.reset()
+            logits = session.step(seq.prompt)
+            while True:
+                piece = seq.advance(logits)
+                if piece:
+                    yield piece
+                if seq.finish_reason:
                     break
-                if logprobs:
-                    top = top_logprobs(logits, logprobs)
-                    own = dict(top).get(token)
-                    recorded.append({"token": token, "logprob": own if own is not None else token_logprob(logits, token),
-                                     "top_logprobs": top})  # fmt: skip
-                generated.append(token)
-                text += out.push(token)
-                cut = min((text.find(s) for s in stop if s in text), default=-1)
-                if cut >= 0:
-                    text, reason = text[:cut], "stop"
-                    break
-                if len(text) - holdback > sent:
-                    yield text[sent : len(text) - holdback]
-                    sent = len(text) - holdback
-                if len(generated) == limit:
-                    break
-                logits = self.session.step([token])
-            if reason == "length":
-                text += out.flush()
-            if len(text) > sent:
-                yield text[sent:]
-        yield Generation(text, generated, reason, len(ids), first, time.perf_counter() - started, recorded)
+                logits = session.step([seq.tokens[-1]])
+        yield seq.result()

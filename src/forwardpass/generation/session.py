@@ -1,12 +1,18 @@
-"""One decoder session with its KV cache: ONNX Runtime I/O binding over preallocated buffers.
+"""A converted decoder with its KV cache: ONNX Runtime I/O binding over preallocated buffers.
 
-GroupQueryAttention reads past keys/values and writes present ones; bound to the same
-(1, Hkv, max_context, D) buffer they are one buffer, so a decode step copies nothing but one
-token's keys and values.
+The cache is one (slots, Hkv, context, D) fp32 buffer per layer for keys and one for values.
+GroupQueryAttention reads past keys/values and writes present ones; bound to the same memory
+they are one buffer, so a step copies nothing but the new tokens' keys and values. Each row
+(slot) is one sequence; GroupQueryAttention takes every row's own length (``seqlens_k``), so
+rows at different positions decode together in one call: continuous batching.
 
-    session = DecoderSession("models/smollm2/1/model.onnx", hparams, max_context=2048)
-    logits = session.step([1, 4093, 198])    # prefill
-    logits = session.step([504])             # decode; session.position == 4
+    session = DecoderSession("models/smollm2/1/model.onnx", n_layer=30, ..., max_context=2048)
+    logits = session.step([1, 4093, 198])        # one sequence (slot 0): prefill ...
+    logits = session.step([504])                 # ... then decode; session.position == 4
+
+    session = DecoderSession(..., slots=8)       # many sequences
+    session.prefill(3, prompt_ids, start=0)      # slot 3's prompt (the prefill graph)
+    logits = session.decode([tok0, tok1], [p0, p1])   # rows 0 and 1, one token each -> (2, V)
 """
 
 from __future__ import annotations
@@ -22,53 +28,98 @@ from forwardpass.runtime.onnx import available_cores
 
 
 class DecoderSession:
-    """A converted decoder plus one sequence's KV cache."""
+    """A decoder graph (plus an optional prompt graph) and ``slots`` rows of KV cache."""
 
     def __init__(self, path: str | Path, *, n_layer: int, n_head_kv: int, head_dim: int, n_vocab: int,
-                 max_context: int, threads: int | None = None, prefill_path: str | Path | None = None):  # fmt: skip
-        self.max_context = max_context
-        self.position = 0
-        self._buffers = [ort.OrtValue.ortvalue_from_shape_and_type([1, n_head_kv, max_context, head_dim], np.float32)
-                         for _ in range(2 * n_layer)]  # fmt: skip
-        self.logits = ort.OrtValue.ortvalue_from_shape_and_type([1, 1, n_vocab], np.float32)
-        self.session, self.io = self._bind(path, threads, n_layer)
-        # an optional second graph for prompts (many rows), on the same KV buffers and logits
-        self.prefill_session, self.prefill_io = self._bind(prefill_path, threads, n_layer) if prefill_path else (None, None)
+                 max_context: int, slots: int = 1, threads: int | None = None,
+                 prefill_path: str | Path | None = None):  # fmt: skip
+        self.max_context, self.slots, self.n_layer, self.n_vocab = max_context, slots, n_layer, n_vocab
+        self.position = 0  # slot 0's length, for step()
+        # np.zeros maps untouched pages lazily: memory grows with the positions actually written
+        self.kv = [np.zeros((slots, n_head_kv, max_context, head_dim), np.float32) for _ in range(2 * n_layer)]
+        self.session = self._load(path, threads)
+        # a second graph for prompts (many rows at once; fp32 activations), on the same KV buffers
+        self.prefill_session = self._load(prefill_path, threads) if prefill_path else None
+        self._bindings: dict[tuple[str, int, int], tuple[Any, np.ndarray]] = {}
 
-    def _bind(self, path: str | Path, threads: int | None, n_layer: int) -> tuple[Any, Any]:
+    @staticmethod
+    def _load(path: str | Path, threads: int | None) -> ort.InferenceSession:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or available_cores()
         options.log_severity_level = 4
         try:
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:
             raise ModelLoadError(f"{path}: ONNX Runtime could not load the decoder: {exc}") from exc
-        io = session.io_binding()
-        for i in range(n_layer):
-            for j, kind in enumerate(("key", "value")):
-                buffer = self._buffers[2 * i + j]
-                io.bind_ortvalue_input(f"past_{kind}.{i}", buffer)
-                io.bind_ortvalue_output(f"present_{kind}.{i}", buffer)
-        io.bind_ortvalue_output("logits", self.logits)
-        return session, io
+
+    def _binding(self, graph: str, first: int, rows: int, logit_rows: int) -> tuple[Any, np.ndarray]:
+        """IO binding of KV rows first..first+rows-1 (contiguous views) and a logits buffer, made once."""
+        key = (graph, first, rows, logit_rows)
+        found = self._bindings.get(key)
+        if found is None:
+            session = self.prefill_session if graph == "prefill" and self.prefill_session else self.session
+            io = session.io_binding()
+            for i in range(self.n_layer):
+                for j, kind in enumerate(("key", "value")):
+                    view = ort.OrtValue.ortvalue_from_numpy(self.kv[2 * i + j][first : first + rows])
+                    io.bind_ortvalue_input(f"past_{kind}.{i}", view)
+                    io.bind_ortvalue_output(f"present_{kind}.{i}", view)
+            logits = np.zeros((logit_rows, 1, self.n_vocab), np.float32)
+            io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+            io.bind_cpu_input("logit_rows", np.array([logit_rows], np.int64))
+            found = self._bindings[key] = (io, logits)
+        return found
+
+    def _run(self, graph: str, first: int, ids: np.ndarray, seqlens: np.ndarray, logit_rows: int = 0) -> np.ndarray:
+        end = int(seqlens.max()) + 1
+        if end > self.max_context:
+            raise InvalidInput(("tokens",), f"the sequence would be {end} tokens, more than this session's context "
+                               f"of {self.max_context}; shorten the prompt or lower max_tokens")  # fmt: skip
+        io, logits = self._binding(graph, first, ids.shape[0], logit_rows or ids.shape[0])
+        io.bind_cpu_input("input_ids", ids)
+        io.bind_cpu_input("seqlens_k", seqlens)
+        io.bind_cpu_input("total_sequence_length", np.array(end, np.int32))
+        (self.prefill_session if graph == "prefill" and self.prefill_session else self.session).run_with_iobinding(io)
+        return logits[:, -1]
+
+    def prefill(self, slot: int, tokens: list[int], start: int) -> np.ndarray:
+        """Write ``tokens`` into ``slot``'s cache at positions start.. (prompt graph); logits (V,) after the last."""
+        if not tokens:
+            raise InvalidInput(("tokens",), "expected at least one token")
+        ids = np.asarray([tokens], dtype=np.int64)
+        return self._run("prefill", slot, ids, np.array([start + len(tokens) - 1], np.int32))[0]
+
+    def decode(self, tokens: list[int], positions: list[int], logit_rows: int = 0) -> np.ndarray:
+        """One new token for each of rows 0..n-1, row i's at position ``positions[i]``; logits (n, V), or
+        (logit_rows, V) for the first rows only when ``logit_rows`` is given (the others are padding).
+
+        The array is this session's buffer, overwritten by the next call with the same row counts.
+        """
+        ids = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)
+        return self._run("decode", 0, ids, np.asarray(positions, dtype=np.int32), logit_rows)
+
+    def read_prefix(self, slot: int, length: int) -> list[np.ndarray]:
+        """Copies of ``slot``'s keys and values for positions 0..length-1 (for the prefix cache)."""
+        return [buffer[slot, :, :length].copy() for buffer in self.kv]
+
+    def write_prefix(self, slot: int, arrays: list[np.ndarray], length: int) -> None:
+        """Positions 0..length-1 of ``slot`` from read_prefix()'s arrays."""
+        for buffer, array in zip(self.kv, arrays, strict=True):
+            buffer[slot, :, :length] = array[:, :length]
+
+    # -- one sequence in slot 0 (LanguageModel.generate) -----------------------------------------
 
     def reset(self) -> None:
         """Start a new sequence (the buffers are overwritten as positions are reused)."""
         self.position = 0
 
     def step(self, tokens: list[int]) -> np.ndarray:
-        """Append ``tokens`` to the sequence; the next-token logits (V,) after the last one."""
-        if not tokens:
+        """Append ``tokens`` to slot 0's sequence; the next-token logits (V,) after the last one."""
+        if len(tokens) > 1:
+            logits = self.prefill(0, tokens, self.position)
+        elif tokens:
+            logits = self.decode(tokens, [self.position])[0]
+        else:
             raise InvalidInput(("tokens",), "expected at least one token")
-        end = self.position + len(tokens)
-        if end > self.max_context:
-            raise InvalidInput(("tokens",), f"the sequence would be {end} tokens, more than this session's context "
-                               f"of {self.max_context}; shorten the prompt or lower max_tokens")  # fmt: skip
-        session, io = (self.prefill_session, self.prefill_io) if len(tokens) > 1 and self.prefill_session \
-            else (self.session, self.io)  # fmt: skip
-        io.bind_cpu_input("input_ids", np.asarray([tokens], dtype=np.int64))
-        io.bind_cpu_input("seqlens_k", np.array([end - 1], np.int32))
-        io.bind_cpu_input("total_sequence_length", np.array(end, np.int32))
-        session.run_with_iobinding(io)
-        self.position = end
-        return self.logits.numpy()[0, -1]
+        self.position += len(tokens)
+        return logits

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -15,7 +16,8 @@ from forwardpass.repository import Repository
 from forwardpass.server.config import ServeConfig
 from forwardpass.server.errors import error_response
 from forwardpass.server.handlers import Handlers
-from forwardpass.server.http import Request, Response
+from forwardpass.server.openai import OpenAIHandlers
+from forwardpass.server.http import Request, Response, StreamingResponse
 from forwardpass.server.routes import routes
 
 log = logging.getLogger("forwardpass.server")
@@ -28,7 +30,8 @@ class App:
 
     def __init__(self, engine: Engine, config: ServeConfig):
         self.engine, self.config = engine, config
-        self.router = routes(Handlers(engine, config))
+        self.router = routes(Handlers(engine, config), OpenAIHandlers(engine, config))
+        engine.drain_timeout = config.drain_timeout
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -39,9 +42,31 @@ class App:
 
     async def _http(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         response = await self.dispatch(scope, receive, None)
-        await response.send(send)
+        if not isinstance(response, StreamingResponse):
+            await response.send(send)
+            return
+        # streamed: a disconnect (seen by receive()) cancels the sending task, which stops the producer
+        sending = asyncio.ensure_future(response.send(send))
 
-    async def dispatch(self, scope: dict[str, Any], receive: Receive | None, body: bytes | None) -> Response:
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            sending.cancel()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await sending
+        except asyncio.CancelledError:
+            if not sending.cancelled():
+                raise
+        finally:
+            watcher.cancel()
+            aclose = getattr(response.chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    async def dispatch(self, scope: dict[str, Any], receive: Receive | None,
+                       body: bytes | None) -> Response | StreamingResponse:  # fmt: skip
         """Route one request (``scope`` needs method, path and headers) and answer it; never raises."""
         method, path = scope["method"], scope["path"]
         handler, params, path_exists = self.router.match(method, path)

@@ -24,6 +24,7 @@ class ServeConfig(BaseModel):
     cache_bytes: int = Field(64 * 2**20, ge=0)
     drain_timeout: float = Field(30.0, ge=0)  # seconds to finish in-flight requests on shutdown
     http: Literal["forwardpass", "uvicorn"] = "forwardpass"  # the HTTP/1.1 implementation (bench/serve.py)
+    api_key: str | None = None  # when set, the OpenAI-compatible endpoints want "Authorization: Bearer <key>"
 
     @classmethod
     def from_env(cls, **overrides: object) -> ServeConfig:

@@ -8,7 +8,7 @@ bench/serve.py), so the few things a V2 server needs are written here directly.
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -121,6 +121,37 @@ class Response:
         await send({"type": "http.response.body", "body": self.body})
 
 
+class StreamingResponse:
+    """A response whose body is produced while it is sent (server-sent events), with chunked encoding.
+
+    If the client goes away, the server cancels the task iterating ``chunks``; the iterator's
+    ``finally`` is where a producer learns it (the generation scheduler frees the request's slot).
+    """
+
+    def __init__(self, chunks: AsyncIterator[bytes], status: int = 200, content_type: str = "text/event-stream",
+                 headers: list[tuple[bytes, bytes]] | None = None):  # fmt: skip
+        self.chunks, self.status, self.content_type = chunks, status, content_type
+        self.headers = [(b"cache-control", b"no-cache"), *(headers or [])]
+
+    def head(self, keep_alive: bool = True) -> bytes:
+        """Status line and headers, for HTTP/1.1 chunked transfer."""
+        lines = [_STATUS_LINES.get(self.status) or b"HTTP/1.1 %d %s\r\n" % (self.status, _reason(self.status)),
+                 b"content-type: ", self.content_type.encode(), b"\r\ntransfer-encoding: chunked\r\n"]  # fmt: skip
+        for name, value in self.headers:
+            lines += [name, b": ", value, b"\r\n"]
+        if not keep_alive:
+            lines.append(b"connection: close\r\n")
+        lines.append(b"\r\n")
+        return b"".join(lines)
+
+    async def send(self, send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        headers = [(b"content-type", self.content_type.encode()), *self.headers]
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        async for chunk in self.chunks:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+
 def _reason(status: int) -> bytes:
     try:
         return HTTPStatus(status).phrase.encode()
@@ -130,7 +161,7 @@ def _reason(status: int) -> bytes:
 
 _STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 
-Handler = Callable[..., Awaitable[Response]]
+Handler = Callable[..., Awaitable[Response | StreamingResponse]]
 
 
 class Router:

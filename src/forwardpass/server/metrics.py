@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -53,3 +54,49 @@ class _Collector:
                 family.add_metric(key, h.cumulative(), h.sum)
         yield from (requests, hits, misses, rows, *hists.values())
         yield GaugeMetricFamily("forwardpass_inflight_requests", "Requests being served now", value=m.inflight)
+        if m.generation:
+            yield from _generation(m)
+
+
+def _generation(m: Stats) -> Iterator[Metric]:
+    """Language models: tokens, per-token latencies, queue and slots, prefix cache."""
+    labels = ["model", "version"]
+    p = "forwardpass_generation_"
+
+    def family(kind: type, name: str, doc: str, attr: Any) -> Metric:
+        metric = kind(p + name, doc, labels=labels)
+        for (model, version), g in sorted(m.generation.items()):
+            value = attr(g)
+            if isinstance(value, Histogram):
+                metric.add_metric([model, str(version)], value.cumulative(), value.sum)
+            else:
+                metric.add_metric([model, str(version)], value)
+        return metric
+
+    yield family(CounterMetricFamily, "prompt_tokens", "Prompt tokens received", lambda g: g.prompt_tokens)
+    yield family(CounterMetricFamily, "generated_tokens", "Tokens generated", lambda g: g.generated_tokens)
+    yield family(GaugeMetricFamily, "tokens_per_second", "Tokens generated per second, last 10 s, all streams",
+                 lambda g: g.tokens_per_second())  # fmt: skip
+    yield family(HistogramMetricFamily, "time_to_first_token_seconds", "Request queued -> first token",
+                 lambda g: g.ttft)  # fmt: skip
+    yield family(HistogramMetricFamily, "inter_token_latency_seconds", "Between two tokens of one stream",
+                 lambda g: g.itl)  # fmt: skip
+    yield family(HistogramMetricFamily, "queue_duration_seconds", "Waiting for a slot", lambda g: g.queue_time)
+    yield family(HistogramMetricFamily, "decode_step_seconds", "One batched decode call", lambda g: g.step_time)
+    yield family(GaugeMetricFamily, "queue_depth", "Requests waiting for a slot", lambda g: g.queued)
+    yield family(GaugeMetricFamily, "active_sequences", "Sequences holding a slot", lambda g: g.active)
+    yield family(CounterMetricFamily, "cancelled", "Requests cancelled (client gone)", lambda g: g.cancelled)
+    yield family(CounterMetricFamily, "decode_rows", "Sequence rows decoded (rows per step = this / steps)",
+                 lambda g: g.decode_rows)  # fmt: skip
+    yield family(CounterMetricFamily, "decode_steps", "Batched decode calls", lambda g: g.decode_steps)
+    yield family(CounterMetricFamily, "prefix_cache_hits", "Requests that reused a cached prompt prefix",
+                 lambda g: g.prefix_hits)  # fmt: skip
+    yield family(CounterMetricFamily, "prefix_cache_misses", "Requests with no cached prefix", lambda g: g.prefix_misses)
+    yield family(CounterMetricFamily, "prefix_cache_saved_tokens", "Prompt tokens not recomputed thanks to the cache",
+                 lambda g: g.prefix_saved_tokens)  # fmt: skip
+    yield family(GaugeMetricFamily, "prefix_cache_bytes", "Memory held by the prefix cache", lambda g: g.prefix_cache_bytes)
+    finished = CounterMetricFamily(p + "requests", "Finished generations by finish reason", labels=[*labels, "reason"])
+    for (model, version), g in sorted(m.generation.items()):
+        for reason, count in sorted(g.finish_reasons.items()):
+            finished.add_metric([model, str(version), reason], count)
+    yield finished

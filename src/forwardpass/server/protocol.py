@@ -21,7 +21,7 @@ import httptools
 from forwardpass.errors import PayloadTooLarge
 from forwardpass.server.app import App
 from forwardpass.server.errors import error_response
-from forwardpass.server.http import Response
+from forwardpass.server.http import Response, StreamingResponse
 
 log = logging.getLogger("forwardpass.server")
 
@@ -67,6 +67,8 @@ class HttpProtocol(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.queue: deque[tuple[dict[str, Any], bytes | None, Response | None, bool]] = deque()
         self.busy = False
+        self.task: asyncio.Task[None] | None = None
+        self.streaming = False  # a streamed response is being written: a lost client cancels self.task
         self.reading = True
         self.write_paused = False
         self.drained = asyncio.Event()
@@ -93,6 +95,8 @@ class HttpProtocol(asyncio.Protocol):
         self.queue.clear()
         self.transport = None
         self.drained.set()
+        if self.streaming and self.task is not None:
+            self.task.cancel()  # stops the producer (a generation frees its slot)
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -176,9 +180,30 @@ class HttpProtocol(asyncio.Protocol):
             self.busy = True
             self.state.active += 1
             self.state.idle.clear()
-            self.loop.create_task(self._serve_queue())
+            self.task = self.loop.create_task(self._serve_queue())
 
     # -- answering -----------------------------------------------------------------------------
+
+    async def _stream(self, response: StreamingResponse, keep_alive: bool) -> None:
+        """Write a streamed response as HTTP/1.1 chunks, one write per chunk, waiting when the client is slow."""
+        assert self.transport is not None
+        self.streaming = True
+        self.transport.write(response.head(keep_alive))
+        try:
+            async for chunk in response.chunks:
+                if self.write_paused:
+                    await self.drained.wait()
+                if self.transport is None:
+                    return
+                if chunk:
+                    self.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            if self.transport is not None:
+                self.transport.write(b"0\r\n\r\n")
+        finally:
+            self.streaming = False
+            aclose = getattr(response.chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
     async def _serve_queue(self) -> None:
         """Answer queued requests one at a time, in order (HTTP/1.1 pipelining)."""
@@ -193,19 +218,26 @@ class HttpProtocol(asyncio.Protocol):
                     if self.transport is None:
                         return
                 keep_alive = keep_alive and not self.state.closing and error is None
-                self.transport.write(response.encode(keep_alive, head=scope["method"] == "HEAD"))
+                if isinstance(response, StreamingResponse):
+                    await self._stream(response, keep_alive)
+                    if self.transport is None:
+                        return
+                else:
+                    self.transport.write(response.encode(keep_alive, head=scope["method"] == "HEAD"))
                 if not keep_alive:
                     self.transport.close()
                     return
                 if not self.reading and len(self.queue) <= MAX_PIPELINED // 2:
                     self.transport.resume_reading()
                     self.reading = True
+        except asyncio.CancelledError:
+            pass  # the client left during a streamed response
         except Exception:  # dispatch never raises; this guards the protocol's own code
             log.exception("connection handler failed")
             if self.transport is not None:
                 self.transport.close()
         finally:
-            self.busy = False
+            self.busy = self.streaming = False
             self.state.active -= 1
             if self.state.active == 0:
                 self.state.idle.set()

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 from forwardpass.server.handlers import Handlers
 from forwardpass.server.http import Router
+from forwardpass.server.openai import OpenAIHandlers
 
 
-def routes(h: Handlers) -> Router:
+def routes(h: Handlers, o: OpenAIHandlers) -> Router:
     """Every endpoint the server answers."""
     return Router([
         ("POST", "/v2/models/{model}/infer", h.infer),
         ("POST", "/v2/models/{model}/versions/{version}/infer", h.infer),
         ("POST", "/v1/models/{model}:predict", h.predict),
         ("POST", "/v1/models/{model}/versions/{version}:predict", h.predict),
+        ("POST", "/v1/chat/completions", o.chat_completions),
+        ("POST", "/v1/completions", o.completions),
+        ("GET", "/v1/models", o.models),
         ("GET", "/v2/health/ready", h.ready),
         ("GET", "/v2/health/live", h.live),
         ("GET", "/v2", h.server_metadata),

@@ -1,0 +1,106 @@
+"""One generation request's state between forward passes: sampling, stop rules, text to send.
+
+The single-sequence loop (LanguageModel.generate) and the continuous-batching scheduler both
+drive a Sequence the same way, so the two paths cannot drift apart:
+
+    seq = Sequence(prompt_ids, limit=64, stop=["\\n\\n"], params=SamplingParams(seed=1), ...)
+    logits = session.step(seq.prompt)
+    while True:
+        piece = seq.advance(logits)      # picks a token; text safe to show now ('' or more)
+        if seq.finish_reason: break
+        logits = session.step([seq.tokens[-1]])
+    seq.result(...)                      # a Generation
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from forwardpass.generation.detokenize import TextStream
+from forwardpass.generation.sampler import Sampler, SamplingParams, token_logprob, top_logprobs
+
+
+@dataclass
+class Generation:
+    """A finished generation."""
+
+    text: str
+    tokens: list[int]
+    finish_reason: str  # "stop" (a stop token or string) or "length" (max_tokens)
+    prompt_tokens: int
+    seconds_to_first_token: float
+    seconds: float
+    token_logprobs: list[Any] = field(default_factory=list)
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def tokens_per_second(self) -> float:
+        decode = self.seconds - self.seconds_to_first_token
+        return (len(self.tokens) - 1) / decode if decode > 0 and len(self.tokens) > 1 else 0.0
+
+
+class Sequence:
+    """Prompt ids in, tokens and text out; knows when it is finished."""
+
+    def __init__(self, prompt: list[int], *, limit: int, stop: Seq[str], params: SamplingParams, logprobs: int,
+                 stop_ids: Seq[int], tokenizer: Any):  # fmt: skip
+        self.prompt, self.limit, self.stop = prompt, limit, list(stop)
+        self.sampler = Sampler(params)
+        self.logprobs = logprobs
+        self.stop_ids = set(stop_ids)
+        self.stream = TextStream(tokenizer)
+        self.holdback = max((len(s) for s in self.stop), default=0)  # text that might still become a stop string
+        self.tokens: list[int] = []
+        self.recorded: list[Any] = []
+        self.text, self.sent = "", 0
+        self.finish_reason: str | None = None
+        self.started = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.cached_tokens = 0
+
+    def advance(self, logits: np.ndarray) -> str:
+        """Pick the next token from ``logits`` (V,); the text that can be sent now ('' if none)."""
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        token = self.sampler.pick(logits, self.tokens)
+        if token in self.stop_ids:
+            return self._finish("stop")
+        if self.logprobs:
+            top = top_logprobs(logits, self.logprobs)
+            own = dict(top).get(token)
+            self.recorded.append({"token": token, "logprob": own if own is not None else token_logprob(logits, token),
+                                  "top_logprobs": top})  # fmt: skip
+        self.tokens.append(token)
+        self.text += self.stream.push(token)
+        cut = min((self.text.find(s) for s in self.stop if s in self.text), default=-1)
+        if cut >= 0:
+            self.text = self.text[:cut]
+            return self._finish("stop")
+        if len(self.tokens) == self.limit:
+            self.text += self.stream.flush()
+            return self._finish("length")
+        end = len(self.text) - self.holdback
+        if end > self.sent:
+            piece, self.sent = self.text[self.sent : end], end
+            return piece
+        return ""
+
+    def _finish(self, reason: str) -> str:
+        self.finish_reason = reason
+        piece, self.sent = self.text[self.sent :], len(self.text)
+        return piece
+
+    def result(self) -> Generation:
+        now = time.perf_counter()
+        first = (self.first_token_at or now) - self.started
+        return Generation(self.text, self.tokens, self.finish_reason or "length", len(self.prompt), first,
+                          now - self.started, self.recorded, self.cached_tokens)  # fmt: skip

