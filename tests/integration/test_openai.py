@@ -124,7 +124,7 @@ def test_seed_gives_the_same_text_alone_and_next_to_seven_others(client):
 
 def test_client_disconnect_frees_the_slot(llm_server):
     cancelled = metric(llm_server, "forwardpass_generation_cancelled_total")
-    body = {"model": "smollm2", "messages": HELLO, "max_tokens": 400, "temperature": 0, "stream": True}
+    body = {"model": "smollm2", "messages": HELLO, "max_tokens": 400, "temperature": 0, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", f"{llm_server.url}/v1/chat/completions", json=body, timeout=60) as response:
         assert response.status_code == 200
         lines = response.iter_lines()
@@ -176,11 +176,13 @@ def test_full_queue_gets_503_and_api_key_is_checked(demo_repo, tmp_path):
         wrong = httpx.get(f"{srv.url}/v1/models", headers={"Authorization": "Bearer nope"}, timeout=5)
         assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
         headers = {"Authorization": "Bearer s3cret"}
-        body = {"model": "smollm2", "messages": HELLO, "max_tokens": 300, "temperature": 0, "stream": True}
+        body = {"model": "smollm2", "messages": HELLO, "max_tokens": 300, "temperature": 0, "stream": True,
+                "ignore_eos": True}
         with httpx.Client(timeout=60, headers=headers) as http:
             with http.stream("POST", f"{srv.url}/v1/chat/completions", json=body) as running:
                 assert running.status_code == 200
-                next(running.iter_lines())  # it holds the only slot
+                lines = (line for line in running.iter_lines() if line.startswith("data: "))
+                next(lines), next(lines)  # a generated token: it holds the only slot
                 with http.stream("POST", f"{srv.url}/v1/chat/completions", json=body) as waiting:
                     assert waiting.status_code == 200  # queued (the queue holds one)
                     full = httpx.post(f"{srv.url}/v1/chat/completions", json=body, headers=headers, timeout=30)

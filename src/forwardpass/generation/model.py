@@ -83,8 +83,11 @@ class LanguageModel:
 
     def prepare(self, prompt: str | None = None, *, messages: Sequence[dict[str, Any]] | None = None,
                 max_tokens: int | None = None, stop: str | Sequence[str] | None = None, logprobs: int = 0,
-                **sampling: Any) -> TokenSequence:  # fmt: skip
-        """A checked, tokenized request, ready to run (generate() and the server's scheduler both start here)."""
+                ignore_eos: bool = False, **sampling: Any) -> TokenSequence:  # fmt: skip
+        """A checked, tokenized request, ready to run (generate() and the server's scheduler both start here).
+
+        ``ignore_eos`` keeps generating past the model's stop tokens, to max_tokens (benchmarks, as vLLM's).
+        """
         if not 0 <= logprobs <= 20:
             raise InvalidInput(("logprobs",), "expected 0 to 20", logprobs)
         if (prompt is None) == (messages is None):
@@ -111,7 +114,7 @@ class LanguageModel:
                                "shorten the prompt or lower max_tokens")  # fmt: skip
         params = SamplingParams(**sampling)
         return TokenSequence(ids, limit=limit, stop=stops, params=params, logprobs=logprobs,
-                             stop_ids=self.gen.stop_token_ids, tokenizer=self.tokenizer)  # fmt: skip
+                             stop_ids=() if ignore_eos else self.gen.stop_token_ids, tokenizer=self.tokenizer)  # fmt: skip
 
     def generate(self, prompt: str | None = None, *, messages: Sequence[dict[str, Any]] | None = None,
                  max_tokens: int | None = None, stop: str | Sequence[str] | None = None, stream: bool = False,

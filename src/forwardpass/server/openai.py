@@ -26,7 +26,7 @@ from forwardpass.server.http import Request, Response, StreamingResponse
 SAMPLING = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "seed": "seed",
             "frequency_penalty": "frequency_penalty", "presence_penalty": "presence_penalty",
             "repetition_penalty": "repetition_penalty"}  # fmt: skip
-COMMON = {"model", "max_tokens", "stop", "stream", "stream_options", "n", "user", *SAMPLING}
+COMMON = {"model", "max_tokens", "stop", "stream", "stream_options", "n", "user", "ignore_eos", *SAMPLING}
 CHAT = COMMON | {"messages", "logprobs", "top_logprobs", "max_completion_tokens"}
 COMPLETION = COMMON | {"prompt", "logprobs"}
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
@@ -117,6 +117,10 @@ class OpenAIHandlers:
                 elif isinstance(value, bool) or not isinstance(value, (int, float)):
                     raise InvalidInput((name,), "expected a number", value)
             max_tokens = doc.get("max_completion_tokens", doc.get("max_tokens"))
+            ignore_eos = doc.get("ignore_eos", False)
+            if not isinstance(ignore_eos, bool):
+                raise InvalidInput(("ignore_eos",), "expected true or false", ignore_eos)
+            sampling["ignore_eos"] = ignore_eos
             if chat:
                 seq = llm.prepare(messages=_messages(doc.get("messages")), max_tokens=max_tokens, stop=doc.get("stop"),
                                   logprobs=logprobs, **sampling)  # fmt: skip
