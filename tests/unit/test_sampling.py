@@ -28,6 +28,20 @@ def test_top_k_top_p_min_p():
     assert np.count_nonzero(probs(top_k=3, min_p=0.35)) == 2
 
 
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.97])
+def test_top_p_on_a_large_vocabulary_equals_a_full_sort(top_p):
+    # a flat distribution over 50k tokens: the nucleus holds thousands of tokens, past the first 256 candidates
+    logits = np.random.default_rng(3).normal(scale=0.5, size=50_000).astype(np.float32)
+    sampler = Sampler(SamplingParams(temperature=1.0, top_p=top_p))
+    probs = sampler.probabilities(logits)
+    full = np.exp(logits.astype(np.float64) - logits.max())
+    full /= full.sum()
+    order = np.argsort(-full, kind="stable")
+    keep = order[: int(np.searchsorted(np.cumsum(full[order]), top_p) + 1)]
+    assert set(np.flatnonzero(probs)) == set(keep.tolist())
+    assert len(keep) > 256 or top_p == 0.05
+
+
 def test_penalties():
     s = Sampler(SamplingParams(repetition_penalty=2.0))
     adjusted = s.adjust(np.array([2.0, -2.0, 1.0]), [0, 1, 0])

@@ -79,12 +79,7 @@ class Sampler:
             cutoff = np.partition(probs, -p.top_k)[-p.top_k]
             probs = np.where(probs >= cutoff, probs, 0.0)
         if p.top_p < 1:
-            order = np.argsort(-probs, kind="stable")
-            cumulative = np.cumsum(probs[order]) / probs.sum()
-            keep = order[: int(np.searchsorted(cumulative, p.top_p) + 1)]  # the smallest set reaching top_p
-            mask = np.zeros_like(probs, dtype=bool)
-            mask[keep] = True
-            probs = np.where(mask, probs, 0.0)
+            probs = np.where(_top_p_mask(probs, p.top_p), probs, 0.0)
         if p.min_p > 0:
             probs = np.where(probs >= p.min_p * probs.max(), probs, 0.0)
         return probs / probs.sum()
@@ -94,7 +89,29 @@ class Sampler:
         if self.params.temperature == 0:
             return int(np.argmax(self.adjust(logits, previous)))
         probs = self.probabilities(logits, previous)
-        return int(self.rng.choice(len(probs), p=probs))
+        # inverse CDF with one uniform draw: the distribution rng.choice(p=...) samples, at a third of its cost
+        cumulative = np.cumsum(probs)
+        return int(min(np.searchsorted(cumulative, self.rng.random() * cumulative[-1], side="right"), len(probs) - 1))
+
+
+def _top_p_mask(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """The smallest set of most likely tokens whose probability reaches ``top_p`` (nucleus), as a mask.
+
+    Sorting 49k probabilities costs ~3 ms per token; the nucleus is almost always within the few hundred
+    most likely, so those are found with argpartition and sorted alone, widening only when they fall short.
+    """
+    total = probs.sum()
+    k = min(len(probs), 256)
+    while True:
+        candidates = np.argpartition(-probs, k - 1)[:k] if k < len(probs) else np.arange(len(probs))
+        order = candidates[np.argsort(-probs[candidates], kind="stable")]
+        cumulative = np.cumsum(probs[order]) / total
+        if cumulative[-1] >= top_p or k == len(probs):
+            break
+        k = min(len(probs), k * 8)
+    mask = np.zeros(len(probs), dtype=bool)
+    mask[order[: int(np.searchsorted(cumulative, top_p) + 1)]] = True
+    return mask
 
 
 def token_logprob(logits: np.ndarray, token: int) -> float:
