@@ -144,6 +144,37 @@ def predict(
         _answers_table(names, answers)
 
 
+@app.command()
+def batch(
+    model: Annotated[str, typer.Argument(help="Model name")],
+    input: Annotated[str, typer.Argument(help="Parquet, CSV, JSONL, a .txt of prompts, or a folder/glob of images")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder (part files + manifest)")],
+    repository: RepositoryOption = None,
+    engine: Annotated[str, typer.Option(help="local (threads on this machine) or ray")] = "local",
+    fmt: Annotated[str, typer.Option("--format", help="parquet, csv or jsonl")] = "parquet",
+    batch_size: Annotated[int | None, typer.Option(help="Rows per forward pass [default: by input kind]")] = None,
+    chunk_rows: Annotated[int | None, typer.Option(help="Rows per part file (the unit of resuming)")] = None,
+    id_column: Annotated[list[str] | None, typer.Option(help="Input column(s) carried into the output")] = None,
+    max_errors: Annotated[int | None, typer.Option(help="Abort when more rows than this fail")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", help="Also write the k best labels and probabilities")] = 0,
+    max_tokens: Annotated[int, typer.Option(help="Generation models: tokens per completion")] = 64,
+    ray_address: Annotated[str | None, typer.Option(help="An existing Ray cluster [default: a local one]")] = None,
+    num_cpus: Annotated[int | None, typer.Option(help="CPUs for the local Ray cluster")] = None,
+) -> None:
+    """Score a large file: streamed in chunks, resumable after a crash, bad rows to _errors.jsonl."""
+    from forwardpass import batch as batch_pkg
+
+    summary = batch_pkg.run(model, input, output, engine=engine, fmt=fmt, batch_size=batch_size, chunk_rows=chunk_rows,
+                            id_columns=id_column, max_errors=max_errors, top_k=top_k, max_tokens=max_tokens,
+                            repository=repository, ray_address=ray_address,
+                            num_cpus=num_cpus, progress=True)  # fmt: skip
+    resumed = f", {summary.resumed_parts} parts from an earlier run" if summary.resumed_parts else ""
+    out.print(f"{summary.rows_ok:,} rows ok, {summary.rows_failed:,} failed, {summary.seconds:.1f} s, "
+              f"{summary.rows_per_second:,.0f} rows/s -> {summary.output}{resumed}")  # fmt: skip
+    if summary.rows_failed and summary.errors_file:
+        out.print(f"errors: {summary.errors_file}")
+
+
 def _read_inputs(args: list[str], pre_kind: str) -> tuple[list[Any], list[str]]:
     instances: list[Any] = []
     names: list[str] = []

@@ -1,0 +1,202 @@
+"""One chunk of input rows -> an output table plus per-row errors; used by the local and the Ray engine.
+
+A bad row (a cell that is not a number, a missing feature without default, an unreadable image, a
+line that is not JSON) becomes an error record ``{"row", <id columns>, "error"}`` and the other rows
+carry on. Tabular tables are turned into the feature matrix column by column with pyarrow (no
+per-row Python unless a column holds a bad cell); images are read one by one, so one broken file
+costs only itself.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from forwardpass._deps import require
+from forwardpass.batch.io import Chunk
+from forwardpass.errors import ForwardpassError, InvalidInput
+from forwardpass.pipeline.answers import ClassificationAnswers
+from forwardpass.pipeline.pre import Tabular
+
+
+class ChunkPredictor:
+    """Holds a loaded Model; ``predict(chunk)`` -> (pyarrow Table, error records)."""
+
+    def __init__(self, model: Any, *, id_columns: list[str] | None = None, batch_size: int = 1024, top_k: int = 0):
+        self.model, self.id_columns, self.batch_size, self.top_k = model, id_columns or [], batch_size, top_k
+        self.pa = require("pyarrow", "batch", "batch inference")
+
+    def predict(self, chunk: Chunk) -> tuple[Any, list[dict[str, Any]]]:
+        n = len(chunk)
+        errors: dict[int, str] = dict(chunk.bad)
+        if isinstance(chunk.data, list):
+            feeds, kept = self._rows(chunk.data, errors)
+        else:
+            feeds, kept = self._table(chunk.data, errors)
+        columns: dict[str, Any] = {"row": np.asarray(kept, dtype=np.int64) + chunk.start}
+        for name in self.id_columns:
+            columns[name] = self._ids(chunk, name, kept)
+        if kept:
+            columns.update(self._forward(feeds, len(kept)))
+        records = [{"row": chunk.start + i, **{c: self._id(chunk, c, i) for c in self.id_columns}, "error": errors[i]}
+                   for i in sorted(errors) if i < n]  # fmt: skip
+        return self.pa.table(columns), records
+
+    # -- inputs -> feeds ---------------------------------------------------------------------------
+
+    def _table(self, table: Any, errors: dict[int, str]) -> tuple[dict[str, np.ndarray], list[int]]:
+        pre = self.model._pre
+        tensor = self._tensor_input()
+        if tensor is not None and tensor.name in table.column_names:
+            return self._tensor_column(table.column(tensor.name), tensor, errors)
+        if not isinstance(pre, Tabular):
+            return self._rows(table.to_pylist(), errors)
+        pc = require("pyarrow.compute", "batch", "batch inference")
+        n = table.num_rows
+        matrix = np.empty((n, len(pre.features)), dtype=np.float64)
+        for j, name in enumerate(pre.features):
+            if name not in table.column_names:
+                if pre.defaults[j] is None:
+                    for i in range(n):
+                        errors.setdefault(i, f"{name}: missing feature (no default declared)")
+                    continue
+                matrix[:, j] = pre.defaults[j]
+                continue
+            column = table.column(name)
+            try:
+                values = pc.cast(column, self.pa.float64()).to_numpy(zero_copy_only=False)
+            except (self.pa.ArrowInvalid, self.pa.ArrowNotImplementedError):
+                values = self._cells(column.to_pylist(), name, errors)
+            missing = np.flatnonzero(np.isnan(values)) if column.null_count else []
+            for i in missing:
+                if column[int(i)].as_py() is None:
+                    if pre.defaults[j] is None:
+                        errors.setdefault(int(i), f"{name}: missing feature (no default declared)")
+                    else:
+                        values[i] = pre.defaults[j]
+            if not pre.allow_nan:
+                for i in np.flatnonzero(~np.isfinite(values)):
+                    errors.setdefault(int(i), f"{name}: expected a finite number (got {values[i]!r})")
+            matrix[:, j] = values
+        kept = [i for i in range(n) if i not in errors]
+        return {pre.input: matrix[kept].astype(pre.dtype, copy=False)}, kept
+
+    def _tensor_input(self) -> Any:
+        """The model's one input when it is a [-1, F] tensor: a list column of that name feeds it directly."""
+        inputs = self.model.inputs
+        if len(inputs) == 1 and len(inputs[0].shape) == 2 and inputs[0].shape[1] > 0:
+            return inputs[0]
+        return None
+
+    def _tensor_column(self, column: Any, spec: Any, errors: dict[int, str]) -> tuple[dict[str, np.ndarray], list[int]]:
+        """A list<number> column -> the [N, F] input tensor, no pre-processing; wrong lengths and nulls are row errors."""
+        pc = require("pyarrow.compute", "batch", "batch inference")
+        width = spec.shape[1]
+        if not self.pa.types.is_list(column.type) and not self.pa.types.is_fixed_size_list(column.type) \
+                and not self.pa.types.is_large_list(column.type):  # fmt: skip
+            raise InvalidInput(("input", spec.name), f"expected a list column of {width} numbers", str(column.type))
+        lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+        good = ~np.isnan(lengths.astype(np.float64)) & (np.nan_to_num(lengths, nan=-1) == width)
+        for i in np.flatnonzero(~good):
+            errors.setdefault(int(i), f"{spec.name}: expected {width} numbers (got {column[int(i)].as_py()!r:.60})")
+        kept = [i for i in range(len(column)) if i not in errors]
+        values = pc.list_flatten(column.filter(self.pa.array(good))).to_numpy(zero_copy_only=False)
+        matrix = values.astype(np.float32 if spec.datatype == "FP32" else np.float64, copy=False).reshape(-1, width)
+        if len(kept) != len(matrix):  # rows bad for another reason already: keep only the kept ones
+            matrix = matrix[np.isin(np.flatnonzero(good), kept)]
+        return {spec.name: matrix}, kept
+
+    @staticmethod
+    def _cells(cells: list[Any], name: str, errors: dict[int, str]) -> np.ndarray:
+        out = np.empty(len(cells), dtype=np.float64)
+        for i, cell in enumerate(cells):
+            if cell is None or cell == "":
+                out[i] = math.nan
+                continue
+            try:
+                out[i] = float(cell.strip() if isinstance(cell, str) else cell)
+            except (TypeError, ValueError):
+                errors.setdefault(i, f"{name}: expected a number (got {cell!r})")
+                out[i] = 0.0
+        return out
+
+    def _rows(self, rows: list[Any], errors: dict[int, str]) -> tuple[dict[str, np.ndarray], list[int]]:
+        model = self.model
+        kind = model.pre_kind
+        items: list[tuple[int, Any]] = []
+        for i, row in enumerate(rows):
+            if i in errors or row is None:
+                continue
+            if kind in ("image", "audio"):
+                path = row.get("path")
+                items.append((i, Path(path) if isinstance(path, str) else row.get("data")))
+            elif kind == "text":
+                items.append((i, row.get("text", row.get("prompt"))))
+            else:
+                features = getattr(model._pre, "features", None)
+                items.append((i, {k: v for k, v in row.items() if features is None or k in features}))
+        if kind in ("image", "audio"):  # one at a time: decoding dominates, and a bad file costs only itself
+            parts, kept = [], []
+            for i, item in items:
+                try:
+                    parts.append(model.prepare([item]))
+                    kept.append(i)
+                except ForwardpassError as exc:
+                    errors[i] = _message(exc)
+            feeds = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
+            return feeds, kept
+        while items:  # the whole chunk at once; a bad row is taken out and the rest tried again
+            try:
+                return model.prepare([item for _, item in items]), [i for i, _ in items]
+            except InvalidInput as exc:
+                if len(exc.loc) < 2 or exc.loc[0] != "instances" or not isinstance(exc.loc[1], int):
+                    raise
+                bad = items.pop(exc.loc[1])[0]
+                errors[bad] = _message(exc, drop=2)
+        return {}, []
+
+    # -- feeds -> prediction columns ---------------------------------------------------------------
+
+    def _forward(self, feeds: dict[str, np.ndarray], n: int) -> dict[str, Any]:
+        parts: list[dict[str, Any]] = []
+        for start in range(0, n, self.batch_size):
+            batch = {k: v[start : start + self.batch_size] for k, v in feeds.items()}
+            answers = self.model.predict(batch)
+            cols = dict(answers.columns())
+            if self.top_k > 1 and isinstance(answers, ClassificationAnswers):
+                order = np.argsort(-answers.probabilities, axis=1, kind="stable")[:, : self.top_k]
+                cols["top_labels"] = answers._labels[order].tolist()
+                cols["top_probabilities"] = np.take_along_axis(answers.probabilities, order, axis=1).tolist()
+            parts.append(cols)
+        out = {}
+        for name in parts[0]:
+            values = [p[name] for p in parts]
+            out[name] = np.concatenate(values) if isinstance(values[0], np.ndarray) else sum(values, [])
+        return out
+
+    # -- ids --------------------------------------------------------------------------------------
+
+    def _ids(self, chunk: Chunk, name: str, kept: list[int]) -> Any:
+        if isinstance(chunk.data, list):
+            return [None if chunk.data[i] is None else chunk.data[i].get(name) for i in kept]
+        if name not in chunk.data.column_names:
+            raise InvalidInput(("id_column",), f"no column '{name}' in the input; columns: {chunk.data.column_names}")
+        return chunk.data.column(name).take(self.pa.array(kept, type=self.pa.int64()))
+
+    @staticmethod
+    def _id(chunk: Chunk, name: str, i: int) -> Any:
+        if isinstance(chunk.data, list):
+            return None if chunk.data[i] is None else chunk.data[i].get(name)
+        return chunk.data.column(name)[i].as_py() if name in chunk.data.column_names else None
+
+
+def _message(exc: ForwardpassError, drop: int = 0) -> str:
+    """The error without the 'instances[i]' part (the row is its own field in the errors file)."""
+    if isinstance(exc, InvalidInput):
+        where = ".".join(str(p) for p in exc.loc[drop:]) if drop else ""
+        got = "" if exc.input is InvalidInput._MISSING else f" (got {exc.input!r:.80})"
+        return f"{where}: {exc.msg}{got}" if where else f"{exc.msg}{got}"
+    return exc.message
