@@ -70,7 +70,8 @@ def main() -> None:
     matrix = frame[[f"p{i}" for i in range(64)]].to_numpy(np.float32)
     labels = []
     for i in range(0, len(matrix), args.batch_size):
-        labels.append(session.run(None, {name: matrix[i : i + args.batch_size]})[0].argmax(1))
+        out = session.run(None, {name: matrix[i : i + args.batch_size]})[0]
+        labels.append(out if out.ndim == 1 else out.argmax(1))
     frame[["id"]].assign(label=np.concatenate(labels)).to_csv(folder / "naive.csv", index=False)
     naive = args.rows / (time.perf_counter() - start)
 

@@ -85,7 +85,7 @@ def test_sigkill_then_rerun_gives_every_row_exactly_once(demo_repo, tmp_path):
     x = digits_parquet(src, 300_000)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "forwardpass", "batch", "digits", str(src), "-o", str(out), "--id-column", "id",
-           "--chunk-rows", "10000", "-r", str(demo_repo)]  # fmt: skip
+           "--chunk-rows", "5000", "-r", str(demo_repo)]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     manifest = out / "_manifest.json"
     deadline = time.monotonic() + 60
@@ -96,7 +96,7 @@ def test_sigkill_then_rerun_gives_every_row_exactly_once(demo_repo, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(10)
     parts = json.loads(manifest.read_text())["parts"]
-    assert 3 <= len(parts) < 30, "killed too late to test resuming"
+    assert 3 <= len(parts) < 60, "killed too late to test resuming"
     assert not json.loads(manifest.read_text())["complete"]
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert rerun.returncode == 0, rerun.stderr

@@ -64,6 +64,10 @@ class Source:
     def total_rows(self) -> int | None:
         return None
 
+    def column_names(self) -> list[str]:
+        """Column names when the input is a table with a schema (Parquet, CSV header), else []."""
+        return []
+
     def chunks(self, skip: set[int] = frozenset()) -> Iterator[Chunk]:  # type: ignore[assignment]
         raise NotImplementedError
 
@@ -74,6 +78,10 @@ class ParquetSource(Source):
     def total_rows(self) -> int:
         pq = require("pyarrow.parquet", "batch", "reading Parquet")
         return pq.ParquetFile(self.path).metadata.num_rows
+
+    def column_names(self) -> list[str]:
+        pq = require("pyarrow.parquet", "batch", "reading Parquet")
+        return list(pq.ParquetFile(self.path).schema_arrow.names)
 
     def chunks(self, skip: set[int] = frozenset()) -> Iterator[Chunk]:  # type: ignore[assignment]
         pq = require("pyarrow.parquet", "batch", "reading Parquet")
@@ -90,6 +98,10 @@ class CsvSource(Source):
 
     def total_rows(self) -> int:
         return max(_count_lines(self.path) - 1, 0)
+
+    def column_names(self) -> list[str]:
+        with open(self.path, newline="", encoding="utf-8") as f:
+            return next(csv.reader(f), [])
 
     def chunks(self, skip: set[int] = frozenset()) -> Iterator[Chunk]:  # type: ignore[assignment]
         pa = require("pyarrow", "batch", "reading CSV")

@@ -27,10 +27,13 @@ def run_local(model: Any, input: str | Path, output: str | Path, *, fmt: str, ba
               chunk_rows: int | None, id_columns: list[str] | None, max_errors: int | None, top_k: int,
               progress: bool, max_tokens: int) -> Summary:  # fmt: skip
     generation = getattr(model, "gen", None) is not None
+    source = open_source(input, chunk_rows or 1, generation=generation)
     kind = "generation" if generation else model.pre_kind
+    if kind in ("image", "audio") and _feeds_tensor(model, source):
+        kind = "tensor"  # a list column named after the input: no decoding, table-sized chunks
     batch_size = batch_size or {"image": 32, "audio": 8, "text": 64, "generation": 8}.get(kind, 1024)
-    chunk_rows = chunk_rows or {"image": 256, "audio": 64, "text": 1024, "generation": 64}.get(kind, 65536)
-    source = open_source(input, chunk_rows, generation=generation)
+    source.chunk_rows = chunk_rows = chunk_rows or {"image": 256, "audio": 64, "text": 1024,
+                                                    "generation": 64}.get(kind, 65536)  # fmt: skip
     job = {"input": source.fingerprint(), "model": model.name, "version": model.version, "chunk_rows": chunk_rows,
            "format": fmt, "id_columns": id_columns or [], "top_k": top_k}  # fmt: skip
     if generation:
@@ -130,6 +133,12 @@ def run_local(model: Any, input: str | Path, output: str | Path, *, fmt: str, ba
         raise failure[0]
     errors_file = writer.finish()
     return Summary(ok, failed, time.perf_counter() - started, Path(output), errors_file, resumed_parts=len(done))
+
+
+def _feeds_tensor(model: Any, source: Any) -> bool:
+    """Does a Parquet/CSV input carry the model's one tensor input as a column of that name?"""
+    inputs = getattr(model, "inputs", [])
+    return len(inputs) == 1 and inputs[0].name in source.column_names()
 
 
 def _put(q: queue.Queue[Any], item: Any, stop: threading.Event) -> None:
