@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import glob
+from abc import ABC, abstractmethod
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ class Chunk:
         return len(self.data) if isinstance(self.data, list) else self.data.num_rows
 
 
-class Source:
+class Source(ABC):
     """An input file (or folder of images) read in chunks of ``chunk_rows`` rows."""
 
     kind = ""
@@ -68,8 +69,9 @@ class Source:
         """Column names when the input is a table with a schema (Parquet, CSV header), else []."""
         return []
 
+    @abstractmethod
     def chunks(self, skip: set[int] = frozenset()) -> Iterator[Chunk]:  # type: ignore[assignment]
-        raise NotImplementedError
+        """Chunks in input order, leaving out the indices in ``skip`` (committed by an earlier run)."""
 
 
 class ParquetSource(Source):
