@@ -88,7 +88,10 @@ class ParquetSource(Source):
     def chunks(self, skip: set[int] = frozenset()) -> Iterator[Chunk]:  # type: ignore[assignment]
         pq = require("pyarrow.parquet", "batch", "reading Parquet")
         pa = require("pyarrow", "batch", "reading Parquet")
-        for index, batch in enumerate(pq.ParquetFile(self.path).iter_batches(batch_size=self.chunk_rows)):
+        # pre_buffer=False: with it, iter_batches keeps every row group it has read cached (peak RSS
+        # grew ~35 MiB per million digits rows); without it memory stays flat and reading is as fast
+        reader = pq.ParquetFile(self.path, pre_buffer=False)
+        for index, batch in enumerate(reader.iter_batches(batch_size=self.chunk_rows)):
             if index not in skip:
                 yield Chunk(index, index * self.chunk_rows, pa.Table.from_batches([batch]))
 
@@ -299,7 +302,11 @@ def _atomic(path: Path, write: Any) -> None:
 
 def _write_table(table: Any, path: Path, fmt: str) -> None:
     if fmt == "parquet":
-        require("pyarrow.parquet", "batch", "writing Parquet").write_table(table, str(path))
+        pa = require("pyarrow", "batch", "writing Parquet")
+        # dictionary-encode only text: hashing 65k distinct row numbers or probabilities costs 3x the
+        # plain write and saves nothing (measured: a digits part 24 ms -> 8 ms)
+        text = [f.name for f in table.schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
+        require("pyarrow.parquet", "batch", "writing Parquet").write_table(table, str(path), use_dictionary=text)
     elif fmt == "csv":
         pa = require("pyarrow", "batch", "writing CSV")
         flat = table

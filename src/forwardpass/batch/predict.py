@@ -36,10 +36,11 @@ class ChunkPredictor:
             feeds, kept = self._rows(chunk.data, errors)
         else:
             feeds, kept = self._table(chunk.data, errors)
-        columns: dict[str, Any] = {"row": np.asarray(kept, dtype=np.int64) + chunk.start}
+        kept = np.asarray(kept, dtype=np.int64)
+        columns: dict[str, Any] = {"row": kept + chunk.start}
         for name in self.id_columns:
             columns[name] = self._ids(chunk, name, kept)
-        if kept:
+        if len(kept):
             columns.update(self._forward(feeds, len(kept)))
         records = [{"row": chunk.start + i, **{c: self._id(chunk, c, i) for c in self.id_columns}, "error": errors[i]}
                    for i in sorted(errors) if i < n]  # fmt: skip
@@ -47,7 +48,7 @@ class ChunkPredictor:
 
     # -- inputs -> feeds ---------------------------------------------------------------------------
 
-    def _table(self, table: Any, errors: dict[int, str]) -> tuple[dict[str, np.ndarray], list[int]]:
+    def _table(self, table: Any, errors: dict[int, str]) -> tuple[dict[str, np.ndarray], Any]:
         pre = self.model._pre
         tensor = self._tensor_input()
         if tensor is not None and tensor.name in table.column_names:
@@ -81,8 +82,8 @@ class ChunkPredictor:
                 for i in np.flatnonzero(~np.isfinite(values)):
                     errors.setdefault(int(i), f"{name}: expected a finite number (got {values[i]!r})")
             matrix[:, j] = values
-        kept = [i for i in range(n) if i not in errors]
-        return {pre.input: matrix[kept].astype(pre.dtype, copy=False)}, kept
+        kept = _kept(n, errors)
+        return {pre.input: (matrix if len(kept) == n else matrix[kept]).astype(pre.dtype, copy=False)}, kept
 
     def _tensor_input(self) -> Any:
         """The model's one input when it is a [-1, F] tensor: a list column of that name feeds it directly."""
@@ -91,7 +92,7 @@ class ChunkPredictor:
             return inputs[0]
         return None
 
-    def _tensor_column(self, column: Any, spec: Any, errors: dict[int, str]) -> tuple[dict[str, np.ndarray], list[int]]:
+    def _tensor_column(self, column: Any, spec: Any, errors: dict[int, str]) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """A list<number> column -> the [N, F] input tensor, no pre-processing; wrong lengths and nulls are row errors."""
         pc = require("pyarrow.compute", "batch", "batch inference")
         width = spec.shape[1]
@@ -102,8 +103,9 @@ class ChunkPredictor:
         good = ~np.isnan(lengths.astype(np.float64)) & (np.nan_to_num(lengths, nan=-1) == width)
         for i in np.flatnonzero(~good):
             errors.setdefault(int(i), f"{spec.name}: expected {width} numbers (got {column[int(i)].as_py()!r:.60})")
-        kept = [i for i in range(len(column)) if i not in errors]
-        values = pc.list_flatten(column.filter(self.pa.array(good))).to_numpy(zero_copy_only=False)
+        kept = _kept(len(column), errors)
+        values = pc.list_flatten(column if good.all() else column.filter(self.pa.array(good)))
+        values = values.to_numpy(zero_copy_only=False)
         matrix = values.astype(np.float32 if spec.datatype == "FP32" else np.float64, copy=False).reshape(-1, width)
         if len(kept) != len(matrix):  # rows bad for another reason already: keep only the kept ones
             matrix = matrix[np.isin(np.flatnonzero(good), kept)]
@@ -162,10 +164,15 @@ class ChunkPredictor:
 
     def _forward(self, feeds: dict[str, np.ndarray], n: int) -> dict[str, Any]:
         parts: list[dict[str, Any]] = []
+        label_list = None
         for start in range(0, n, self.batch_size):
             batch = {k: v[start : start + self.batch_size] for k, v in feeds.items()}
             answers = self.model.predict(batch)
-            cols = dict(answers.columns())
+            if isinstance(answers, ClassificationAnswers):  # class indices now, label strings once per chunk
+                best, label_list = answers.best, answers._label_list
+                cols = {"label": best, "probability": answers.probabilities[np.arange(len(best)), best]}
+            else:
+                cols = dict(answers.columns())
             if self.top_k > 1 and isinstance(answers, ClassificationAnswers):
                 order = np.argsort(-answers.probabilities, axis=1, kind="stable")[:, : self.top_k]
                 cols["top_labels"] = answers._labels[order].tolist()
@@ -175,22 +182,32 @@ class ChunkPredictor:
         for name in parts[0]:
             values = [p[name] for p in parts]
             out[name] = np.concatenate(values) if isinstance(values[0], np.ndarray) else sum(values, [])
+        if label_list is not None:  # Arrow take of a 10-string array: no numpy str array, no per-row objects
+            out["label"] = self.pa.array(label_list, self.pa.string()).take(out["label"])
         return out
 
     # -- ids --------------------------------------------------------------------------------------
 
-    def _ids(self, chunk: Chunk, name: str, kept: list[int]) -> Any:
+    def _ids(self, chunk: Chunk, name: str, kept: np.ndarray) -> Any:
         if isinstance(chunk.data, list):
-            return [None if chunk.data[i] is None else chunk.data[i].get(name) for i in kept]
+            return [None if chunk.data[i] is None else chunk.data[i].get(name) for i in kept.tolist()]
         if name not in chunk.data.column_names:
             raise InvalidInput(("id_column",), f"no column '{name}' in the input; columns: {chunk.data.column_names}")
-        return chunk.data.column(name).take(self.pa.array(kept, type=self.pa.int64()))
+        column = chunk.data.column(name)
+        return column if len(kept) == len(column) else column.take(self.pa.array(kept))
 
     @staticmethod
     def _id(chunk: Chunk, name: str, i: int) -> Any:
         if isinstance(chunk.data, list):
             return None if chunk.data[i] is None else chunk.data[i].get(name)
         return chunk.data.column(name)[i].as_py() if name in chunk.data.column_names else None
+
+
+def _kept(n: int, errors: dict[int, str]) -> np.ndarray:
+    """Row indices 0..n-1 that have no error, ascending."""
+    if not errors:
+        return np.arange(n, dtype=np.int64)
+    return np.setdiff1d(np.arange(n, dtype=np.int64), np.fromiter(errors, dtype=np.int64, count=len(errors)))
 
 
 def _message(exc: ForwardpassError, drop: int = 0) -> str:
