@@ -2,7 +2,14 @@
 
     reader thread ──chunks──> predictor thread(s) ──(index, table, errors)──> writer thread
 
-ONNX Runtime and pyarrow release the GIL in their heavy parts, so the three stages run at once.
+ONNX Runtime, pyarrow and Pillow release the GIL in their heavy parts, so the stages run at once.
+Where pre-processing happens depends on how the model uses the cores:
+
+- a small model (one ONNX Runtime thread): one predictor per core, each decoding and running
+  its own chunks; the cores work on different chunks.
+- a big model (one predictor whose ONNX Runtime uses every core): the reader thread also decodes
+  and pre-processes, so the next chunk's images are ready when the forward pass finishes this one.
+
 Chunks can finish out of order with several predictors; each is committed under its own index,
 so order does not matter for the output or for resuming.
 """
@@ -51,6 +58,7 @@ def run_local(model: Any, input: str | Path, output: str | Path, *, fmt: str, ba
         count = available_cores() if threads == 1 else 1
         predictors = [ChunkPredictor(model, id_columns=id_columns, batch_size=batch_size, top_k=top_k)
                       for _ in range(count)]  # fmt: skip
+    early = len(predictors) == 1 and isinstance(predictors[0], ChunkPredictor)  # decode in the reader
     total = source.total_rows()
     bar = _Progress(total, ok + failed) if progress else None
 
@@ -62,9 +70,10 @@ def run_local(model: Any, input: str | Path, output: str | Path, *, fmt: str, ba
     def read() -> None:
         try:
             for chunk in source.chunks(skip=done):
+                item = predictors[0].prepare(chunk) if early else chunk
                 while not stop.is_set():
                     try:
-                        chunks.put(chunk, timeout=0.1)
+                        chunks.put(item, timeout=0.1)
                         break
                     except queue.Full:
                         continue
@@ -81,13 +90,17 @@ def run_local(model: Any, input: str | Path, output: str | Path, *, fmt: str, ba
         try:
             while not stop.is_set():
                 try:
-                    chunk = chunks.get(timeout=0.1)
+                    item = chunks.get(timeout=0.1)
                 except queue.Empty:
                     continue
-                if chunk is _DONE:
+                if item is _DONE:
                     return
-                table, errors = predictor.predict(chunk)
-                _put(results, (chunk, table, errors), stop)
+                if early:
+                    table, errors = predictor.finish(item)
+                    item = item.chunk
+                else:
+                    table, errors = predictor.predict(item)
+                _put(results, (item, table, errors), stop)
         except BaseException as exc:
             failure.append(exc)
             stop.set()

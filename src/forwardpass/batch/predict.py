@@ -10,6 +10,7 @@ costs only itself.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,16 @@ from forwardpass.pipeline.answers import ClassificationAnswers
 from forwardpass.pipeline.pre import Tabular
 
 
+@dataclass
+class Prepared:
+    """A chunk made ready for the forward pass: input tensors for the ``kept`` rows, errors for the rest."""
+
+    chunk: Chunk
+    feeds: dict[str, np.ndarray]
+    kept: np.ndarray
+    errors: dict[int, str]
+
+
 class ChunkPredictor:
     """Holds a loaded Model; ``predict(chunk)`` -> (pyarrow Table, error records)."""
 
@@ -30,13 +41,21 @@ class ChunkPredictor:
         self.pa = require("pyarrow", "batch", "batch inference")
 
     def predict(self, chunk: Chunk) -> tuple[Any, list[dict[str, Any]]]:
-        n = len(chunk)
+        return self.finish(self.prepare(chunk))
+
+    def prepare(self, chunk: Chunk) -> Prepared:
+        """Decode and pre-process: the part that can run while the previous chunk is in the forward pass."""
         errors: dict[int, str] = dict(chunk.bad)
         if isinstance(chunk.data, list):
             feeds, kept = self._rows(chunk.data, errors)
         else:
             feeds, kept = self._table(chunk.data, errors)
-        kept = np.asarray(kept, dtype=np.int64)
+        return Prepared(chunk, feeds, np.asarray(kept, dtype=np.int64), errors)
+
+    def finish(self, prepared: Prepared) -> tuple[Any, list[dict[str, Any]]]:
+        """The forward pass and post-processing -> (output table, error records)."""
+        chunk, feeds, kept, errors = prepared.chunk, prepared.feeds, prepared.kept, prepared.errors
+        n = len(chunk)
         columns: dict[str, Any] = {"row": kept + chunk.start}
         for name in self.id_columns:
             columns[name] = self._ids(chunk, name, kept)
