@@ -200,8 +200,8 @@ class ChunkPredictor:
         out = {}
         for name in parts[0]:
             values = [p[name] for p in parts]
-            out[name] = np.concatenate(values) if isinstance(values[0], np.ndarray) else sum(values, [])
-        if label_list is not None:  # Arrow take of a 10-string array: no numpy str array, no per-row objects
+            out[name] = np.concatenate(values) if isinstance(values[0], np.ndarray) else [v for p in values for v in p]
+        if label_list is not None:  # an Arrow take from the class names: no numpy str array, no per-row objects
             out["label"] = self.pa.array(label_list, self.pa.string()).take(out["label"])
         return out
 
