@@ -188,7 +188,7 @@ class ChunkPredictor:
             batch = {k: v[start : start + self.batch_size] for k, v in feeds.items()}
             answers = self.model.predict(batch)
             if isinstance(answers, ClassificationAnswers):  # class indices now, label strings once per chunk
-                best, label_list = answers.best, answers._label_list
+                best, label_list = answers.best, answers.class_names
                 cols = {"label": best, "probability": answers.probabilities[np.arange(len(best)), best]}
             else:
                 cols = dict(answers.columns())

@@ -79,6 +79,11 @@ class ClassificationAnswers(Answers):
         self._k = k
         self._threshold = threshold
 
+    @property
+    def class_names(self) -> list[str]:
+        """The label of each class index, in the model's order."""
+        return self._label_list
+
     @cached_property
     def best(self) -> np.ndarray:
         """Chosen class index per row (argmax, or the binary threshold)."""
