@@ -40,6 +40,13 @@ def test_nhwc_mean_std(tmp_path):
     np.testing.assert_allclose(out, (RGB / 255 - mean) / std, rtol=1e-5)
 
 
+def test_one_mean_and_std_for_every_channel_with_invert(tmp_path):
+    model = load(tmp_path, {"scale": 1 / 255, "mean": [0.5], "std": [0.25], "invert": True, "layout": "NHWC"},
+                 layout="NHWC")  # fmt: skip
+    out = model.predict(png(RGB))["pixels"]
+    np.testing.assert_allclose(out, ((255.0 - RGB) / 255 - 0.5) / 0.25, rtol=1e-5, atol=1e-6)
+
+
 def test_grayscale_flat_invert(tmp_path):
     gray = np.arange(16, dtype=np.uint8).reshape(4, 4) * 10
     model = load(tmp_path, {"color": "L", "invert": True, "scale": 1.0, "layout": "flat"}, channels=1, layout="flat")

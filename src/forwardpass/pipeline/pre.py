@@ -145,8 +145,8 @@ class Image:
         self.input = spec.name
         self.dtype = to_numpy(spec.datatype)
         channels = 1 if config.color == "L" else 3
-        mean = np.asarray(config.mean or [0.0] * channels, np.float32)
-        std = np.asarray(config.std or [1.0] * channels, np.float32)
+        mean = np.broadcast_to(np.asarray(config.mean or [0.0], np.float32), (channels,))  # one value: every channel
+        std = np.broadcast_to(np.asarray(config.std or [1.0], np.float32), (channels,))
         # (x * scale - mean) / std, and 255 - x before it when inverting, folded into one multiply-add
         # per pixel, done in place on whole rows: a 224x224 RGB image 1.3 ms -> 0.1 ms
         sign = -1.0 if config.invert else 1.0
@@ -193,13 +193,17 @@ class Image:
         if x.ndim == 2:
             x = x[:, :, None]  # (H, W, 1)
         rows = x.reshape(x.shape[0], -1)  # (H, W*C): a long inner loop; broadcasting over C=3 is 4x slower
-        mul, add = self._per_row.get(rows.shape[1]) or self._tile(x.shape[1])
+        mul, add = self._per_row.get(rows.shape[1]) or self._tile(rows.shape[1])
         rows *= mul
         rows += add
         return x
 
-    def _tile(self, width: int) -> tuple[np.ndarray, np.ndarray]:
-        self._per_row[width * len(self._mul)] = pair = (np.tile(self._mul, width), np.tile(self._add, width))
+    def _tile(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """mul and add repeated along a row of ``row`` values; kept for a few sizes (a fixed-size model has one)."""
+        width = row // len(self._mul)
+        pair = (np.tile(self._mul, width), np.tile(self._add, width))
+        if len(self._per_row) < 8:  # images of every size (no resize/crop) must not grow this without end
+            self._per_row[row] = pair
         return pair
 
     def _decode(self, i: int, item: Any):
