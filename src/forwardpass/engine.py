@@ -14,14 +14,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from forwardpass.errors import ForwardpassError, InvalidInput, ModelNotFound, ModelNotReady
+from forwardpass import _memory
+from forwardpass.errors import (
+    ForwardpassError, Forbidden, InvalidInput, LoadFailed, ModelNotFound, ModelNotReady, ModelUnavailable, WrongEndpoint,
+)  # fmt: skip
 from forwardpass.model import Model
 from forwardpass.repository import Repository, check_name
 from forwardpass.runtime.onnx import AUTO_THREADS_THRESHOLD_MS, available_cores
@@ -46,8 +49,17 @@ class Served:
     all_outputs: dict[bool, list[RequestedOutput]]  # what "no outputs listed" means, JSON and binary
 
 
+CONTROL_MODES = ("poll", "explicit", "none")
+
+
 class Engine:
-    """Serves a repository: batchers per model version, response cache, hot reload."""
+    """Serves a repository: batchers per model version, response cache, hot reload.
+
+    ``model_control`` follows Triton's modes: ``poll`` loads every model and follows the folder every
+    ``poll_interval`` seconds; ``explicit`` loads only ``load_models`` ("*": all) and then what
+    load()/unload() ask; ``none`` loads every model once and refuses load()/unload(). In every mode an
+    explicit unload() stays unloaded until an explicit load().
+    """
 
     def __init__(
         self,
@@ -56,12 +68,21 @@ class Engine:
         cache_bytes: int = 64 * 2**20,
         poll_interval: float = 2.0,
         stats: Stats | None = None,
+        model_control: str = "poll",
+        load_models: Sequence[str] = (),
     ):
+        if model_control not in CONTROL_MODES:
+            raise ValueError(f"model_control must be one of {CONTROL_MODES}, got {model_control!r}")
+        _memory.tune()
         self.repository = repository
         self.stats = stats or Stats()
         self.cache = ResponseCache(cache_bytes)
         self.poll_interval = poll_interval
+        self.model_control = model_control
+        self.load_models = list(load_models)
         self.ready = False
+        self._unloaded: set[str] = set()  # unloaded on request: the poller leaves them alone
+        self._loading: set[str] = set()
         self._served: dict[str, dict[int, Served]] = {}
         self._generators: dict[str, Any] = {}  # language models: name -> GenerationScheduler
         self.drain_timeout = 30.0
@@ -76,14 +97,19 @@ class Engine:
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load every model (failures are logged and reported by index()), warm up, then turn ready."""
-        for name in self.repository.names():
+        """Load the models the control mode says (failures are logged and reported by index()), then turn ready."""
+        names = self.repository.names()
+        if self.model_control == "explicit" and "*" not in self.load_models:
+            for name in self.load_models:
+                self.repository.folder(name)  # a name that is not there fails the start, loudly
+            names = [n for n in names if n in self.load_models]
+        for name in names:
             try:
-                await self.load(name)
+                await self._load(name)
             except ForwardpassError as exc:
                 log.error("model %s not loaded: %s", name, exc)
         self.ready = True
-        if self.poll_interval > 0:
+        if self.model_control == "poll" and self.poll_interval > 0:
             self._poller = asyncio.create_task(self._poll_forever())
 
     async def stop(self, timeout: float = 30.0) -> None:
@@ -99,17 +125,43 @@ class Engine:
     # -- what is served ------------------------------------------------------------------------
 
     def served(self, name: str, version: int | None = None) -> Served:
-        """The served version (newest when None); ModelNotFound / ModelNotReady otherwise."""
+        """The served version (newest when None); otherwise ModelNotFound (no such model or version),
+        WrongEndpoint (a language model), ModelNotReady (loading: retry) or ModelUnavailable (unloaded, failed)."""
         versions = self._served.get(name)
         if versions:
             key = max(versions) if version is None else version
             served = versions.get(key)
             if served is not None:
                 return served
+        if name in self._generators:
+            raise _language_model_elsewhere(name)
         self.repository.folder(name)  # InvalidModelName / ModelNotFound for unknown names
         if version is not None and version not in self.repository.versions(name):
             raise ModelNotFound(f"model '{name}' has no version {version}")
-        raise ModelNotReady(f"model '{name}'" + (f" version {version}" if version else "") + " is not loaded")
+        which = f"model '{name}'" + (f" version {version}" if version else "")
+        if not self.ready or name in self._loading:
+            raise ModelNotReady(f"{which} is loading; retry in a moment", retry_after=1.0)
+        if self._task(name) == "generation":
+            raise _language_model_elsewhere(name)
+        raise ModelUnavailable(f"{which} is not loaded: {self._why_not_loaded(name, version)}")
+
+    def _task(self, name: str) -> str | None:
+        try:
+            return self.repository.config(name).task
+        except ForwardpassError:
+            return None
+
+    def _why_not_loaded(self, name: str, version: int | None) -> str:
+        if name in self._unloaded:
+            return f"it was unloaded; load it with POST /v2/repository/models/{name}/load"
+        reasons = [s.reason for s in self.repository.status() if s.name == name and s.reason
+                   and (version is None or s.version == version)]  # fmt: skip
+        return ("it failed to load: " + self._redact(reasons[-1])) if reasons else "it is not loaded"
+
+    def _redact(self, message: str) -> str:
+        """A message without the repository's absolute path (clients need not know the server's folders)."""
+        root = str(self.repository.path.resolve())
+        return message.replace(root + "/", "").replace(root, "<repository>")
 
     def names(self) -> list[str]:
         """Models with at least one version served."""
@@ -127,27 +179,48 @@ class Engine:
             state = "UNAVAILABLE" if state == "UNLOADED" and status.reason else state
             entry = {"name": status.name, "version": str(status.version), "state": state}
             if status.reason:
-                entry["reason"] = status.reason
+                entry["reason"] = self._redact(status.reason)
             out.append(entry)
         return out
 
     # -- loading and hot reload ------------------------------------------------------------------
 
     async def load(self, name: str) -> list[int]:
+        """An explicit (re)load, as the repository API asks: serve the model from disk, and from now on
+        follow it again if it was unloaded. LoadFailed (Triton's ``failed to load 'X'``) names the reason."""
+        self._check_control("load")
+        check_name(name)
+        self.repository.folder(name)  # ModelNotFound for unknown names, as is
+        self._unloaded.discard(name)
+        try:
+            return await self._load(name)
+        except ForwardpassError as exc:
+            raise LoadFailed(f"failed to load '{name}': {self._redact(exc.message)}") from None
+
+    async def _load(self, name: str) -> list[int]:
         """(Re)load a model from disk and serve it; old versions finish their queues, then go."""
         check_name(name)
         seen = self._fingerprint(name)
-        if self.repository.config(name).task == "generation":
-            return await self._load_generator(name, seen)
-        versions = await asyncio.to_thread(self.repository.reload, name)
-        fresh = {v: self._serve(self.repository.get(name, v)) for v in versions}
-        await asyncio.gather(*(asyncio.to_thread(_warm_up, s.model) for s in fresh.values()))
+        self._loading.add(name)
+        try:
+            if self.repository.config(name).task == "generation":
+                return await self._load_generator(name, seen)
+            versions = await asyncio.to_thread(self.repository.reload, name)
+            fresh = {v: self._serve(self.repository.get(name, v)) for v in versions}
+            await asyncio.gather(*(asyncio.to_thread(_warm_up, s.model) for s in fresh.values()))
+        finally:
+            self._loading.discard(name)
         old = self._served.get(name, {})
         self._served[name] = fresh
         self._seen[name] = seen
         self._retire(old.values())
         log.info("serving %s versions %s", name, versions)
         return versions
+
+    def _check_control(self, action: str) -> None:
+        if self.model_control == "none":
+            raise Forbidden(f"repository control is off: this server runs with --model-control none, so models "
+                            f"are loaded once at start and a {action} request is refused")  # fmt: skip
 
     async def _load_generator(self, name: str, seen: tuple[Any, ...]) -> list[int]:
         """Language models are served by the OpenAI-compatible API (a continuous-batching scheduler), not V2."""
@@ -167,7 +240,7 @@ class Engine:
         self._generators[name] = scheduler
         self._seen[name] = seen
         if old is not None:
-            self._executor.submit(old.close, self.drain_timeout)
+            self._executor.submit(_close_and_release, old, self.drain_timeout)
         log.info("serving %s version %s (generation, %d slots)", name, version, scheduler.slots)
         return [version]
 
@@ -180,19 +253,26 @@ class Engine:
         if self.repository.config(name).task != "generation":
             raise ModelNotFound(f"model '{name}' is not a language model (task {self.repository.config(name).task}); "
                                 f"use /v2/models/{name}/infer")  # fmt: skip
-        raise ModelNotReady(f"model '{name}' is not loaded")
+        if not self.ready or name in self._loading:
+            raise ModelNotReady(f"model '{name}' is loading; retry in a moment", retry_after=1.0)
+        raise ModelUnavailable(f"model '{name}' is not loaded: {self._why_not_loaded(name, None)}")
 
     def generators(self) -> dict[str, Any]:
         """Served language models by name."""
         return dict(self._generators)
 
     async def unload(self, name: str) -> None:
-        """Stop serving a model; requests already queued still finish."""
+        """An explicit unload: stop serving a model until an explicit load(); queued requests still finish."""
+        self._check_control("unload")
         check_name(name)
         self.repository.folder(name)
+        self._unloaded.add(name)
+        await self._unload(name)
+
+    async def _unload(self, name: str) -> None:
         generator = self._generators.pop(name, None)
         if generator is not None:
-            self._executor.submit(generator.close, self.drain_timeout)
+            self._executor.submit(_close_and_release, generator, self.drain_timeout)
         old = self._served.pop(name, {})
         self._seen.pop(name, None)
         self.repository.unload(name)
@@ -200,9 +280,14 @@ class Engine:
 
     def _retire(self, old: Any) -> None:
         for served in old:
-            task = asyncio.create_task(served.batcher.drain())
+            task = asyncio.create_task(self._drain_and_release(served))
             self._draining.add(task)
             task.add_done_callback(self._draining.discard)
+
+    async def _drain_and_release(self, served: Served) -> None:
+        await served.batcher.drain()
+        del served  # the last reference to its sessions: give their memory back to the OS
+        await asyncio.to_thread(_memory.release)
 
     def _fingerprint(self, name: str) -> tuple[Any, ...]:
         folder = self.repository.path / name
@@ -218,15 +303,15 @@ class Engine:
     async def poll_once(self) -> None:
         """Load what changed on disk: new models, new or removed versions, edited model.yaml."""
         on_disk = set(self.repository.names())
-        for name in sorted(on_disk):
+        for name in sorted(on_disk - self._unloaded):
             if self._fingerprint(name) != self._seen.get(name):
                 try:
-                    await self.load(name)
+                    await self._load(name)
                 except ForwardpassError as exc:
                     self._seen[name] = self._fingerprint(name)  # do not retry a broken folder every poll
                     log.error("reload of %s failed, still serving the previous versions: %s", name, exc)
         for name in (set(self._served) | set(self._generators)) - on_disk:
-            await self.unload(name)
+            await self._unload(name)
 
     async def _poll_forever(self) -> None:
         while True:
@@ -393,21 +478,40 @@ class Engine:
 
     def _output(self, model: Model, wanted: RequestedOutput, array: np.ndarray) -> OutputTensor:
         if wanted.classification:
-            return OutputTensor(wanted.name, "BYTES", _classes(array, wanted.classification, model.labels), wanted.binary)
+            if array.dtype.kind not in "iuf":
+                raise InvalidInput(("outputs", wanted.name, "parameters", "classification"),
+                                   f"ranks numbers, and output '{wanted.name}' is {from_numpy(array.dtype)}: "
+                                   "ask for classification on a score output")  # fmt: skip
+            # as Triton: top k per batch row when the model batches (max_batch_size > 0), else of the whole output
+            batched = all(s.shape[:1] == [-1] for s in (*model.inputs, *model.outputs)) and array.ndim > 0
+            classes = _classes(array, wanted.classification, model.labels, batched)
+            return OutputTensor(wanted.name, "BYTES", classes, wanted.binary)
         return OutputTensor(wanted.name, from_numpy(array.dtype), array, wanted.binary)
 
 
-def _classes(array: np.ndarray, k: int, labels: list[str] | None) -> np.ndarray:
-    """Triton's classification extension: the top k of each row as 'value:index[:label]' strings."""
-    rows = array.reshape(len(array), -1) if array.ndim > 1 else array.reshape(1, -1)
+def _classes(array: np.ndarray, k: int, labels: list[str] | None, batched: bool) -> np.ndarray:
+    """Triton's classification extension: the top k as 'value:index[:label]' strings, [rows, k] or [k]."""
+    rows = array.reshape(len(array), -1) if batched else array.reshape(1, -1)
     k = min(k, rows.shape[1])
-    order = np.argsort(-rows, axis=1, kind="stable")[:, :k]
+    # stable on the negated scores: ties keep index order; float64 so that unsigned scores negate too
+    order = np.argsort(-rows.astype(np.float64), axis=1, kind="stable")[:, :k]
     out = np.empty((len(rows), k), dtype=object)
     for r, (row, idx) in enumerate(zip(rows.tolist(), order.tolist())):
         for j, c in enumerate(idx):
             label = f":{labels[c]}" if labels and c < len(labels) else ""
             out[r, j] = f"{row[c]:f}:{c}{label}".encode()
-    return out
+    return out if batched else out.reshape(k)
+
+
+def _language_model_elsewhere(name: str) -> WrongEndpoint:
+    return WrongEndpoint(f"model '{name}' is a language model: use the OpenAI-compatible API (POST /v1/chat/completions "
+                         "or /v1/completions), not V2 infer or :predict")  # fmt: skip
+
+
+def _close_and_release(scheduler: Any, timeout: float) -> None:
+    scheduler.close(timeout)
+    del scheduler  # the last reference to its sessions and KV cache: give their memory back to the OS
+    _memory.release()
 
 
 def _warm_up(model: Model) -> None:

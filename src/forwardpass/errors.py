@@ -6,9 +6,14 @@ HTTP status it maps to as data, so the server maps errors in one place::
     ForwardpassError (500)
      ├── InvalidInput (400)          request data is wrong: loc, msg, input, expected
      ├── InvalidModelName (400)      a model name with a path separator or '..'
+     ├── WrongEndpoint (400)         a model asked through an endpoint of another kind: names the right one
+     ├── Unauthorized (401)          no API key, or one the server does not know
+     ├── Forbidden (403)             a known key without the right (repository control needs the admin key)
      ├── UntrustedFile (400)         a pickle/joblib file loaded without --trust
      ├── ModelNotFound (404)         no such model or version in the repository
-     ├── ModelNotReady (503)         known, but not loaded (or failed to load)
+     ├── ModelNotReady (503)         known, loading or draining: retry after ``retry_after`` seconds
+     │    └── ModelUnavailable (404) known, but unloaded or failed to load (the reason says which)
+     ├── LoadFailed (400)            a repository load request whose model does not load
      ├── Overloaded (503)            the model's queue is full: retry after ``retry_after`` seconds
      ├── RequestTimeout (504)        the request waited past its deadline
      ├── PayloadTooLarge (413)       a request body over the server's limit
@@ -102,6 +107,27 @@ class InvalidModelName(ForwardpassError):
     type = "invalid_model_name"
 
 
+class WrongEndpoint(ForwardpassError):
+    """A model addressed through an endpoint that does not serve its kind (a language model over V2 infer)."""
+
+    status = 400
+    type = "wrong_endpoint"
+
+
+class Unauthorized(ForwardpassError):
+    """No API key, or a key the server does not know."""
+
+    status = 401
+    type = "invalid_api_key"
+
+
+class Forbidden(ForwardpassError):
+    """A valid key that may not do this (repository control needs the admin key)."""
+
+    status = 403
+    type = "forbidden"
+
+
 class UntrustedFile(ForwardpassError):
     """Refusing to unpickle a file that was not marked as trusted."""
 
@@ -117,10 +143,30 @@ class ModelNotFound(ForwardpassError):
 
 
 class ModelNotReady(ForwardpassError):
-    """The model exists but is not loaded, or failed to load."""
+    """The model exists but is not loaded yet (loading, or the server is stopping): retry after ``retry_after``."""
 
     status = 503
     type = "model_not_ready"
+
+    def __init__(self, message: str, retry_after: float = 1.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ModelUnavailable(ModelNotReady):
+    """The model exists but is not served: unloaded through the repository API, or it failed to load.
+
+    404, not 503: retrying does not help until someone loads or fixes it."""
+
+    status = 404
+    type = "model_unavailable"
+
+
+class LoadFailed(ForwardpassError):
+    """A repository load request whose model does not load (Triton: ``failed to load 'X'``)."""
+
+    status = 400
+    type = "load_failed"
 
 
 class Overloaded(ForwardpassError):
@@ -182,9 +228,14 @@ __all__ = [
     "ForwardpassError",
     "InvalidInput",
     "InvalidModelName",
+    "WrongEndpoint",
+    "Unauthorized",
+    "Forbidden",
     "UntrustedFile",
     "ModelNotFound",
     "ModelNotReady",
+    "ModelUnavailable",
+    "LoadFailed",
     "ModelConfigError",
     "ModelLoadError",
     "MissingDependency",

@@ -23,7 +23,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from forwardpass.errors import ForwardpassError, InvalidModelName, ModelNotFound, ModelNotReady
+from forwardpass.errors import ForwardpassError, InvalidModelName, ModelNotFound, ModelUnavailable
 from forwardpass.model import Model
 from forwardpass.config import LatestPolicy, ModelConfig, SpecificPolicy, load_config
 
@@ -74,7 +74,7 @@ class Repository:
         """The model's folder; ModelNotFound when there is none."""
         folder = self.path / check_name(name)
         if not (folder / "model.yaml").is_file():
-            raise ModelNotFound(f"no model '{name}' in {self.path}; models: {self.names()}")
+            raise ModelNotFound(f"Request for unknown model: '{name}' is not found")  # Triton's words
         return folder
 
     def config(self, name: str) -> ModelConfig:
@@ -110,7 +110,7 @@ class Repository:
         if version is not None and version not in self.versions(name):
             raise ModelNotFound(f"model '{name}' has no version {version}; versions: {self.versions(name)}")
         if not wanted:
-            raise ModelNotFound(f"model '{name}' has no version folder with a model.onnx in {self.folder(name)}")
+            raise ModelNotFound(f"model '{name}' has no version folder with a model.onnx ({name}/1/model.onnx, ...)")
         with self._lock:
             have = dict(self._loaded.get(name, {}))
         for v in wanted:
@@ -184,7 +184,7 @@ class Repository:
         if version is not None and version not in self.versions(name):
             raise ModelNotFound(f"model '{name}' has no version {version}; versions: {self.versions(name)}")
         reason = self._failed.get((name, version or 0), "not loaded")
-        raise ModelNotReady(f"model '{name}'" + (f" version {version}" if version else "") + f" is not ready: {reason}")
+        raise ModelUnavailable(f"model '{name}'" + (f" version {version}" if version else "") + f" is not ready: {reason}")
 
     def loaded(self) -> dict[str, list[int]]:
         """{name: [versions loaded]}."""

@@ -68,7 +68,7 @@ def run_cli(*args, **kwargs):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["predict", "nope", "x.png"], "no model 'nope'"),
+        (["predict", "nope", "x.png"], "Request for unknown model: 'nope' is not found"),
         (["predict", "../etc", "x"], "invalid model name"),
         (["predict", "iris", '{"petal size": 1}'], "unknown feature"),
         (["predict", "iris", "{not json"], "not valid JSON"),

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class ServeConfig(BaseModel):
@@ -24,7 +24,27 @@ class ServeConfig(BaseModel):
     cache_bytes: int = Field(64 * 2**20, ge=0)
     drain_timeout: float = Field(30.0, ge=0)  # seconds to finish in-flight requests on shutdown
     http: Literal["forwardpass", "uvicorn"] = "forwardpass"  # the HTTP/1.1 implementation (bench/serve.py)
-    api_key: str | None = None  # when set, the OpenAI-compatible endpoints want "Authorization: Bearer <key>"
+    # Keys (server/auth.py): with any key set, every route but /v2/health/* needs one. Prefer the files:
+    # a key on the command line is visible to every user of the machine in `ps`.
+    api_key: str | None = None  # an inference key
+    api_key_file: Path | None = None  # inference keys, one per line
+    admin_key: str | None = None  # the key for repository control (load, unload, index)
+    admin_key_file: Path | None = None
+    public_metrics: bool = False  # /metrics without a key even when keys are on
+    # Triton's model control modes: poll (load all, follow the folder), explicit (load only load_model,
+    # then what the repository API asks), none (load all once; the repository API refuses changes)
+    model_control: Literal["poll", "explicit", "none"] = "poll"
+    load_model: list[str] = Field(default_factory=list)  # explicit mode: models loaded at start ("*": all)
+    # connections (server/protocol.py; uvicorn takes keep_alive_timeout only)
+    keep_alive_timeout: float = Field(5.0, gt=0)  # seconds an idle keep-alive connection stays open
+    body_timeout: float = Field(30.0, gt=0)  # seconds a request may take to arrive, plus 1 s per body_min_rate bytes
+    body_min_rate: int = Field(64 * 1024, ge=1)  # bytes/s a long upload must average to outlast body_timeout
+    linger_timeout: float = Field(10.0, ge=0)  # seconds a closing error reply reads and drops the rest of the body
+
+    @field_validator("load_model", mode="before")
+    @classmethod
+    def _names(cls, value: object) -> object:
+        return [n for n in value.split(",") if n] if isinstance(value, str) else value
 
     @classmethod
     def from_env(cls, **overrides: object) -> ServeConfig:
@@ -39,4 +59,8 @@ class ServeConfig(BaseModel):
 
     def to_env(self) -> dict[str, str]:
         """The same settings as environment variables, for worker processes."""
-        return {f"FORWARDPASS_{k.upper()}": str(v) for k, v in self.model_dump().items() if v is not None}
+        env = {}
+        for k, v in self.model_dump().items():
+            if v is not None:
+                env[f"FORWARDPASS_{k.upper()}"] = ",".join(v) if isinstance(v, list) else str(v)
+        return env

