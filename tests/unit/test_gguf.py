@@ -34,7 +34,7 @@ def test_not_gguf_missing_and_truncated(tmp_path):
     with pytest.raises(GGUFError, match="cannot read"):
         GGUFFile.open(tmp_path / "missing.gguf")
     (tmp_path / "short.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 20)
-    with pytest.raises(GGUFError, match="damaged or truncated"):
+    with pytest.raises(GGUFError, match="truncated or damaged"):
         GGUFFile.open(tmp_path / "short.gguf")
 
 
@@ -42,7 +42,7 @@ def test_not_gguf_missing_and_truncated(tmp_path):
 def test_truncated_real_file(tmp_path):
     data = smollm2_path().read_bytes()
     (tmp_path / "cut.gguf").write_bytes(data[: len(data) // 3])
-    with pytest.raises(GGUFError, match="damaged or truncated"):
+    with pytest.raises(GGUFError, match="truncated or damaged"):
         GGUFFile.open(tmp_path / "cut.gguf")
 
 

@@ -20,7 +20,7 @@ import yaml
 
 from forwardpass._deps import require
 from forwardpass.convert.gguf_decoder import build_decoder
-from forwardpass.generation.gguf_file import GGUFFile
+from forwardpass.generation.gguf_file import GGUFError, GGUFFile
 from forwardpass.generation.tokenizer import tokenizer_from_gguf
 from forwardpass.repository import check_name
 
@@ -30,9 +30,34 @@ def import_gguf(path: str | Path, name: str, repository: str | Path, *, accuracy
     """Convert ``path`` into ``repository/name`` (a new version if the model exists); returns the folder."""
     onnx = require("onnx", "llm", "converting GGUF models")
     check_name(name)
-    source = GGUFFile.open(path)
+    source = GGUFFile.open(path)  # bounded by the file's size; hyper-parameters checked against the tensors
     hp = source.hparams
     context = min(max_context, hp.n_ctx)
+    # everything read from the metadata is checked before the (slow) conversion, so a bad file leaves nothing behind
+    tokenizer = tokenizer_from_gguf(source)
+    template = source.value("tokenizer.chat_template", None)
+    if template is not None and not isinstance(template, str):
+        raise GGUFError(f"{path}: metadata 'tokenizer.chat_template' is not a string")
+    eos = _token_id(source, "tokenizer.ggml.eos_token_id")
+    stop = sorted({eos, _token_id(source, "tokenizer.ggml.eot_token_id", eos)})
+    add_bos = source.value("tokenizer.ggml.add_bos_token", False)
+    if not isinstance(add_bos, bool):
+        raise GGUFError(f"{path}: metadata 'tokenizer.ggml.add_bos_token' is {add_bos!r:.60}; expected true or false")
+    description = source.value("general.name", name)
+    config = {
+        "task": "generation",
+        "description": f"{description if isinstance(description, str) else name} ({hp.n_layer} layers, {hp.n_embd} "
+                       f"wide), converted from {Path(path).name} by forwardpass",  # fmt: skip
+        "post": {"kind": "passthrough"},
+        "generation": {
+            "context_length": context,
+            "bos_token_id": _token_id(source, "tokenizer.ggml.bos_token_id", -1),
+            "add_bos_token": add_bos,
+            "stop_token_ids": stop,
+            "chat_template": "chat_template.jinja" if template else None,
+            "n_layer": hp.n_layer, "n_head_kv": hp.n_head_kv, "head_dim": hp.head_dim, "n_vocab": hp.n_vocab,
+        },
+    }  # fmt: skip
     folder = Path(repository) / name
     folder.mkdir(parents=True, exist_ok=True)
     versions = [int(p.name) for p in folder.iterdir() if p.name.isdigit()]
@@ -49,27 +74,18 @@ def import_gguf(path: str | Path, name: str, repository: str | Path, *, accuracy
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    tokenizer_from_gguf(source).save(str(folder / "tokenizer.json"))
-    template = source.value("tokenizer.chat_template", None)
+    tokenizer.save(str(folder / "tokenizer.json"))
     if template:
-        (folder / "chat_template.jinja").write_text(str(template), encoding="utf-8")
-    eos = int(source.value("tokenizer.ggml.eos_token_id"))
-    stop = sorted({eos, *(int(t) for t in [source.value("tokenizer.ggml.eot_token_id", eos)])})
-    config = {
-        "task": "generation",
-        "description": f"{source.value('general.name', name)} ({hp.n_layer} layers, {hp.n_embd} wide), "
-                       f"converted from {Path(path).name} by forwardpass",  # fmt: skip
-        "post": {"kind": "passthrough"},
-        "generation": {
-            "context_length": context,
-            "bos_token_id": int(source.value("tokenizer.ggml.bos_token_id", -1)),
-            "add_bos_token": bool(source.value("tokenizer.ggml.add_bos_token", False)),
-            "stop_token_ids": stop,
-            "chat_template": "chat_template.jinja" if template else None,
-            "n_layer": hp.n_layer, "n_head_kv": hp.n_head_kv, "head_dim": hp.head_dim, "n_vocab": hp.n_vocab,
-        },
-    }  # fmt: skip
+        (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
     tmp = folder / ".model.yaml.tmp"
     tmp.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     os.replace(tmp, folder / "model.yaml")
     return folder
+
+
+def _token_id(source: GGUFFile, key: str, default: int | None = None) -> int:
+    token = source.number(key, int, ... if default is None else default)
+    if token != default and not 0 <= token < source.hparams.n_vocab:
+        raise GGUFError(f"{source.path}: metadata '{key}' is {token}; expected a token id from 0 to "
+                        f"{source.hparams.n_vocab - 1}")  # fmt: skip
+    return token

@@ -37,10 +37,16 @@ def tokenizer_from_gguf(model: GGUFFile) -> Any:
     kind = model.value("tokenizer.ggml.model")
     if kind != "gpt2":
         raise GGUFError(f"{model.path}: tokenizer model '{kind}' is not supported (byte-level BPE 'gpt2' is)")
-    tokens = [str(t) for t in model.value("tokenizer.ggml.tokens")]
-    merges = [tuple(str(m).split(" ", 1)) for m in model.value("tokenizer.ggml.merges")]
+    tokens = _strings(model, "tokenizer.ggml.tokens")
+    merges = [tuple(m.split(" ", 1)) for m in _strings(model, "tokenizer.ggml.merges")]
+    if any(len(m) != 2 for m in merges):
+        raise GGUFError(f"{model.path}: metadata 'tokenizer.ggml.merges' has an entry without a space; "
+                        "each is two tokens separated by one")  # fmt: skip
     types = list(model.value("tokenizer.ggml.token_type", [1] * len(tokens)))
-    bpe = tk.models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False)
+    try:
+        bpe = tk.models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False)
+    except Exception as exc:  # tokenizers raises a bare Exception, e.g. for a merge of unknown tokens
+        raise GGUFError(f"{model.path}: the tokenizer in the metadata does not load ({exc})") from None
     tokenizer = tk.Tokenizer(bpe)
     tokenizer.pre_tokenizer = _pre_tokenizer(str(model.value("tokenizer.ggml.pre", "default")), tk.pre_tokenizers)
     tokenizer.decoder = tk.decoders.ByteLevel()
@@ -48,3 +54,10 @@ def tokenizer_from_gguf(model: GGUFFile) -> Any:
                if kind in (_CONTROL, _USER_DEFINED)]  # fmt: skip
     tokenizer.add_special_tokens(special)
     return tokenizer
+
+
+def _strings(model: GGUFFile, key: str) -> list[str]:
+    values = model.value(key)
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise GGUFError(f"{model.path}: metadata '{key}' is not an array of strings")
+    return values
