@@ -24,7 +24,7 @@ import numpy as np
 import yaml
 
 from forwardpass._deps import require
-from forwardpass.errors import ForwardpassError, UntrustedFile
+from forwardpass.errors import ForwardpassError, ModelLoadError, UntrustedFile
 from forwardpass.repository import check_name
 
 _PURPOSE = "importing scikit-learn models"
@@ -147,11 +147,21 @@ def import_sklearn_file(path: str | Path, name: str, repository: str | Path, *, 
         )
     if not path.is_file():
         raise ForwardpassError(f"{path}: no such file")
-    if path.suffix in (".joblib", ".jl"):
-        estimator = require("joblib", "sklearn", _PURPOSE).load(path)
-    else:
-        with path.open("rb") as f:
-            estimator = pickle.load(f)  # noqa: S301 - the caller said trust=True
+    joblib = require("joblib", "sklearn", _PURPOSE) if path.suffix in (".joblib", ".jl") else None
+    try:
+        if joblib is not None:
+            estimator = joblib.load(path)
+        else:
+            with path.open("rb") as f:
+                estimator = pickle.load(f)  # noqa: S301 - the caller said trust=True
+    except Exception as exc:  # empty, cut short or not a pickle at all: EOFError, UnpicklingError, KeyError, ...
+        kind = "joblib" if joblib is not None else "pickle"
+        reason = str(exc)[:200] or "no data"
+        raise ModelLoadError(f"{path}: not a readable {kind} file ({type(exc).__name__}: {reason}); save the fitted "
+                             f"estimator with {kind}.dump and import that file") from None  # fmt: skip
+    if not any(callable(getattr(estimator, m, None)) for m in ("predict", "transform")):
+        raise ModelLoadError(f"{path}: holds an object of type {type(estimator).__name__}, not a scikit-learn "
+                             "estimator or pipeline (it has neither predict nor transform)")  # fmt: skip
     return import_sklearn(estimator, name, repository, **kwargs)
 
 
