@@ -8,21 +8,25 @@
 
 from __future__ import annotations
 
+import json
+import re
+import secrets
 import threading
 from collections.abc import Iterator, Sequence
+from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from forwardpass._deps import require
 from forwardpass.config import ModelConfig
-from forwardpass.errors import InvalidInput, ModelConfigError
+from forwardpass.errors import ForwardpassError, InvalidInput, ModelConfigError, ModelLoadError
 from forwardpass.generation.sampler import SamplingParams
 from forwardpass.generation.sequence import Generation
 from forwardpass.generation.sequence import Sequence as TokenSequence
 from forwardpass.generation.session import DecoderSession
 
-__all__ = ["Generation", "LanguageModel"]
+__all__ = ["ChatTemplate", "Generation", "LanguageModel"]
 
 
 class LanguageModel:
@@ -34,15 +38,11 @@ class LanguageModel:
         self.name, self.version, self.config, self.folder = name, version, config, folder
         gen = self.gen = config.generation
         self.tokenizer = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
-        self.template = None
-        if gen.chat_template:
-            jinja2 = require("jinja2", "llm", "chat templates")
-            env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
-            try:
-                self.template = env.from_string((folder / gen.chat_template).read_text(encoding="utf-8"))
-            except (OSError, jinja2.TemplateError) as exc:
-                raise ModelConfigError(str(folder / "model.yaml"), "generation.chat_template", str(exc),
-                                       "point it at the template file beside model.yaml") from None  # fmt: skip
+        # the same vocabulary with special-token text encoded as plain text: for what messages say (see encode_chat)
+        self._plain = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self._plain.encode_special_tokens = True
+        self._specials = _SpecialTokens(self.tokenizer)
+        self.template = ChatTemplate.load(folder, gen.chat_template) if gen.chat_template else None
         self._lock = threading.Lock()
 
     @cached_property
@@ -66,19 +66,39 @@ class LanguageModel:
         return f"<LanguageModel {self.name} v{self.version}, context {self.gen.context_length}>"
 
     def render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """The chat template applied to ``messages`` (role/content dicts)."""
+        """The chat template applied to ``messages`` (role/content dicts), as text."""
+        text, marks = self._render(messages, add_generation_prompt)
+        return text if marks is None else marks.restore(text)
+
+    def _render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool) -> tuple[str, _Marks | None]:
+        """The rendered chat with special-token text from the messages replaced by markers (None: there was none)."""
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise InvalidInput(("messages", i), "expected {'role': str, 'content': str}", m)
             if m["role"] not in ("system", "user", "assistant", "tool"):
                 raise InvalidInput(("messages", i, "role"), "expected system, user, assistant or tool", m["role"])
+        escaped, marks = self._specials.escape(list(messages))
         if self.template is None:
-            return "".join(m["content"] + "\n" for m in messages)
-        return self.template.render(messages=list(messages), add_generation_prompt=add_generation_prompt)
+            return "".join(m["content"] + "\n" for m in escaped), marks
+        return self.template.render(messages=escaped, add_generation_prompt=add_generation_prompt), marks
 
     def encode(self, text: str) -> list[int]:
-        """Prompt token ids (special tokens in the text are recognized; BOS added when the model wants it)."""
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        """Prompt token ids of raw text: special-token text in it is recognized (the caller writes the whole
+        prompt, markup included); BOS added when the model wants it."""
+        return self._with_bos(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def encode_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        """Prompt token ids of a chat: only the template's own markup becomes special tokens.
+
+        Special-token text inside a message (a user typing ``<|im_end|>``) is encoded as the plain text it is,
+        so a message cannot close its turn or open another role's.
+        """
+        text, marks = self._render(messages, add_generation_prompt)
+        if marks is None:  # the usual case: no message spells a special token, so every one in the text is markup
+            return self.encode(text)
+        return self._with_bos(self._specials.encode(text, marks, self._plain))
+
+    def _with_bos(self, ids: list[int]) -> list[int]:
         return [self.gen.bos_token_id, *ids] if self.gen.add_bos_token and self.gen.bos_token_id >= 0 else ids
 
     def prepare(self, prompt: str | None = None, *, messages: Sequence[dict[str, Any]] | None = None,
@@ -97,10 +117,9 @@ class LanguageModel:
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
             raise InvalidInput(("stop",), "expected a non-empty string or a list of up to 4", stop)
-        text = prompt if prompt is not None else self.render(messages or [])
-        ids = self.encode(text)
+        ids = self.encode(prompt) if prompt is not None else self.encode_chat(messages or [])
         if not ids:
-            raise InvalidInput(("prompt",), "expected at least one token", text)
+            raise InvalidInput(("prompt",) if prompt is not None else ("messages",), "expected at least one token")
         if len(ids) >= self.gen.context_length:
             raise InvalidInput(("messages" if prompt is None else "prompt",),
                                f"the prompt is {len(ids)} tokens, the context holds {self.gen.context_length} "
@@ -150,3 +169,141 @@ class LanguageModel:
                     break
                 logits = session.step([seq.tokens[-1]])
         yield seq.result()
+
+
+class ChatTemplate:
+    """A model's chat template (from its GGUF, or model.yaml's ``chat_template`` file), rendered in jinja2's
+    immutable sandbox: a template reads the messages and writes text; it cannot reach Python objects, files or
+    commands, nor change the messages. It has the helpers real templates call, as Hugging Face's
+    apply_chat_template provides them: ``raise_exception`` (the template refuses the messages: InvalidInput, 400),
+    ``strftime_now`` and a ``tojson`` that keeps non-ASCII text.
+
+        template = ChatTemplate.load(folder, "chat_template.jinja")
+        template.render(messages=[{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    """
+
+    def __init__(self, source: str, origin: str):
+        self._jinja2 = jinja2 = require("jinja2", "llm", "chat templates")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                                            extensions=["jinja2.ext.loopcontrols"])  # fmt: skip
+        env.filters["tojson"] = _tojson
+        env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
+        self.origin = origin
+        self._template = env.from_string(source)
+
+    @classmethod
+    def load(cls, folder: Path, name: str) -> ChatTemplate:
+        """The template file ``name`` of a model folder; it must lie inside the folder."""
+        jinja2 = require("jinja2", "llm", "chat templates")
+        file, path = str(folder / "model.yaml"), folder / name
+        if folder.resolve() not in path.resolve().parents:
+            raise ModelConfigError(file, "generation.chat_template", f"'{name}' is outside the model folder",
+                                   "put the template file beside model.yaml")  # fmt: skip
+        try:
+            return cls(path.read_text(encoding="utf-8"), str(path))
+        except (OSError, UnicodeDecodeError, jinja2.TemplateError) as exc:
+            raise ModelConfigError(file, "generation.chat_template", str(exc),
+                                   "point it at the template file beside model.yaml") from None  # fmt: skip
+
+    def render(self, **context: Any) -> str:
+        """The template's text for ``context`` (messages, add_generation_prompt)."""
+        try:
+            return self._template.render(**context)
+        except ForwardpassError:
+            raise
+        except self._jinja2.exceptions.SecurityError as exc:
+            raise ModelLoadError(f"{self.origin}: the chat template tried what the sandbox forbids ({exc}); it is not "
+                                 "a safe template: replace it with the model's original one") from None  # fmt: skip
+        except Exception as exc:  # a template that fails on these messages (undefined names, type errors)
+            raise ModelLoadError(f"{self.origin}: the chat template failed ({type(exc).__name__}: {exc})") from None
+
+
+def _raise_exception(message: str) -> None:
+    raise InvalidInput(("messages",), f"the model's chat template refuses these messages: {message}")
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _tojson(value: Any, indent: int | None = None, separators: Any = None, sort_keys: bool = False,
+            ensure_ascii: bool = False) -> str:  # fmt: skip
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+class _Marks:
+    """Markers standing for special-token text found in messages during one render: private-use characters
+    around a random number no message can know, so only this render's markers turn back into text."""
+
+    def __init__(self, specials: re.Pattern[str]):
+        self.specials, self.originals = specials, []
+        self.nonce = str(secrets.randbits(64))
+        self.pattern = re.compile(f"\ue000{self.nonce}:(\\d+)\ue001")
+
+    def _mark(self, match: re.Match[str]) -> str:
+        self.originals.append(match.group(0))
+        return f"\ue000{self.nonce}:{len(self.originals) - 1}\ue001"
+
+    def escape(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.specials.sub(self._mark, value)
+        if isinstance(value, dict):
+            return {k: self.escape(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self.escape(v) for v in value]
+        return value
+
+    def restore(self, text: str) -> str:
+        def original(m: re.Match[str]) -> str:
+            i = int(m.group(1))
+            return self.originals[i] if i < len(self.originals) else m.group(0)
+
+        return self.pattern.sub(original, text)
+
+
+class _SpecialTokens:
+    """The tokenizer's special tokens, and the chat encoding where only the template's markup becomes them."""
+
+    def __init__(self, tokenizer: Any):
+        added = {t.content: (i, t) for i, t in tokenizer.get_added_tokens_decoder().items() if t.special and t.content}
+        self.ids = {content: i for content, (i, _) in added.items()}
+        self.strips = {content: (t.lstrip, t.rstrip) for content, (_, t) in added.items()}
+        longest_first = sorted(added, key=len, reverse=True)
+        self.pattern = re.compile("|".join(map(re.escape, longest_first))) if added else None
+
+    def escape(self, messages: list[Any]) -> tuple[list[Any], _Marks | None]:
+        """``messages`` with every special token's text replaced by a marker, and the marks (None: none found)."""
+        if self.pattern is None:
+            return messages, None
+        marks = _Marks(self.pattern)
+        escaped = marks.escape(messages)
+        return (escaped, marks) if marks.originals else (messages, None)
+
+    def encode(self, text: str, marks: _Marks, plain: Any) -> list[int]:
+        """Token ids of a render with markers: special tokens in ``text`` are the template's and become their ids;
+        the text between them, markers turned back into what the messages said, is encoded by ``plain`` (a
+        tokenizer that reads special-token text as text). The split is the tokenizer's own: at each special
+        token, with the whitespace beside it stripped for tokens marked lstrip or rstrip."""
+        assert self.pattern is not None
+        pieces: list[tuple[bool, str]] = []
+        pos = 0
+        for m in self.pattern.finditer(text):
+            pieces += [(False, text[pos : m.start()]), (True, m.group(0))]
+            pos = m.end()
+        pieces.append((False, text[pos:]))
+        for i, (special, piece) in enumerate(pieces):
+            if special:
+                lstrip, rstrip = self.strips[piece]
+                if lstrip:
+                    pieces[i - 1] = (False, pieces[i - 1][1].rstrip())
+                if rstrip:
+                    pieces[i + 1] = (False, pieces[i + 1][1].lstrip())
+        ids: list[int] = []
+        for special, piece in pieces:
+            if special:
+                ids.append(self.ids[piece])
+            elif piece:
+                ids += plain.encode(marks.restore(piece), add_special_tokens=False).ids
+        return ids
