@@ -85,7 +85,7 @@ def test_cli_generate_streams_and_reports_speed(repo):
     assert result.stdout.strip() and "tokens/s" in result.stderr
     wrong = subprocess.run([sys.executable, "-m", "forwardpass", "generate", "nope", "x", "-r", str(repo)],
                            capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert wrong.returncode == 2 and "no model 'nope'" in wrong.stderr
+    assert wrong.returncode == 2 and "unknown model: 'nope' is not found" in wrong.stderr
 
 
 # --- greedy parity with llama.cpp ------------------------------------------------------------------
