@@ -194,6 +194,32 @@ def test_a_chat_template_cannot_run_code_or_change_the_messages(tmp_path, payloa
     assert not mark.exists()
 
 
+@pytest.mark.parametrize(
+    "payload",
+    [
+        "{{ 'a' * 10000000000 }}",
+        "{{ [1] * 10000000000 }}",
+        "{{ 10 ** 10000000 }}",
+        "{{ 'x'.ljust(10000000000) }}",
+        "{{ '%*s' % (10000000000, 'x') }}",
+        "{{ 'x' | center(10000000000) }}",
+    ],
+)
+def test_a_chat_template_cannot_build_huge_values(tmp_path, payload):
+    pytest.importorskip("jinja2")
+    import resource
+    import time
+
+    from forwardpass.errors import ModelLoadError
+
+    llm = _chat_model(tmp_path, payload + CHATML)
+    before, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.monotonic()
+    with pytest.raises(ModelLoadError, match="larger than 1,000,000 items"):
+        llm.prepare(messages=HI, max_tokens=1)
+    assert time.monotonic() - start < 1.0
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 * 1024  # KiB: < 100 MiB more
+
+
 def test_real_templates_get_their_helpers_raise_exception_strftime_now_tojson(tmp_path):
     pytest.importorskip("jinja2")
     import datetime

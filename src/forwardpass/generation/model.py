@@ -8,13 +8,14 @@
 
 from __future__ import annotations
 
+
 import json
 import re
 import secrets
 import threading
 from collections.abc import Iterator, Sequence
 from datetime import datetime
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
 
@@ -184,11 +185,10 @@ class ChatTemplate:
 
     def __init__(self, source: str, origin: str):
         self._jinja2 = jinja2 = require("jinja2", "llm", "chat templates")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        env = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
-                                            extensions=["jinja2.ext.loopcontrols"])  # fmt: skip
+        env = _bounded_sandbox()(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                                 extensions=["jinja2.ext.loopcontrols"])  # fmt: skip
         env.filters["tojson"] = _tojson
+        env.filters["center"] = _bounded_center
         env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
         self.origin = origin
         self._template = env.from_string(source)
@@ -218,6 +218,54 @@ class ChatTemplate:
                                  "a safe template: replace it with the model's original one") from None  # fmt: skip
         except Exception as exc:  # a template that fails on these messages (undefined names, type errors)
             raise ModelLoadError(f"{self.origin}: the chat template failed ({type(exc).__name__}: {exc})") from None
+
+
+# The most a template may build with one *, ** or % or string padding call: jinja2's sandbox keeps a
+# template away from Python's internals and caps range() at 100,000 items, but not 'a' * 10**10.
+MAX_TEMPLATE_ITEMS = 1_000_000
+
+
+def _too_big(what: str) -> Exception:
+    from jinja2.exceptions import SecurityError
+
+    return SecurityError(f"{what} would be larger than {MAX_TEMPLATE_ITEMS:,} items")
+
+
+@cache
+def _bounded_sandbox() -> type:
+    """jinja2's immutable sandbox, where an operator or a string method cannot build huge values."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**", "%"})
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_TEMPLATE_ITEMS:
+                        raise _too_big("a repeated text or list")
+            elif operator == "**":
+                if isinstance(left, (int, float)) and isinstance(right, (int, float)) and abs(right) > 64 and abs(left) > 1:
+                    raise _too_big("a power")
+            elif isinstance(left, str) and any(isinstance(v, int) and v > MAX_TEMPLATE_ITEMS
+                                               for v in (right if isinstance(right, tuple) else (right,))):  # fmt: skip
+                raise _too_big("a formatted text")
+            return super().call_binop(context, operator, left, right)
+
+        def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 (jinja2's names)
+            if isinstance(getattr(__obj, "__self__", None), str) and any(
+                isinstance(v, int) and v > MAX_TEMPLATE_ITEMS for v in (*args, *kwargs.values())
+            ):
+                raise _too_big("a padded text")
+            return super().call(__context, __obj, *args, **kwargs)
+
+    return BoundedSandbox
+
+
+def _bounded_center(value: Any, width: int = 80) -> str:
+    if isinstance(width, int) and width > MAX_TEMPLATE_ITEMS:
+        raise _too_big("a centered text")
+    return str(value).center(width)
 
 
 def _raise_exception(message: str) -> None:
