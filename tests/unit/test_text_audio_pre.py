@@ -148,3 +148,57 @@ def test_audio_pre(tmp_path):
         model.predict(wav(np.zeros(20000, np.float32), 16000))
     with pytest.raises(InvalidInput, match="empty clip"):
         model.predict(wav(np.zeros(0, np.float32), 16000))
+
+
+def audio(tmp_path, **pre):
+    write_model(tmp_path, "a", {"task": "custom", "pre": {"kind": "audio", **pre}}, audio_model())
+    return Repository(tmp_path).load("a")
+
+
+def test_clip_bytes_bound_read_from_the_header(tmp_path):
+    model = audio(tmp_path, max_bytes=3000)
+    model.predict(wav(SINE[:1500], 16000))  # 3000 bytes of 16-bit samples
+    with pytest.raises(InvalidInput) as info:
+        model.predict([wav(SINE[:1500], 16000), wav(SINE, 16000, channels=1)])
+    assert info.value.loc == ("instances", 1)
+    assert "3,200 bytes of samples, more than pre.max_bytes (3,000)" in info.value.msg
+
+
+def test_clip_length_bound_names_the_field(tmp_path):
+    with pytest.raises(InvalidInput, match=r"clip is 0.1 s, longer than 0.05 s \(pre.max_seconds\)"):
+        audio(tmp_path, max_seconds=0.05).predict(wav(SINE, 16000))
+
+
+def test_request_audio_budget(tmp_path):
+    model = audio(tmp_path, max_total_seconds=0.25)
+    model.predict([wav(SINE, 16000)] * 2)
+    with pytest.raises(InvalidInput) as info:
+        model.predict([wav(SINE, 16000)] * 3)  # 3 x 0.1 s
+    assert info.value.loc == ("instances",)
+    assert "0.3 s together, longer than pre.max_total_seconds (0.25 s)" in info.value.msg
+
+
+def test_audio_b64_object_form(tmp_path):
+    model = audio(tmp_path)
+    out = model.predict({"b64": base64.b64encode(wav(SINE, 16000)).decode()})["samples"]
+    np.testing.assert_allclose(out, SINE, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [0, 4])
+def test_sub_byte_samples_are_a_wav_error(tmp_path, bits):
+    data = wav(SINE, 16000, 16)[:20] + struct.pack("<HHIIHH", 1, 1, 16000, 0, 0, bits) + wav(SINE, 16000)[36:]
+    with pytest.raises(WavError, match="unsupported encoding"):
+        decode_wav(data)
+    with pytest.raises(InvalidInput, match="cannot decode WAV"):  # was a ZeroDivisionError: a 500
+        audio(tmp_path).predict(data)
+
+
+def test_text_accepts_utf8_bytes(tmp_path):
+    config = {"task": "custom", "pre": {"kind": "text", "tokenizer": "tokenizer.json", "max_length": 4}}
+    make_tokenizer(write_model(tmp_path, "t", config, token_model(11)) / "tokenizer.json")
+    model = Repository(tmp_path).load("t")
+    as_bytes, as_str = model.predict([b"the movie", "bad"]), model.predict(["the movie", "bad"])
+    np.testing.assert_array_equal(as_bytes["logits"], as_str["logits"])
+    with pytest.raises(InvalidInput, match="expected UTF-8 text") as info:
+        model.predict(["ok", b"\xff\xfe"])
+    assert info.value.loc == ("instances", 1)
