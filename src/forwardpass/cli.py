@@ -169,8 +169,12 @@ def batch(
                             repository=repository, ray_address=ray_address,
                             num_cpus=num_cpus, progress=True)  # fmt: skip
     resumed = f", {summary.resumed_parts} parts from an earlier run" if summary.resumed_parts else ""
+    if summary.redone:
+        resumed += f", {len(summary.redone)} parts redone (missing or changed since committed)"
     out.print(f"{summary.rows_ok:,} rows ok, {summary.rows_failed:,} failed, {summary.seconds:.1f} s, "
               f"{summary.rows_per_second:,.0f} rows/s -> {summary.output}{resumed}")  # fmt: skip
+    for why in summary.redone[:10]:
+        out.print(f"redone: {why}", highlight=False, soft_wrap=True)
     if summary.rows_failed and summary.errors_file:
         out.print(f"errors: {summary.errors_file}")
 

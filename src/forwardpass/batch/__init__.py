@@ -6,7 +6,9 @@
 
 The output folder holds ``part-NNNNN.parquet`` (or .csv / .jsonl) files, ``_errors.jsonl`` (one
 record per bad row: its row number, id columns and the reason) and ``_manifest.json``. Running the
-same command again after a crash continues from the last committed part (batch/io.py says how).
+same command again after a crash continues from the last committed part (batch/io.py says how), after
+checking each committed part against the size and SHA-256 the manifest recorded (one that is missing or
+changed is done again), and only if the input's content hash is the one the manifest recorded.
 
 Local engine (batch/local.py): a reader thread, one or more predictor threads (as many as cores for
 models that run on one intra-op thread, else one that uses them all) and a writer thread, joined by
@@ -16,7 +18,7 @@ reads, an actor pool holding the model predicts, Parquet is written per block.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,7 @@ class Summary:
     output: Path
     errors_file: Path | None
     resumed_parts: int = 0
+    redone: list[str] = field(default_factory=list)  # earlier parts done again: "part-00003.parquet: missing"
 
     @property
     def rows_per_second(self) -> float:

@@ -24,7 +24,7 @@ from typing import Any
 
 from forwardpass.batch import BatchAborted, Summary
 from forwardpass.batch.io import Chunk, PartWriter, open_source
-from forwardpass.batch.predict import ChunkPredictor
+from forwardpass.batch.predict import ChunkPredictor, check_columns
 from forwardpass.runtime.onnx import available_cores
 
 _DONE = object()
@@ -33,22 +33,26 @@ _DONE = object()
 def run_local(model: Any, input: str | Path, output: str | Path, *, fmt: str, batch_size: int | None,
               chunk_rows: int | None, id_columns: list[str] | None, max_errors: int | None, top_k: int,
               progress: bool, max_tokens: int) -> Summary:  # fmt: skip
+    started = time.perf_counter()  # the job's time includes hashing the input and checking earlier parts
     generation = getattr(model, "gen", None) is not None
     source = open_source(input, chunk_rows or 1, generation=generation)
+    columns = source.column_names()
+    if not generation:
+        check_columns(model, source.path, columns, id_columns or [])
     kind = "generation" if generation else model.pre_kind
-    if kind in ("image", "audio") and _feeds_tensor(model, source):
+    if kind in ("image", "audio") and _feeds_tensor(model, columns):
         kind = "tensor"  # a list column named after the input: no decoding, table-sized chunks
     batch_size = batch_size or {"image": 32, "audio": 8, "text": 64, "generation": 8}.get(kind, 1024)
     source.chunk_rows = chunk_rows = chunk_rows or {"image": 256, "audio": 64, "text": 1024,
                                                     "generation": 64}.get(kind, 65536)  # fmt: skip
+    writer = PartWriter(output, fmt)  # a bad output path or manifest fails here, before the input is hashed
     job = {"input": source.fingerprint(), "model": model.name, "version": model.version, "chunk_rows": chunk_rows,
            "format": fmt, "id_columns": id_columns or [], "top_k": top_k}  # fmt: skip
     if generation:
         job["max_tokens"] = max_tokens
-    writer = PartWriter(output, fmt, job)
+    writer.begin(job)
     done = writer.done
     ok, failed = writer.counts()
-    started = time.perf_counter()
     if generation:
         from forwardpass.batch.generate import GenerationPredictor
 
@@ -145,13 +149,14 @@ def run_local(model: Any, input: str | Path, output: str | Path, *, fmt: str, ba
     if failure:
         raise failure[0]
     errors_file = writer.finish()
-    return Summary(ok, failed, time.perf_counter() - started, Path(output), errors_file, resumed_parts=len(done))
+    return Summary(ok, failed, time.perf_counter() - started, Path(output), errors_file, resumed_parts=len(done),
+                   redone=writer.redone)  # fmt: skip
 
 
-def _feeds_tensor(model: Any, source: Any) -> bool:
+def _feeds_tensor(model: Any, columns: list[str]) -> bool:
     """Does a Parquet/CSV input carry the model's one tensor input as a column of that name?"""
     inputs = getattr(model, "inputs", [])
-    return len(inputs) == 1 and inputs[0].name in source.column_names()
+    return len(inputs) == 1 and inputs[0].name in columns
 
 
 def _put(q: queue.Queue[Any], item: Any, stop: threading.Event) -> None:

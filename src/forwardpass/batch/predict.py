@@ -69,7 +69,7 @@ class ChunkPredictor:
 
     def _table(self, table: Any, errors: dict[int, str]) -> tuple[dict[str, np.ndarray], Any]:
         pre = self.model._pre
-        tensor = self._tensor_input()
+        tensor = _tensor_spec(self.model)
         if tensor is not None and tensor.name in table.column_names:
             return self._tensor_column(table.column(tensor.name), tensor, errors)
         if not isinstance(pre, Tabular):
@@ -103,13 +103,6 @@ class ChunkPredictor:
             matrix[:, j] = values
         kept = _kept(n, errors)
         return {pre.input: (matrix if len(kept) == n else matrix[kept]).astype(pre.dtype, copy=False)}, kept
-
-    def _tensor_input(self) -> Any:
-        """The model's one input when it is a [-1, F] tensor: a list column of that name feeds it directly."""
-        inputs = self.model.inputs
-        if len(inputs) == 1 and len(inputs[0].shape) == 2 and inputs[0].shape[1] > 0:
-            return inputs[0]
-        return None
 
     def _tensor_column(self, column: Any, spec: Any, errors: dict[int, str]) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """A list<number> column -> the [N, F] input tensor, no pre-processing; wrong lengths and nulls are row errors."""
@@ -220,6 +213,47 @@ class ChunkPredictor:
         if isinstance(chunk.data, list):
             return None if chunk.data[i] is None else chunk.data[i].get(name)
         return chunk.data.column(name)[i].as_py() if name in chunk.data.column_names else None
+
+
+def missing_columns(model: Any, columns: list[str]) -> list[str]:
+    """Features a table input (Parquet, a CSV header) lacks that the model declares no default for.
+
+    [] when the model does not read named features from it: a tensor column named after its input feeds
+    it directly, and images, text or audio are not read by feature name. Checked once before the job
+    starts, so a file without a needed column is one error, not every row failed.
+    """
+    pre = getattr(model, "_pre", None)  # the same object _table fills the feature matrix from
+    tensor = _tensor_spec(model)
+    if not isinstance(pre, Tabular) or (tensor is not None and tensor.name in columns):
+        return []
+    have = set(columns)
+    return [name for name, default in zip(pre.features, pre.defaults) if default is None and name not in have]
+
+
+def check_columns(model: Any, path: str, columns: list[str], id_columns: list[str]) -> None:
+    """Before any work: a table input must have every feature column without a default, and the id columns."""
+    if not columns:  # not a table with a schema (JSONL, images, prompts): rows are checked one by one
+        return
+    shown = ", ".join(repr(c) for c in columns[:12]) + (f", ... ({len(columns)} columns)" if len(columns) > 12 else "")
+    missing = missing_columns(model, columns)
+    if missing:
+        names = ", ".join(repr(m) for m in missing)
+        raise InvalidInput(("input",), f"{path} has no column {names}: model '{model.name}' reads "
+                           f"{'it as a feature' if len(missing) == 1 else 'them as features'} and declares no "
+                           f"default; the file has {shown}; add the column, or give the feature a default in "
+                           "the model's model.yaml")  # fmt: skip
+    for name in id_columns:
+        if name not in columns:
+            raise InvalidInput(("id_column",), f"{path} has no column '{name}' to carry into the output; the file "
+                               f"has {shown}")  # fmt: skip
+
+
+def _tensor_spec(model: Any) -> Any:
+    """The model's one input when it is a [-1, F] tensor: a list column of that name feeds it directly."""
+    inputs = model.inputs
+    if len(inputs) == 1 and len(inputs[0].shape) == 2 and inputs[0].shape[1] > 0:
+        return inputs[0]
+    return None
 
 
 def _kept(n: int, errors: dict[int, str]) -> np.ndarray:

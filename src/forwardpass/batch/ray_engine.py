@@ -23,7 +23,8 @@ import orjson
 
 from forwardpass._deps import require
 from forwardpass.batch import Summary
-from forwardpass.batch.io import Chunk, open_source
+from forwardpass.batch.io import Chunk, open_source, output_folder
+from forwardpass.batch.predict import check_columns
 from forwardpass.errors import InvalidInput
 from forwardpass.runtime.onnx import available_cores
 
@@ -63,6 +64,8 @@ def run_ray(model: Any, input: str | Path, output: str | Path, *, fmt: str, batc
 
     repo = str(Path(repository or default_repository()).resolve())
     source = open_source(input, 1 << 16)
+    check_columns(model, source.path, source.column_names(), id_columns or [])
+    folder = output_folder(output)
     started = time.perf_counter()
     cpus = num_cpus or available_cores()
     if not ray.is_initialized():
@@ -91,8 +94,6 @@ def run_ray(model: Any, input: str | Path, output: str | Path, *, fmt: str, batc
                             num_cpus=0.5 * threads).materialize()  # fmt: skip
     good = scored.filter(lambda row: row["error"] is None)
     bad = scored.filter(lambda row: row["error"] is not None)
-    folder = Path(output)
-    folder.mkdir(parents=True, exist_ok=True)
     good.drop_columns(["error"]).write_parquet(str(folder))
     errors = bad.take_all()
     lines = b"".join(orjson.dumps({k: v for k, v in e.items() if v is not None or k in (id_columns or [])}) + b"\n"
