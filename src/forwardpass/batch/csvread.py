@@ -226,5 +226,5 @@ class CsvBlocks:
 
 
 def _clip(line: bytes, limit: int = 60) -> str:
-    text = line[: limit * 4].decode("utf-8", "backslashreplace")
-    return repr(text if len(text) <= limit else text[:limit] + "...")
+    text = line[: limit * 4].decode("utf-8", "backslashreplace")  # a bad byte shows as \xff
+    return f"'{text}'" if len(text) <= limit else f"'{text[:limit]}...'"
