@@ -4,8 +4,17 @@ uvicorn spends about 70 us of a 2-core machine's CPU per request before the appl
 (bench/serve.py measures 13k requests/s for an empty ASGI app against 110k for this protocol);
 for a model whose forward pass costs 12 us that is most of the bill. This protocol does what a
 model server needs and nothing else: keep-alive, pipelined requests answered in order,
-``Expect: 100-continue``, body and header limits checked while reading, an idle timeout,
-back-pressure, and a drain on shutdown. One write per response.
+``Expect: 100-continue``, body and header limits checked while reading, back-pressure, and a
+drain on shutdown. One write per response.
+
+Time limits (ServeConfig): a connection with no request in progress closes after
+``keep_alive_timeout``; a request that has begun must arrive within ``body_timeout`` plus one
+second per ``body_min_rate`` bytes received (so a slow but steady upload finishes, a trickle is
+answered 408). A request refused while it is arriving (413 for a body over the limit, 431, 414,
+400 for malformed HTTP or HTTP/0.9, 408) is answered at once, in order after the requests before
+it. Every close after an answer is a lingering one: the server half-closes, then reads and drops
+what the client still sends for up to ``linger_timeout``, so that a client busy sending its body
+reads the answer instead of a connection reset.
 """
 
 from __future__ import annotations
@@ -27,15 +36,30 @@ log = logging.getLogger("forwardpass.server")
 
 MAX_HEADER_BYTES = 64 * 1024
 MAX_PIPELINED = 32  # complete requests waiting on one connection before it stops reading
-KEEP_ALIVE_TIMEOUT = 5.0  # seconds an idle connection stays open
+# what a connection answers when the application itself failed: prepared, so that it cannot fail too
+_INTERNAL_ERROR = Response(500, b'{"error":"internal error","type":"internal_error"}')
+
+
+def _refusal(status: int, kind: str, message: str) -> Response:
+    return Response.json({"error": message, "type": kind}, status)
+
+
+def _http_0_9_refusal() -> Response:
+    return _refusal(400, "bad_request", "HTTP/0.9 requests are not supported; send an HTTP/1.1 request line "
+                    "such as 'GET /v2/health/live HTTP/1.1'")  # fmt: skip
 
 
 class ServerState:
-    """What the protocol instances share: the app, open connections, requests in progress."""
+    """What the protocol instances share: the app, its limits, open connections, requests in progress."""
 
-    def __init__(self, app: App, max_body_bytes: int):
+    def __init__(self, app: App):
+        config = app.config
         self.app = app
-        self.max_body_bytes = max_body_bytes
+        self.max_body_bytes = config.max_body_bytes
+        self.keep_alive_timeout = config.keep_alive_timeout
+        self.body_timeout = config.body_timeout
+        self.body_min_rate = config.body_min_rate
+        self.linger_timeout = config.linger_timeout
         self.connections: set[HttpProtocol] = set()
         self.active = 0  # connections with a request being handled
         self.idle = asyncio.Event()  # set when active drops to 0
@@ -44,13 +68,13 @@ class ServerState:
         self._sweeper: asyncio.TimerHandle | None = None
 
     def start_sweeping(self) -> None:
-        """Close keep-alive connections idle for KEEP_ALIVE_TIMEOUT: one timer for the server, not one per request."""
+        """Apply the time limits: one timer for the server, not one per request."""
         loop = asyncio.get_running_loop()
         now = loop.time()
         for connection in list(self.connections):
-            if not connection.busy and not connection.queue and now - connection.last_active > KEEP_ALIVE_TIMEOUT:
-                connection.close_if_idle()
-        self._sweeper = loop.call_later(1.0, self.start_sweeping)
+            connection.expire(now)
+        every = min(1.0, self.keep_alive_timeout / 4, self.body_timeout / 4)
+        self._sweeper = loop.call_later(max(every, 0.05), self.start_sweeping)
 
     def stop_sweeping(self) -> None:
         if self._sweeper is not None:
@@ -65,7 +89,8 @@ class HttpProtocol(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
-        self.queue: deque[tuple[dict[str, Any], bytes | None, Response | None, bool]] = deque()
+        # (scope, body, response, keep_alive): a request to dispatch, or (None, None, refusal, False)
+        self.queue: deque[tuple[dict[str, Any] | None, bytes | None, Response | None, bool]] = deque()
         self.busy = False
         self.task: asyncio.Task[None] | None = None
         self.streaming = False  # a streamed response is being written: a lost client cancels self.task
@@ -74,6 +99,11 @@ class HttpProtocol(asyncio.Protocol):
         self.drained = asyncio.Event()
         self.drained.set()
         self.last_active = self.loop.time()
+        self.began: float | None = None  # when the request now arriving began; None between requests
+        self.refused = False  # a refusal is queued: what the client sends from now on is dropped unparsed
+        self.client_eof = False  # the client half-closed: answer what it sent, then close
+        self.continue_due = False  # "100 Continue" owed once the requests before this one are answered
+        self._linger: asyncio.TimerHandle | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -82,7 +112,6 @@ class HttpProtocol(asyncio.Protocol):
         self.header_bytes = 0
         self.body: list[bytes] = []
         self.body_size = 0
-        self.error: Response | None = None
 
     # -- connection ----------------------------------------------------------------------------
 
@@ -93,10 +122,19 @@ class HttpProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.state.connections.discard(self)
         self.queue.clear()
+        self._reset()  # the parser and this protocol refer to each other: free the buffers now, not at gc
         self.transport = None
         self.drained.set()
+        if self._linger is not None:
+            self._linger.cancel()
         if self.streaming and self.task is not None:
             self.task.cancel()  # stops the producer (a generation frees its slot)
+
+    def eof_received(self) -> bool:
+        if self.busy or self.queue:  # answer what came before the half-close
+            self.client_eof = True
+            return True
+        return False  # the transport closes
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -107,61 +145,124 @@ class HttpProtocol(asyncio.Protocol):
         self.drained.set()
 
     def data_received(self, data: bytes) -> None:
+        if self.refused:
+            return  # lingering after a refusal: read and drop
+        fresh = self.began is None  # a request starts at the beginning of ``data``
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._fatal(400, "protocol upgrades are not supported")
+            self._refuse(_refusal(400, "bad_request", "protocol upgrades are not supported"))
         except httptools.HttpParserError as exc:
-            self._fatal(400, f"malformed HTTP request: {exc}")
+            if not self.refused:
+                self._refuse(_refusal(400, "bad_request", f"malformed HTTP request: {exc}"))
+        else:  # a request begun here and still incomplete: it may be an HTTP/0.9 line waiting for nothing
+            if fresh and self.began is not None and not self.refused and _http_0_9(data):
+                self._refuse(_http_0_9_refusal())
 
-    def _fatal(self, status: int, message: str) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(Response.json({"error": message}, status).encode(keep_alive=False))
-            self.transport.close()
+    def expire(self, now: float) -> None:
+        """The sweeper's check: close an idle keep-alive connection, answer 408 to a request arriving too slowly."""
+        if self.transport is None or self.refused or self.busy or self.queue:
+            return
+        if self.began is None:
+            if now - self.last_active > self.state.keep_alive_timeout:
+                self.transport.close()
+            return
+        received, elapsed = self.header_bytes + self.body_size, now - self.began
+        if elapsed > self.state.body_timeout + received / self.state.body_min_rate:
+            self._refuse(_refusal(408, "request_timeout", (
+                f"the request did not arrive in time: {received} bytes in {elapsed:.1f} s; a request may take "
+                f"{self.state.body_timeout:g} s plus 1 s per {self.state.body_min_rate} bytes received; send it "
+                "faster, or raise FORWARDPASS_BODY_TIMEOUT or lower FORWARDPASS_BODY_MIN_RATE")))  # fmt: skip
 
     def close_if_idle(self) -> None:
         """On shutdown: close now unless a request is in progress."""
         if self.transport is not None and not self.busy and not self.queue:
             self.transport.close()
 
+    def _refuse(self, response: Response) -> None:
+        """Answer ``response`` after the requests already queued, then close; drop whatever comes meanwhile."""
+        self.refused = True
+        self.continue_due = False
+        self._reset()
+        self.queue.append((None, None, response, False))
+        self._start_serving()
+
+    def _close(self) -> None:
+        """Close after the last answer: half-close, then read and drop for up to linger_timeout.
+
+        Closing a socket with unread data makes the kernel send a reset, and a client still sending
+        its body (httpx, requests) then loses the answer that already arrived.
+        """
+        transport = self.transport
+        if transport is None or transport.is_closing() or self._linger is not None:
+            return
+        self.refused = True
+        self.continue_due = False
+        if self.client_eof or self.state.linger_timeout <= 0 or not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        if not self.reading:
+            transport.resume_reading()
+            self.reading = True
+        self._linger = self.loop.call_later(self.state.linger_timeout, transport.abort)
+
     # -- httptools callbacks -------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
         self._reset()
+        self.began = self.loop.time()
 
     def on_url(self, url: bytes) -> None:
+        if self.refused:
+            return
         self.url += url
         self.header_bytes += len(url)
+        if self.header_bytes > MAX_HEADER_BYTES:
+            self._refuse(_refusal(414, "uri_too_long", "the request's URL is longer than 64 KiB"))
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.refused:
+            return
         self.header_bytes += len(name) + len(value)
         if self.header_bytes > MAX_HEADER_BYTES:
-            if self.error is None:  # keep parsing (the parser needs to), but keep nothing more
-                self.error = Response.json({"error": "request headers are larger than 64 KiB"}, 431)
+            self._refuse(_refusal(431, "headers_too_large", "request headers are larger than 64 KiB"))
             return
         self.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
+        if self.refused:
+            return
+        if self.parser.get_http_version() == "0.9":
+            self._refuse(_http_0_9_refusal())
+            return
+        expect = False
         for name, value in self.headers:
             if name == b"content-length" and value.isdigit() and int(value) > self.state.max_body_bytes:
-                self.error = error_response(PayloadTooLarge(
-                    f"request body of {int(value)} bytes is over the limit of {self.state.max_body_bytes} bytes"))
-            elif name == b"expect" and value.lower() == b"100-continue" and self.transport is not None:
-                if self.error is None:
-                    self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                self._refuse(error_response(PayloadTooLarge(
+                    f"request body of {int(value)} bytes is over the limit of {self.state.max_body_bytes} bytes; "
+                    "send a smaller body or raise FORWARDPASS_MAX_BODY_BYTES")))  # fmt: skip
+                return
+            if name == b"expect" and value.lower() == b"100-continue":
+                expect = True
+        if expect:
+            self.continue_due = True
+            self._send_continue()
 
     def on_body(self, body: bytes) -> None:
-        if self.error is not None:
-            return  # a body we will refuse: do not keep it
+        if self.refused:
+            return  # a body we refused: do not keep it
         self.body_size += len(body)
         if self.body_size > self.state.max_body_bytes:
-            self.error = error_response(PayloadTooLarge(
-                f"request body is over the limit of {self.state.max_body_bytes} bytes"))
-            self.body = []
+            self._refuse(error_response(PayloadTooLarge(
+                f"request body is over the limit of {self.state.max_body_bytes} bytes; send a smaller body or "
+                "raise FORWARDPASS_MAX_BODY_BYTES")))  # fmt: skip
             return
         self.body.append(body)
 
     def on_message_complete(self) -> None:
+        if self.refused:
+            return
         parsed = httptools.parse_url(self.url)
         path = parsed.path.decode("latin-1")
         scope = {
@@ -171,18 +272,30 @@ class HttpProtocol(asyncio.Protocol):
             "headers": self.headers,
         }
         body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
+        self.body = []  # the chunks go now; the joined body goes with the request
+        self.began = None
+        self.continue_due = False
         keep_alive = self.parser.should_keep_alive() and not self.state.closing
-        self.queue.append((scope, body, self.error, keep_alive))
+        self.queue.append((scope, body, None, keep_alive))
         if len(self.queue) > MAX_PIPELINED and self.reading and self.transport is not None:
             self.transport.pause_reading()
             self.reading = False
+        self._start_serving()
+
+    # -- answering -----------------------------------------------------------------------------
+
+    def _start_serving(self) -> None:
         if not self.busy:
             self.busy = True
             self.state.active += 1
             self.state.idle.clear()
             self.task = self.loop.create_task(self._serve_queue())
 
-    # -- answering -----------------------------------------------------------------------------
+    def _send_continue(self) -> None:
+        """'100 Continue' for the request arriving, once no answer to an earlier request is still to come."""
+        if self.continue_due and not self.busy and not self.queue and self.transport is not None:
+            self.continue_due = False
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     async def _stream(self, response: StreamingResponse, keep_alive: bool) -> None:
         """Write a streamed response as HTTP/1.1 chunks, one write per chunk, waiting when the client is slow."""
@@ -209,30 +322,42 @@ class HttpProtocol(asyncio.Protocol):
         """Answer queued requests one at a time, in order (HTTP/1.1 pipelining)."""
         try:
             while self.queue and self.transport is not None:
-                scope, body, error, keep_alive = self.queue.popleft()
-                response = error or await self.state.app.dispatch(scope, None, body)
+                scope, body, response, keep_alive = self.queue.popleft()
+                if response is None:
+                    try:
+                        response = await self.state.app.dispatch(scope, None, body)  # type: ignore[arg-type]
+                    except Exception:  # dispatch never raises; if it does, the client still gets an answer
+                        log.exception("request handler failed")
+                        response = _INTERNAL_ERROR
+                body = None  # a large body is freed before the answer is written
                 if self.transport is None:
                     return
                 if self.write_paused:
                     await self.drained.wait()
                     if self.transport is None:
                         return
-                keep_alive = keep_alive and not self.state.closing and error is None
+                keep_alive = keep_alive and not self.state.closing and not self.client_eof
                 if isinstance(response, StreamingResponse):
                     await self._stream(response, keep_alive)
                     if self.transport is None:
                         return
                 else:
-                    self.transport.write(response.encode(keep_alive, head=scope["method"] == "HEAD"))
+                    head = scope is not None and scope["method"] == "HEAD"
+                    try:
+                        data = response.encode(keep_alive, head=head)
+                    except Exception:
+                        log.exception("response could not be encoded")
+                        data, keep_alive = _INTERNAL_ERROR.encode(False), False
+                    self.transport.write(data)
                 if not keep_alive:
-                    self.transport.close()
+                    self._close()
                     return
                 if not self.reading and len(self.queue) <= MAX_PIPELINED // 2:
                     self.transport.resume_reading()
                     self.reading = True
         except asyncio.CancelledError:
             pass  # the client left during a streamed response
-        except Exception:  # dispatch never raises; this guards the protocol's own code
+        except Exception:  # this guards the protocol's own code
             log.exception("connection handler failed")
             if self.transport is not None:
                 self.transport.close()
@@ -242,3 +367,21 @@ class HttpProtocol(asyncio.Protocol):
             if self.state.active == 0:
                 self.state.idle.set()
             self.last_active = self.loop.time()
+            if self.began is not None:
+                self.began = self.last_active  # a request arriving behind others: its clock starts now
+            if self.client_eof and not self.queue:
+                self._close()
+            self._send_continue()
+
+
+def _http_0_9(data: bytes) -> bool:
+    """Whether ``data``, the start of a request, is a request line without an HTTP version (HTTP/0.9).
+
+    httptools reads such a line as HTTP/0.9 and waits for headers that an HTTP/0.9 client never
+    sends; a line followed by headers is caught in on_headers_complete instead.
+    """
+    line = data.lstrip(b"\r\n")  # empty lines before a request are allowed
+    end = line.find(b"\n")
+    if end == -1 or line.find(b" HTTP/", 0, end) != -1:
+        return False
+    return line[:end].rstrip(b"\r").count(b" ") == 1  # METHOD /path; anything else is the parser's to refuse

@@ -67,7 +67,7 @@ async def _worker(config: ServeConfig, sock: socket.socket) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    state = ServerState(app, config.max_body_bytes)
+    state = ServerState(app)
     app.engine.pending = lambda: state.active
     await app.engine.start()
     server = await loop.create_server(lambda: HttpProtocol(state), sock=sock, backlog=2048)
@@ -154,6 +154,7 @@ def _serve_uvicorn(config: ServeConfig, log_level: str) -> None:
         "lifespan": "on", "timeout_graceful_shutdown": config.drain_timeout,
         # per-request work nobody here needs: X-Forwarded-* rewriting, Server and Date headers
         "proxy_headers": False, "server_header": False, "date_header": False,
+        "timeout_keep_alive": config.keep_alive_timeout,
         "loop": "uvloop" if has("uvloop") else "asyncio", "http": "httptools" if has("httptools") else "h11",
     }  # fmt: skip
     if config.workers > 1:  # worker processes build their own app from the environment
