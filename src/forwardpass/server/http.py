@@ -7,7 +7,11 @@ bench/serve.py), so the few things a V2 server needs are written here directly.
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 import re
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -15,17 +19,20 @@ from typing import Any
 
 import orjson
 
-from forwardpass.errors import PayloadTooLarge
+from forwardpass.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+
+log = logging.getLogger("forwardpass.server")
 
 
 class Request:
     """An HTTP request: method, path, headers (lower-case names) and body.
 
     From ASGI, ``receive`` delivers the body; from forwardpass's own HTTP protocol the body is
-    complete before the handler runs (``body`` given, ``receive`` None).
+    complete before the handler runs (``body`` given, ``receive`` None). ``read_body`` undoes a
+    gzip or deflate ``Content-Encoding`` in both cases.
     """
 
-    __slots__ = ("scope", "receive", "params", "body", "_headers", "_complete")
+    __slots__ = ("scope", "receive", "params", "body", "_headers", "_complete", "_read")
 
     def __init__(
         self,
@@ -37,6 +44,7 @@ class Request:
         self.scope, self.receive, self.params = scope, receive, params
         self.body = body or b""
         self._complete = body is not None
+        self._read = False
         self._headers: dict[str, str] | None = None
 
     @property
@@ -61,28 +69,96 @@ class Request:
         return None
 
     async def read_body(self, limit: int) -> bytes:
-        """The whole body; PayloadTooLarge as soon as it is known to pass ``limit`` bytes."""
+        """The whole body, decoded if it came compressed; PayloadTooLarge as soon as either the body as
+        sent or as decoded is known to pass ``limit`` bytes, UnsupportedMediaType for an encoding other
+        than gzip or deflate."""
+        if self._read:
+            return self.body
         length = self.header(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            raise PayloadTooLarge(f"request body of {int(length)} bytes is over the limit of {limit} bytes")
-        if self._complete or self.receive is None:
-            if len(self.body) > limit:
-                raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
-            return self.body
-        chunks, size = [], 0
-        while True:
-            message = await self.receive()
-            if message["type"] == "http.disconnect":
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        self.body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            raise PayloadTooLarge(f"request body of {int(length)} bytes is over the limit of {limit} bytes; "
+                                  "send a smaller body or raise FORWARDPASS_MAX_BODY_BYTES")  # fmt: skip
+        if not self._complete and self.receive is not None:
+            chunks, size = [], 0
+            while True:
+                message = await self.receive()
+                if message["type"] == "http.disconnect":
+                    break
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"request body is over the limit of {limit} bytes; send a smaller body "
+                                          "or raise FORWARDPASS_MAX_BODY_BYTES")  # fmt: skip
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+            self.body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            del chunks
+        elif len(self.body) > limit:
+            raise PayloadTooLarge(f"request body is over the limit of {limit} bytes; send a smaller body or "
+                                  "raise FORWARDPASS_MAX_BODY_BYTES")  # fmt: skip
+        encoding = self.header(b"content-encoding")
+        if encoding is not None and encoding.strip().lower() not in ("", "identity"):
+            if len(self.body) <= _INLINE_DECODE:
+                self.body = decode_body(self.body, encoding, limit)
+            else:  # size-dependent work stays off the event loop (zlib releases the GIL)
+                self.body = await asyncio.to_thread(decode_body, self.body, encoding, limit)
+        self._read = True
         return self.body
+
+
+# compressed bodies up to this size are decoded on the event loop: deflate expands at most ~1032:1,
+# so that is at most about 1 MB of output (a millisecond); larger ones go to a thread
+_INLINE_DECODE = 1024
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+def decode_body(body: bytes, encoding: str, limit: int) -> bytes:
+    """``body`` with its Content-Encoding undone (gzip, deflate, or a list of them), never more than ``limit`` bytes.
+
+        decode_body(gzip.compress(b"{}"), "gzip", 1024)  # b"{}"
+
+    PayloadTooLarge when the decoded body passes ``limit`` (a zip bomb stops there), InvalidInput
+    for data that is not what the header says, UnsupportedMediaType for any other encoding.
+    """
+    codings = [c.strip().lower() for c in encoding.split(",")]
+    unknown = [c for c in codings if c not in _WBITS and c not in ("", "identity")]
+    if unknown:
+        raise UnsupportedMediaType(f"Content-Encoding '{encoding}' is not supported (this server decodes gzip and "
+                                   "deflate); send the body uncompressed, or compressed with gzip or deflate")  # fmt: skip
+    for coding in reversed(codings):  # the header lists them in the order they were applied
+        if coding in _WBITS:
+            body = _inflate(body, coding, limit)
+    return body
+
+
+def _inflate(data: bytes, coding: str, limit: int) -> bytes:
+    out: list[bytes] = []
+    size, wbits = 0, _WBITS[coding]
+    while True:  # a gzip body may be several members one after the other
+        inflater = zlib.decompressobj(wbits)
+        try:
+            piece = inflater.decompress(data, limit + 1 - size)
+        except zlib.error as exc:
+            if coding == "deflate" and wbits > 0 and not out:  # raw deflate without the zlib wrapper, as some send
+                wbits = -zlib.MAX_WBITS
+                continue
+            raise InvalidInput(("body",), f"not {coding} data as Content-Encoding says ({exc}); send the body "
+                               "compressed as the header says, or uncompressed without the header") from None  # fmt: skip
+        size += len(piece)
+        out.append(piece)
+        if size > limit:
+            raise PayloadTooLarge(f"request body decoded from {coding} is over the limit of {limit} bytes; send a "
+                                  "smaller body or raise FORWARDPASS_MAX_BODY_BYTES")  # fmt: skip
+        if not inflater.eof:
+            raise InvalidInput(("body",), f"the {coding} body ends before its compressed stream does; send the "
+                               "whole body")  # fmt: skip
+        data = inflater.unused_data
+        if not data or coding == "deflate":
+            break
+    if data:
+        raise InvalidInput(("body",), f"{len(data)} bytes follow the end of the {coding} stream; send one stream")
+    return out[0] if len(out) == 1 else b"".join(out)
 
 
 @dataclass
@@ -96,7 +172,15 @@ class Response:
 
     @classmethod
     def json(cls, data: Any, status: int = 200, headers: list[tuple[bytes, bytes]] | None = None) -> Response:
-        return cls(status, orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY), "application/json", headers or [])
+        """``data`` as JSON. An error's body (status >= 400) never fails to encode: what orjson cannot write
+        (integers past 64 bits, other objects) is written by the json module, as a string where need be."""
+        try:
+            body = orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY)
+        except TypeError:  # orjson.JSONEncodeError
+            if status < 400:
+                raise
+            body = _error_json(data, status)
+        return cls(status, body, "application/json", headers or [])
 
     @classmethod
     def text(cls, text: str | bytes, status: int = 200, content_type: str = "text/plain; charset=utf-8") -> Response:
@@ -150,6 +234,14 @@ class StreamingResponse:
         async for chunk in self.chunks:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
+
+
+def _error_json(data: Any, status: int) -> bytes:
+    try:
+        return json.dumps(data, default=repr).encode()
+    except Exception:  # a cycle, or a repr that raises: still an answer, with the status
+        log.exception("an error's body could not be encoded")
+        return b'{"error": "%d %s"}' % (status, _reason(status))
 
 
 def _reason(status: int) -> bytes:
