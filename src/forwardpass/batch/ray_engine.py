@@ -9,7 +9,9 @@ one (``address``); the actors load the model from ``repository``, which must be 
 every node (a shared path) for a multi-node cluster. Predictions are computed by the same
 ChunkPredictor as the local engine, so both engines give the same rows and the same values.
 Rows are identified by their id columns (``--id-column``): Ray Data has no global row number.
-The output is not resumable (Ray writes it in one pass); use the local engine for that.
+The output is not resumable (Ray writes it in one pass); use the local engine for that. Ray Data's CSV
+and JSON readers stop at a malformed line; the job then fails with one error naming the first such lines
+(found by the local engine's reader), not a traceback.
 """
 
 from __future__ import annotations
@@ -52,6 +54,18 @@ class _Predict:
         return pa.concat_tables([out, bad], promote_options="default")
 
 
+def _malformed(source: Any) -> None:
+    """After Ray failed on a CSV or JSONL input: one error naming its first malformed lines, if it has any."""
+    if source.kind not in ("csv", "jsonl"):
+        return
+    for chunk in source.chunks():  # our reader, which goes on past bad lines; only run once Ray has failed
+        if chunk.bad:
+            first = "; ".join(list(chunk.bad.values())[:3])
+            raise InvalidInput(("input",), f"{source.path}: {first}; the Ray engine's reader stops at a malformed "
+                               "line: fix it, or run the local engine, which writes such lines to _errors.jsonl "
+                               "and goes on") from None  # fmt: skip
+
+
 def run_ray(model: Any, input: str | Path, output: str | Path, *, fmt: str, batch_size: int | None,
             id_columns: list[str] | None, top_k: int, repository: str | Path | None, address: str | None,
             num_cpus: int | None) -> Summary:  # fmt: skip
@@ -89,9 +103,18 @@ def run_ray(model: Any, input: str | Path, output: str | Path, *, fmt: str, batc
     threads = max(1, getattr(model.runtime, "intra_op", 1))
     actors = max(1, int(ray.available_resources().get("CPU", cpus)) // threads)
     size = batch_size or (32 if model.pre_kind in ("image", "audio") else 4096)
-    scored = ds.map_batches(_Predict, fn_constructor_args=(model.name, model.version, repo, id_columns or [], size, top_k),
-                            batch_format="pyarrow", batch_size=size, compute=data.ActorPoolStrategy(size=actors),
-                            num_cpus=0.5 * threads).materialize()  # fmt: skip
+    quiet = logging.getLogger("ray.data")  # it logs a failed task's traceback itself; the exception carries it
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        args = (model.name, model.version, repo, id_columns or [], size, top_k)
+        scored = ds.map_batches(_Predict, fn_constructor_args=args, batch_format="pyarrow", batch_size=size,
+                                compute=data.ActorPoolStrategy(size=actors), num_cpus=0.5 * threads).materialize()
+    except Exception:
+        _malformed(source)  # Ray Data's CSV and JSON readers stop at a malformed line: name it
+        raise
+    finally:
+        quiet.setLevel(level)
     good = scored.filter(lambda row: row["error"] is None)
     bad = scored.filter(lambda row: row["error"] is not None)
     good.drop_columns(["error"]).write_parquet(str(folder))
