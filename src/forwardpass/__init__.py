@@ -12,6 +12,7 @@ Usage::
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from forwardpass.config import ModelConfig
@@ -32,14 +33,15 @@ from forwardpass.repository import Repository, VersionStatus
 __version__ = "0.1.0"
 
 
-def default_repository() -> Path:
-    """$FORWARDPASS_REPOSITORY, else the built-in demo repository (built on first use)."""
+def default_repository(progress: Callable[[str], None] | None = None) -> Path:
+    """$FORWARDPASS_REPOSITORY, else the built-in demo repository (built on first use; ``progress`` gets a
+    line per model while it builds)."""
     env = os.environ.get("FORWARDPASS_REPOSITORY")
     if env:
         return Path(env).expanduser()
     from forwardpass import demo
 
-    return demo.repository()
+    return demo.repository(progress=progress)
 
 
 def load(name: str, *, repository: str | Path | Repository | None = None, version: int | None = None) -> Model:

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import sys
@@ -17,16 +18,44 @@ from typing import Annotated, Any
 
 import numpy as np
 import typer
+import typer.core
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from forwardpass._deps import require
 from forwardpass.errors import ForwardpassError
 from forwardpass.pipeline.answers import Answers
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="forwardpass: AI inference on ONNX Runtime.")  # fmt: skip
-import_app = typer.Typer(no_args_is_help=True, help="Import models from other frameworks into a repository.")
+
+
+class _Command(typer.core.TyperCommand):
+    """Usage lines in click's classic form (``MODEL INPUTS...``), not typer's ``{model} {inputs}...``."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, typer.core.TyperArgument):
+                name = param.metavar or (param.name or "").upper()
+                name = name if param.required else f"[{name}]"
+                pieces.append(name + ("..." if param.nargs != 1 else ""))
+        return pieces
+
+
+class _App(typer.Typer):
+    """Plain help text: no rich markup (it ate '[default: ...]' and '[batch]'), no '<bool>' on flags."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(rich_markup_mode=None, **kwargs)
+
+    def command(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("cls", _Command)
+        return super().command(*args, **kwargs)
+
+
+app = _App(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+           help="forwardpass: AI inference on ONNX Runtime.")  # fmt: skip
+import_app = _App(no_args_is_help=True, help="Import models from other frameworks into a repository.")
 app.add_typer(import_app, name="import")
 out = Console()
 err = Console(stderr=True)
@@ -39,50 +68,99 @@ RepositoryOption = Annotated[
 
 
 def _repository(path: Path | None):
-    from forwardpass import Repository, default_repository
+    from forwardpass import Repository
 
-    return Repository(path or default_repository())
+    return Repository(path or _demo_repository(notes=False))
 
 
 @app.command()
 def serve(
-    repository: Annotated[Path | None, typer.Argument(help="Model repository [default: the built-in demo]")] = None,
+    repository: Annotated[Path | None, typer.Argument(help="Model repository [default: the built-in demo "
+                                                      "repository, built on first use]")] = None,  # fmt: skip
+    repository_option: Annotated[Path | None, typer.Option("--repository", "-r", envvar="FORWARDPASS_REPOSITORY",
+                                                           help="The same as REPOSITORY")] = None,  # fmt: skip
     host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port")] = 8000,
     workers: Annotated[int, typer.Option(help="Processes sharing the port")] = 1,
     poll_interval: Annotated[float, typer.Option(help="Seconds between repository scans (0: no hot reload)")] = 2.0,
+    model_control: Annotated[str, typer.Option(help="poll: load every model and follow the folder; explicit: load "
+                                               "only --load-model, then what the repository API asks; none: load "
+                                               "every model once, refuse repository changes")] = "poll",  # fmt: skip
+    load_model: Annotated[list[str] | None, typer.Option(help="With --model-control explicit: a model to load at "
+                                                         "start (repeatable; '*' for all)")] = None,  # fmt: skip
     http: Annotated[str, typer.Option(help="HTTP implementation: forwardpass (fastest) or uvicorn")] = "forwardpass",
     log_level: Annotated[str, typer.Option(help="Log level")] = "info",
-    api_key: Annotated[str | None, typer.Option(help="Bearer key the OpenAI-compatible API requires "
-                                                     "[env FORWARDPASS_API_KEY]")] = None,  # fmt: skip
+    api_key_file: Annotated[Path | None, typer.Option(help="Inference keys, one per line: with any key set, every "
+                                                      "route but /v2/health/* needs 'Authorization: Bearer KEY' or "
+                                                      "'x-api-key: KEY' [env FORWARDPASS_API_KEY_FILE]")] = None,  # fmt: skip
+    admin_key_file: Annotated[Path | None, typer.Option(help="The admin key (repository load, unload, index) "
+                                                        "[env FORWARDPASS_ADMIN_KEY_FILE]")] = None,  # fmt: skip
+    api_key: Annotated[str | None, typer.Option(help="One inference key (visible in `ps`: prefer --api-key-file "
+                                                "or FORWARDPASS_API_KEY)")] = None,  # fmt: skip
+    public_metrics: Annotated[bool, typer.Option("--public-metrics", help="/metrics without a key when keys are "
+                                                 "set")] = False,  # fmt: skip
 ) -> None:
     """Serve a model repository over HTTP: Open Inference Protocol V2, the OpenAI-compatible API for language
-    models (/v1/chat/completions, /v1/completions), /v1 predict, /metrics."""
+    models (/v1/chat/completions, /v1/completions), /v1 predict, /metrics.
+
+    Without a repository it serves the built-in demo repository (built on first use)."""
     require("httptools", "server", "forwardpass serve")
-    from forwardpass import default_repository
+    from forwardpass.server.auth import Keys
     from forwardpass.server.config import ServeConfig
     from forwardpass.server.run import serve as run_server
 
-    repo = repository or _env_path("FORWARDPASS_REPOSITORY") or default_repository()  # builds the demo once
-    config = ServeConfig.from_env(repository=repo, host=host, port=port, workers=workers, poll_interval=poll_interval,
-                                  http=http, api_key=api_key)  # fmt: skip
-    run_server(config, log_level)
+    if repository is not None and repository_option is not None and repository != repository_option:
+        raise ForwardpassError(f"two repositories given ({repository} and --repository {repository_option}); pass one")
+    repo = repository or repository_option or _demo_repository()
+    try:
+        config = ServeConfig.from_env(repository=repo, host=host, port=port, workers=workers,
+                                      poll_interval=poll_interval, http=http, api_key=api_key,
+                                      api_key_file=api_key_file, admin_key_file=admin_key_file,
+                                      public_metrics=public_metrics or None, model_control=model_control,
+                                      load_model=load_model or None)  # fmt: skip
+    except ValueError as exc:  # pydantic's ValidationError: a bad option value or FORWARDPASS_* variable
+        raise ForwardpassError(_settings_error(exc)) from None
+    Keys.from_config(config)  # unreadable key files fail here, with one line
+    try:
+        run_server(config, log_level)
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        raise ForwardpassError(f"{config.host}:{config.port} is already in use (another server?); "
+                               "stop it or pass --port") from None  # fmt: skip
 
 
-def _env_path(name: str) -> Path | None:
-    value = os.environ.get(name)
-    return Path(value) if value else None
+def _demo_repository(rebuild: bool = False, notes: bool = True) -> Path:
+    """The demo repository (built on first use, saying what it builds), and a line for each model it lacks."""
+    from forwardpass import demo as demo_pkg
+
+    def say(line: str) -> None:
+        err.print(f"building the demo repository: {escape(line)}", highlight=False, soft_wrap=True)
+
+    path = demo_pkg.build(demo_pkg.home() / "demo", say) if rebuild else demo_pkg.repository(progress=say)
+    for line in demo_pkg.left_out() if notes else []:
+        err.print(f"[yellow]note:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
+    return path
+
+
+def _settings_error(exc: ValueError) -> str:
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return str(exc)
+    parts = [f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']} (got {e.get('input')!r})"
+             for e in errors()]  # fmt: skip
+    return "; ".join(parts)
 
 
 @app.command()
 def demo(
     samples: Annotated[Path | None, typer.Option(help="Also write held-out sample inputs into this folder")] = None,
-    rebuild: Annotated[bool, typer.Option(help="Build the demo repository again")] = False,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Build the demo repository again")] = False,
 ) -> None:
     """Build the built-in demo repository (once) and list its models."""
     from forwardpass import Repository, demo as demo_pkg
 
-    path = demo_pkg.build(demo_pkg.home() / "demo") if rebuild else demo_pkg.repository()
+    path = _demo_repository(rebuild)
     out.print(f"demo repository: {path}")
     _models_table(Repository(path))
     if samples is not None:
@@ -112,7 +190,7 @@ def _models_table(repo: Any) -> None:
         table.add_row(status.name, str(status.version), status.state, task, metrics)
     out.print(table)
     for problem in dict.fromkeys(problems):
-        err.print(f"[red]{problem}[/red]", highlight=False, soft_wrap=True)
+        err.print(f"[red]{escape(problem)}[/red]", highlight=False, soft_wrap=True)
 
 
 def _metrics(metrics: dict[str, float]) -> str:
@@ -291,7 +369,7 @@ def generate(
     min_p: Annotated[float, typer.Option()] = 0.0,
     seed: Annotated[int | None, typer.Option(help="Same seed and prompt, same text")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop at this text (repeatable)")] = None,
-    raw: Annotated[bool, typer.Option(help="Send the prompt as is, without the chat template")] = False,
+    raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as is, without the chat template")] = False,
 ) -> None:
     """Stream a completion to the terminal, then tokens/s."""
     llm = _language_model(model, repository)
@@ -312,7 +390,10 @@ def _stream(llm: Any, target: dict[str, Any], kwargs: dict[str, Any]) -> str:
     seconds = time.perf_counter() - start
     text = "".join(pieces)
     n = len(llm.encode(text)) if text else 0
-    err.print(f"\n[dim]{n} tokens in {seconds:.2f} s, {n / seconds if seconds else 0:.1f} tokens/s[/dim]")
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    err.print(f"[dim]{n} token{'' if n == 1 else 's'} in {seconds:.2f} s, "
+              f"{n / seconds if seconds else 0:.1f} tokens/s[/dim]")  # fmt: skip
     return text
 
 
@@ -328,11 +409,14 @@ def chat(
     """Chat in the terminal; the conversation is kept until you type /exit (or end the input)."""
     llm = _language_model(model, repository)
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    interactive = sys.stdin.isatty()
     while True:
         try:
-            line = input("you> ")
+            line = input("you> ") if interactive else input()
         except EOFError:
             break
+        if not interactive:  # piped: show each prompt on its own line, as a terminal would
+            sys.stdout.write(f"you> {line}\n")
         if line.strip() in ("/exit", "/quit"):
             break
         if not line.strip():
@@ -401,5 +485,5 @@ def main() -> None:
     try:
         app()
     except ForwardpassError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -26,6 +26,7 @@ from forwardpass.errors import (
     ForwardpassError, Forbidden, InvalidInput, LoadFailed, ModelNotFound, ModelNotReady, ModelUnavailable, WrongEndpoint,
 )  # fmt: skip
 from forwardpass.model import Model
+from forwardpass.pipeline import Plan
 from forwardpass.repository import Repository, check_name
 from forwardpass.runtime.onnx import AUTO_THREADS_THRESHOLD_MS, available_cores
 from forwardpass.scheduler import DynamicBatcher, Policy, ResponseCache, cache_key
@@ -374,6 +375,8 @@ class Engine:
             model = served.model
             wanted = self._requested_outputs(served, request)
             feeds = self._feeds(model, request)
+            if isinstance(feeds, Plan):
+                feeds = await self._run_plan(feeds)
             key = None
             if served.cache_enabled:
                 key = cache_key(name, model.version, ((t.name, t.datatype, t.shape, _bytes(t)) for t in request.inputs),
@@ -405,7 +408,7 @@ class Engine:
         try:
             if not isinstance(instances, list):
                 raise InvalidInput(("instances",), "expected a list", type(instances).__name__)
-            feeds = served.model.prepare(instances)
+            feeds = await self._run_plan(served.model.plan(instances))
             outputs, queued, _ = await self._run(served, feeds, None, None)
             answers = served.model.postprocess(outputs, top_k)
             answers = answers.to_list() if hasattr(answers, "to_list") else {k: v.tolist() for k, v in answers.items()}
@@ -440,20 +443,27 @@ class Engine:
             self.cache.put(key, outputs)
         return outputs, queued, False
 
-    def _feeds(self, model: Model, request: InferRequest) -> dict[str, np.ndarray]:
-        """Request tensors -> validated model inputs; raw BYTES go through declared pre-processing."""
+    async def _run_plan(self, plan: Plan) -> dict[str, np.ndarray]:
+        """Pre-processing whose cost grows with the request (decoding, resizing, tokenizing) runs on a
+        worker thread, so that one large request never holds up the event loop; tiny work runs here."""
+        if not plan.off_loop:
+            return plan.run()
+        return await asyncio.get_running_loop().run_in_executor(self._executor, plan.run)
+
+    def _feeds(self, model: Model, request: InferRequest) -> dict[str, np.ndarray] | Plan:
+        """Request tensors -> validated model inputs; raw BYTES -> the plan of the declared pre-processing."""
         specs = {s.name: s for s in model.inputs}
 
         def raw_data(t: InputTensor) -> bool:  # BYTES where the model takes no BYTES: images, text, audio
             return t.datatype == "BYTES" and (t.name not in specs or specs[t.name].datatype != "BYTES")
 
-        if model.pre_kind in ("image", "text", "audio") and any(raw_data(t) for t in request.inputs):
+        if model.pre.takes_raw and any(raw_data(t) for t in request.inputs):
             if len(request.inputs) != 1:
                 raise InvalidInput(("inputs",), f"send one BYTES input of raw {model.pre_kind} data for this model's "
                                    f"pre-processing, got {len(request.inputs)} inputs")  # fmt: skip
             tensor = request.inputs[0]
             raw = tensor.array.reshape(-1).tolist()
-            return model.prepare([_text(tensor.name, v) for v in raw] if model.pre_kind == "text" else raw)
+            return model.plan([_text(tensor.name, v) for v in raw] if model.pre_kind == "text" else raw)
         feeds = {}
         for t in request.inputs:
             spec = specs.get(t.name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ import numpy as np
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument
 
 from forwardpass.errors import ForwardpassError, InvalidInput, ModelConfigError, ModelLoadError
-from forwardpass.pipeline import build_post, build_pre
+from forwardpass.pipeline import Plan, Preprocessor, build_post, build_pre
 from forwardpass.config import ModelConfig, TensorSpec
 from forwardpass.runtime import OnnxRuntime, Runtime, TensorInfo
 from forwardpass.tensors import TensorCheck
@@ -109,11 +110,26 @@ class Model:
         """The pre-processing model.yaml declares: tensor, tabular, image, text or audio."""
         return self.config.pre.kind
 
+    @property
+    def pre(self) -> Preprocessor:
+        """The model's pre-processing (its traits: ``takes_raw``; ``plan`` for what a request costs)."""
+        return self._pre
+
     def prepare(self, instances: Sequence[Any]) -> dict[str, np.ndarray]:
         """Pre-processing alone: a list of instances -> validated input tensors."""
+        return self.plan(instances).run()
+
+    def plan(self, instances: Sequence[Any]) -> Plan:
+        """Pre-processing in two steps: bounds checked now (cheap: file headers, lengths), the work in
+        ``run()``, which returns validated input tensors; ``off_loop`` says whether it is worth a thread.
+
+            plan = model.plan(instances)   # InvalidInput past pre.max_pixels, max_seconds, ...
+            feeds = await loop.run_in_executor(pool, plan.run) if plan.off_loop else plan.run()
+        """
         if not instances:
             raise InvalidInput(("instances",), "expected at least one instance, got an empty list")
-        return self.check(self._pre(instances))
+        plan = self._pre.plan(instances)
+        return dataclasses.replace(plan, run=lambda: self.check(plan.run()))
 
     def postprocess(self, outputs: Mapping[str, np.ndarray], top_k: int | None = None) -> Any:
         """Post-processing alone: {output name: array} for a batch -> answers."""

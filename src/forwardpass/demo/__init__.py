@@ -10,8 +10,9 @@ Usage::
 
     path = forwardpass.demo.repository()   # builds into $FORWARDPASS_HOME/demo (or the user cache) once
     path = forwardpass.demo.repository(progress=print)   # a line per model while it builds
+    forwardpass.demo.left_out()            # why a model is missing, and the pip command that adds it
 """
 
-from forwardpass.demo.build import DEMO_VERSION, build, home, repository, write_samples
+from forwardpass.demo.build import DEMO_VERSION, build, home, left_out, repository, write_samples
 
-__all__ = ["DEMO_VERSION", "build", "home", "repository", "write_samples"]
+__all__ = ["DEMO_VERSION", "build", "home", "left_out", "repository", "write_samples"]

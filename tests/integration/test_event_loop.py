@@ -1,0 +1,48 @@
+"""The event loop never waits on one request's work: a request whose pre-processing takes a long time (large
+images to decode and shrink) does not hold up a small one sent meanwhile."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import time
+
+import httpx
+
+ROW = {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}]}
+
+
+def _large_png(side: int = 5000) -> str:
+    import PIL.Image
+    import PIL.ImageDraw
+
+    image = PIL.Image.new("L", (side, side), 0)
+    PIL.ImageDraw.Draw(image).ellipse((side // 10, side // 10, side - side // 10, side - side // 10), fill=255)
+    out = io.BytesIO()
+    image.save(out, "PNG")  # compresses to ~50 kB: the cost is in decoding 25 megapixels, not in the body
+    return base64.b64encode(out.getvalue()).decode()
+
+
+def test_small_requests_are_answered_while_large_images_decode(server):
+    big = {"instances": [_large_png()] * 4}  # 100 megapixels: the per-request limit
+
+    async def main() -> tuple[float, list[float]]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            start = time.monotonic()
+            task = asyncio.create_task(client.post("/v1/models/digits:predict", json=big))
+            latencies: list[float] = []
+            while not task.done() and len(latencies) < 500:  # bounded
+                sent = time.monotonic()
+                small = await client.post("/v2/models/iris/infer", json=ROW)
+                assert small.status_code == 200
+                latencies.append(time.monotonic() - sent)
+            answer = await task
+            assert answer.status_code == 200, answer.text
+            assert len(answer.json()["predictions"]) == 4
+            return time.monotonic() - start, latencies
+
+    took, latencies = asyncio.run(main())
+    assert took > 0.3, f"the large request took {took:.2f} s: too fast to show anything"
+    assert len(latencies) >= 3, latencies
+    assert max(latencies) < 0.1, f"small requests waited up to {max(latencies):.3f} s while images decoded"
