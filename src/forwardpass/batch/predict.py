@@ -68,7 +68,7 @@ class ChunkPredictor:
     # -- inputs -> feeds ---------------------------------------------------------------------------
 
     def _table(self, table: Any, errors: dict[int, str]) -> tuple[dict[str, np.ndarray], Any]:
-        pre = self.model._pre
+        pre = self.model.pre
         tensor = _tensor_spec(self.model)
         if tensor is not None and tensor.name in table.column_names:
             return self._tensor_column(table.column(tensor.name), tensor, errors)
@@ -150,7 +150,7 @@ class ChunkPredictor:
             elif kind == "text":
                 items.append((i, row.get("text", row.get("prompt"))))
             else:
-                features = getattr(model._pre, "features", None)
+                features = getattr(model.pre, "features", None)
                 items.append((i, {k: v for k, v in row.items() if features is None or k in features}))
         if kind in ("image", "audio"):  # one at a time: decoding dominates, and a bad file costs only itself
             parts, kept = [], []
@@ -222,7 +222,7 @@ def missing_columns(model: Any, columns: list[str]) -> list[str]:
     it directly, and images, text or audio are not read by feature name. Checked once before the job
     starts, so a file without a needed column is one error, not every row failed.
     """
-    pre = getattr(model, "_pre", None)  # the same object _table fills the feature matrix from
+    pre = getattr(model, "pre", None)  # the same object _table fills the feature matrix from
     tensor = _tensor_spec(model)
     if not isinstance(pre, Tabular) or (tensor is not None and tensor.name in columns):
         return []
