@@ -257,3 +257,27 @@ def test_an_error_reply_never_fails_huge_inference_header_length(edge):
         r = client.post("/v2/models/iris/infer", content=BODY, headers={"inference-header-content-length": str(10**30)})
         assert r.status_code == 400 and "Inference-Header-Content-Length" in r.json()["error"]
         assert client.post("/v2/models/iris/infer", content=BODY).status_code == 200  # the connection serves on
+
+
+# -- ordering and half-close ---------------------------------------------------------------------------------
+
+
+def test_100_continue_for_a_pipelined_request_comes_after_the_answer_before_it(edge):
+    with connect(edge) as sock:
+        sock.sendall(head(len(BODY)) + BODY + head(len(BODY), b"Expect: 100-continue\r\n"))
+        data = b""
+        while b"100 Continue" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, data
+            data += chunk
+        assert data.index(b"HTTP/1.1 200 ") < data.index(b"HTTP/1.1 100 Continue")
+        sock.sendall(BODY)
+        assert read_response(sock)[0] == 200
+
+
+def test_a_client_that_half_closes_after_its_request_gets_the_answer(edge):
+    with connect(edge) as sock:
+        sock.sendall(head(len(BODY)) + BODY)
+        sock.shutdown(socket.SHUT_WR)  # as `nc -N` does: done sending, still reading
+        data, closed = read_until_closed(sock)
+    assert [r[0] for r in responses(data)] == [200] and closed

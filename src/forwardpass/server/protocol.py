@@ -99,7 +99,8 @@ class HttpProtocol(asyncio.Protocol):
         self.drained = asyncio.Event()
         self.drained.set()
         self.last_active = self.loop.time()
-        self.began: float | None = None  # when the request now arriving began; None between requests
+        self.in_request = False  # a request has begun arriving and is not complete yet
+        self.began = 0.0  # when that request was first seen incomplete (its arrival clock)
         self.refused = False  # a refusal is queued: what the client sends from now on is dropped unparsed
         self.client_eof = False  # the client half-closed: answer what it sent, then close
         self.continue_due = False  # "100 Continue" owed once the requests before this one are answered
@@ -147,7 +148,7 @@ class HttpProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.refused:
             return  # lingering after a refusal: read and drop
-        fresh = self.began is None  # a request starts at the beginning of ``data``
+        fresh = not self.in_request  # a request starts at the beginning of ``data``
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -155,15 +156,18 @@ class HttpProtocol(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             if not self.refused:
                 self._refuse(_refusal(400, "bad_request", f"malformed HTTP request: {exc}"))
-        else:  # a request begun here and still incomplete: it may be an HTTP/0.9 line waiting for nothing
-            if fresh and self.began is not None and not self.refused and _http_0_9(data):
-                self._refuse(_http_0_9_refusal())
+        else:
+            if self.in_request and not self.refused:  # incomplete: the slow path (complete requests skip it)
+                if fresh:
+                    self.began = self.loop.time()
+                    if _http_0_9(data):  # an HTTP/0.9 line waits for headers that will never come
+                        self._refuse(_http_0_9_refusal())
 
     def expire(self, now: float) -> None:
         """The sweeper's check: close an idle keep-alive connection, answer 408 to a request arriving too slowly."""
         if self.transport is None or self.refused or self.busy or self.queue:
             return
-        if self.began is None:
+        if not self.in_request:
             if now - self.last_active > self.state.keep_alive_timeout:
                 self.transport.close()
             return
@@ -211,7 +215,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._reset()
-        self.began = self.loop.time()
+        self.in_request = True
 
     def on_url(self, url: bytes) -> None:
         if self.refused:
@@ -233,7 +237,7 @@ class HttpProtocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         if self.refused:
             return
-        if self.parser.get_http_version() == "0.9":
+        if not self.parser.should_keep_alive() and self.parser.get_http_version() == "0.9":  # 1.1 skips the 2nd call
             self._refuse(_http_0_9_refusal())
             return
         expect = False
@@ -273,14 +277,14 @@ class HttpProtocol(asyncio.Protocol):
         }
         body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
         self.body = []  # the chunks go now; the joined body goes with the request
-        self.began = None
-        self.continue_due = False
+        self.in_request = self.continue_due = False
         keep_alive = self.parser.should_keep_alive() and not self.state.closing
         self.queue.append((scope, body, None, keep_alive))
         if len(self.queue) > MAX_PIPELINED and self.reading and self.transport is not None:
             self.transport.pause_reading()
             self.reading = False
-        self._start_serving()
+        if not self.busy:
+            self._start_serving()
 
     # -- answering -----------------------------------------------------------------------------
 
@@ -367,11 +371,12 @@ class HttpProtocol(asyncio.Protocol):
             if self.state.active == 0:
                 self.state.idle.set()
             self.last_active = self.loop.time()
-            if self.began is not None:
+            if self.in_request:
                 self.began = self.last_active  # a request arriving behind others: its clock starts now
             if self.client_eof and not self.queue:
                 self._close()
-            self._send_continue()
+            if self.continue_due:
+                self._send_continue()
 
 
 def _http_0_9(data: bytes) -> bool:
