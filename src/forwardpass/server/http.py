@@ -124,8 +124,8 @@ def decode_body(body: bytes, encoding: str, limit: int) -> bytes:
     codings = [c.strip().lower() for c in encoding.split(",")]
     unknown = [c for c in codings if c not in _WBITS and c not in ("", "identity")]
     if unknown:
-        raise UnsupportedMediaType(f"Content-Encoding '{encoding}' is not supported (this server decodes gzip and "
-                                   "deflate); send the body uncompressed, or compressed with gzip or deflate")  # fmt: skip
+        raise UnsupportedMediaType(f"Content-Encoding '{encoding}' is not supported (this server decodes gzip "
+                                   "and deflate); send the body uncompressed, or compressed with gzip or deflate")
     for coding in reversed(codings):  # the header lists them in the order they were applied
         if coding in _WBITS:
             body = _inflate(body, coding, limit)
@@ -144,7 +144,7 @@ def _inflate(data: bytes, coding: str, limit: int) -> bytes:
                 wbits = -zlib.MAX_WBITS
                 continue
             raise InvalidInput(("body",), f"not {coding} data as Content-Encoding says ({exc}); send the body "
-                               "compressed as the header says, or uncompressed without the header") from None  # fmt: skip
+                               "compressed as the header says, or uncompressed without it") from None
         size += len(piece)
         out.append(piece)
         if size > limit:
