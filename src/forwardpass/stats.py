@@ -149,6 +149,13 @@ class Stats:
         self.models: dict[tuple[str, int], ModelStats] = {}
         self.generation: dict[tuple[str, int], GenerationStats] = {}
         self.inflight = 0
+        # unexpected errors (500s) outside a V2 model's own statistics: language models, other routes
+        self.unexpected_errors: dict[tuple[str, str], int] = {}
+
+    def unexpected(self, model: str = "", version: str = "") -> None:
+        """Count one unexpected error (a 500) for a model ("" when no model is known)."""
+        key = (model, version)
+        self.unexpected_errors[key] = self.unexpected_errors.get(key, 0) + 1
 
     def generation_stats(self, name: str, version: int) -> GenerationStats:
         key = (name, version)

@@ -1,18 +1,33 @@
-"""Domain errors to HTTP, in one place: V2's {"error": "..."} with the status the error carries."""
+"""Domain errors to HTTP, in one place: V2's {"error": "..."} with the status the error carries.
+
+An unexpected error (a bug) answers 500; its traceback is logged once per distinct cause (exception
+type and the line that raised it), so a client repeating a bad request cannot fill the log. Every
+occurrence is counted in ``forwardpass_requests_total{status="500"}`` by whoever holds the stats.
+"""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from forwardpass.errors import ForwardpassError, InvalidInput, Overloaded
 from forwardpass.server.http import Response
+from forwardpass.stats import Stats
 
 log = logging.getLogger("forwardpass.server")
 
+_MAX_CAUSES = 1024  # distinct causes remembered; past this, tracebacks are not logged at all
+_causes: dict[tuple[str, str, int], int] = {}
 
-def error_response(exc: BaseException) -> Response:
-    """The response for any exception; unexpected ones are logged and become a 500."""
+
+def error_response(exc: BaseException, stats: Stats | None = None) -> Response:
+    """The response for any exception; unexpected ones are logged (once per cause) and become a 500.
+
+    With ``stats``, an unexpected error is also counted (model and version unknown at this level).
+    """
     if isinstance(exc, ForwardpassError):
+        if exc.status == 500:  # the server's or a model's failure, not the request's: its cause is worth a log line
+            log_unexpected(exc)
         body: dict[str, object] = {"error": exc.message, "type": exc.type}
         if isinstance(exc, InvalidInput):
             body["detail"] = [exc.to_dict()]
@@ -20,5 +35,60 @@ def error_response(exc: BaseException) -> Response:
         if isinstance(exc, Overloaded):
             headers.append((b"retry-after", str(max(1, round(exc.retry_after))).encode()))
         return Response.json(body, exc.status, headers)
-    log.exception("unexpected error", exc_info=exc)
+    log_unexpected(exc)
+    if stats is not None:
+        stats.unexpected()
     return Response.json({"error": f"internal error: {type(exc).__name__}", "type": "internal_error"}, 500)
+
+
+def cause(exc: BaseException) -> tuple[str, str, int]:
+    """What identifies a bug: the exception's type and the file and line that raised it."""
+    tb = exc.__traceback__
+    if tb is None:
+        return type(exc).__name__, "", 0
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return type(exc).__name__, tb.tb_frame.f_code.co_filename, tb.tb_lineno
+
+
+def log_unexpected(exc: BaseException) -> None:
+    """Log an unexpected error's traceback the first time its cause is seen; later ones at debug level."""
+    key = cause(exc)
+    seen = _causes.get(key)
+    if seen is None and len(_causes) < _MAX_CAUSES:
+        _causes[key] = 1
+        log.error("unexpected error (this cause is logged once; every occurrence is counted in "
+                  'forwardpass_requests_total{status="500"})', exc_info=exc)  # fmt: skip
+        return
+    if seen is not None:
+        _causes[key] = seen + 1
+    log.debug("unexpected error again: %s at %s:%d", *key)
+
+
+_SHOWN_NODES = 32  # containers up to this many elements (all levels together) are shown as they are
+_SHOWN_DEPTH = 4
+
+
+def shown(value: Any) -> Any:
+    """``value`` as an error's ``input``: scalars and small containers as they are, anything bigger or
+    deeper as a short description, so the error's message never repr()s a request's million elements
+    or recurses through its 1,000 nested levels.
+
+        shown([1, 2])            # [1, 2]
+        shown([[[[[[1]]]]]])     # 'a list nested more than 4 levels deep'
+    """
+    if not isinstance(value, (list, dict, tuple)):
+        return value
+    nodes, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        nodes += len(children)
+        if nodes > _SHOWN_NODES:
+            return f"a {type(value).__name__} of {len(value)} items"
+        for child in children:
+            if isinstance(child, (list, dict, tuple)):
+                if depth >= _SHOWN_DEPTH:
+                    return f"a {type(value).__name__} nested more than {_SHOWN_DEPTH} levels deep"
+                stack.append((child, depth + 1))
+    return value

@@ -42,10 +42,16 @@ class _Collector:
                                              labels=labels),  # fmt: skip
             "batch_rows": HistogramMetricFamily("forwardpass_batch_size", "Rows per executed batch", labels=labels),
         }
+        by_status: dict[tuple[str, str, str], int] = {}
+        for (name, version), s in m.models.items():
+            for status, count in s.by_status.items():
+                by_status[name, str(version), str(status)] = count
+        for (name, version), count in m.unexpected_errors.items():  # 500s outside a V2 model's statistics
+            by_status[name, version, "500"] = by_status.get((name, version, "500"), 0) + count
+        for series, count in sorted(by_status.items()):
+            requests.add_metric(list(series), count)
         for (name, version), s in sorted(m.models.items()):
             key = [name, str(version)]
-            for status, count in sorted(s.by_status.items()):
-                requests.add_metric([*key, str(status)], count)
             hits.add_metric(key, s.cache_hits)
             misses.add_metric(key, s.cache_misses)
             rows.add_metric(key, s.inference_count)
