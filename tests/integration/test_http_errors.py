@@ -49,11 +49,11 @@ def ok(srv):
         ("/v2/models/digits/infer", {"content": b"{not json", "headers": {"content-type": "application/json"}}, 400,
          "malformed JSON"),
         ("/v2/models/digits/infer", {"json": {"inputs": "x"}}, 400, "expected a non-empty list"),
-        ("/v2/models/nope/infer", {"json": v2()}, 404, "no model 'nope'"),
+        ("/v2/models/nope/infer", {"json": v2()}, 404, "Request for unknown model: 'nope' is not found"),
         ("/v2/models/digits/versions/9/infer", {"json": v2()}, 404, "no version 9"),
         ("/v2/models/..%2Fetc/infer", {"json": v2()}, 404, ""),
         ("/v2/models/digits/infer", {"json": v2(cols=63)}, 400, "inputs.input: expected shape [-1, 64], got [1, 63]"),
-        ("/v2/models/digits/infer", {"json": v2(datatype="INT32")}, 400, "inputs.input.datatype: expected FP32"),
+        ("/v2/models/digits/infer", {"json": v2(datatype="INT32", value=1)}, 400, "inputs.input.datatype: expected FP32"),
         ("/v2/models/digits/infer", {"json": v2(name="pixels")}, 400, "inputs.pixels: unknown input"),
         ("/v2/models/digits/infer", {"json": {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
                                                           "data": [1.0] * 63}]}}, 400, "needs 64 elements, data has 63"),
@@ -75,6 +75,70 @@ def test_error_then_success(srv, path, kwargs, status, message):
     r = httpx.post(f"{srv.url}{path}", **kwargs)
     assert r.status_code == status, r.text
     assert message in r.json()["error"]
+    ok(srv)
+
+
+def deep(levels: int, leaf: bytes = b"1.0") -> bytes:
+    """``levels`` nested JSON lists around ``leaf``, as text (JSON writers stop long before 1,000 levels)."""
+    return b"[" * levels + leaf + b"]" * levels
+
+
+def raw(doc: dict, **replace: bytes) -> dict:
+    """httpx.post keywords for ``doc`` as JSON, with the string values named in ``replace`` swapped for raw JSON."""
+    body = orjson.dumps(doc)
+    for marker, text in replace.items():
+        body = body.replace(orjson.dumps(marker), text)
+    return {"content": body, "headers": {"content-type": "application/json"}}
+
+
+PROBS = "probabilities"
+
+
+@pytest.mark.parametrize(
+    ("path", "kwargs", "status", "loc", "message"),
+    [
+        ("/v2/models/digits/infer", {"json": {**v2(), "outputs": [{"name": PROBS, "parameters": 5}]}}, 400,
+         ["outputs", PROBS, "parameters"], "expected an object"),
+        ("/v2/models/digits/infer", {"json": {**v2(), "outputs": [{"name": PROBS, "parameters": {"classification": True}}]}},
+         400, ["outputs", PROBS, "parameters", "classification"], "expected an integer"),
+        ("/v2/models/digits/infer", {"json": {**v2(), "outputs": [{"name": "label", "parameters": {"classification": 2}}]}},
+         400, ["outputs", "label", "parameters", "classification"], "output 'label' is BYTES"),
+        ("/v2/models/digits/infer", raw({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": "D"}]},
+                                        D=deep(1000, b'"x"')), 400, ["inputs", "image", "data"], "nested deeper"),
+        ("/v2/models/digits/infer", raw({**v2(), "parameters": {"x": "D"}}, D=deep(1000)), 400, ["parameters", "x"],
+         "expected a string, a number or a boolean"),
+        ("/v2/models/digits/infer", raw({**v2(), "outputs": [{"name": PROBS, "parameters": {"x": "D"}}]}, D=deep(1000)),
+         400, ["outputs", PROBS, "parameters", "x"], "expected a string, a number or a boolean"),
+        ("/v1/models/iris:predict", {"json": {"instances": [[5.1, 3.5, 1.4, 0.2]], "parameters": 5}}, 400,
+         ["parameters"], "expected an object"),
+        ("/v1/models/iris:predict", raw({"instances": [[5.1, 3.5, 1.4, 0.2]], "parameters": "D"}, D=deep(1000)), 400,
+         ["parameters"], "expected an object"),
+        ("/v2/models/digits/infer", {"json": {"inputs": v2()["inputs"] * 2}}, 400, ["inputs", 1, "name"], "given twice"),
+        ("/v2/models/digits/infer", {"json": v2(value="0.5")}, 400, ["inputs", "input", "data"],
+         "expected numbers for datatype FP32, got strings"),
+        ("/v2/models/digits/infer", {"json": v2(datatype="INT64", value=1.5)}, 400, ["inputs", "input", "data"],
+         "expected integers"),
+        ("/v2/models/digits/infer", {"content": orjson.dumps(v2()), "headers": {"inference-header-content-length": str(10**30)}},
+         400, ["Inference-Header-Content-Length"], "byte count"),
+        ("/v2/models/digits/infer", {"json": {**v2(), "parameters": {"sequence_id": 7, "sequence_start": True}}}, 400,
+         ["parameters", "sequence_id"], "keeps no state"),
+        ("/v2/repository/models/iris/load", {"json": {"parameters": {"config": '{"max_batch_size": 8}'}}}, 400,
+         ["parameters", "config"], "not supported"),
+        ("/v2/repository/models/iris/load", {"json": {"parameters": {"file:1/model.onnx": "AAAA"}}}, 400,
+         ["parameters", "file:1/model.onnx"], "not supported"),
+    ],
+)  # fmt: skip
+def test_malformed_field_is_400_naming_it(srv, path, kwargs, status, loc, message):
+    r = httpx.post(f"{srv.url}{path}", **kwargs)
+    assert r.status_code == status, r.text
+    assert r.json()["detail"][0]["loc"] == loc and message in r.json()["error"], r.text
+    ok(srv)
+
+
+@pytest.mark.parametrize("version", ["\u0661", "\u00b2", "1" * 40])
+def test_version_is_ascii_digits(srv, version):
+    r = httpx.post(f"{srv.url}/v2/models/digits/versions/{version}/infer", json=v2())
+    assert r.status_code == 404 and "not a version number" in r.json()["error"], r.text
     ok(srv)
 
 

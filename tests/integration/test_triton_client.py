@@ -6,6 +6,7 @@ import pytest
 httpclient = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
+from fixtures import image_model, write_model  # noqa: E402
 from forwardpass.demo import datasets  # noqa: E402
 
 
@@ -94,7 +95,7 @@ def test_statistics(client, digits):
 
 
 def test_errors_reach_the_client(client):
-    with pytest.raises(InferenceServerException, match="no model 'nope'"):
+    with pytest.raises(InferenceServerException, match="unknown model: 'nope' is not found"):
         inp = httpclient.InferInput("input", [1, 64], "FP32")
         inp.set_data_from_numpy(np.zeros((1, 64), np.float32))
         client.infer("nope", [inp])
@@ -102,3 +103,50 @@ def test_errors_reach_the_client(client):
     bad.set_data_from_numpy(np.zeros((1, 63), np.float32))
     with pytest.raises(InferenceServerException, match=r"inputs.input: expected shape \[-1, 64\]"):
         client.infer("digits", [bad])
+
+
+def _add_model(server, client, name, config, model):
+    """A model written into the running server's repository and loaded through the repository extension."""
+    write_model(server.repository, name, config, model)
+    client.load_model(name)
+    assert client.is_model_ready(name)
+
+
+def test_config_gives_each_input_the_format_image_clients_read(server, client):
+    _add_model(server, client, "pixels-nchw", {"task": "custom", "pre": {"kind": "image", "resize": [8, 8], "layout": "NCHW"}},
+               image_model(3, 8, 8, "NCHW"))  # fmt: skip
+    config = client.get_model_config("pixels-nchw")
+    # what Triton's image_client.py checks before sending: one input, NCHW or NHWC, three dims past the batch
+    (image,) = config["input"]
+    assert image["format"] == "FORMAT_NCHW" and config["max_batch_size"] > 0 and image["dims"] == [3, 8, 8]
+    assert client.get_model_config("digits")["input"][0]["format"] == "FORMAT_NONE"  # flat pixels: no layout
+
+
+def test_classification_of_an_output_without_batch_dimension_is_k_long(server, client):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "unbatched",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [10])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [10])])  # fmt: skip
+    _add_model(server, client, "unbatched", {"task": "custom"}, helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert client.get_model_config("unbatched")["max_batch_size"] == 0
+    x = np.array([0, 5, 1, 9, 2, 3, 4, 8, 6, 7], np.float32)
+    inp = httpclient.InferInput("x", [10], "FP32")
+    inp.set_data_from_numpy(x)
+    top = client.infer("unbatched", [inp], outputs=[httpclient.InferRequestedOutput("y", class_count=3)]).as_numpy("y")
+    assert top.shape == (3,)  # as Triton: no batch dimension to add
+    assert [v.decode().split(":")[1] for v in top] == ["3", "7", "9"]
+
+
+def test_load_with_a_config_override_or_files_is_refused(client):
+    with pytest.raises(InferenceServerException, match=r"parameters.config: loading with a config override .* not supported"):
+        client.load_model("iris", config='{"max_batch_size": 8}')
+    assert client.is_model_ready("iris")
+
+
+def test_sequence_parameters_are_refused_by_a_stateless_model(client):
+    inp = httpclient.InferInput("input", [1, 64], "FP32")
+    inp.set_data_from_numpy(np.zeros((1, 64), np.float32))
+    with pytest.raises(InferenceServerException, match="parameters.sequence_id: model 'digits' keeps no state"):
+        client.infer("digits", [inp], sequence_id=7, sequence_start=True)
+    assert client.infer("digits", [inp]).as_numpy("label").shape == (1,)

@@ -4,15 +4,18 @@ extensions), the human predict endpoint, and /metrics. Each turns a Request into
 
 from __future__ import annotations
 
+import re
+import time
 from typing import Any
 
 import orjson
 
 from forwardpass import __version__
 from forwardpass.engine import Engine, Served
-from forwardpass.errors import InvalidInput, ModelNotFound, ModelNotReady, UnsupportedMediaType
+from forwardpass.errors import ForwardpassError, InvalidInput, ModelNotFound, ModelNotReady, UnsupportedMediaType
 from forwardpass.server import metrics
 from forwardpass.server.config import ServeConfig
+from forwardpass.server.errors import error_response, shown
 from forwardpass.server.http import Request, Response
 from forwardpass.server.v2 import encode_response, parse_infer
 
@@ -20,14 +23,28 @@ EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "stati
 _TRITON_TYPES = {"BOOL": "TYPE_BOOL", "BYTES": "TYPE_STRING", "FP16": "TYPE_FP16", "FP32": "TYPE_FP32",
                  "FP64": "TYPE_FP64"}  # fmt: skip
 _READABLE = ("application/json", "application/octet-stream")
+_NUMBER = re.compile(r"[0-9]{1,19}")  # ASCII digits only: str.isdigit() also takes '١٢' and '²'
+_SEQUENCE = ("sequence_id", "sequence_start", "sequence_end")
+_FORMATS = {"NCHW": "FORMAT_NCHW", "NHWC": "FORMAT_NHWC"}  # image pre-processing layout -> Triton's input format
 
 
 def _version(version: str | None) -> int | None:
     if version is None:
         return None
-    if not version.isdigit():
-        raise ModelNotFound(f"version '{version}' is not a version number")
+    if not _NUMBER.fullmatch(version):
+        raise ModelNotFound(f"version '{version[:40]}' is not a version number (ASCII digits, such as 1)")
     return int(version)
+
+
+def _header_length(header: str | None, body_length: int) -> int | None:
+    """Inference-Header-Content-Length: a byte count within the body (checked before int() reads it)."""
+    if header is None:
+        return None
+    if not _NUMBER.fullmatch(header) or int(header) > body_length:
+        raise InvalidInput(("Inference-Header-Content-Length",),
+                           f"expected the JSON header's byte count, from 0 to the body's {body_length} bytes",
+                           header[:40])  # fmt: skip
+    return int(header)
 
 
 def _check_content_type(request: Request) -> None:
@@ -57,14 +74,20 @@ class Handlers:
     async def infer(self, request: Request, model: str, version: str | None = None) -> Response:
         pinned = _version(version)
         served = self.engine.served(model, pinned)  # 404 before reading a large body
-        _check_content_type(request)
-        body = await request.read_body(self.config.max_body_bytes)
-        header = request.header(b"inference-header-content-length")
-        if header is not None and not header.isdigit():
-            raise InvalidInput(("Inference-Header-Content-Length",), "expected a byte count", header)
-        parsed = parse_infer(body, int(header) if header is not None else None, self.config.max_elements)
-        served, outputs = await self.engine.infer(model, pinned, parsed, served)
-        payload, header_length = encode_response(model, served.model.version, parsed.id, outputs)
+        start = time.monotonic()
+        try:
+            _check_content_type(request)
+            body = await request.read_body(self.config.max_body_bytes)
+            header = _header_length(request.header(b"inference-header-content-length"), len(body))
+            parsed = parse_infer(body, header, self.config.max_elements)
+            _refuse_sequence(model, parsed.parameters)
+            served, outputs = await self.engine.infer(model, pinned, parsed, served)
+            payload, header_length = encode_response(model, served.model.version, parsed.id, outputs)
+        except ForwardpassError:
+            raise
+        except Exception as exc:  # a bug: counted with the model's requests, answered (and logged once) here
+            served.stats.request(500, time.monotonic() - start)
+            return error_response(exc)
         if header_length is None:
             return Response(200, payload)
         return Response(200, payload, "application/octet-stream",
@@ -73,19 +96,30 @@ class Handlers:
     async def predict(self, request: Request, model: str, version: str | None = None) -> Response:
         pinned = _version(version)
         served = self.engine.served(model, pinned)
-        _check_content_type(request)
-        await request.read_body(self.config.max_body_bytes)
-        doc = _json_body(request)
-        if not isinstance(doc, dict) or "instances" not in doc:
-            raise InvalidInput(("instances",), 'expected a JSON object {"instances": [...]}', doc)
-        top_k = (doc.get("parameters") or {}).get("top_k")
-        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-            raise InvalidInput(("parameters", "top_k"), "expected an integer >= 1", top_k)
-        instances = doc["instances"]
-        if served.model.pre_kind in ("image", "audio") and isinstance(instances, list):
-            instances = [i["b64"] if isinstance(i, dict) and "b64" in i else i for i in instances]
-        served, answers = await self.engine.predict(model, pinned, instances, top_k)
-        return Response.json({"model_name": model, "model_version": str(served.model.version), "predictions": answers})
+        start = time.monotonic()
+        try:
+            _check_content_type(request)
+            await request.read_body(self.config.max_body_bytes)
+            doc = _json_body(request)
+            if not isinstance(doc, dict) or "instances" not in doc:
+                raise InvalidInput(("instances",), 'expected a JSON object {"instances": [...]}', shown(doc))
+            params = doc.get("parameters")
+            if params is not None and not isinstance(params, dict):
+                raise InvalidInput(("parameters",), 'expected an object such as {"top_k": 3}', shown(params))
+            top_k = (params or {}).get("top_k")
+            if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+                raise InvalidInput(("parameters", "top_k"), "expected an integer >= 1", shown(top_k))
+            instances = doc["instances"]
+            if served.model.pre_kind in ("image", "audio") and isinstance(instances, list):
+                instances = [i["b64"] if isinstance(i, dict) and "b64" in i else i for i in instances]
+            served, answers = await self.engine.predict(model, pinned, instances, top_k)
+            return Response.json({"model_name": model, "model_version": str(served.model.version),
+                                  "predictions": answers})  # fmt: skip
+        except ForwardpassError:
+            raise
+        except Exception as exc:  # a bug: counted with the model's requests, answered (and logged once) here
+            served.stats.request(500, time.monotonic() - start)
+            return error_response(exc)
 
     # -- metadata ------------------------------------------------------------------------------
 
@@ -148,6 +182,18 @@ class Handlers:
 
     async def repository_load(self, request: Request, model: str) -> Response:
         await request.read_body(self.config.max_body_bytes)
+        doc = _json_body(request)
+        if not isinstance(doc, dict):
+            raise InvalidInput(("body",), "expected a JSON object", shown(doc))
+        params = doc.get("parameters")
+        if params is not None and not isinstance(params, dict):
+            raise InvalidInput(("parameters",), "expected an object", shown(params))
+        for key in params or {}:
+            if key == "config" or key.startswith("file:"):
+                # Triton loads an override config (and files) from here; this server never does it silently
+                raise InvalidInput(("parameters", key), "loading with a config override or model files is not "
+                                   "supported: forwardpass loads the model folder as it is on disk; edit its "
+                                   "model.yaml (or files) there, then load without parameters")  # fmt: skip
         await self.engine.load(model)
         return Response.json({})
 
@@ -164,6 +210,15 @@ class Handlers:
         })  # fmt: skip
 
 
+def _refuse_sequence(model: str, parameters: dict[str, Any]) -> None:
+    """Triton's sequence batcher parameters: refused, since no model served here keeps state between requests."""
+    for key in _SEQUENCE:
+        if parameters.get(key):
+            raise InvalidInput(("parameters", key), f"model '{model}' keeps no state between requests, so it takes "
+                               "no sequence (sequence_id, sequence_start, sequence_end): send each request alone",
+                               parameters[key])  # fmt: skip
+
+
 def _triton_config(model: str, served: Served) -> dict[str, Any]:
     """Triton's model configuration, as perf_analyzer and tritonclient read it."""
     m, batching = served.model, served.model.config.batching
@@ -175,13 +230,20 @@ def _triton_config(model: str, served: Served) -> dict[str, Any]:
     def tensor(s: Any) -> dict[str, Any]:
         return {"name": s.name, "data_type": _TRITON_TYPES.get(s.datatype, f"TYPE_{s.datatype}"), "dims": dims(s.shape)}
 
+    # Triton's image clients read each input's format: the layout image pre-processing fills it in
+    layout = getattr(m.config.pre, "layout", None)
+    image_input = getattr(m.config.pre, "input", None) or (m.inputs[0].name if len(m.inputs) == 1 else None)
+
+    def input_tensor(s: Any) -> dict[str, Any]:
+        return {**tensor(s), "format": _FORMATS.get(layout, "FORMAT_NONE") if s.name == image_input else "FORMAT_NONE"}
+
     return {
         "name": model,
         "platform": "onnxruntime_onnx",
         "backend": "onnxruntime",
         "version_policy": {"latest": {"num_versions": 1}},
         "max_batch_size": batching.max_batch_size if batched else 0,
-        "input": [tensor(s) for s in m.inputs],
+        "input": [input_tensor(s) for s in m.inputs],
         "output": [tensor(s) for s in m.outputs],
         "dynamic_batching": {
             "preferred_batch_size": batching.preferred_batch_sizes,

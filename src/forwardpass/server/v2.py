@@ -16,10 +16,18 @@ import orjson
 
 from forwardpass.errors import InvalidInput
 from forwardpass.inference import InferRequest, InputTensor, OutputTensor, RequestedOutput
+from forwardpass.server.errors import shown
 from forwardpass.tensors import to_numpy
 
 _DATATYPES = {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
               "FP16", "FP32", "FP64", "BYTES"}  # fmt: skip
+_MAX_RANK = 32  # numpy's limit was 32 dimensions; no model input comes near it
+# JSON numbers numpy may read as each datatype (numpy's kind letters): no strings, no floats into ints
+_KINDS = {"BOOL": "b", "FP16": "iuf", "FP32": "iuf", "FP64": "iuf"}
+_KIND_WORDS = {"b": "true/false", "iu": "integers", "iuf": "numbers"}
+_GOT = {"U": "strings", "S": "strings", "O": "null, objects or integers out of range", "b": "true/false",
+        "f": "floating-point numbers", "i": "integers", "u": "integers"}  # fmt: skip
+_SCALARS = (str, int, float, bool)
 
 
 def parse_infer(body: bytes, header_length: int | None, max_elements: int) -> InferRequest:
@@ -36,33 +44,30 @@ def parse_infer(body: bytes, header_length: int | None, max_elements: int) -> In
         raise InvalidInput(("body",), "expected a JSON object", type(doc).__name__)
     raw_inputs = doc.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
-        raise InvalidInput(("inputs",), "expected a non-empty list of input tensors", raw_inputs)
+        raise InvalidInput(("inputs",), "expected a non-empty list of input tensors", shown(raw_inputs))
     binary = memoryview(body)[header_length:] if header_length is not None else memoryview(b"")
     offset = 0
     inputs = []
+    names: set[str] = set()
     for i, item in enumerate(raw_inputs):
         if not isinstance(item, dict):
-            raise InvalidInput(("inputs", i), "expected an object with name, shape, datatype and data", item)
+            raise InvalidInput(("inputs", i), "expected an object with name, shape, datatype and data", shown(item))
         name, shape, datatype = item.get("name"), item.get("shape"), item.get("datatype")
         if not isinstance(name, str) or not name:
-            raise InvalidInput(("inputs", i, "name"), "expected a string", name)
+            raise InvalidInput(("inputs", i, "name"), "expected a string", shown(name))
+        if name in names:
+            raise InvalidInput(("inputs", i, "name"), f"input '{name}' is given twice; send each input once", name)
+        names.add(name)
         loc = ("inputs", name)
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-            raise InvalidInput((*loc, "shape"), "expected a list of non-negative integers", shape)
-        if datatype not in _DATATYPES:
-            raise InvalidInput((*loc, "datatype"), f"expected one of {sorted(_DATATYPES)}", datatype)
-        count = 1
-        for d in shape:
-            count *= d
-        if count > max_elements:
-            raise InvalidInput((*loc, "shape"), f"{count} elements is more than this server accepts ({max_elements})",
-                               shape)  # fmt: skip
-        params = item.get("parameters") or {}
-        size = params.get("binary_data_size") if isinstance(params, dict) else None
+        count = _check_shape(loc, shape, max_elements)
+        if not isinstance(datatype, str) or datatype not in _DATATYPES:
+            raise InvalidInput((*loc, "datatype"), f"expected one of {sorted(_DATATYPES)}", shown(datatype))
+        params = _parameters((*loc, "parameters"), item.get("parameters"))
+        size = params.get("binary_data_size")
         if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0 or offset + size > len(binary):
                 raise InvalidInput((*loc, "parameters", "binary_data_size"),
-                                   f"must fit in the {len(binary) - offset} binary bytes left", size)  # fmt: skip
+                                   f"must fit in the {len(binary) - offset} binary bytes left", shown(size))  # fmt: skip
             raw = binary[offset : offset + size]
             offset += size
             array = _from_binary(loc, raw, datatype, shape, count)
@@ -74,53 +79,136 @@ def parse_infer(body: bytes, header_length: int | None, max_elements: int) -> In
         inputs.append(InputTensor(name, datatype, shape, array, raw))
     if offset != len(binary):
         raise InvalidInput(("body",), f"{len(binary) - offset} binary bytes left over after the inputs")
-    params = doc.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise InvalidInput(("parameters",), "expected an object", params)
-    binary_output = bool(params.get("binary_data_output", False))
+    params = _parameters(("parameters",), doc.get("parameters"))
+    binary_output = _flag(("parameters", "binary_data_output"), params.get("binary_data_output"), False)
+    timeout = params.get("timeout")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise InvalidInput(("parameters", "timeout"), "expected microseconds > 0", shown(timeout))
     outputs = None
     if doc.get("outputs") is not None:
         if not isinstance(doc["outputs"], list):
-            raise InvalidInput(("outputs",), "expected a list", doc["outputs"])
+            raise InvalidInput(("outputs",), "expected a list", shown(doc["outputs"]))
         outputs = [_requested(i, o, binary_output) for i, o in enumerate(doc["outputs"])]
+        listed: set[str] = set()
+        for o in outputs:
+            if o.name in listed:
+                raise InvalidInput(("outputs", o.name), "is listed twice; ask for each output once", o.name)
+            listed.add(o.name)
     request_id = doc.get("id")
+    if request_id is not None and (isinstance(request_id, bool) or not isinstance(request_id, (str, int))):
+        raise InvalidInput(("id",), "expected a string", shown(request_id))
     return InferRequest(None if request_id is None else str(request_id), inputs, outputs, params, binary_output)
 
 
+def _check_shape(loc: tuple[str, ...], shape: Any, max_elements: int) -> int:
+    """The element count of a valid shape: a list of at most 32 non-negative integers, within max_elements."""
+    if not isinstance(shape, list) or len(shape) > _MAX_RANK:
+        raise InvalidInput((*loc, "shape"), f"expected a list of up to {_MAX_RANK} non-negative integers", shown(shape))
+    count = 1
+    for d in shape:
+        if type(d) is not int or d < 0:
+            raise InvalidInput((*loc, "shape"), f"expected a list of up to {_MAX_RANK} non-negative integers",
+                               shown(shape))  # fmt: skip
+        count *= d
+    if count > max_elements:
+        raise InvalidInput((*loc, "shape"), f"{count} elements is more than this server accepts ({max_elements})",
+                           shown(shape))  # fmt: skip
+    if count == 0 and any(d > max_elements for d in shape):  # [0, 10**30]: no elements, and no array either
+        raise InvalidInput((*loc, "shape"), f"a dimension of {max(shape)} is more than this server accepts "
+                           f"({max_elements})", shown(shape))  # fmt: skip
+    return count
+
+
+def _parameters(loc: tuple[str | int, ...], params: Any) -> dict[str, Any]:
+    """A V2 parameters object: string keys to strings, numbers or booleans (null means absent)."""
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise InvalidInput(loc, "expected an object of parameters", shown(params))
+    for key, value in params.items():
+        if value is not None and not isinstance(value, _SCALARS):
+            raise InvalidInput((*loc, key), "expected a string, a number or a boolean (a V2 parameter value)",
+                               shown(value))  # fmt: skip
+    return params
+
+
+def _flag(loc: tuple[str | int, ...], value: Any, default: bool) -> bool:
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise InvalidInput(loc, "expected true or false", shown(value))
+    return value
+
+
 def _requested(i: int, item: Any, default_binary: bool) -> RequestedOutput:
-    if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-        raise InvalidInput(("outputs", i), "expected an object with a name", item)
-    params = item.get("parameters") or {}
-    k = params.get("classification", 0)
-    if not isinstance(k, int) or k < 0:
-        raise InvalidInput(("outputs", item["name"], "parameters", "classification"), "expected a count >= 0", k)
-    return RequestedOutput(item["name"], bool(params.get("binary_data", default_binary)), k)
+    if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not item["name"]:
+        raise InvalidInput(("outputs", i), "expected an object with a name", shown(item))
+    name = item["name"]
+    params = _parameters(("outputs", name, "parameters"), item.get("parameters"))
+    k = params.get("classification")
+    if k is None:
+        k = 0
+    elif isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise InvalidInput(("outputs", name, "parameters", "classification"), "expected an integer count >= 0", shown(k))
+    binary = _flag(("outputs", name, "parameters", "binary_data"), params.get("binary_data"), default_binary)
+    return RequestedOutput(name, binary, k)
 
 
 def _from_json(loc: tuple[str, ...], data: Any, datatype: str, shape: list[int], count: int) -> np.ndarray:
-    try:
-        if datatype == "BYTES":
-            flat = np.empty(count, dtype=object)
-            values = _flatten(data)
-            if len(values) != count:
-                raise ValueError(f"shape {shape} needs {count} elements, data has {len(values)}")
-            flat[:] = [v.encode() if isinstance(v, str) else v for v in values]
-            return flat.reshape(shape)
-        array = np.asarray(data, dtype=to_numpy(datatype))
-    except (TypeError, ValueError, OverflowError) as exc:
+    if datatype == "BYTES":
+        values = _flatten(loc, data, len(shape))
+        if len(values) != count:
+            raise InvalidInput((*loc, "data"), f"shape {shape} needs {count} elements, data has {len(values)}")
+        flat = np.empty(count, dtype=object)
+        flat[:] = [v.encode() for v in values]
+        return flat.reshape(shape)
+    try:  # numpy reads the JSON values first, so that their kind can be checked before any cast
+        read = np.asarray(data)
+    except (TypeError, ValueError) as exc:
         raise InvalidInput((*loc, "data"), f"does not fit datatype {datatype} and shape {shape}: {exc}") from None
-    if array.size != count:
-        raise InvalidInput((*loc, "data"), f"shape {shape} needs {count} elements, data has {array.size}")
-    return array.reshape(shape)
+    if read.size != count:
+        raise InvalidInput((*loc, "data"), f"shape {shape} needs {count} elements, data has {read.size}")
+    if count:
+        kinds = _KINDS.get(datatype, "iu")
+        if read.dtype.kind not in kinds:
+            fix = "send JSON numbers, not strings" if read.dtype.kind in "US" else f"send {_KIND_WORDS[kinds]}"
+            raise InvalidInput((*loc, "data"), f"expected {_KIND_WORDS[kinds]} for datatype {datatype}, got "
+                               f"{_GOT.get(read.dtype.kind, str(read.dtype))}: {fix}",
+                               shown(data if read.size <= 8 else read.reshape(-1)[:8].tolist()))  # fmt: skip
+        if kinds == "iu" and read.dtype != to_numpy(datatype):
+            info = np.iinfo(to_numpy(datatype))
+            low, high = read.min(), read.max()
+            if low < info.min or high > info.max:
+                raise InvalidInput((*loc, "data"), f"values from {low} to {high} do not fit {datatype} "
+                                   f"({info.min} to {info.max})")  # fmt: skip
+    dtype = to_numpy(datatype)
+    if datatype in ("FP16", "FP32"):
+        with np.errstate(over="ignore"):  # a float64 too big for FP32 becomes inf, which the input check refuses
+            return read.astype(dtype, copy=False).reshape(shape)
+    return read.astype(dtype, copy=False).reshape(shape)
 
 
-def _flatten(data: Any) -> list[Any]:
-    if not isinstance(data, list):
-        return [data]
-    out: list[Any] = []
-    for item in data:
-        out.extend(_flatten(item) if isinstance(item, list) else [item])
+def _flatten(loc: tuple[str, ...], data: Any, rank: int) -> list[str]:
+    """BYTES data, nested at most ``rank`` levels (or flat), as one list of strings; no recursion."""
+    out: list[str] = []
+    stack = [(iter([data]), 0)]
+    while stack:
+        items, depth = stack[-1]
+        item = next(items, _END)
+        if item is _END:
+            stack.pop()
+        elif isinstance(item, list):
+            if depth >= max(rank, 1):
+                raise InvalidInput((*loc, "data"), f"nested deeper than the shape's {rank} dimensions")
+            stack.append((iter(item), depth + 1))
+        elif isinstance(item, str):
+            out.append(item)
+        else:
+            raise InvalidInput((*loc, "data"), "expected strings for datatype BYTES", shown(item))
     return out
+
+
+_END = object()
 
 
 def _from_binary(loc: tuple[str, ...], raw: memoryview, datatype: str, shape: list[int], count: int) -> np.ndarray:
@@ -134,8 +222,11 @@ def _from_binary(loc: tuple[str, ...], raw: memoryview, datatype: str, shape: li
                 raise InvalidInput((*loc, "data"), f"BYTES element of {n} bytes runs past the tensor's binary data")
             items.append(bytes(raw[pos + 4 : pos + 4 + n]))
             pos += 4 + n
+            if len(items) > count:  # do not walk millions of empty elements past the shape
+                break
         if len(items) != count:
-            raise InvalidInput((*loc, "data"), f"shape {shape} needs {count} elements, binary data has {len(items)}")
+            got = f"more than {count}" if len(items) > count else str(len(items))
+            raise InvalidInput((*loc, "data"), f"shape {shape} needs {count} elements, binary data has {got}")
         array = np.empty(count, dtype=object)
         array[:] = items
         return array.reshape(shape)
