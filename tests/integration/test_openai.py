@@ -5,11 +5,13 @@ from __future__ import annotations
 import concurrent.futures
 import re
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 import yaml
 from serverproc import Server
@@ -150,6 +152,12 @@ def test_client_disconnect_frees_the_slot(llm_server):
     ({"model": "smollm2", "messages": HELLO, "n": 2}, 400, "n"),
     ({"model": "no-such-model", "messages": HELLO}, 404, None),
     ({"model": "digits", "messages": HELLO}, 404, None),
+    ({"model": "smollm2", "messages": HELLO, "seed": -1}, 400, "seed"),
+    ({"model": "smollm2", "messages": HELLO, "stop": 5}, 400, "stop"),
+    ({"model": "smollm2", "messages": HELLO, "stop": [""]}, 400, "stop"),
+    ({"model": "smollm2", "messages": [{"role": ["user"], "content": "hi"}]}, 400, "messages[0].role"),
+    ({"model": "smollm2", "messages": [{"role": "user", "content": {"text": "hi"}}]}, 400, "messages[0].content"),
+    ({"model": "smollm2", "messages": HELLO, "temperature": 3}, 400, "temperature"),
 ])  # fmt: skip
 def test_bad_requests_get_openai_shaped_errors(llm_server, client, body, status, param):
     response = httpx.post(f"{llm_server.url}/v1/chat/completions", json=body, timeout=30)
@@ -193,3 +201,37 @@ def test_full_queue_gets_503_and_api_key_is_checked(demo_repo, tmp_path):
         assert ok.chat.completions.create(model="smollm2", messages=HELLO, max_tokens=2).choices
     finally:
         srv.stop()
+
+
+def _small_requests_while(server: Server, body: bytes, path: str = "/v1/chat/completions") -> tuple[httpx.Response, list[float]]:
+    """Send ``body`` and, until its answer comes, time GET /v2/health/ready requests one after another."""
+    answer: dict[str, httpx.Response] = {}
+
+    def send() -> None:
+        answer["r"] = httpx.post(f"{server.url}{path}", content=body, headers={"content-type": "application/json"},
+                                 timeout=180)  # fmt: skip
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    latencies = []
+    with httpx.Client(timeout=180) as http:
+        while sender.is_alive() or not latencies:
+            start = time.perf_counter()
+            assert http.get(f"{server.url}/v2/health/ready").status_code == 200
+            latencies.append(time.perf_counter() - start)
+    sender.join(180)
+    return answer["r"], latencies
+
+
+def test_a_30_mb_prompt_is_refused_before_tokenizing_and_the_server_keeps_answering(llm_server):
+    body = orjson.dumps({"model": "smollm2", "messages": [{"role": "user", "content": "word " * 6_000_000}]})
+    reply, latencies = _small_requests_while(llm_server, body)
+    assert reply.status_code == 413 and "shorten the prompt" in reply.json()["error"]["message"], reply.text
+    assert max(latencies) < 0.1, f"a small request waited {max(latencies) * 1000:.0f} ms"
+
+
+def test_a_prompt_longer_than_the_context_can_hold_is_refused_by_its_length_in_characters(llm_server):
+    # context 2048 tokens x 81 characters (the longest token) = 165,888 characters: refused without tokenizing
+    reply = httpx.post(f"{llm_server.url}/v1/completions", json={"model": "smollm2", "prompt": "x" * 170_000}, timeout=30)
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "prompt", reply.text
+    assert "170000 characters" in reply.json()["error"]["message"]
