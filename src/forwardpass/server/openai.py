@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hmac
 import math
 import time
 import uuid
@@ -36,13 +35,8 @@ SAMPLING = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "m
 COMMON = {"model", "max_tokens", "stop", "stream", "stream_options", "n", "user", "ignore_eos", *SAMPLING}
 CHAT = COMMON | {"messages", "logprobs", "top_logprobs", "max_completion_tokens"}
 COMPLETION = COMMON | {"prompt", "logprobs"}
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
           413: "invalid_request_error", 503: "server_error"}  # fmt: skip
-
-
-class Unauthorized(ForwardpassError):
-    status = 401
-    type = "invalid_api_key"
 
 
 def openai_error(exc: BaseException, stats: Stats | None = None, model: str = "", version: str = "") -> Response:
@@ -72,20 +66,7 @@ class OpenAIHandlers:
     def __init__(self, engine: Engine, config: ServeConfig):
         self.engine, self.config = engine, config
 
-    def _authorize(self, request: Request) -> None:
-        key = self.config.api_key
-        if not key:
-            return
-        given = request.header(b"authorization") or ""
-        token = given[7:].strip() if given[:7].lower() == "bearer " else ""
-        if not hmac.compare_digest(token.encode(), key.encode()):
-            raise Unauthorized("missing or wrong API key: send 'Authorization: Bearer <key>'")
-
     async def models(self, request: Request) -> Response:
-        try:
-            self._authorize(request)
-        except ForwardpassError as exc:
-            return openai_error(exc)
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "forwardpass"}
                 for name in sorted(self.engine.generators())]  # fmt: skip
         return Response.json({"object": "list", "data": data})
@@ -99,7 +80,6 @@ class OpenAIHandlers:
     async def _complete(self, request: Request, chat: bool) -> Response | StreamingResponse:
         label, version = "", ""  # for the count of unexpected errors: set once the model is known
         try:
-            self._authorize(request)
             doc = await _body(request, self.config.max_body_bytes, self.engine.generators())
             unknown = sorted(set(doc) - (CHAT if chat else COMPLETION))
             if unknown:
