@@ -235,3 +235,12 @@ def test_a_prompt_longer_than_the_context_can_hold_is_refused_by_its_length_in_c
     reply = httpx.post(f"{llm_server.url}/v1/completions", json={"model": "smollm2", "prompt": "x" * 170_000}, timeout=30)
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "prompt", reply.text
     assert "170000 characters" in reply.json()["error"]["message"]
+
+
+def test_a_long_prompt_is_tokenized_off_the_event_loop(llm_server):
+    # 145,000 characters: under the length limit, about 30,000 tokens, more than the context: tokenizing it
+    # (on a worker thread, the tokenizer letting go of the GIL) is what takes the time before the 400
+    body = orjson.dumps({"model": "smollm2", "prompt": "Hello world, this is a test. " * 5000, "max_tokens": 1})
+    reply, latencies = _small_requests_while(llm_server, body, "/v1/completions")
+    assert reply.status_code == 400 and "context" in reply.json()["error"]["message"], reply.text
+    assert max(latencies) < 0.1, f"a small request waited {max(latencies) * 1000:.0f} ms"

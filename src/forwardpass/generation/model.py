@@ -86,7 +86,9 @@ class LanguageModel:
     def encode(self, text: str) -> list[int]:
         """Prompt token ids of raw text: special-token text in it is recognized (the caller writes the whole
         prompt, markup included); BOS added when the model wants it."""
-        return self._with_bos(self.tokenizer.encode(text, add_special_tokens=False).ids)
+        # encode_batch, not encode: the same ids, but it lets go of the GIL, so a long prompt tokenizing on a
+        # worker thread does not hold up the event loop (1.2M characters: 729 ms held with encode, 16 ms here)
+        return self._with_bos(self.tokenizer.encode_batch([text], add_special_tokens=False)[0].ids)
 
     def encode_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         """Prompt token ids of a chat: only the template's own markup becomes special tokens.
@@ -353,5 +355,5 @@ class _SpecialTokens:
             if special:
                 ids.append(self.ids[piece])
             elif piece:
-                ids += plain.encode(marks.restore(piece), add_special_tokens=False).ids
+                ids += plain.encode_batch([marks.restore(piece)], add_special_tokens=False)[0].ids  # GIL let go
         return ids
