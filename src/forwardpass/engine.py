@@ -295,7 +295,7 @@ class Engine:
         try:
             parts: list[Any] = [(folder / "model.yaml").stat().st_mtime_ns]
             for child in sorted(folder.iterdir()):
-                if child.name.isdigit() and (child / "model.onnx").is_file():
+                if child.name.isascii() and child.name.isdigit() and (child / "model.onnx").is_file():
                     parts.append((child.name, (child / "model.onnx").stat().st_mtime_ns))
             return tuple(parts)
         except OSError:

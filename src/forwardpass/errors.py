@@ -80,9 +80,9 @@ class InvalidInput(ForwardpassError):
     def __init__(self, loc: Sequence[str | int], msg: str, input: Any = _MISSING):
         self.loc = tuple(loc)
         self.msg = msg
-        self.input = input
+        self.input = shown(input)  # a request's deep or huge value is described, never repr()d whole
         where = format_loc(self.loc) or "input"
-        came = "" if input is self._MISSING else f" (got {_short(input)})"
+        came = "" if input is self._MISSING else f" (got {_short(self.input)})"
         super().__init__(f"{where}: {msg}{came}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -90,6 +90,35 @@ class InvalidInput(ForwardpassError):
         if self.input is not self._MISSING:
             out["input"] = _jsonable(self.input)
         return out
+
+
+_SHOWN_NODES = 32  # containers up to this many elements (all levels together) are shown as they are
+_SHOWN_DEPTH = 4
+
+
+def shown(value: Any) -> Any:
+    """``value`` as an error's ``input``: scalars and small containers as they are, anything bigger or
+    deeper as a short description, so the error's message never repr()s a request's million elements
+    or recurses through its 1,000 nested levels.
+
+        shown([1, 2])            # [1, 2]
+        shown([[[[[[1]]]]]])     # 'a list nested more than 4 levels deep'
+    """
+    if not isinstance(value, (list, dict, tuple)):
+        return value
+    nodes, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        nodes += len(children)
+        if nodes > _SHOWN_NODES:
+            return f"a {type(value).__name__} of {len(value)} items"
+        for child in children:
+            if isinstance(child, (list, dict, tuple)):
+                if depth >= _SHOWN_DEPTH:
+                    return f"a {type(value).__name__} nested more than {_SHOWN_DEPTH} levels deep"
+                stack.append((child, depth + 1))
+    return value
 
 
 def _jsonable(value: Any) -> Any:
@@ -148,7 +177,7 @@ class ModelNotReady(ForwardpassError):
     status = 503
     type = "model_not_ready"
 
-    def __init__(self, message: str, retry_after: float = 1.0):
+    def __init__(self, message: str, retry_after: float | None = 1.0):
         super().__init__(message)
         self.retry_after = retry_after
 
@@ -156,10 +185,13 @@ class ModelNotReady(ForwardpassError):
 class ModelUnavailable(ModelNotReady):
     """The model exists but is not served: unloaded through the repository API, or it failed to load.
 
-    404, not 503: retrying does not help until someone loads or fixes it."""
+    404 without Retry-After, not 503: retrying does not help until someone loads or fixes it."""
 
     status = 404
     type = "model_unavailable"
+
+    def __init__(self, message: str):
+        super().__init__(message, retry_after=None)
 
 
 class LoadFailed(ForwardpassError):
@@ -244,4 +276,5 @@ __all__ = [
     "PayloadTooLarge",
     "UnsupportedMediaType",
     "format_loc",
+    "shown",
 ]

@@ -84,7 +84,7 @@ class Repository:
     def versions(self, name: str) -> list[int]:
         """Version numbers on disk (folders named by a positive integer holding model.onnx)."""
         folder = self.folder(name)
-        found = [int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / "model.onnx").is_file()]
+        found = [int(p.name) for p in folder.iterdir() if p.name.isascii() and p.name.isdigit() and (p / "model.onnx").is_file()]
         return sorted(v for v in found if v > 0)
 
     def selected_versions(self, name: str, config: ModelConfig | None = None) -> list[int]:

@@ -105,3 +105,17 @@ def test_defaults_fill_missing_features(tmp_path):
     with_default = model.predict({"f0": 1, "f2": 3, "f3": 4})
     assert with_default == model.predict(np.array([1, 2, 3, 4], np.float32))
     assert model.predict({"f0": "1", "f1": "", "f2": " 3 ", "f3": "4"}) == with_default  # CSV strings
+
+
+def test_a_number_past_float32_is_refused_by_name_without_a_warning(demo_repo):
+    import warnings
+
+    import forwardpass
+    from forwardpass.errors import InvalidInput
+
+    iris = forwardpass.load("iris", repository=demo_repo)
+    row = {"sepal length (cm)": 1e308, "sepal width (cm)": 3.5, "petal length (cm)": 1.4, "petal width (cm)": 0.2}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the overflow to inf was a RuntimeWarning: a 500 under -W error
+        with pytest.raises(InvalidInput, match="finite"):
+            iris.predict(row)

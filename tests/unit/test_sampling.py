@@ -97,3 +97,16 @@ def test_stream_never_splits_a_character():
     assert all("\ufffd" not in p for p in pieces)
     assert pieces[list(text.encode()).index(0xF0)] == ""  # the emoji's first byte releases nothing
     assert stream.flush() == ""
+
+
+def test_extreme_but_valid_temperature_and_penalty_never_give_nan():
+    import warnings
+
+    logits = np.random.default_rng(0).normal(size=100).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow warnings either
+        tiny = Sampler(SamplingParams(temperature=5e-324, seed=1))
+        assert tiny.pick(logits) == int(np.argmax(logits))  # as greedy, not a draw from NaNs
+        penalized = Sampler(SamplingParams(temperature=1.0, repetition_penalty=5e-324, seed=1))
+        probs = penalized.probabilities(logits, [int(np.argmax(logits)), 3])
+    assert np.isfinite(probs).all() and probs.sum() == pytest.approx(1.0)

@@ -60,7 +60,7 @@ def import_gguf(path: str | Path, name: str, repository: str | Path, *, accuracy
     }  # fmt: skip
     folder = Path(repository) / name
     folder.mkdir(parents=True, exist_ok=True)
-    versions = [int(p.name) for p in folder.iterdir() if p.name.isdigit()]
+    versions = [int(p.name) for p in folder.iterdir() if p.name.isascii() and p.name.isdigit()]
     version = max(versions, default=0) + 1
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder))
     try:

@@ -122,7 +122,7 @@ def write_model_folder(repository: Path, name: str, config: dict[str, Any], onnx
     """Write model.yaml and the next numbered version atomically (temp folder, then rename)."""
     folder = repository / check_name(name)
     folder.mkdir(parents=True, exist_ok=True)
-    existing = [int(p.name) for p in folder.iterdir() if p.name.isdigit()]
+    existing = [int(p.name) for p in folder.iterdir() if p.name.isascii() and p.name.isdigit()]
     version = max(existing, default=0) + 1
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder))
     try:

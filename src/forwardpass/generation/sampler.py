@@ -64,15 +64,19 @@ class Sampler:
             ids = np.fromiter(counts, dtype=np.int64)
             n = np.fromiter(counts.values(), dtype=np.float64)
             seen = out[ids]
-            seen = np.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
+            with np.errstate(over="ignore"):
+                seen = np.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
+            seen = np.clip(seen, -1e300, 1e300)  # a penalty like 5e-324 must not make a logit infinite (NaN below)
             out[ids] = seen - n * p.frequency_penalty - p.presence_penalty
         return out
 
     def probabilities(self, logits: np.ndarray, previous: Sequence[int] = ()) -> np.ndarray:
         """The distribution the next token is drawn from (zeros where filters cut)."""
         p = self.params
-        z = self.adjust(logits, previous) / p.temperature
-        z -= z.max()
+        z = self.adjust(logits, previous)
+        z -= z.max()  # before dividing: with a temperature like 5e-324 the top logit stays 0, not inf - inf
+        with np.errstate(over="ignore"):
+            z /= p.temperature
         probs = np.exp(z)
         probs /= probs.sum()
         if p.top_k and p.top_k < len(probs):

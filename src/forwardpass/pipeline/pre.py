@@ -159,7 +159,8 @@ class Tabular(_Pre):
             else:
                 raise InvalidInput(("instances", i), "expected an object of named features", row)
             out[i] = [self._number(i, j, v) for j, v in enumerate(values)]
-        return {self.input: out.astype(self.dtype, copy=False)}
+        with np.errstate(over="ignore"):  # 1e308 as float32 is inf, which the finite check then refuses, by name
+            return {self.input: out.astype(self.dtype, copy=False)}
 
     def _check_names(self, i: int, row: Mapping[str, Any]) -> None:
         unknown = [k for k in row if k not in self._known]

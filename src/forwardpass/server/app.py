@@ -80,7 +80,7 @@ class App:
                                       + ("method not allowed" if path_exists else "no such endpoint")}, status)  # fmt: skip
             return await handler(Request(scope, receive, params, body), **params)
         except Exception as exc:  # every error becomes a response; the server keeps serving
-            return error_response(exc)
+            return error_response(exc, self.engine.stats)
         finally:
             stats.inflight -= 1
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from forwardpass.errors import ForwardpassError, InvalidInput, Overloaded
+from forwardpass.errors import ForwardpassError, InvalidInput, shown  # noqa: F401 (shown: re-exported)
 from forwardpass.server.http import Response
 from forwardpass.stats import Stats
 
@@ -32,8 +32,9 @@ def error_response(exc: BaseException, stats: Stats | None = None) -> Response:
         if isinstance(exc, InvalidInput):
             body["detail"] = [exc.to_dict()]
         headers = []
-        if isinstance(exc, Overloaded):
-            headers.append((b"retry-after", str(max(1, round(exc.retry_after))).encode()))
+        retry = getattr(exc, "retry_after", None)  # Overloaded, and ModelNotReady while loading or draining
+        if retry is not None:
+            headers.append((b"retry-after", str(max(1, round(retry))).encode()))
         return Response.json(body, exc.status, headers)
     log_unexpected(exc)
     if stats is not None:
@@ -63,32 +64,3 @@ def log_unexpected(exc: BaseException) -> None:
     if seen is not None:
         _causes[key] = seen + 1
     log.debug("unexpected error again: %s at %s:%d", *key)
-
-
-_SHOWN_NODES = 32  # containers up to this many elements (all levels together) are shown as they are
-_SHOWN_DEPTH = 4
-
-
-def shown(value: Any) -> Any:
-    """``value`` as an error's ``input``: scalars and small containers as they are, anything bigger or
-    deeper as a short description, so the error's message never repr()s a request's million elements
-    or recurses through its 1,000 nested levels.
-
-        shown([1, 2])            # [1, 2]
-        shown([[[[[[1]]]]]])     # 'a list nested more than 4 levels deep'
-    """
-    if not isinstance(value, (list, dict, tuple)):
-        return value
-    nodes, stack = 0, [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        children = item.values() if isinstance(item, dict) else item
-        nodes += len(children)
-        if nodes > _SHOWN_NODES:
-            return f"a {type(value).__name__} of {len(value)} items"
-        for child in children:
-            if isinstance(child, (list, dict, tuple)):
-                if depth >= _SHOWN_DEPTH:
-                    return f"a {type(value).__name__} nested more than {_SHOWN_DEPTH} levels deep"
-                stack.append((child, depth + 1))
-    return value

@@ -75,7 +75,7 @@ class Request:
         if self._read:
             return self.body
         length = self.header(b"content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
+        if length is not None and length.isascii() and length.isdigit() and int(length) > limit:
             raise PayloadTooLarge(f"request body of {int(length)} bytes is over the limit of {limit} bytes; "
                                   "send a smaller body or raise FORWARDPASS_MAX_BODY_BYTES")  # fmt: skip
         if not self._complete and self.receive is not None:
