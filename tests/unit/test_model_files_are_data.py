@@ -25,6 +25,11 @@ MIB = 1024 * 1024
 # gguf FILE`), its exit code, what it printed on stderr, how long it took and the process's peak RSS after it.
 _CLI_DRIVER = textwrap.dedent("""
     import contextlib, io, json, resource, sys, time
+    def peak():  # this process's own peak RSS: ru_maxrss keeps the parent's across fork and exec on Linux
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
     import onnx, forwardpass.convert.gguf
     from forwardpass.cli import main
@@ -41,7 +46,7 @@ _CLI_DRIVER = textwrap.dedent("""
             except BaseException as exc:  # a traceback: recorded, the test fails on it
                 code, _ = repr(exc), stderr.write("Traceback: " + repr(exc))
         report[path] = {"code": code, "stderr": stderr.getvalue(), "seconds": time.perf_counter() - start,
-                        "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+                        "maxrss": peak()}
     print(json.dumps(report))
 """)
 
@@ -71,6 +76,11 @@ def test_crafted_gguf_headers_fail_fast_small_and_with_one_line_naming_the_field
 
 _FUZZ_DRIVER = textwrap.dedent("""
     import json, random, resource, struct, sys, time
+    def peak():  # this process's own peak RSS: ru_maxrss keeps the parent's across fork and exec on Linux
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
     from gguf_craft import valid_small
     from forwardpass.generation.gguf_file import GGUFError, GGUFFile
@@ -97,7 +107,7 @@ _FUZZ_DRIVER = textwrap.dedent("""
             unexpected.append(f"case {i}: {exc!r}")
         worst = max(worst, time.perf_counter() - start)
     print(json.dumps({"worst_seconds": worst, "unexpected": unexpected,
-                      "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                      "maxrss": peak()}))
 """)
 
 
