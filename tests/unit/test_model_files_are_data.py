@@ -23,13 +23,17 @@ MIB = 1024 * 1024
 # Runs in a fresh interpreter capped at 1 GiB of address space, so a reader that grows without bound fails here
 # quickly instead of taking the machine. For every file: forwardpass's real CLI entry point (`forwardpass import
 # gguf FILE`), its exit code, what it printed on stderr, how long it took and the process's peak RSS after it.
-_CLI_DRIVER = textwrap.dedent("""
-    import contextlib, io, json, resource, sys, time
-    def peak():  # this process's own peak RSS: ru_maxrss keeps the parent's across fork and exec on Linux
+# Both drivers report the process's own peak RSS: ru_maxrss keeps the parent's across fork and exec on Linux.
+_PEAK = textwrap.dedent("""
+    import resource
+    def peak():
         for line in open("/proc/self/status"):
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+""")
+_CLI_DRIVER = _PEAK + textwrap.dedent("""
+    import contextlib, io, json, resource, sys, time
     resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
     import onnx, forwardpass.convert.gguf
     from forwardpass.cli import main
@@ -74,13 +78,8 @@ def test_crafted_gguf_headers_fail_fast_small_and_with_one_line_naming_the_field
     assert not (tmp_path / "repo" / "crafted").exists() or not any((tmp_path / "repo" / "crafted").iterdir())
 
 
-_FUZZ_DRIVER = textwrap.dedent("""
+_FUZZ_DRIVER = _PEAK + textwrap.dedent("""
     import json, random, resource, struct, sys, time
-    def peak():  # this process's own peak RSS: ru_maxrss keeps the parent's across fork and exec on Linux
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
     from gguf_craft import valid_small
     from forwardpass.generation.gguf_file import GGUFError, GGUFFile
