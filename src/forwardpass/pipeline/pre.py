@@ -15,6 +15,7 @@ In two steps, for an event loop: ``plan`` checks forms and bounds from headers a
 
 from __future__ import annotations
 
+import abc
 import base64
 import binascii
 import difflib
@@ -82,11 +83,14 @@ class Preprocessor(Protocol):
         ...
 
 
-class _Pre:
+class _Pre(abc.ABC):
+    """What every kind shares: ``pre(instances)`` is ``pre.plan(instances).run()``."""
+
     takes_raw = False
 
+    @abc.abstractmethod
     def plan(self, instances: Sequence[Any]) -> Plan:
-        raise NotImplementedError
+        """Check forms and bounds (cheap, no decoding) and say what the work will cost."""
 
     def __call__(self, instances: Sequence[Any]) -> dict[str, np.ndarray]:
         return self.plan(instances).run()
