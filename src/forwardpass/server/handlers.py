@@ -109,10 +109,8 @@ class Handlers:
             top_k = (params or {}).get("top_k")
             if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
                 raise InvalidInput(("parameters", "top_k"), "expected an integer >= 1", shown(top_k))
-            instances = doc["instances"]
-            if served.model.pre_kind in ("image", "audio") and isinstance(instances, list):
-                instances = [i["b64"] if isinstance(i, dict) and "b64" in i else i for i in instances]
-            served, answers = await self.engine.predict(model, pinned, instances, top_k)
+            # {"b64": ...} instances are the image and audio kinds' own to read
+            served, answers = await self.engine.predict(model, pinned, doc["instances"], top_k)
             return Response.json({"model_name": model, "model_version": str(served.model.version),
                                   "predictions": answers})  # fmt: skip
         except ForwardpassError:
