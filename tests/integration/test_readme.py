@@ -63,7 +63,7 @@ def test_demo_table_matches_recorded_metrics(demo_repo):
 
 
 def test_readme_commands_match_ci():
-    def normal(text: str) -> str:  # as the before-stop hook reads them: python3 is python, -q changes nothing
+    def normal(text: str) -> str:  # python3 is python here, and -q changes nothing
         return text.replace("python3", "python").replace(" -q ", " ")
 
     test_command = blocks("bash")[1].strip()

@@ -99,7 +99,7 @@ class Request:
                                   "raise FORWARDPASS_MAX_BODY_BYTES")  # fmt: skip
         encoding = self.header(b"content-encoding")
         if encoding is not None and encoding.strip().lower() not in ("", "identity"):
-            if len(self.body) <= _INLINE_DECODE:
+            if len(self.body) <= _INLINE_DECODE and "," not in encoding:  # stacked codings multiply the ratio
                 self.body = decode_body(self.body, encoding, limit)
             else:  # size-dependent work stays off the event loop (zlib releases the GIL)
                 self.body = await asyncio.to_thread(decode_body, self.body, encoding, limit)
@@ -107,8 +107,9 @@ class Request:
         return self.body
 
 
-# compressed bodies up to this size are decoded on the event loop: deflate expands at most ~1032:1,
-# so that is at most about 1 MB of output (a millisecond); larger ones go to a thread
+# compressed bodies up to this size, in one coding, are decoded on the event loop: deflate expands at
+# most ~1032:1, so that is at most about 1 MB of output (a millisecond); larger ones, and any body in
+# two or more codings (gzip over gzip can reach the body limit from under 1 KiB), go to a thread
 _INLINE_DECODE = 1024
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
