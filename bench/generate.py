@@ -200,7 +200,7 @@ def serving(rounds: int) -> None:
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         servers.append(("llama.cpp server", f"http://127.0.0.1:{lport}", lc, {}))
     try:
-        for name, base, proc, _ in servers:
+        for _name, base, proc, _ in servers:
             _wait(f"{base}/v1/models", proc)
         print(f"CPU: {cpu_flags()}, {os.cpu_count()} cores; streaming chat, max_tokens 64, greedy; medians of {rounds} "
               "interleaved rounds\n")  # fmt: skip

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import errno
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -26,7 +25,6 @@ from rich.table import Table
 from forwardpass._deps import require
 from forwardpass.errors import ForwardpassError
 from forwardpass.pipeline.answers import Answers
-
 
 
 class _Command(typer.core.TyperCommand):
@@ -92,7 +90,8 @@ def serve(
     log_level: Annotated[str, typer.Option(help="Log level")] = "info",
     api_key_file: Annotated[Path | None, typer.Option(help="Inference keys, one per line: with any key set, every "
                                                       "route but /v2/health/* needs 'Authorization: Bearer KEY' or "
-                                                      "'x-api-key: KEY' [env FORWARDPASS_API_KEY_FILE]")] = None,  # fmt: skip
+                                                      "'x-api-key: KEY' "
+                                                      "[env FORWARDPASS_API_KEY_FILE]")] = None,  # fmt: skip
     admin_key_file: Annotated[Path | None, typer.Option(help="The admin key (repository load, unload, index) "
                                                         "[env FORWARDPASS_ADMIN_KEY_FILE]")] = None,  # fmt: skip
     api_key: Annotated[str | None, typer.Option(help="One inference key (visible in `ps`: prefer --api-key-file "
@@ -158,7 +157,8 @@ def demo(
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Build the demo repository again")] = False,
 ) -> None:
     """Build the built-in demo repository (once) and list its models."""
-    from forwardpass import Repository, demo as demo_pkg
+    from forwardpass import Repository
+    from forwardpass import demo as demo_pkg
 
     path = _demo_repository(rebuild)
     out.print(f"demo repository: {path}")

@@ -23,15 +23,22 @@ import numpy as np
 
 from forwardpass import _memory
 from forwardpass.errors import (
-    ForwardpassError, Forbidden, InvalidInput, LoadFailed, ModelNotFound, ModelNotReady, ModelUnavailable, WrongEndpoint,
+    Forbidden,
+    ForwardpassError,
+    InvalidInput,
+    LoadFailed,
+    ModelNotFound,
+    ModelNotReady,
+    ModelUnavailable,
+    WrongEndpoint,
 )  # fmt: skip
+from forwardpass.inference import InferRequest, InputTensor, OutputTensor, RequestedOutput
 from forwardpass.model import Model
 from forwardpass.pipeline import Plan
 from forwardpass.repository import Repository, check_name
 from forwardpass.runtime.onnx import AUTO_THREADS_THRESHOLD_MS, available_cores
 from forwardpass.scheduler import DynamicBatcher, Policy, ResponseCache, cache_key
 from forwardpass.scheduler.dynamic import BatcherClosed
-from forwardpass.inference import InferRequest, InputTensor, OutputTensor, RequestedOutput
 from forwardpass.stats import ModelStats, Stats
 from forwardpass.tensors import from_numpy, zeros
 

@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument
 
+from forwardpass.config import ModelConfig, TensorSpec
 from forwardpass.errors import ForwardpassError, InvalidInput, ModelConfigError, ModelLoadError
 from forwardpass.pipeline import Plan, Preprocessor, build_post, build_pre
-from forwardpass.config import ModelConfig, TensorSpec
 from forwardpass.runtime import OnnxRuntime, Runtime, TensorInfo
 from forwardpass.tensors import TensorCheck
 

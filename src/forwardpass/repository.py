@@ -23,9 +23,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from forwardpass.config import LatestPolicy, ModelConfig, SpecificPolicy, load_config
 from forwardpass.errors import ForwardpassError, InvalidModelName, ModelNotFound, ModelUnavailable
 from forwardpass.model import Model
-from forwardpass.config import LatestPolicy, ModelConfig, SpecificPolicy, load_config
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -84,7 +84,8 @@ class Repository:
     def versions(self, name: str) -> list[int]:
         """Version numbers on disk (folders named by a positive integer holding model.onnx)."""
         folder = self.folder(name)
-        found = [int(p.name) for p in folder.iterdir() if p.name.isascii() and p.name.isdigit() and (p / "model.onnx").is_file()]
+        found = [int(p.name) for p in folder.iterdir()
+                 if p.name.isascii() and p.name.isdigit() and (p / "model.onnx").is_file()]  # fmt: skip
         return sorted(v for v in found if v > 0)
 
     def selected_versions(self, name: str, config: ModelConfig | None = None) -> list[int]:

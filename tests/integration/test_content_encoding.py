@@ -10,7 +10,6 @@ import httpx
 import numpy as np
 import orjson
 import pytest
-
 from serverproc import Server
 
 MAX_BODY = 1_000_000

@@ -16,7 +16,6 @@ import time
 import httpx
 import orjson
 import pytest
-
 from serverproc import Server
 
 MAX_BODY = 1_000_000

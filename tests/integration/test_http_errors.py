@@ -9,10 +9,9 @@ import numpy as np
 import orjson
 import pytest
 import yaml
+from serverproc import Server
 
 from forwardpass.demo import datasets
-
-from serverproc import Server
 
 MAX_BODY = 200_000
 MAX_ELEMENTS = 10_000

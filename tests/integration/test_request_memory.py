@@ -13,7 +13,6 @@ import time
 
 import httpx
 import pytest
-
 from serverproc import Server
 
 BODY = b'{"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [' + b"0.5, " * 8_000_000 + b"0.5"

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 httpclient = pytest.importorskip("tritonclient.http")
+from fixtures import image_model, write_model  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from fixtures import image_model, write_model  # noqa: E402
 from forwardpass.demo import datasets  # noqa: E402
 
 

@@ -102,8 +102,8 @@ def test_one_bad_request_does_not_fail_its_batch_mates():
 
 
 def test_queue_full_and_timeout():
-    from concurrent.futures import ThreadPoolExecutor
     import time
+    from concurrent.futures import ThreadPoolExecutor
 
     def slow(feeds):
         time.sleep(0.2)
@@ -128,9 +128,9 @@ def test_queue_full_and_timeout():
 
 
 def test_thread_pool_instances_run_concurrently():
-    from concurrent.futures import ThreadPoolExecutor
     import threading
     import time
+    from concurrent.futures import ThreadPoolExecutor
 
     active, peak = [0], [0]
     lock = threading.Lock()

@@ -8,7 +8,6 @@ import pytest
 import yaml
 
 import forwardpass
-from forwardpass import demo
 from forwardpass.demo import datasets
 
 

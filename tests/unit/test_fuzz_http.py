@@ -33,10 +33,9 @@ import orjson
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
+from fixtures import token_model, write_model  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-
-from fixtures import token_model, write_model  # noqa: E402
 
 from forwardpass.engine import Engine  # noqa: E402
 from forwardpass.repository import Repository  # noqa: E402

@@ -8,10 +8,10 @@ import pytest
 pytest.importorskip("gguf")
 pytest.importorskip("jinja2")
 
+from test_gguf import needs_model, smollm2_path  # noqa: E402
+
 import forwardpass  # noqa: E402
 from forwardpass.errors import InvalidInput  # noqa: E402
-
-from test_gguf import needs_model, smollm2_path  # noqa: E402
 
 pytestmark = needs_model
 

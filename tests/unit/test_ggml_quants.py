@@ -6,12 +6,11 @@ import pytest
 pytest.importorskip("gguf")
 ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from test_gguf import needs_model, smollm2_path  # noqa: E402
 
-from forwardpass.convert.ggml_quants import block_sum_rows, q8_0_to_nbits, q8_0_rows  # noqa: E402
+from forwardpass.convert.ggml_quants import block_sum_rows, q8_0_rows, q8_0_to_nbits  # noqa: E402
 from forwardpass.convert.gguf_decoder import _Graph, _q4_linear  # noqa: E402
 from forwardpass.generation.gguf_file import GGUFFile  # noqa: E402
-
-from test_gguf import needs_model, smollm2_path  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,11 @@ import pytest
 pytest.importorskip("gguf")
 ort = pytest.importorskip("onnxruntime")
 
+from test_gguf import needs_model, smollm2_path  # noqa: E402
+
 from forwardpass.convert.gguf_decoder import build_decoder  # noqa: E402
 from forwardpass.generation.gguf_file import GGUFFile  # noqa: E402
 from forwardpass.generation.reference import ReferenceDecoder  # noqa: E402
-
-from test_gguf import needs_model, smollm2_path  # noqa: E402
 
 CACHE = 64
 

@@ -3,8 +3,8 @@
 import numpy as np
 import onnx
 import pytest
-
 from fixtures import iris_like_config, linear_model, write_model
+
 from forwardpass import InvalidInput, Repository
 from forwardpass.runtime.guard import GUARD_PREFIX, add_finite_guards
 

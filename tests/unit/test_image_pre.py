@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import pytest
-
 from fixtures import image_model, write_model
+
 from forwardpass import InvalidInput, ModelConfigError, Repository
 
 

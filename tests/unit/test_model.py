@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-
 from fixtures import iris_like_config, linear_model, weights, write_model
+
 from forwardpass import InvalidInput, Repository
 from forwardpass.pipeline import softmax
 

@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-
 from fixtures import linear_model, quantile_model, write_model
+
 from forwardpass import Repository
 from forwardpass.config import ClassificationPost, Interval, RegressionPost
 from forwardpass.pipeline.post import Classify, Regress, softmax

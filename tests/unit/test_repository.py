@@ -4,8 +4,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import yaml
-
 from fixtures import iris_like_config, linear_model, write_model
+
 from forwardpass import (
     InvalidModelName,
     ModelConfigError,

@@ -5,8 +5,8 @@ import struct
 
 import numpy as np
 import pytest
+from fixtures import audio_model, token_model, write_model
 
-from fixtures import audio_model, token_model, weights, write_model
 from forwardpass import InvalidInput, ModelConfigError, Repository
 from forwardpass.pipeline.audio import WavError, decode_wav, encode_wav, resample
 
@@ -60,11 +60,11 @@ def test_tokenizer_config_errors(tmp_path):
 
 def test_raw_strings_into_a_string_model(tmp_path):
     pytest.importorskip("skl2onnx")
+    from skl2onnx import to_onnx
+    from skl2onnx.common.data_types import StringTensorType
     from sklearn.feature_extraction.text import CountVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
-    from skl2onnx import to_onnx
-    from skl2onnx.common.data_types import StringTensorType
 
     texts = ["good movie", "great fun", "bad movie", "awful plot", "fine fun", "poor plot"]
     y = [1, 1, 0, 0, 1, 0]

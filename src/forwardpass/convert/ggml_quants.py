@@ -11,8 +11,9 @@ correction"). The sums themselves come out of the same MatMulNBits as K/32 extra
 (``block_sum_rows``: q = 9, scale 1 on one block, q = 8 elsewhere), so they are computed from the same
 (int8-quantized, at accuracy level 4) activations as the main product, as llama.cpp's Q8_1 sums are.
 MatMulNBits' float zero points would express Q4_1 directly, but ONNX Runtime 1.32 runs them on a
-dequantizing fallback about 25x slower at one row (measured: 3.9 ms vs 0.15 ms for 576 x 3072). Q8_0 stores ``q * d`` with q an int8; as uint8 ``q + 128`` with MatMulNBits' 8-bit
-default zero point 128 it is exact with no correction.
+dequantizing fallback about 25x slower at one row (measured: 3.9 ms vs 0.15 ms for 576 x 3072).
+Q8_0 stores ``q * d`` with q an int8; as uint8 ``q + 128`` with MatMulNBits' 8-bit default zero point
+128 it is exact with no correction.
 
 Weights are (N output features, K inputs), GGUF's row order.
 """

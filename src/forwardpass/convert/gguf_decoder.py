@@ -103,7 +103,7 @@ def build_decoder(model: GGUFFile, *, accuracy_level: int = 4, max_positions: in
     lets a prefill graph use fp32 linears while its one-row head keeps the int8 path, whose 8-bit
     fp32 fallback is far slower.
     """
-    onnx = require("onnx", "llm", "converting GGUF models")
+    require("onnx", "llm", "converting GGUF models")  # the install hint, before the import below fails bare
     from onnx import TensorProto, helper
 
     hp = model.hparams
@@ -142,7 +142,7 @@ def build_decoder(model: GGUFFile, *, accuracy_level: int = 4, max_positions: in
     outputs = []
     residual, pending = x, None  # pending: the last sub-block's output, not yet added to the residual
     for i in range(hp.n_layer):
-        w = lambda name: f"blk.{i}.{name}.weight"  # noqa: E731
+        w = lambda name, i=i: f"blk.{i}.{name}.weight"  # noqa: E731 (bound now: called only in this iteration)
         norm = model.dequantize(w("attn_norm"))
         if pending is None:
             (h,) = g.op("SimplifiedLayerNormalization", [residual, g.const("attn_norm", norm)], f"l{i}_attn_norm",
@@ -162,7 +162,8 @@ def build_decoder(model: GGUFFile, *, accuracy_level: int = 4, max_positions: in
             g.nodes.append(helper.make_node("Identity", [out], [name], name=g.name("present")))
             outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", Hkv, "present", D]))
         o = _q4_linear(g, attn, [raw(w("attn_output"))], C, accuracy_level, f"l{i}_o")
-        h, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [o, residual, g.const("ffn_norm", model.dequantize(w("ffn_norm")))],
+        ffn_norm = g.const("ffn_norm", model.dequantize(w("ffn_norm")))
+        h, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [o, residual, ffn_norm],
                                  f"l{i}_ffn_norm", outputs=4, domain=MS, epsilon=hp.rms_eps)  # fmt: skip
         gate_up = _q4_linear(g, h, [raw(w("ffn_gate")), raw(w("ffn_up"))], C, accuracy_level, f"l{i}_gate_up")
         gate, up = g.op("Split", [gate_up, g.const("split", np.array([hp.n_ff, hp.n_ff], np.int64))], f"l{i}_split",
@@ -185,8 +186,8 @@ def build_decoder(model: GGUFFile, *, accuracy_level: int = 4, max_positions: in
                       "final_norm", outputs=4, domain=MS, epsilon=hp.rms_eps)  # fmt: skip
     # the head (a third of a decode step) runs for the first `logit_rows` rows only: a decode call padded with a
     # dummy row (generation/scheduler.py, MIN_ROWS) does not pay for its logits.
-    (h,) = g.op("Slice", [h, g.const("zero", np.array([0], np.int64)), "logit_rows", g.const("batch_axis", np.array([0], np.int64))],
-                "head_rows")  # fmt: skip
+    zero, batch_axis = g.const("zero", np.array([0], np.int64)), g.const("batch_axis", np.array([0], np.int64))
+    (h,) = g.op("Slice", [h, zero, "logit_rows", batch_axis], "head_rows")
     head_q, head_scales = q8_0_to_nbits(raw(head_name))
     g.nodes.append(helper.make_node(
         "MatMulNBits", [h, g.const("head_B", head_q), g.const("head_scales", head_scales)], ["logits"], name="head",

@@ -114,7 +114,8 @@ def conformal_half_width(residuals: np.ndarray, level: float) -> float:
     n = len(residuals)
     rank = math.ceil((n + 1) * level)
     if rank > n:
-        raise ForwardpassError(f"{n} calibration rows are too few for a {level:.0%} interval; need {math.ceil(level / (1 - level))}")
+        need = math.ceil(level / (1 - level))
+        raise ForwardpassError(f"{n} calibration rows are too few for a {level:.0%} interval; need {need}")
     return float(np.sort(residuals)[rank - 1])
 
 

@@ -59,7 +59,7 @@ class PrefixCache:
         """(usable length, arrays) for the longest cached prefix of ``ids``, leaving at least one token to run."""
         best, found = 0, None
         wanted = np.asarray(ids, dtype=np.int64)
-        for key, arrays in self.entries.items():
+        for key in self.entries:
             n = min(len(key), len(ids) - 1)
             if n <= best:
                 continue

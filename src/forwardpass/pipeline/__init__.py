@@ -4,4 +4,5 @@ from forwardpass.pipeline.answers import Answers, ClassificationAnswers, Regress
 from forwardpass.pipeline.post import Postprocessor, build_post, softmax
 from forwardpass.pipeline.pre import Plan, Preprocessor, build_pre
 
-__all__ = ["Answers", "ClassificationAnswers", "RegressionAnswers", "Plan", "Preprocessor", "Postprocessor", "build_pre", "build_post", "softmax"]
+__all__ = ["Answers", "ClassificationAnswers", "RegressionAnswers", "Plan", "Preprocessor", "Postprocessor",
+           "build_pre", "build_post", "softmax"]

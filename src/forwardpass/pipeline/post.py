@@ -16,9 +16,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from forwardpass.config import ClassificationPost, PostConfig, RegressionPost
 from forwardpass.errors import ModelLoadError
 from forwardpass.pipeline.answers import ClassificationAnswers, RegressionAnswers
-from forwardpass.config import ClassificationPost, PostConfig, RegressionPost
 from forwardpass.runtime.base import TensorInfo
 
 

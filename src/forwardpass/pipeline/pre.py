@@ -27,13 +27,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-
 import PIL.Image
 
 from forwardpass._deps import require
+from forwardpass.config import AudioPre, ImagePre, PreConfig, TabularPre, TensorSpec, TextPre
 from forwardpass.errors import InvalidInput, ModelConfigError
 from forwardpass.pipeline.audio import WavError, WavHeader, read_header, resample, samples
-from forwardpass.config import AudioPre, ImagePre, PreConfig, TabularPre, TensorSpec, TextPre
 from forwardpass.tensors import to_numpy
 
 # Work below these sizes costs less than handing it to a thread and back (about 0.09 ms here),
@@ -419,7 +418,8 @@ class Text(_Pre):
             name = getattr(config, field)
             if name is not None and name not in self.names:
                 raise ModelConfigError(str(folder / "model.yaml"), f"pre.{field}",
-                                       f"'{name}' is not a model input ({list(self.names)})", "name a model input")  # fmt: skip
+                                       f"'{name}' is not a model input ({list(self.names)})",
+                                       "name a model input")  # fmt: skip
 
     def is_single(self, data: Any) -> bool:
         return isinstance(data, (str, bytes))

@@ -15,10 +15,12 @@ import asyncio
 import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Executor
+
 import numpy as np
 
 from forwardpass.errors import ModelNotReady, Overloaded, RequestTimeout
 from forwardpass.scheduler.batcher import Pending, Policy, plan
+
 
 class BatcherClosed(ModelNotReady):
     """The batcher is draining (its model version is being replaced or unloaded)."""

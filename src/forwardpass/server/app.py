@@ -17,8 +17,8 @@ from forwardpass.server.auth import Keys
 from forwardpass.server.config import ServeConfig
 from forwardpass.server.errors import error_response
 from forwardpass.server.handlers import Handlers
-from forwardpass.server.openai import OpenAIHandlers
 from forwardpass.server.http import Request, Response, StreamingResponse
+from forwardpass.server.openai import OpenAIHandlers
 from forwardpass.server.routes import routes
 
 log = logging.getLogger("forwardpass.server")

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from forwardpass.errors import ForwardpassError, Forbidden, Unauthorized
+from forwardpass.errors import Forbidden, ForwardpassError, Unauthorized
 from forwardpass.server.config import ServeConfig
 from forwardpass.server.http import Request
 

@@ -8,7 +8,6 @@ occurrence is counted in ``forwardpass_requests_total{status="500"}`` by whoever
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from forwardpass.errors import ForwardpassError, InvalidInput, shown  # noqa: F401 (shown: re-exported)
 from forwardpass.server.http import Response

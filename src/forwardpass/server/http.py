@@ -190,7 +190,8 @@ class Response:
     def encode(self, keep_alive: bool = True, head: bool = False) -> bytes:
         """The whole HTTP/1.1 response as one buffer: status line, headers, body."""
         lines = [_STATUS_LINES.get(self.status) or b"HTTP/1.1 %d %s\r\n" % (self.status, _reason(self.status)),
-                 b"content-type: ", self.content_type.encode(), b"\r\ncontent-length: ", b"%d" % len(self.body), b"\r\n"]  # fmt: skip
+                 b"content-type: ", self.content_type.encode(),
+                 b"\r\ncontent-length: ", b"%d" % len(self.body), b"\r\n"]  # fmt: skip
         for name, value in self.headers:
             lines += [name, b": ", value, b"\r\n"]
         if not keep_alive:
@@ -280,5 +281,6 @@ class Router:
 
 
 def _compile(pattern: str) -> re.Pattern[str]:
-    regex = re.sub(r"\{(\w+)\}", lambda m: rf"(?P<{m.group(1)}>[^/:]+)", re.escape(pattern).replace(r"\{", "{").replace(r"\}", "}"))
+    escaped = re.escape(pattern).replace(r"\{", "{").replace(r"\}", "}")
+    regex = re.sub(r"\{(\w+)\}", lambda m: rf"(?P<{m.group(1)}>[^/:]+)", escaped)
     return re.compile(regex)

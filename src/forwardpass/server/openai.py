@@ -316,7 +316,8 @@ def _chat_logprobs(llm: Any, result: Generation) -> dict[str, Any]:
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
     return {"content": [{**entry(r["token"], r["logprob"]),
-                         "top_logprobs": [entry(t, lp) for t, lp in r["top_logprobs"]]} for r in result.token_logprobs]}  # fmt: skip
+                         "top_logprobs": [entry(t, lp) for t, lp in r["top_logprobs"]]}
+                        for r in result.token_logprobs]}  # fmt: skip
 
 
 def _completion_logprobs(llm: Any, result: Generation) -> dict[str, Any]:
@@ -330,7 +331,9 @@ def _completion_logprobs(llm: Any, result: Generation) -> dict[str, Any]:
             "text_offset": offsets}  # fmt: skip
 
 
-async def _events(generation: AsyncGeneration, meta: dict[str, Any], chat: bool, include_usage: bool) -> AsyncIterator[bytes]:
+async def _events(
+    generation: AsyncGeneration, meta: dict[str, Any], chat: bool, include_usage: bool
+) -> AsyncIterator[bytes]:
     """Server-sent events: one chunk per text piece, a last chunk with finish_reason, usage, [DONE]."""
     kind = "chat.completion.chunk" if chat else "text_completion"
 
