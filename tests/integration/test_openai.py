@@ -197,7 +197,9 @@ def test_full_queue_gets_503_and_api_key_is_checked(demo_repo, tmp_path):
                     assert full.status_code == 503, full.text
                     assert full.headers["retry-after"] == "1"
                     assert full.json()["error"]["type"] == "server_error"
-        ok = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="s3cret", max_retries=0)
+        # the two streams just closed free their slot and queue place at the scheduler's next step: a real client
+        # honours the 503's Retry-After, as this one does
+        ok = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="s3cret", max_retries=5)
         assert ok.chat.completions.create(model="smollm2", messages=HELLO, max_tokens=2).choices
     finally:
         srv.stop()
