@@ -14,6 +14,7 @@ from forwardpass.config import ModelConfig, TensorSpec
 from forwardpass.errors import ForwardpassError, InvalidInput, ModelConfigError, ModelLoadError
 from forwardpass.pipeline import Plan, Preprocessor, build_post, build_pre
 from forwardpass.runtime import OnnxRuntime, Runtime, TensorInfo
+from forwardpass.runtime.onnx import ort_message
 from forwardpass.tensors import TensorCheck
 
 
@@ -88,7 +89,7 @@ class Model:
             try:
                 outputs = self._run_post({fast.name: fast(data[None] if single else data)})
             except (InvalidArgument, Fail) as exc:
-                raise InvalidInput(("inputs",), f"the model rejected the inputs: {_ort_message(exc)}") from None
+                raise InvalidInput(("inputs",), f"the model rejected the inputs: {ort_message(exc)}") from None
             answers = self._post(outputs, top_k)
             return answers[0] if single else answers
         if _is_tensors(data):
@@ -160,7 +161,7 @@ class Model:
         try:
             return self.runtime.run(feeds, names)
         except (InvalidArgument, Fail) as exc:  # inputs that pass the checks but not a kernel (indices, broadcasts)
-            raise InvalidInput(("inputs",), f"the model rejected the inputs: {_ort_message(exc)}") from None
+            raise InvalidInput(("inputs",), f"the model rejected the inputs: {ort_message(exc)}") from None
         except ForwardpassError:
             raise
         except Exception as exc:
@@ -185,10 +186,6 @@ class Model:
         return single, feeds
 
 
-def _ort_message(exc: Exception) -> str:
-    """The useful tail of an ONNX Runtime error (node status, without source paths)."""
-    text = str(exc).rsplit("Status Message: ", 1)[-1]
-    return text.rsplit(" was false. ", 1)[-1].strip()
 
 
 def _is_tensors(data: Any) -> bool:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument
 
 from forwardpass.errors import InvalidInput, ModelLoadError
 from forwardpass.runtime.base import TensorInfo
@@ -148,7 +149,7 @@ class OnnxRuntime:
         Raises InvalidInput naming the input when a guarded float input holds NaN or infinity.
         """
         names = list(output_names or self._all_outputs)
-        run, guards = self._run, self._guards
+        run, guards = _mapped(self._run), self._guards
         _options = _shrink_after_large_inputs if self._arena else _no_options
         if not guards:
             prepared = lambda feeds: run(names, feeds, _options(feeds))  # noqa: E731
@@ -177,6 +178,25 @@ class OnnxRuntime:
 
     def _wrapper_run(self, names: Sequence[str], feeds: Mapping[str, np.ndarray], options: Any) -> list[np.ndarray]:
         return self._session.run(names, feeds, options)
+
+
+def _mapped(run: Callable[..., list[np.ndarray]]) -> Callable[..., list[np.ndarray]]:
+    """``run`` with ONNX Runtime's errors for inputs that pass every check but not a kernel (a Gather index
+    out of range, shapes that do not broadcast) raised as InvalidInput: the same 400 on every entrypoint."""
+
+    def mapped(names: Sequence[str], feeds: Mapping[str, np.ndarray], options: Any) -> list[np.ndarray]:
+        try:
+            return run(names, feeds, options)
+        except (InvalidArgument, Fail) as exc:
+            raise InvalidInput(("inputs",), f"the model rejected the inputs: {ort_message(exc)}") from None
+
+    return mapped
+
+
+def ort_message(exc: Exception) -> str:
+    """The useful tail of an ONNX Runtime error (node status, without source paths)."""
+    text = str(exc).rsplit("Status Message: ", 1)[-1]
+    return text.rsplit(" was false. ", 1)[-1].strip()
 
 
 # After a run with an input this large, an arena (see _open) gives back the chunks it does not use.
