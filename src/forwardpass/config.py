@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -28,6 +28,9 @@ from forwardpass.tensors import Datatype
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+_M = TypeVar("_M", bound=BaseModel)
 
 
 class Feature(_Strict):
@@ -246,6 +249,40 @@ class Threads(_Strict):
         return value
 
 
+class RuntimeConfig(BaseModel):
+    """Which runtime runs the forward pass (``runtime: onnx``, the default) and its own options.
+
+    ``runtime: onnx`` is short for ``runtime: {kind: onnx}``; every other field belongs to the runtime,
+    which reads it with ``options(Schema, file)``: ``runtime: {kind: remote, url: ..., model: ...}``.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    kind: str = "onnx"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return {"kind": value} if isinstance(value, str) else value
+
+    @field_validator("kind")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        from forwardpass import runtime  # the registry (names only: nothing is imported for a name)
+
+        if value not in runtime.names():
+            raise ValueError(f"unknown runtime '{value}'; use one of {runtime.names()}")
+        return value
+
+    def options(self, schema: type[_M], file: str | Path) -> _M:
+        """The runtime's own fields, validated by its schema; mistakes are ModelConfigErrors at runtime.<field>."""
+        try:
+            return schema.model_validate(self.model_extra or {})
+        except ValidationError as exc:
+            error = _config_error(Path(file), exc)
+            raise ModelConfigError(error.file, f"runtime.{error.loc}".rstrip("."), error.msg, error.fix) from None
+
+
 class LatestPolicy(_Strict):
     latest: int = Field(ge=1)
 
@@ -298,6 +335,7 @@ class ModelConfig(_Strict):
     version_policy: VersionPolicy = LatestPolicy(latest=1)
     metrics: dict[str, float] = {}  # held-out evaluation recorded when the model was built
     generation: GenerationConfig | None = None  # task: generation
+    runtime: RuntimeConfig = RuntimeConfig()  # what runs the forward pass (runtime/__init__.py)
 
     @model_validator(mode="before")
     @classmethod

@@ -342,7 +342,7 @@ class Engine:
         def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             return dict(zip(names, run_list(feeds)))
 
-        probe = getattr(model.runtime, "probe_ms", None)
+        probe = model.runtime.probe_ms
         inline = config.instances == 1 and probe is not None and probe < AUTO_THREADS_THRESHOLD_MS
         stats = self.stats.stats(model.name, model.version)
         policy = Policy(

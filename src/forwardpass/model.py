@@ -13,7 +13,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument
 from forwardpass.config import ModelConfig, TensorSpec
 from forwardpass.errors import ForwardpassError, InvalidInput, ModelConfigError, ModelLoadError
 from forwardpass.pipeline import Plan, Preprocessor, build_post, build_pre
-from forwardpass.runtime import OnnxRuntime, Runtime, TensorInfo
+from forwardpass.runtime import Runtime, TensorInfo, open_runtime
 from forwardpass.runtime.onnx import ort_message
 from forwardpass.tensors import TensorCheck
 
@@ -34,15 +34,7 @@ class Model:
         self.name, self.version, self.config, self.folder = name, version, config, folder
         file = str(folder / "model.yaml")
         if runtime is None:
-            runtime = OnnxRuntime(
-                folder / str(version) / "model.onnx",
-                providers=config.providers,
-                graph_optimization=config.graph_optimization,
-                intra_op=config.threads.intra_op,
-                inter_op=config.threads.inter_op,
-                allow_nan=[s.name for s in config.inputs or [] if s.allow_nan],
-                spinning=config.threads.spinning,
-            )
+            runtime = open_runtime(config, folder, version)  # model.yaml's runtime: (runtime/__init__.py)
         self.runtime = runtime
         self.inputs = reconcile(config.inputs, runtime.inputs, "inputs", file)
         self.outputs = reconcile(config.outputs, runtime.outputs, "outputs", file)
@@ -56,7 +48,7 @@ class Model:
         infos = [TensorInfo(s.name, s.datatype, tuple(s.shape)) for s in self.outputs]
         self._post = build_post(config.post, infos, self.labels, file)  # type: ignore[arg-type]
         self._specs = {s.name: s for s in self.inputs}
-        guarded = getattr(runtime, "guarded", frozenset())  # checked inside the graph: see runtime/guard.py
+        guarded = runtime.guarded  # checked inside the runtime (ONNX: in the graph, see runtime/guard.py)
         self._checks = {
             s.name: TensorCheck(s.name, s.datatype, s.shape, allow_nan=s.allow_nan or s.name in guarded)
             for s in self.inputs

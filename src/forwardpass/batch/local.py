@@ -58,7 +58,7 @@ def run_local(model: Any, input: str | Path, output: str | Path, *, fmt: str, ba
 
         predictors: list[Any] = [GenerationPredictor(model, id_columns=id_columns, max_tokens=max_tokens)]
     else:
-        threads = getattr(model.runtime, "intra_op", 0)
+        threads = model.runtime.threads
         count = available_cores() if threads == 1 else 1
         predictors = [ChunkPredictor(model, id_columns=id_columns, batch_size=batch_size, top_k=top_k)
                       for _ in range(count)]  # fmt: skip

@@ -8,16 +8,20 @@ import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from math import isnan
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument
+from pydantic import BaseModel, ConfigDict
 
 from forwardpass.errors import InvalidInput, ModelLoadError
 from forwardpass.runtime.base import TensorInfo
 from forwardpass.runtime.guard import GUARD_PREFIX, add_finite_guards
 from forwardpass.tensors import from_ort, zeros
+
+if TYPE_CHECKING:
+    from forwardpass.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +101,15 @@ class OnnxRuntime:
         # forward pass); Model.check has already validated everything it checks.
         binding = getattr(self._session, "_sess", None)
         self._run = binding.run if binding is not None and hasattr(binding, "run") else self._wrapper_run
+
+    @property
+    def threads(self) -> int:
+        """Cores one forward pass keeps busy (0, ONNX Runtime's default, means all of them)."""
+        return self.intra_op or available_cores()
+
+    def close(self) -> None:
+        """Drop the session (its memory goes when the last run that holds it returns)."""
+        self._prepared.clear()
 
     def _open(self, intra_op: int) -> ort.InferenceSession:
         options = ort.SessionOptions()
@@ -178,6 +191,24 @@ class OnnxRuntime:
 
     def _wrapper_run(self, names: Sequence[str], feeds: Mapping[str, np.ndarray], options: Any) -> list[np.ndarray]:
         return self._session.run(names, feeds, options)
+
+
+class _Options(BaseModel):  # runtime: onnx takes no options of its own (threads, providers are top level)
+    model_config = ConfigDict(extra="forbid")
+
+
+def from_config(config: ModelConfig, folder: Path, version: int) -> OnnxRuntime:
+    """The registry's factory (``runtime: onnx``): ``<folder>/<version>/model.onnx`` with model.yaml's settings."""
+    config.runtime.options(_Options, folder / "model.yaml")
+    return OnnxRuntime(
+        folder / str(version) / "model.onnx",
+        providers=config.providers,
+        graph_optimization=config.graph_optimization,
+        intra_op=config.threads.intra_op,
+        inter_op=config.threads.inter_op,
+        allow_nan=[s.name for s in config.inputs or [] if s.allow_nan],
+        spinning=config.threads.spinning,
+    )
 
 
 def _mapped(run: Callable[..., list[np.ndarray]]) -> Callable[..., list[np.ndarray]]:
