@@ -302,8 +302,9 @@ class Engine:
         try:
             parts: list[Any] = [(folder / "model.yaml").stat().st_mtime_ns]
             for child in sorted(folder.iterdir()):
-                if child.name.isascii() and child.name.isdigit() and (child / "model.onnx").is_file():
-                    parts.append((child.name, (child / "model.onnx").stat().st_mtime_ns))
+                if child.name.isascii() and child.name.isdigit() and child.is_dir():
+                    onnx = child / "model.onnx"
+                    parts.append((child.name, onnx.stat().st_mtime_ns if onnx.is_file() else 0))
             return tuple(parts)
         except OSError:
             return ()

@@ -82,11 +82,14 @@ class Repository:
         return load_config(self.folder(name) / "model.yaml")
 
     def versions(self, name: str) -> list[int]:
-        """Version numbers on disk (folders named by a positive integer holding model.onnx)."""
+        """Version numbers on disk: folders named by a positive integer, holding model.onnx when the model
+        runs on ONNX Runtime (a model with another runtime, ``remote`` say, may keep nothing in them)."""
         folder = self.folder(name)
-        found = [int(p.name) for p in folder.iterdir()
-                 if p.name.isascii() and p.name.isdigit() and (p / "model.onnx").is_file()]  # fmt: skip
-        return sorted(v for v in found if v > 0)
+        numbered = [p for p in folder.iterdir() if p.name.isascii() and p.name.isdigit() and p.is_dir()]
+        with_file = [p for p in numbered if (p / "model.onnx").is_file()]
+        if len(with_file) < len(numbered) and self.config(name).runtime.kind != "onnx":
+            with_file = numbered
+        return sorted(v for v in (int(p.name) for p in with_file) if v > 0)
 
     def selected_versions(self, name: str, config: ModelConfig | None = None) -> list[int]:
         """The versions the model's version_policy asks to serve."""
