@@ -20,7 +20,8 @@ HTTP status it maps to as data, so the server maps errors in one place::
      ├── UnsupportedMediaType (415)  a body that is neither JSON nor V2 binary tensors
      ├── ModelConfigError (500)      a model.yaml that is broken: file, field, fix
      ├── ModelLoadError (500)        the model file does not load or disagrees with model.yaml
-     └── MissingDependency (500)     an optional package is not installed: install hint
+     ├── MissingDependency (500)     an optional package is not installed: install hint
+     └── RemoteError (502)           a remote runtime's server answered badly; 503 when it is down
 
 Usage::
 
@@ -256,6 +257,20 @@ class MissingDependency(ForwardpassError):
     type = "missing_dependency"
 
 
+class RemoteError(ForwardpassError):
+    """A remote runtime's server (``runtime: {kind: remote}``) failed us: 502 for an answer that is not V2 or
+    a remote 5xx; 503 with ``retry_after`` when it cannot be reached, refused or closed the connection."""
+
+    status = 502
+    type = "remote_error"
+
+    def __init__(self, message: str, *, unreachable: bool = False, retry_after: float | None = None):
+        super().__init__(message)
+        if unreachable:
+            self.status = 503
+        self.retry_after = 1.0 if retry_after is None and unreachable else retry_after
+
+
 __all__ = [
     "ForwardpassError",
     "InvalidInput",
@@ -275,6 +290,7 @@ __all__ = [
     "RequestTimeout",
     "PayloadTooLarge",
     "UnsupportedMediaType",
+    "RemoteError",
     "format_loc",
     "shown",
 ]
