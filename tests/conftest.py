@@ -1,11 +1,20 @@
-"""Shared fixtures: a demo repository built once per test session in a temporary FORWARDPASS_HOME."""
+"""Shared fixtures: a demo repository built once per test session in a temporary FORWARDPASS_HOME.
+
+Importing fixtures registers the fake runtimes (echo, slow, failing, nan) before any model.yaml is read.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import fixtures  # noqa: F401  (registers the fake runtimes)
 import pytest
+
+if TYPE_CHECKING:
+    from fixtures.inprocess import InProcess
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +37,22 @@ def demo_repo(fp_home: Path) -> Path:
     from forwardpass import demo
 
     return demo.repository()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., InProcess]]:
+    """``serve(repository, **ServeConfig fields)``: the app in this process, started; stopped after the test."""
+    from fixtures.inprocess import InProcess
+
+    from forwardpass.server.config import ServeConfig
+
+    started: list[InProcess] = []
+
+    def start(repository: Path, **settings: Any) -> InProcess:
+        app = InProcess(ServeConfig(repository=repository, **{"poll_interval": 0, **settings}))
+        started.append(app)
+        return app
+
+    yield start
+    for app in reversed(started):
+        app.close()

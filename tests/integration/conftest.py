@@ -1,31 +1,29 @@
-"""Real servers on free loopback ports: `python -m forwardpass serve` in a subprocess.
+"""Servers for integration tests over copies of the demo repository.
 
-Readiness is polled on /v2/health/ready with a bound, never slept for.
+``server`` is a real `forwardpass serve` process (serverproc.Server): for what needs the process itself
+(signals, workers, its memory) or a test that is not ours to move. Tests of what a route answers use
+fixtures.inprocess (the app in this process) instead; readiness is polled with a bound, never slept for.
 """
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fixtures import copy_models
 from serverproc import Server
 
 
 @pytest.fixture
 def repo_copy(demo_repo: Path, tmp_path: Path) -> Path:
     """A private copy of the demo repository that a test may change."""
-    target = tmp_path / "models"
-    shutil.copytree(demo_repo, target)
-    return target
+    return copy_models(demo_repo, tmp_path / "models")
 
 
 @pytest.fixture(scope="module")
 def server(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One server over a copy of the demo repository, shared by a test module."""
-    target = tmp_path_factory.mktemp("srv") / "models"
-    shutil.copytree(demo_repo, target)
-    srv = Server(target)
+    srv = Server(copy_models(demo_repo, tmp_path_factory.mktemp("srv") / "models"))
     yield srv
     srv.stop()

@@ -1,17 +1,22 @@
-"""Every error the server can answer, each followed by a request that succeeds: the server stays up."""
+"""Every error the server can answer, each followed by a request that succeeds: the server stays up.
 
-import asyncio
+The app runs in-process (fixtures.inprocess: httpx's ASGI transport) over copies of the demo's small models:
+what is checked is what the routes answer, which both HTTP stacks share; the wire itself is tested in
+test_protocol.py and test_http_edges.py.
+"""
+
 import base64
 import shutil
 
-import httpx
 import numpy as np
 import orjson
 import pytest
 import yaml
-from serverproc import Server
+from fixtures import copy_models
+from fixtures.inprocess import InProcess
 
 from forwardpass.demo import datasets
+from forwardpass.server.config import ServeConfig
 
 MAX_BODY = 200_000
 MAX_ELEMENTS = 10_000
@@ -19,16 +24,14 @@ MAX_ELEMENTS = 10_000
 
 @pytest.fixture(scope="module")
 def srv(demo_repo, tmp_path_factory):
-    root = tmp_path_factory.mktemp("errors") / "models"
-    shutil.copytree(demo_repo, root)
+    root = copy_models(demo_repo, tmp_path_factory.mktemp("errors") / "models", "digits", "iris", "diabetes")
     shutil.copytree(root / "digits", root / "slow")  # same model, a long queue delay and a tiny queue
     config = yaml.safe_load((root / "slow" / "model.yaml").read_text())
     config["batching"] = {"max_batch_size": 64, "max_queue_delay_ms": 400, "max_queue_size": 2}
     config["cache"] = {"enabled": False}
     (root / "slow" / "model.yaml").write_text(yaml.safe_dump(config))
-    server = Server(root, env={"FORWARDPASS_MAX_BODY_BYTES": str(MAX_BODY), "FORWARDPASS_MAX_ELEMENTS": str(MAX_ELEMENTS)})
-    yield server
-    server.stop()
+    with InProcess(ServeConfig(repository=root, poll_interval=0, max_body_bytes=MAX_BODY, max_elements=MAX_ELEMENTS)) as app:
+        yield app
 
 
 def v2(rows=1, cols=64, datatype="FP32", name="input", value=1.0):
@@ -37,7 +40,7 @@ def v2(rows=1, cols=64, datatype="FP32", name="input", value=1.0):
 
 def ok(srv):
     """A request that must succeed after each error."""
-    r = httpx.post(f"{srv.url}/v2/models/digits/infer", json=v2(value=3.0))
+    r = srv.post("/v2/models/digits/infer", json=v2(value=3.0))
     assert r.status_code == 200, r.text
     assert r.json()["outputs"][0]["name"] == "label"
 
@@ -71,7 +74,7 @@ def ok(srv):
     ],
 )  # fmt: skip
 def test_error_then_success(srv, path, kwargs, status, message):
-    r = httpx.post(f"{srv.url}{path}", **kwargs)
+    r = srv.post(f"{path}", **kwargs)
     assert r.status_code == status, r.text
     assert message in r.json()["error"]
     ok(srv)
@@ -128,7 +131,7 @@ PROBS = "probabilities"
     ],
 )  # fmt: skip
 def test_malformed_field_is_400_naming_it(srv, path, kwargs, status, loc, message):
-    r = httpx.post(f"{srv.url}{path}", **kwargs)
+    r = srv.post(f"{path}", **kwargs)
     assert r.status_code == status, r.text
     assert r.json()["detail"][0]["loc"] == loc and message in r.json()["error"], r.text
     ok(srv)
@@ -136,30 +139,26 @@ def test_malformed_field_is_400_naming_it(srv, path, kwargs, status, loc, messag
 
 @pytest.mark.parametrize("version", ["\u0661", "\u00b2", "1" * 40])
 def test_version_is_ascii_digits(srv, version):
-    r = httpx.post(f"{srv.url}/v2/models/digits/versions/{version}/infer", json=v2())
+    r = srv.post(f"/v2/models/digits/versions/{version}/infer", json=v2())
     assert r.status_code == 404 and "not a version number" in r.json()["error"], r.text
     ok(srv)
 
 
 def test_wrong_method_is_405(srv):
-    assert httpx.get(f"{srv.url}/v2/models/digits/infer").status_code == 405
+    assert srv.get("/v2/models/digits/infer").status_code == 405
     ok(srv)
 
 
 def test_timeout_is_504(srv):
     body = {**v2(), "parameters": {"timeout": 50_000}}  # 50 ms, while the slow model waits 400 ms to batch
-    r = httpx.post(f"{srv.url}/v2/models/slow/infer", json=body, timeout=10)
+    r = srv.post("/v2/models/slow/infer", json=body, timeout=10)
     assert r.status_code == 504, r.text
     assert "deadline" in r.json()["error"]
     ok(srv)
 
 
 def test_full_queue_is_503_with_retry_after(srv):
-    async def burst():
-        async with httpx.AsyncClient(base_url=srv.url, timeout=10) as client:
-            return await asyncio.gather(*(client.post("/v2/models/slow/infer", json=v2(value=i)) for i in range(4)))
-
-    responses = asyncio.run(burst())
+    responses = srv.gather(*(("POST", "/v2/models/slow/infer", {"json": v2(value=i)}) for i in range(4)))
     statuses = sorted(r.status_code for r in responses)
     assert statuses.count(200) == 2 and statuses.count(503) == 2
     rejected = next(r for r in responses if r.status_code == 503)
@@ -170,31 +169,31 @@ def test_full_queue_is_503_with_retry_after(srv):
 def test_human_endpoint_with_base64_png(srv):
     d = datasets.load("digits")
     instances = [base64.b64encode(datasets.digit_png(x)).decode() for x in d.X_test[:6]]
-    r = httpx.post(f"{srv.url}/v1/models/digits:predict", json={"instances": instances})
+    r = srv.post("/v1/models/digits:predict", json={"instances": instances})
     assert r.status_code == 200, r.text
     predictions = r.json()["predictions"]
     assert [p["label"] for p in predictions] == list(d.y_test[:6])
     assert all(0.0 <= p["probability"] <= 1.0 and len(p["top_k"]) == 3 for p in predictions)
     tf_style = [{"b64": s} for s in instances[:2]]  # TensorFlow Serving's convention works too
-    assert httpx.post(f"{srv.url}/v1/models/digits:predict", json={"instances": tf_style}).json()["predictions"] \
+    assert srv.post("/v1/models/digits:predict", json={"instances": tf_style}).json()["predictions"] \
         == predictions[:2]  # fmt: skip
 
 
 def test_human_endpoint_tabular_and_regression(srv):
     s = datasets.load("diabetes")
     rows = [dict(zip(s.feature_names, map(float, x))) for x in s.X_test[:3]]
-    r = httpx.post(f"{srv.url}/v1/models/diabetes:predict", json={"instances": rows})
+    r = srv.post("/v1/models/diabetes:predict", json={"instances": rows})
     assert r.status_code == 200
     for p in r.json()["predictions"]:
         assert p["low"] < p["value"] < p["high"] and p["level"] == 0.9
-    top1 = httpx.post(f"{srv.url}/v1/models/iris:predict",
+    top1 = srv.post("/v1/models/iris:predict",
                       json={"instances": [[5.1, 3.5, 1.4, 0.2]], "parameters": {"top_k": 1}}).json()  # fmt: skip
     assert top1["predictions"][0]["label"] == "setosa" and len(top1["predictions"][0]["top_k"]) == 1
 
 
 def test_metrics(srv):
     ok(srv)
-    text = httpx.get(f"{srv.url}/metrics").text
+    text = srv.get("/metrics").text
     assert 'forwardpass_requests_total{model="digits",status="200",version="1"}' in text
     assert 'forwardpass_requests_total{model="digits",status="400",version="1"}' in text
     for name in ("forwardpass_request_duration_seconds_bucket", "forwardpass_queue_duration_seconds_count",
@@ -205,14 +204,14 @@ def test_metrics(srv):
 
 def test_response_cache_hits_for_identical_requests(srv):
     body = v2(value=7.0)
-    first = httpx.post(f"{srv.url}/v2/models/digits/infer", json=body).json()
-    before = httpx.get(f"{srv.url}/v2/models/digits/stats").json()["model_stats"][0]["inference_stats"]["cache_hit"]
-    again = httpx.post(f"{srv.url}/v2/models/digits/infer", json={**body, "id": "second"}).json()
-    after = httpx.get(f"{srv.url}/v2/models/digits/stats").json()["model_stats"][0]["inference_stats"]["cache_hit"]
+    first = srv.post("/v2/models/digits/infer", json=body).json()
+    before = srv.get("/v2/models/digits/stats").json()["model_stats"][0]["inference_stats"]["cache_hit"]
+    again = srv.post("/v2/models/digits/infer", json={**body, "id": "second"}).json()
+    after = srv.get("/v2/models/digits/stats").json()["model_stats"][0]["inference_stats"]["cache_hit"]
     assert after["count"] == before["count"] + 1
     assert again["outputs"] == first["outputs"] and again["id"] == "second"
-    httpx.post(f"{srv.url}/v2/models/digits/infer", json=v2(value=7.5))  # another tensor: a miss
-    final = httpx.get(f"{srv.url}/v2/models/digits/stats").json()["model_stats"][0]["inference_stats"]["cache_hit"]
+    srv.post("/v2/models/digits/infer", json=v2(value=7.5))  # another tensor: a miss
+    final = srv.get("/v2/models/digits/stats").json()["model_stats"][0]["inference_stats"]["cache_hit"]
     assert final["count"] == after["count"]
 
 
@@ -227,7 +226,7 @@ def test_nan_in_binary_tensor_is_400_naming_the_input(srv):
     x = np.ones((3, 64), np.float32)
     x[2, 5] = np.nan
     body, headers = binary_body(x)
-    r = httpx.post(f"{srv.url}/v2/models/digits/infer", content=body, headers=headers)
+    r = srv.post("/v2/models/digits/infer", content=body, headers=headers)
     assert r.status_code == 400 and r.json()["detail"][0]["loc"] == ["inputs", "input"]
     assert "finite" in r.json()["error"]
     ok(srv)
@@ -235,7 +234,7 @@ def test_nan_in_binary_tensor_is_400_naming_the_input(srv):
 
 def test_binary_request_without_content_type(srv):
     body, headers = binary_body(np.ones((2, 64), np.float32))
-    r = httpx.post(f"{srv.url}/v2/models/digits/infer", content=body, headers=headers)
+    r = srv.post("/v2/models/digits/infer", content=body, headers=headers)
     assert r.status_code == 200
     n = int(r.headers["inference-header-content-length"])
     meta = orjson.loads(r.content[:n])
