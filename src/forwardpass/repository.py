@@ -157,14 +157,18 @@ class Repository:
                 errors[name] = str(exc)
         return errors
 
+    def open(self, name: str, version: int, config: ModelConfig | None = None) -> Model:
+        """A new instance of one version, kept nowhere (the engine's registry keeps what it serves)."""
+        config = config or self.config(name)
+        if config.task == "generation":  # imported here: tokenizers and jinja2 only for language models
+            from forwardpass.generation.model import LanguageModel
+
+            return LanguageModel(name, version, config, self.folder(name))  # type: ignore[return-value]
+        return Model(name, version, config, self.folder(name))
+
     def _load_version(self, name: str, version: int, config: ModelConfig) -> Model:
         try:
-            if config.task == "generation":  # imported here: tokenizers and jinja2 only for language models
-                from forwardpass.generation.model import LanguageModel
-
-                model = LanguageModel(name, version, config, self.folder(name))
-            else:
-                model = Model(name, version, config, self.folder(name))
+            model = self.open(name, version, config)
         except ForwardpassError as exc:
             with self._lock:
                 self._failed[(name, version)] = str(exc)

@@ -32,7 +32,6 @@ class App:
     def __init__(self, engine: Engine, config: ServeConfig):
         self.engine, self.config = engine, config
         self.router = routes(Handlers(engine, config), OpenAIHandlers(engine, config), Keys.from_config(config))
-        engine.drain_timeout = config.drain_timeout
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -108,7 +107,8 @@ def create_app(config: ServeConfig | None = None) -> App:
     config = config or ServeConfig.from_env()
     repository = Repository(config.repository or default_repository())
     engine = Engine(repository, cache_bytes=config.cache_bytes, poll_interval=config.poll_interval,
-                    model_control=config.model_control, load_models=config.load_model)  # fmt: skip
+                    model_control=config.model_control, load_models=config.load_model,
+                    drain_timeout=config.drain_timeout)  # fmt: skip
     return App(engine, config)
 
 

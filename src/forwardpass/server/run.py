@@ -68,7 +68,7 @@ async def _worker(config: ServeConfig, sock: socket.socket) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     state = ServerState(app)
-    app.engine.pending = lambda: state.active
+    app.engine.count_pending(lambda: state.active)
     await app.engine.start()
     server = await loop.create_server(lambda: HttpProtocol(state), sock=sock, backlog=2048)
     state.start_sweeping()

@@ -1,0 +1,173 @@
+"""The engine: every entrypoint (V2, :predict, OpenAI, CLI, batch, streaming) reaches models through it.
+
+    engine = Engine(Repository("models"))
+    await engine.start()                                   # load, warm up, start hot reload
+    served, outputs = await engine.infer("digits", None, request)  # a parsed V2 request
+    served, answers = await engine.predict("iris", None, [{"sepal length (cm)": 5.1, ...}])
+    async for item in engine.generate("smollm2", prompt="Hi", max_tokens=8): ...
+    await engine.stop()                                    # drain queues
+
+Three parts, one job each:
+
+- ``registry.Registry``: what is served (versions with their batchers, language models), and why not;
+- ``watcher.Watcher``: model control (start-up load, hot reload, explicit load/unload, retiring);
+- ``plane.DataPlane``: requests in, answers out (pre-processing plans, response cache, batchers, stats).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from forwardpass import _memory
+from forwardpass.engine.plane import DataPlane
+from forwardpass.engine.registry import Registry, Served
+from forwardpass.engine.watcher import CONTROL_MODES, Watcher
+from forwardpass.inference import InferRequest, OutputTensor
+from forwardpass.repository import Repository
+from forwardpass.runtime.onnx import available_cores
+from forwardpass.scheduler import ResponseCache
+from forwardpass.scheduler.dynamic import BatcherClosed
+from forwardpass.stats import Stats
+
+if TYPE_CHECKING:
+    from forwardpass.generation.scheduler import AsyncGeneration, GenerationScheduler
+    from forwardpass.generation.sequence import Sequence as TokenSequence
+
+# prompts up to this many characters are templated and tokenized on the event loop (~0.4 ms), longer ones
+# on a worker thread (tokenizing costs ~0.8 us per character)
+INLINE_PROMPT_CHARACTERS = 500
+
+
+class Engine:
+    """Serves a repository: the registry of what is served, its watcher, and the data plane.
+
+    ``model_control`` (``poll``, ``explicit``, ``none``), ``poll_interval`` and ``load_models`` configure the
+    watcher (see engine/watcher.py); ``drain_timeout`` bounds how long a replaced version may finish its
+    queue; ``pending`` counts the requests the HTTP layer holds (its own protocol knows; see DataPlane).
+    """
+
+    def __init__(self, repository: Repository, *, cache_bytes: int = 64 * 2**20, poll_interval: float = 2.0,
+                 stats: Stats | None = None, model_control: str = "poll", load_models: Sequence[str] = (),
+                 drain_timeout: float = 30.0, pending: Callable[[], int] | None = None):  # fmt: skip
+        _memory.tune()
+        self.repository = repository
+        self.stats = stats or Stats()
+        self.cache = ResponseCache(cache_bytes)
+        self._executor = ThreadPoolExecutor(max_workers=max(2, available_cores()), thread_name_prefix="forwardpass")
+        self.registry = Registry(repository)
+        self.plane = DataPlane(self.stats, self._executor, self.cache, pending)
+        self.watcher = Watcher(repository, self.registry, self.plane.serve, stats=self.stats, executor=self._executor,
+                               model_control=model_control, poll_interval=poll_interval, load_models=load_models,
+                               drain_timeout=drain_timeout)  # fmt: skip
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the models the control mode says (failures are logged and reported by index()), then turn ready."""
+        await self.watcher.start()
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Stop hot reload, finish queued requests, release threads."""
+        self.registry.ready = False
+        await self.watcher.stop(timeout)
+        self._executor.shutdown(wait=False)
+
+    def count_pending(self, pending: Callable[[], int]) -> None:
+        """How many requests the HTTP layer holds (call before start(): batchers are built with it)."""
+        self.plane.count_pending(pending)
+
+    @property
+    def ready(self) -> bool:
+        return self.registry.ready
+
+    @property
+    def model_control(self) -> str:
+        return self.watcher.model_control
+
+    # -- what is served ----------------------------------------------------------------------------
+
+    def served(self, name: str, version: int | None = None) -> Served:
+        """The served version (newest when None), or the error that says why not (see Registry.served)."""
+        return self.registry.served(name, version)
+
+    def names(self) -> list[str]:
+        return self.registry.names()
+
+    def versions(self, name: str) -> list[int]:
+        return self.registry.versions(name)
+
+    def index(self) -> list[dict[str, Any]]:
+        return self.registry.index()
+
+    def generator(self, name: str) -> GenerationScheduler:
+        return self.registry.generator(name)
+
+    def generators(self) -> dict[str, GenerationScheduler]:
+        return self.registry.generators()
+
+    # -- model control -----------------------------------------------------------------------------
+
+    async def load(self, name: str) -> list[int]:
+        return await self.watcher.load(name)
+
+    async def unload(self, name: str) -> None:
+        await self.watcher.unload(name)
+
+    async def poll_once(self) -> None:
+        await self.watcher.poll_once()
+
+    # -- the data plane ----------------------------------------------------------------------------
+
+    async def infer(self, name: str, version: int | None, request: InferRequest,
+                    served: Served | None = None) -> tuple[Served, list[OutputTensor]]:  # fmt: skip
+        """A V2 inference: tensors (or BYTES into pre-processing) in, the requested outputs out.
+
+        ``served`` is the version the caller resolved before reading the body; if it is replaced
+        meanwhile and no version was asked for, the request moves to the new one.
+        """
+        served = served or self.served(name, version)
+        try:
+            return await self.plane.infer(served, request)
+        except BatcherClosed:
+            if version is not None:
+                raise
+            return await self.plane.infer(self.served(name), request)
+
+    async def predict(self, name: str, version: int | None, instances: list[Any],
+                      top_k: int | None = None) -> tuple[Served, list[dict[str, Any]]]:  # fmt: skip
+        """Instances in, answers out: pre-processing, the model, post-processing (the human endpoint, CLI, batch)."""
+        try:
+            return await self.plane.predict(self.served(name, version), instances, top_k)
+        except BatcherClosed:
+            if version is not None:
+                raise
+            return await self.plane.predict(self.served(name), instances, top_k)
+
+    async def prepare_generation(self, name: str, **request: Any) -> tuple[Any, TokenSequence]:
+        """A generation request checked and tokenized (LanguageModel.prepare's keywords: prompt or messages,
+        max_tokens, stop, sampling); long prompts are templated and tokenized on a worker thread."""
+        llm = self.generator(name).model
+        messages = request.get("messages") or []
+        chars = len(request.get("prompt") or "") + sum(len(str(m.get("content") or "")) for m in messages)
+        if chars <= INLINE_PROMPT_CHARACTERS:
+            return llm, llm.prepare(**request)
+        return llm, await asyncio.get_running_loop().run_in_executor(self._executor, lambda: llm.prepare(**request))
+
+    def generate(self, name: str, seq: TokenSequence) -> AsyncGeneration:
+        """Submit a prepared sequence to the model's continuous-batching scheduler: an async stream of text
+        pieces ending with the Generation (Overloaded, 503, when its queue is full)."""
+        from forwardpass.generation.scheduler import AsyncGeneration
+
+        return AsyncGeneration(self.generator(name), seq)
+
+    async def stream(self, name: str, **request: Any) -> AsyncIterator[Any]:
+        """prepare_generation + generate as one async stream (text pieces, then the Generation)."""
+        _, seq = await self.prepare_generation(name, **request)
+        async for item in self.generate(name, seq):
+            yield item
+
+
+__all__ = ["CONTROL_MODES", "DataPlane", "Engine", "Registry", "Served", "Watcher"]
