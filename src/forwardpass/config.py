@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler, ValidationError, field_validator, model_validator
+from pydantic_core import CoreSchema
 
 from forwardpass.errors import ModelConfigError
 from forwardpass.tensors import Datatype
@@ -71,96 +72,53 @@ class TensorSpec(_Strict):
 
 
 # --- pre-processing ---------------------------------------------------------------
+# Each kind's schema lives beside its code (pipeline/kinds/<kind>.py) and is found by name in the
+# registry there (pipeline/kinds/__init__.py); here is only what every kind's schema shares.
 
 
-class TensorPre(_Strict):
-    """No pre-processing: requests carry the model's input tensors."""
+class PreOptions(_Strict):
+    """The base of every pre-processing kind's model.yaml schema: ``kind`` names the kind.
 
-    kind: Literal["tensor"] = "tensor"
+    A kind subclasses it with ``kind: Literal["<name>"]`` and its own fields (pipeline/kinds/)::
 
-
-class TabularPre(_Strict):
-    """Rows as objects of named features (JSON, CSV) -> one [N, F] tensor in declared order."""
-
-    kind: Literal["tabular"]
-    input: str | None = None  # defaults to the only input that declares features
-
-
-Filter = Literal["nearest", "box", "bilinear", "hamming", "bicubic", "lanczos"]  # Pillow's resampling filters
-
-
-class Resample(_Strict):
-    """Resize filters: ``down`` along an axis that shrinks, ``up`` along one that grows.
-
-    ``box`` averages the pixels each output pixel covers (area), so an image drawn at 4x and
-    shrunk back reads as drawn; bilinear or bicubic shrinking blurs across pixel blocks.
+        class ImagePre(PreOptions):
+            kind: Literal["image"]
+            resize: int | None = None
     """
 
-    down: Filter = "box"
-    up: Filter = "bilinear"
+    kind: str
+
+    def check_inputs(self, inputs: list[TensorSpec] | None) -> None:
+        """Raise ValueError when these fields contradict the declared inputs (None: taken from the ONNX file)."""
+        wanted = getattr(self, "input", None)  # the input a kind fills, for kinds that let model.yaml name it
+        names = [s.name for s in inputs or []]
+        if wanted is not None and inputs is not None and wanted not in names:
+            raise ValueError(f"pre.input '{wanted}' is not among the declared inputs {names}")
 
 
-class ImagePre(_Strict):
-    """PNG/JPEG bytes -> decoded, resized, cropped, scaled, normalized tensor."""
+class _ByKind:
+    """``pre:`` is validated by the schema of the kind it names: a union over the registry's kinds, tagged
+    by ``kind``. Built when ModelConfig first validates (defer_build): the kinds import this module."""
 
-    kind: Literal["image"]
-    input: str | None = None
-    color: Literal["L", "RGB"] = "RGB"
-    resize: int | tuple[int, int] | None = None  # int: shorter side; [h, w]: exact size
-    resample: Resample = Resample()  # or one filter name for both directions: resample: bicubic
-    center_crop: tuple[int, int] | None = None  # [h, w]
-    invert: bool = False  # 255 - pixel, for models trained on white-on-black
-    scale: float = 1 / 255
-    mean: list[float] | None = None
-    std: list[float] | None = None
-    layout: Literal["NCHW", "NHWC", "flat"] = "NCHW"
-    # bounds read from the file's header, before any decoding: a 12000x12000 PNG is 140 kB of
-    # request and 1.6 s of decoding (3.3 s on a busy loop); Pillow itself refuses only past 179 Mpx
-    max_pixels: int = Field(25_000_000, ge=1, le=89_478_485)  # per image (a 6000x4000 photo); Pillow warns past le
-    max_total_pixels: int = Field(100_000_000, ge=1)  # all the images of one request together
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        from forwardpass.pipeline import kinds
 
-    @field_validator("resample", mode="before")
-    @classmethod
-    def _one_filter_for_both(cls, value: Any) -> Any:
-        return {"down": value, "up": value} if isinstance(value, str) else value
-
-    @model_validator(mode="after")
-    def _mean_std_lengths(self) -> ImagePre:
-        channels = 1 if self.color == "L" else 3
-        for field in ("mean", "std"):
-            value = getattr(self, field)
-            if value is not None and len(value) not in (1, channels):
-                raise ValueError(f"{field} needs 1 or {channels} values for color {self.color}, got {len(value)}")
-        if self.std is not None and any(s == 0 for s in self.std):
-            raise ValueError("std values must be non-zero")
-        return self
+        arms = tuple(kinds.schemas())
+        return handler.generate_schema(Annotated[Union[arms], Field(discriminator="kind")])  # noqa: UP007
 
 
-class TextPre(_Strict):
-    """Strings -> a BYTES input, or through a tokenizer.json -> input_ids / attention_mask."""
+PreConfig = Annotated[PreOptions, _ByKind()]
 
-    kind: Literal["text"]
-    tokenizer: str | None = None  # path relative to the model folder; None = raw strings
-    input: str | None = None  # the BYTES input for raw strings
-    max_length: int = Field(512, ge=1)
-    input_ids: str = "input_ids"
-    attention_mask: str | None = "attention_mask"
-    token_type_ids: str | None = None
+# names from before the registry; new code imports a kind's schema from its module
+_MOVED = {"TensorPre": "tensor", "TabularPre": "tabular", "ImagePre": "image", "TextPre": "text", "AudioPre": "audio"}
 
 
-class AudioPre(_Strict):
-    """WAV bytes -> float32 mono at the model's sample rate, [N, samples] (padded with zeros)."""
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        from forwardpass.pipeline import kinds
 
-    kind: Literal["audio"]
-    input: str | None = None
-    sample_rate: int = Field(16000, gt=0)
-    # bounds read from the WAV header, before any samples are decoded
-    max_seconds: float = Field(60.0, gt=0)  # per clip
-    max_bytes: int = Field(32 * 2**20, ge=1)  # per clip's sample data: 60 s of 48 kHz stereo float32 is 23 MB
-    max_total_seconds: float = Field(600.0, gt=0)  # all the clips of one request together
-
-
-PreConfig = Annotated[TensorPre | TabularPre | ImagePre | TextPre | AudioPre, Field(discriminator="kind")]
+        return kinds.kind(_MOVED[name]).schema
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --- post-processing --------------------------------------------------------------
@@ -319,12 +277,14 @@ _DEFAULT_POST = {"classification": "classification", "regression": "regression"}
 class ModelConfig(_Strict):
     """Everything model.yaml can say about a model."""
 
+    model_config = ConfigDict(defer_build=True)  # pre: needs the kinds' registry, which imports this module
+
     task: Literal["classification", "regression", "generation", "custom"]
     description: str = ""
     inputs: list[TensorSpec] | None = None  # None: taken from the ONNX file
     outputs: list[TensorSpec] | None = None
     labels: list[str] | str | None = None  # a list, or a file name (one label a line)
-    pre: PreConfig = TensorPre()
+    pre: PreConfig = Field(default={"kind": "tensor"}, validate_default=True)  # no pre-processing
     post: PostConfig | None = None  # None: from the task
     batching: Batching = Batching()
     instances: int = Field(1, ge=1)
@@ -347,16 +307,9 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
-        names = [s.name for s in self.inputs or []]
-        for field in ("input",):
-            wanted = getattr(self.pre, field, None)
-            if wanted is not None and self.inputs is not None and wanted not in names:
-                raise ValueError(f"pre.input '{wanted}' is not among the declared inputs {names}")
+        self.pre.check_inputs(self.inputs)  # the kind's own checks (pre.input, tabular features, ...)
         if self.task == "generation" and self.generation is None:
             raise ValueError("task: generation needs a 'generation' section (forwardpass import gguf writes it)")
-        if isinstance(self.pre, TabularPre) and self.inputs is not None:
-            if not any(s.features for s in self.inputs):
-                raise ValueError("tabular pre-processing needs an input that lists its 'features'")
         return self
 
 
@@ -405,17 +358,17 @@ def _config_error(path: Path, exc: ValidationError) -> ModelConfigError:
     return ModelConfigError(str(path), loc, f"{msg.removeprefix('Value error, ')}{got_text}", fix)
 
 
-_UNION_TAGS = {
-    "tensor", "tabular", "image", "text", "audio", "classification", "regression", "passthrough",
-    "function-after", "function-before",
-}  # fmt: skip
+_UNION_TAGS = {"classification", "regression", "passthrough", "function-after", "function-before"}  # and pre kinds
 
 
 def _yaml_loc(loc: tuple[Any, ...]) -> list[Any]:
     """Drop the union tags pydantic puts in loc ('tabular', 'LatestPolicy', ...) so it reads like the YAML."""
+    from forwardpass.pipeline import kinds  # a pre-processing kind's name is its tag
+
+    tags = _UNION_TAGS.union(kinds.names())
     out: list[Any] = []
     for part in loc:
-        is_tag = isinstance(part, str) and (part[:1].isupper() or "[" in part or part in _UNION_TAGS)
+        is_tag = isinstance(part, str) and (part[:1].isupper() or "[" in part or part in tags)
         if not is_tag:
             out.append(part)
     return out

@@ -13,9 +13,14 @@ import PIL.Image
 import pytest
 
 from forwardpass import InvalidInput
-from forwardpass.config import AudioPre, ImagePre, TabularPre, TensorPre, TensorSpec, TextPre
+from forwardpass.config import TensorSpec
 from forwardpass.pipeline import build_pre
 from forwardpass.pipeline.audio import encode_wav
+from forwardpass.pipeline.kinds.audio import AudioPre
+from forwardpass.pipeline.kinds.image import ImagePre
+from forwardpass.pipeline.kinds.tabular import TabularPre
+from forwardpass.pipeline.kinds.tensor import TensorPre
+from forwardpass.pipeline.kinds.text import TextPre
 
 IMAGE = [TensorSpec(name="image", datatype="FP32", shape=[-1, 3, 224, 224])]
 DIGITS = [TensorSpec(name="input", datatype="FP32", shape=[-1, 64])]

@@ -25,9 +25,11 @@ from typing import Any
 from forwardpass.batch import BatchAborted, Summary
 from forwardpass.batch.io import Chunk, PartWriter, open_source
 from forwardpass.batch.predict import ChunkPredictor, check_columns
+from forwardpass.pipeline import TABLE, BatchDefaults
 from forwardpass.runtime.onnx import available_cores
 
 _DONE = object()
+_GENERATION = BatchDefaults(batch_size=8, chunk_rows=64, ray_rows=8)  # sequences: continuous batching's slots
 
 
 def run_local(model: Any, input: str | Path, output: str | Path, *, fmt: str, batch_size: int | None,
@@ -39,12 +41,14 @@ def run_local(model: Any, input: str | Path, output: str | Path, *, fmt: str, ba
     columns = source.column_names()
     if not generation:
         check_columns(model, source.path, columns, id_columns or [])
-    kind = "generation" if generation else model.pre_kind
-    if kind in ("image", "audio") and _feeds_tensor(model, columns):
-        kind = "tensor"  # a list column named after the input: no decoding, table-sized chunks
-    batch_size = batch_size or {"image": 32, "audio": 8, "text": 64, "generation": 8}.get(kind, 1024)
-    source.chunk_rows = chunk_rows = chunk_rows or {"image": 256, "audio": 64, "text": 1024,
-                                                    "generation": 64}.get(kind, 65536)  # fmt: skip
+    if generation:
+        defaults = _GENERATION
+    elif model.pre.per_instance and _feeds_tensor(model, columns):
+        defaults = TABLE  # images as a list column named after the input: no decoding, table-sized chunks
+    else:
+        defaults = model.pre.batch  # the pre-processing kind's own (images: 32 per pass, 256 per part)
+    batch_size = batch_size or defaults.batch_size
+    source.chunk_rows = chunk_rows = chunk_rows or defaults.chunk_rows
     writer = PartWriter(output, fmt)  # a bad output path or manifest fails here, before the input is hashed
     job = {"input": source.fingerprint(), "model": model.name, "version": model.version, "chunk_rows": chunk_rows,
            "format": fmt, "id_columns": id_columns or [], "top_k": top_k}  # fmt: skip

@@ -2,16 +2,15 @@
 
 A bad row (a cell that is not a number, a missing feature without default, an unreadable image, a
 line that is not JSON) becomes an error record ``{"row", <id columns>, "error"}`` and the other rows
-carry on. Tabular tables are turned into the feature matrix column by column with pyarrow (no
-per-row Python unless a column holds a bad cell); images are read one by one, so one broken file
-costs only itself.
+carry on. A table goes to the model's pre-processing kind as a column batch when the kind reads one
+(tabular: the feature matrix column by column with pyarrow, no per-row Python unless a column holds a
+bad cell); otherwise each row is read into an instance by the kind (``read_row``), and kinds that say
+``per_instance`` (images, audio) are pre-processed one by one, so one broken file costs only itself.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +19,6 @@ from forwardpass._deps import require
 from forwardpass.batch.io import Chunk
 from forwardpass.errors import ForwardpassError, InvalidInput
 from forwardpass.pipeline.answers import ClassificationAnswers
-from forwardpass.pipeline.pre import Tabular
 
 
 @dataclass
@@ -68,41 +66,18 @@ class ChunkPredictor:
     # -- inputs -> feeds ---------------------------------------------------------------------------
 
     def _table(self, table: Any, errors: dict[int, str]) -> tuple[dict[str, np.ndarray], Any]:
-        pre = self.model.pre
         tensor = _tensor_spec(self.model)
         if tensor is not None and tensor.name in table.column_names:
             return self._tensor_column(table.column(tensor.name), tensor, errors)
-        if not isinstance(pre, Tabular):
+        read = self.model.pre.columns(table)  # a kind that reads a column batch (tabular: vectorized)
+        if read is None:
             return self._rows(table.to_pylist(), errors)
-        pc = require("pyarrow.compute", "batch", "batch inference")
-        n = table.num_rows
-        matrix = np.empty((n, len(pre.features)), dtype=np.float64)
-        for j, name in enumerate(pre.features):
-            if name not in table.column_names:
-                if pre.defaults[j] is None:
-                    for i in range(n):
-                        errors.setdefault(i, f"{name}: missing feature (no default declared)")
-                    continue
-                matrix[:, j] = pre.defaults[j]
-                continue
-            column = table.column(name)
-            try:
-                values = pc.cast(column, self.pa.float64()).to_numpy(zero_copy_only=False)
-            except (self.pa.ArrowInvalid, self.pa.ArrowNotImplementedError):
-                values = self._cells(column.to_pylist(), name, errors)
-            missing = np.flatnonzero(np.isnan(values)) if column.null_count else []
-            for i in missing:
-                if column[int(i)].as_py() is None:
-                    if pre.defaults[j] is None:
-                        errors.setdefault(int(i), f"{name}: missing feature (no default declared)")
-                    else:
-                        values[i] = pre.defaults[j]
-            if not pre.allow_nan:
-                for i in np.flatnonzero(~np.isfinite(values)):
-                    errors.setdefault(int(i), f"{name}: expected a finite number (got {values[i]!r})")
-            matrix[:, j] = values
-        kept = _kept(n, errors)
-        return {pre.input: (matrix if len(kept) == n else matrix[kept]).astype(pre.dtype, copy=False)}, kept
+        for i, why in read.errors.items():  # a row the reader already refused keeps its first error
+            errors.setdefault(i, why)
+        kept = _kept(table.num_rows, errors)
+        if len(kept) == table.num_rows:
+            return read.feeds, kept
+        return {name: values[kept] for name, values in read.feeds.items()}, kept
 
     def _tensor_column(self, column: Any, spec: Any, errors: dict[int, str]) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """A list<number> column -> the [N, F] input tensor, no pre-processing; wrong lengths and nulls are row errors."""
@@ -123,36 +98,11 @@ class ChunkPredictor:
             matrix = matrix[np.isin(np.flatnonzero(good), kept)]
         return {spec.name: matrix}, kept
 
-    @staticmethod
-    def _cells(cells: list[Any], name: str, errors: dict[int, str]) -> np.ndarray:
-        out = np.empty(len(cells), dtype=np.float64)
-        for i, cell in enumerate(cells):
-            if cell is None or cell == "":
-                out[i] = math.nan
-                continue
-            try:
-                out[i] = float(cell.strip() if isinstance(cell, str) else cell)
-            except (TypeError, ValueError):
-                errors.setdefault(i, f"{name}: expected a number (got {cell!r})")
-                out[i] = 0.0
-        return out
-
     def _rows(self, rows: list[Any], errors: dict[int, str]) -> tuple[dict[str, np.ndarray], list[int]]:
         model = self.model
-        kind = model.pre_kind
-        items: list[tuple[int, Any]] = []
-        for i, row in enumerate(rows):
-            if i in errors or row is None:
-                continue
-            if kind in ("image", "audio"):
-                path = row.get("path")
-                items.append((i, Path(path) if isinstance(path, str) else row.get("data")))
-            elif kind == "text":
-                items.append((i, row.get("text", row.get("prompt"))))
-            else:
-                features = getattr(model.pre, "features", None)
-                items.append((i, {k: v for k, v in row.items() if features is None or k in features}))
-        if kind in ("image", "audio"):  # one at a time: decoding dominates, and a bad file costs only itself
+        pre = model.pre
+        items = [(i, pre.read_row(row)) for i, row in enumerate(rows) if i not in errors and row is not None]
+        if pre.per_instance:  # one at a time: decoding dominates, and a bad file costs only itself
             parts, kept = [], []
             for i, item in items:
                 try:
@@ -187,7 +137,7 @@ class ChunkPredictor:
                 cols = dict(answers.columns())
             if self.top_k > 1 and isinstance(answers, ClassificationAnswers):
                 order = np.argsort(-answers.probabilities, axis=1, kind="stable")[:, : self.top_k]
-                cols["top_labels"] = answers._labels[order].tolist()
+                cols["top_labels"] = answers.labels_of(order).tolist()
                 cols["top_probabilities"] = np.take_along_axis(answers.probabilities, order, axis=1).tolist()
             parts.append(cols)
         out = {}
@@ -216,18 +166,17 @@ class ChunkPredictor:
 
 
 def missing_columns(model: Any, columns: list[str]) -> list[str]:
-    """Features a table input (Parquet, a CSV header) lacks that the model declares no default for.
+    """Columns a table input (Parquet, a CSV header) lacks that the model's pre-processing needs.
 
-    [] when the model does not read named features from it: a tensor column named after its input feeds
-    it directly, and images, text or audio are not read by feature name. Checked once before the job
-    starts, so a file without a needed column is one error, not every row failed.
+    [] when a tensor column named after the model's input feeds it directly, or when its kind reads no
+    named columns (images, text, audio). Checked once before the job starts, so a file without a needed
+    column is one error, not every row failed.
     """
-    pre = getattr(model, "pre", None)  # the same object _table fills the feature matrix from
     tensor = _tensor_spec(model)
-    if not isinstance(pre, Tabular) or (tensor is not None and tensor.name in columns):
+    if tensor is not None and tensor.name in columns:
         return []
     have = set(columns)
-    return [name for name, default in zip(pre.features, pre.defaults) if default is None and name not in have]
+    return [name for name in model.pre.required_columns() if name not in have]
 
 
 def check_columns(model: Any, path: str, columns: list[str], id_columns: list[str]) -> None:

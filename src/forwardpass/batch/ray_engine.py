@@ -102,7 +102,7 @@ def run_ray(model: Any, input: str | Path, output: str | Path, *, fmt: str, batc
         ds = data.from_items([{"path": p} for p in source.files()])
     threads = max(1, model.runtime.threads)
     actors = max(1, int(ray.available_resources().get("CPU", cpus)) // threads)
-    size = batch_size or (32 if model.pre_kind in ("image", "audio") else 4096)
+    size = batch_size or model.pre.batch.ray_rows  # the pre-processing kind's (images: 32, tables: 4096)
     quiet = logging.getLogger("ray.data")  # it logs a failed task's traceback itself; the exception carries it
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)

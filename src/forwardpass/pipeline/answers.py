@@ -84,6 +84,14 @@ class ClassificationAnswers(Answers):
         """The label of each class index, in the model's order."""
         return self._label_list
 
+    def labels_of(self, classes: np.ndarray) -> np.ndarray:
+        """The labels of an array of class indices, in its shape (a numpy array of str)::
+
+            order = np.argsort(-answers.probabilities, axis=1)[:, :3]
+            answers.labels_of(order)            # [N, 3] labels, best first
+        """
+        return self._labels[classes]
+
     @cached_property
     def best(self) -> np.ndarray:
         """Chosen class index per row (argmax, or the binary threshold)."""
