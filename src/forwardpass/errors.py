@@ -12,14 +12,19 @@ HTTP status it maps to as data, so the server maps errors in one place::
      ├── UntrustedFile (400)         a pickle/joblib file loaded without --trust
      ├── ModelNotFound (404)         no such model or version in the repository
      ├── ModelNotReady (503)         known, loading or draining: retry after ``retry_after`` seconds
-     │    └── ModelUnavailable (404) known, but unloaded or failed to load (the reason says which)
+     │    ├── ModelUnavailable (404) known, but unloaded or failed to load (the reason says which)
+     │    ├── BatcherClosed (503)    the version's batcher is draining: the engine retries on the new version
+     │    └── SchedulerClosed (503)  a language model's scheduler is closing (replaced or unloaded)
      ├── LoadFailed (400)            a repository load request whose model does not load
      ├── Overloaded (503)            the model's queue is full: retry after ``retry_after`` seconds
      ├── RequestTimeout (504)        the request waited past its deadline
      ├── PayloadTooLarge (413)       a request body over the server's limit
      ├── UnsupportedMediaType (415)  a body that is neither JSON nor V2 binary tensors
+     ├── HttpProtocolError (4xx)     a request our HTTP server cannot parse (malformed, URL or headers too long, slow)
+     ├── BatchAborted (400)          a batch job with more failed rows than --max-errors allows
      ├── ModelConfigError (500)      a model.yaml that is broken: file, field, fix
      ├── ModelLoadError (500)        the model file does not load or disagrees with model.yaml
+     │    └── GGUFError (500)        a GGUF file that is not GGUF, is truncated, or lies about a size
      ├── MissingDependency (500)     an optional package is not installed: install hint
      └── RemoteError (502)           a remote runtime's server answered badly; 503 when it is down
 
@@ -271,6 +276,33 @@ class RemoteError(ForwardpassError):
         self.retry_after = 1.0 if retry_after is None and unreachable else retry_after
 
 
+class BatcherClosed(ModelNotReady):
+    """The batcher is draining (its model version is being replaced or unloaded)."""
+
+
+class SchedulerClosed(ModelNotReady):
+    """A language model's scheduler is closing: its version is being replaced or unloaded."""
+
+
+class HttpProtocolError(ForwardpassError):
+    """A request the HTTP server cannot take (malformed, an upgrade, a URL or headers too long, too slow)."""
+
+    def __init__(self, status: int, kind: str, message: str):
+        super().__init__(message)
+        self.status, self.type = status, kind
+
+
+class BatchAborted(ForwardpassError):
+    """More rows failed than --max-errors allows; committed parts stay, so a rerun continues."""
+
+    status = 400
+    type = "batch_aborted"
+
+
+class GGUFError(ModelLoadError):
+    """A GGUF file that cannot be used: not GGUF, truncated, lying about a size, or missing what the model needs."""
+
+
 __all__ = [
     "ForwardpassError",
     "InvalidInput",
@@ -291,6 +323,11 @@ __all__ = [
     "PayloadTooLarge",
     "UnsupportedMediaType",
     "RemoteError",
+    "BatcherClosed",
+    "SchedulerClosed",
+    "HttpProtocolError",
+    "BatchAborted",
+    "GGUFError",
     "format_loc",
     "shown",
 ]

@@ -22,14 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from forwardpass.errors import ForwardpassError
-
-
-class BatchAborted(ForwardpassError):
-    """More rows failed than --max-errors allows; committed parts stay, so a rerun continues."""
-
-    status = 400
-    type = "batch_aborted"
+from forwardpass.errors import BatchAborted  # noqa: F401 (raised by the engines, lives in errors.py)
 
 
 @dataclass

@@ -4,7 +4,8 @@
     await engine.start()                                   # load, warm up, start hot reload
     served, outputs = await engine.infer("digits", None, request)  # a parsed V2 request
     served, answers = await engine.predict("iris", None, [{"sepal length (cm)": 5.1, ...}])
-    async for item in engine.generate("smollm2", prompt="Hi", max_tokens=8): ...
+    request = parse_generation({"prompt": "Hi", "max_tokens": 8}, chat=False)
+    async for item in engine.stream("smollm2", request): ...      # text pieces, then the Generation
     await engine.stop()                                    # drain queues
 
 Three parts, one job each:
@@ -17,6 +18,7 @@ Three parts, one job each:
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -24,7 +26,9 @@ from typing import TYPE_CHECKING, Any
 from forwardpass import _memory
 from forwardpass.engine.plane import DataPlane
 from forwardpass.engine.registry import Registry, Served
+from forwardpass.engine.requests import GenerationRequest, characters, max_characters, parse_generation
 from forwardpass.engine.watcher import CONTROL_MODES, Watcher
+from forwardpass.errors import InvalidInput
 from forwardpass.inference import InferRequest, OutputTensor
 from forwardpass.repository import Repository
 from forwardpass.runtime.onnx import available_cores
@@ -146,15 +150,20 @@ class Engine:
                 raise
             return await self.plane.predict(self.served(name), instances, top_k)
 
-    async def prepare_generation(self, name: str, **request: Any) -> tuple[Any, TokenSequence]:
-        """A generation request checked and tokenized (LanguageModel.prepare's keywords: prompt or messages,
-        max_tokens, stop, sampling); long prompts are templated and tokenized on a worker thread."""
+    async def prepare_generation(self, name: str, request: GenerationRequest) -> tuple[Any, TokenSequence]:
+        """A checked generation request (requests.parse_generation) against the model: the prompt's length
+        bound first (cheap), then templating and tokenizing, on a worker thread for long prompts."""
         llm = self.generator(name).model
-        messages = request.get("messages") or []
-        chars = len(request.get("prompt") or "") + sum(len(str(m.get("content") or "")) for m in messages)
+        chars, limit = characters(request), max_characters(llm)
+        if chars > limit:  # before the template and the tokenizer, whose cost grows with the prompt
+            raise InvalidInput(("messages" if "messages" in request.prepare else "prompt",),
+                               f"the prompt is {chars} characters; the context holds {llm.gen.context_length} "
+                               f"tokens, at most {limit} characters even at this tokenizer's longest token: "
+                               "shorten the prompt")  # fmt: skip
+        prepare = functools.partial(llm.prepare, **request.prepare)
         if chars <= INLINE_PROMPT_CHARACTERS:
-            return llm, llm.prepare(**request)
-        return llm, await asyncio.get_running_loop().run_in_executor(self._executor, lambda: llm.prepare(**request))
+            return llm, prepare()
+        return llm, await asyncio.get_running_loop().run_in_executor(self._executor, prepare)
 
     def generate(self, name: str, seq: TokenSequence) -> AsyncGeneration:
         """Submit a prepared sequence to the model's continuous-batching scheduler: an async stream of text
@@ -163,11 +172,11 @@ class Engine:
 
         return AsyncGeneration(self.generator(name), seq)
 
-    async def stream(self, name: str, **request: Any) -> AsyncIterator[Any]:
+    async def stream(self, name: str, request: GenerationRequest) -> AsyncIterator[Any]:
         """prepare_generation + generate as one async stream (text pieces, then the Generation)."""
-        _, seq = await self.prepare_generation(name, **request)
+        _, seq = await self.prepare_generation(name, request)
         async for item in self.generate(name, seq):
             yield item
 
 
-__all__ = ["CONTROL_MODES", "DataPlane", "Engine", "Registry", "Served", "Watcher"]
+__all__ = ["CONTROL_MODES", "DataPlane", "Engine", "GenerationRequest", "Registry", "Served", "Watcher", "parse_generation"]

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from forwardpass._deps import require
-from forwardpass.errors import ModelLoadError
+from forwardpass.errors import GGUFError  # noqa: F401 (raised here, lives in errors.py)
 
 _PURPOSE = "reading GGUF language models"
 
@@ -38,10 +38,6 @@ _MIN_TENSOR = 8 + 4 + 8 + 4 + 8  # the smallest tensor record: empty name, one d
 _MAX_DIMS = 4  # ggml's GGML_MAX_DIMS
 # ggml types stored as plain numbers (the rest are quantized blocks, kept as bytes), as the gguf package does
 _PLAIN = {"F32": "f4", "F16": "f2", "F64": "f8", "I8": "i1", "I16": "i2", "I32": "i4", "I64": "i8"}
-
-
-class GGUFError(ModelLoadError):
-    """A GGUF file that cannot be used: not GGUF, truncated, lying about a size, or missing what the model needs."""
 
 
 @dataclass(frozen=True)

@@ -18,13 +18,8 @@ from concurrent.futures import Executor
 
 import numpy as np
 
-from forwardpass.errors import ModelNotReady, Overloaded, RequestTimeout
+from forwardpass.errors import BatcherClosed, ModelNotReady, Overloaded, RequestTimeout
 from forwardpass.scheduler.batcher import Pending, Policy, plan
-
-
-class BatcherClosed(ModelNotReady):
-    """The batcher is draining (its model version is being replaced or unloaded)."""
-
 
 Outputs = dict[str, np.ndarray]
 Result = tuple[Outputs, float, float]  # outputs for this request's rows, seconds queued, seconds computing

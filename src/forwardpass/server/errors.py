@@ -1,4 +1,10 @@
-"""Domain errors to HTTP, in one place: V2's {"error": "..."} with the status the error carries.
+"""Every error to its wire shape, in one place: the status the error carries, and the body of the route's API.
+
+    error_response(exc)   # V2 and everything but OpenAI: {"error": "...", "type": ..., "detail": [...]}
+    openai_error(exc)     # OpenAI's {"error": {"message", "type", "param", "code"}}
+
+The route table (server/routes.py) says which shape each route answers in; the HTTP protocol's own
+refusals (malformed requests, limits) are HttpProtocolErrors answered by error_response too.
 
 An unexpected error (a bug) answers 500; its traceback is logged once per distinct cause (exception
 type and the line that raised it), so a client repeating a bad request cannot fill the log. Every
@@ -9,7 +15,7 @@ from __future__ import annotations
 
 import logging
 
-from forwardpass.errors import ForwardpassError, InvalidInput, shown  # noqa: F401 (shown: re-exported)
+from forwardpass.errors import ForwardpassError, InvalidInput, InvalidModelName, format_loc, shown  # noqa: F401 (shown: re-exported)
 from forwardpass.server.http import Response
 from forwardpass.stats import Stats
 
@@ -30,15 +36,35 @@ def error_response(exc: BaseException, stats: Stats | None = None) -> Response:
         body: dict[str, object] = {"error": exc.message, "type": exc.type}
         if isinstance(exc, InvalidInput):
             body["detail"] = [exc.to_dict()]
-        headers = []
-        retry = getattr(exc, "retry_after", None)  # Overloaded, and ModelNotReady while loading or draining
-        if retry is not None:
-            headers.append((b"retry-after", str(max(1, round(retry))).encode()))
-        return Response.json(body, exc.status, headers)
+        return Response.json(body, exc.status, _retry_after(exc))
     log_unexpected(exc)
     if stats is not None:
         stats.unexpected()
     return Response.json({"error": f"internal error: {type(exc).__name__}", "type": "internal_error"}, 500)
+
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
+          413: "invalid_request_error", 503: "server_error"}  # fmt: skip
+
+
+def openai_error(exc: BaseException, stats: Stats | None = None, model: str = "", version: str = "") -> Response:
+    """Any exception as OpenAI's error object (unexpected ones are a 500 without internals, logged once per
+    cause, and counted in ``stats`` under ``model`` and ``version`` when given)."""
+    if not isinstance(exc, ForwardpassError):
+        log_unexpected(exc)
+        if stats is not None:
+            stats.unexpected(model, version)
+        return Response.json({"error": {"message": f"internal error: {type(exc).__name__}", "type": "server_error",
+                                        "param": None, "code": None}}, 500)  # fmt: skip
+    if exc.status == 500:
+        log_unexpected(exc)
+    param = format_loc(exc.loc) if isinstance(exc, InvalidInput) else "model" if isinstance(exc, InvalidModelName) else None
+    code = {"model_not_found": "model_not_found", "invalid_api_key": "invalid_api_key"}.get(exc.type, exc.type)
+    headers = _retry_after(exc)
+    body = {"error": {"message": exc.message, "type": _TYPES.get(exc.status, "server_error"), "param": param, "code": code}}
+    return Response.json(body, exc.status, headers)
+
+
 
 
 def cause(exc: BaseException) -> tuple[str, str, int]:
@@ -63,3 +89,12 @@ def log_unexpected(exc: BaseException) -> None:
     if seen is not None:
         _causes[key] = seen + 1
     log.debug("unexpected error again: %s at %s:%d", *key)
+
+
+def _retry_after(exc: ForwardpassError) -> list[tuple[bytes, bytes]]:
+    retry = getattr(exc, "retry_after", None)  # Overloaded; ModelNotReady while loading or draining; RemoteError
+    return [] if retry is None else [(b"retry-after", str(max(1, round(retry))).encode())]
+
+
+# what a connection answers when the application itself failed: prepared, so that it cannot fail too
+INTERNAL_ERROR = Response(500, b'{"error":"internal error","type":"internal_error"}')

@@ -27,21 +27,19 @@ from urllib.parse import unquote
 
 import httptools
 
-from forwardpass.errors import PayloadTooLarge
+from forwardpass.errors import HttpProtocolError, PayloadTooLarge
 from forwardpass.server.app import App
-from forwardpass.server.errors import error_response
+from forwardpass.server.errors import INTERNAL_ERROR, error_response
 from forwardpass.server.http import Response, StreamingResponse
 
 log = logging.getLogger("forwardpass.server")
 
 MAX_HEADER_BYTES = 64 * 1024
 MAX_PIPELINED = 32  # complete requests waiting on one connection before it stops reading
-# what a connection answers when the application itself failed: prepared, so that it cannot fail too
-_INTERNAL_ERROR = Response(500, b'{"error":"internal error","type":"internal_error"}')
 
 
 def _refusal(status: int, kind: str, message: str) -> Response:
-    return Response.json({"error": message, "type": kind}, status)
+    return error_response(HttpProtocolError(status, kind, message))
 
 
 def _http_0_9_refusal() -> Response:
@@ -332,7 +330,7 @@ class HttpProtocol(asyncio.Protocol):
                         response = await self.state.app.dispatch(scope, None, body)  # type: ignore[arg-type]
                     except Exception:  # dispatch never raises; if it does, the client still gets an answer
                         log.exception("request handler failed")
-                        response = _INTERNAL_ERROR
+                        response = INTERNAL_ERROR
                 body = None  # a large body is freed before the answer is written
                 if self.transport is None:
                     return
@@ -351,7 +349,7 @@ class HttpProtocol(asyncio.Protocol):
                         data = response.encode(keep_alive, head=head)
                     except Exception:
                         log.exception("response could not be encoded")
-                        data, keep_alive = _INTERNAL_ERROR.encode(False), False
+                        data, keep_alive = INTERNAL_ERROR.encode(False), False
                     self.transport.write(data)
                 if not keep_alive:
                     self._close()

@@ -6,9 +6,10 @@ Hot routes first: the router tries them in order.
 from __future__ import annotations
 
 from forwardpass.server.auth import Access, Keys
+from forwardpass.server.errors import openai_error
 from forwardpass.server.handlers import Handlers
 from forwardpass.server.http import Router
-from forwardpass.server.openai import OpenAIHandlers, openai_error
+from forwardpass.server.openai import OpenAIHandlers
 
 PUBLIC, METRICS, INFER, ADMIN = Access.PUBLIC, Access.METRICS, Access.INFER, Access.ADMIN
 
