@@ -1,13 +1,23 @@
-"""The real tritonclient.http client against a real server."""
+"""The real tritonclient.http client against a real server: the app on a loopback socket with forwardpass's
+own HTTP/1.1 protocol, in this process (fixtures.inprocess.SocketServer)."""
 
 import numpy as np
 import pytest
 
 httpclient = pytest.importorskip("tritonclient.http")
-from fixtures import image_model, write_model  # noqa: E402
+from fixtures import copy_models, image_model, write_model  # noqa: E402
+from fixtures.inprocess import SocketServer  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from forwardpass.demo import datasets  # noqa: E402
+from forwardpass.server.config import ServeConfig  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def server(demo_repo, tmp_path_factory):
+    root = copy_models(demo_repo, tmp_path_factory.mktemp("triton") / "models", "digits", "iris")
+    with SocketServer(ServeConfig(repository=root, poll_interval=0)) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
