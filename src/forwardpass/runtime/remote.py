@@ -55,6 +55,8 @@ if TYPE_CHECKING:
 _DATATYPES = frozenset(get_args(Datatype))
 _TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 RunFn = Callable[[Mapping[str, np.ndarray]], list[np.ndarray]]
+Body = tuple[bytes, int | None]  # a V2 body and its JSON header's length (None: all JSON)
+_PURPOSE = "the remote runtime (runtime: {kind: remote})"  # for the install hint
 
 
 class RemoteOptions(BaseModel):
@@ -143,8 +145,8 @@ class RemoteRuntime:
         binary: bool = True,
         source: str = "",
     ):
-        self._urllib3 = require("urllib3", "remote", "the remote runtime (runtime: {kind: remote})")
-        self._orjson = require("orjson", "remote", "the remote runtime (runtime: {kind: remote})")
+        self._urllib3 = require("urllib3", "remote", _PURPOSE)
+        self._orjson = require("orjson", "remote", _PURPOSE)
         self.url, self.model, self.version, self.binary = url.rstrip("/"), model, version, binary
         self.timeout = timeout_ms / 1000
         self._what = f"model '{model}'" + (f" version {version}" if version is not None else "") + f" at {self.url}"
@@ -180,16 +182,10 @@ class RemoteRuntime:
         unknown = [n for n in names if n not in self._all_outputs]
         if unknown:
             raise InvalidInput(("outputs", unknown[0]), f"unknown output; the remote model has {self._all_outputs}")
-        if self.binary:
-            wanted: dict[str, Any] = {"outputs": [{"name": n, "parameters": {"binary_data": True}} for n in names],
-                                      "parameters": {"binary_data_output": True}}  # fmt: skip
-            encode = _binary_body
-        else:
-            wanted, encode = {"outputs": [{"name": n} for n in names]}, _json_body
-        dumps = partial(self._orjson.dumps, option=self._orjson.OPT_SERIALIZE_NUMPY)
+        encode = _encoder(names, self.binary)
 
         def run(feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-            body, header_length = encode(feeds, wanted, dumps)
+            body, header_length = encode(feeds)
             if header_length is None:
                 headers = {**self._headers, "Content-Type": "application/json"}
             else:
@@ -254,14 +250,9 @@ class RemoteRuntime:
     def _outputs(self, answer: Any, names: list[str]) -> list[np.ndarray]:
         if answer.status != 200:
             raise self._failure(answer)
-        data: bytes = answer.data
         try:
             header = answer.headers.get("inference-header-content-length")
-            head_length = len(data) if header is None else int(header)
-            if not 0 <= head_length <= len(data):
-                raise ValueError(f"Inference-Header-Content-Length {head_length} is past the {len(data)}-byte body")
-            doc = self._orjson.loads(data[:head_length])
-            found = _decode_outputs(doc, memoryview(data)[head_length:])
+            found = decode_response(answer.data, None if header is None else int(header))
             return [found[n] for n in names]
         except (ValueError, TypeError, KeyError) as exc:
             missing = f"no output '{exc.args[0]}'" if isinstance(exc, KeyError) else str(exc)
@@ -304,20 +295,49 @@ class RemoteRuntime:
 # -- the V2 codec (the client side of server/v2.py) ------------------------------------------------
 
 
-def _binary_body(feeds: Mapping[str, np.ndarray], wanted: dict[str, Any], dumps: Any) -> tuple[bytes, int | None]:
-    entries, chunks = [], []
+def encode_request(feeds: Mapping[str, np.ndarray], outputs: Sequence[str], *, binary: bool = True) -> Body:
+    """A V2 infer request body asking for ``outputs``, and its JSON header's length (None: all JSON).
+
+        body, header_length = encode_request({"input": x}, ["probabilities"])
+        # POST it with Inference-Header-Content-Length: header_length
+    """
+    return _encoder(list(outputs), binary)(feeds)
+
+
+def decode_response(body: bytes, header_length: int | None) -> dict[str, np.ndarray]:
+    """A V2 infer response's outputs, {name: array}; ValueError for anything that is not one."""
+    orjson = require("orjson", "remote", _PURPOSE)
+    length = len(body) if header_length is None else header_length
+    if not 0 <= length <= len(body):
+        raise ValueError(f"Inference-Header-Content-Length {length} is past the {len(body)}-byte body")
+    return _decode_outputs(orjson.loads(body[:length]), memoryview(body)[length:])
+
+
+def _encoder(names: list[str], binary: bool) -> Callable[[Mapping[str, np.ndarray]], Body]:
+    """The body builder for fixed outputs: their part of the JSON is built once."""
+    orjson = require("orjson", "remote", _PURPOSE)
+    dumps = partial(orjson.dumps, option=orjson.OPT_SERIALIZE_NUMPY)
+    if binary:
+        wanted: dict[str, Any] = {"outputs": [{"name": n, "parameters": {"binary_data": True}} for n in names],
+                                  "parameters": {"binary_data_output": True}}  # fmt: skip
+        return partial(_binary_body, wanted=wanted, dumps=dumps)
+    return partial(_json_body, wanted={"outputs": [{"name": n} for n in names]}, dumps=dumps)
+
+
+def _binary_body(feeds: Mapping[str, np.ndarray], wanted: dict[str, Any], dumps: Any) -> Body:
+    entries: list[dict[str, Any]] = []
+    chunks: list[bytes | memoryview] = []
     for name, array in feeds.items():
         datatype = _datatype(name, array)
         data = _bytes_tensor(name, array) if datatype == "BYTES" else _little_endian(array)
-        size = data.nbytes if isinstance(data, np.ndarray) else len(data)
         entries.append({"name": name, "datatype": datatype, "shape": list(array.shape),
-                        "parameters": {"binary_data_size": size}})  # fmt: skip
+                        "parameters": {"binary_data_size": len(data)}})  # fmt: skip
         chunks.append(data)
     head = dumps({"inputs": entries, **wanted})
     return b"".join([head, *chunks]), len(head)
 
 
-def _json_body(feeds: Mapping[str, np.ndarray], wanted: dict[str, Any], dumps: Any) -> tuple[bytes, int | None]:
+def _json_body(feeds: Mapping[str, np.ndarray], wanted: dict[str, Any], dumps: Any) -> Body:
     entries = []
     for name, array in feeds.items():
         datatype = _datatype(name, array)
@@ -336,8 +356,9 @@ def _datatype(name: str, array: np.ndarray) -> str:
         raise InvalidInput(("inputs", name), f"numpy dtype {array.dtype} has no V2 datatype") from None
 
 
-def _little_endian(array: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+def _little_endian(array: np.ndarray) -> memoryview:
+    """The tensor's bytes, without a copy when it is already contiguous little-endian (joined into the body once)."""
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).reshape(-1).view(np.uint8).data
 
 
 def _bytes_tensor(name: str, array: np.ndarray) -> bytes:
@@ -426,7 +447,7 @@ def _info(item: Any) -> TensorInfo:
     name, datatype, shape = item.get("name"), item.get("datatype"), item.get("shape")
     if not isinstance(name, str) or not name:
         raise ValueError(f"a tensor's name must be a string, got {name!r}")
-    if datatype not in _DATATYPES:
+    if not isinstance(datatype, str) or datatype not in _DATATYPES:
         raise ValueError(f"tensor '{name}': datatype {datatype!r} is not a V2 datatype")
     if not isinstance(shape, list) or len(shape) > 32 or any(type(d) is not int or d < -1 for d in shape):
         raise ValueError(f"tensor '{name}': shape {shape!r} is not a list of sizes (-1 for dynamic)")
