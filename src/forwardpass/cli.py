@@ -210,13 +210,19 @@ def predict(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")] = False,
 ) -> None:
     """Predict with a model: prints labels with probabilities, or values with intervals."""
-    loaded = _repository(repository).load(model, version)
+    from forwardpass.embedded import Embedded
+
+    repo = _repository(repository)
+    loaded = repo.load(model, version)
     instances, names = _read_inputs(inputs, loaded.config.pre.kind)
-    answers = loaded.predict(instances, top_k=top_k)
+    with Embedded(repo) as engine:  # the path a server request takes: the same checks, the same errors
+        engine.serve(loaded)
+        answers = engine.predict(model, instances, version=loaded.version, top_k=top_k)
     if as_json:
         out.print_json(json.dumps(_jsonable(answers)))
-    elif isinstance(answers, dict):
-        for name, array in answers.items():
+    elif isinstance(answers, dict):  # tensors out (no post-processing): {output: rows}
+        for name, rows in answers.items():
+            array = np.asarray(rows)
             out.print(f"{name} {list(array.shape)} {array.dtype}:\n{array}")
     else:
         _answers_table(names, answers)
@@ -372,29 +378,33 @@ def generate(
     raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as is, without the chat template")] = False,
 ) -> None:
     """Stream a completion to the terminal, then tokens/s."""
-    llm = _language_model(model, repository)
-    kwargs: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
-                              "min_p": min_p, "seed": seed, "stop": stop or []}  # fmt: skip
+    request: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+                               "min_p": min_p, "seed": seed, "stop": stop or None}  # fmt: skip
     target = {"prompt": prompt} if raw else {"messages": [{"role": "user", "content": prompt}]}
-    _stream(llm, target, kwargs)
+    with _generator(model, repository) as engine:
+        _stream(engine, model, {**target, **request}, chat=not raw)
 
 
-def _stream(llm: Any, target: dict[str, Any], kwargs: dict[str, Any]) -> str:
+def _stream(engine: Any, model: str, doc: dict[str, Any], chat: bool) -> str:
+    """One generation through the engine (the OpenAI routes' checks and path), printed as it comes."""
     import time
 
-    start, pieces = time.perf_counter(), []
-    for piece in llm.generate(**target, stream=True, **kwargs):
-        pieces.append(piece)
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+    from forwardpass.engine import parse_generation
+
+    start, pieces, n = time.perf_counter(), [], 0
+    for item in engine.stream(model, parse_generation(doc, chat)):
+        if isinstance(item, str):
+            pieces.append(item)
+            sys.stdout.write(item)
+            sys.stdout.flush()
+        else:  # the Generation: how many tokens were sampled
+            n = item.completion_tokens
     seconds = time.perf_counter() - start
-    text = "".join(pieces)
-    n = len(llm.encode(text)) if text else 0
     sys.stdout.write("\n")
     sys.stdout.flush()
     err.print(f"[dim]{n} token{'' if n == 1 else 's'} in {seconds:.2f} s, "
               f"{n / seconds if seconds else 0:.1f} tokens/s[/dim]")  # fmt: skip
-    return text
+    return "".join(pieces)
 
 
 @app.command()
@@ -407,7 +417,11 @@ def chat(
     seed: Annotated[int | None, typer.Option()] = None,
 ) -> None:
     """Chat in the terminal; the conversation is kept until you type /exit (or end the input)."""
-    llm = _language_model(model, repository)
+    with _generator(model, repository) as engine:
+        _chat(engine, model, system, {"max_tokens": max_tokens, "temperature": temperature, "seed": seed})
+
+
+def _chat(engine: Any, model: str, system: str | None, sampling: dict[str, Any]) -> None:
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     interactive = sys.stdin.isatty()
     while True:
@@ -423,16 +437,20 @@ def chat(
             continue
         messages.append({"role": "user", "content": line})
         sys.stdout.write("model> ")
-        reply = _stream(llm, {"messages": messages}, {"max_tokens": max_tokens, "temperature": temperature, "seed": seed})
+        reply = _stream(engine, model, {"messages": messages, **sampling}, chat=True)
         messages.append({"role": "assistant", "content": reply})
 
 
-def _language_model(name: str, repository: Path | None) -> Any:
-    loaded = _repository(repository).load(name)
-    if not hasattr(loaded, "generate"):
-        raise ForwardpassError(f"model '{name}' is a {loaded.config.task} model; generate and chat need a generation "
+def _generator(name: str, repository: Path | None) -> Any:
+    """The embedded engine serving one language model (its continuous-batching scheduler, as a server would)."""
+    from forwardpass.embedded import Embedded
+
+    repo = _repository(repository)
+    task = repo.config(name).task
+    if task != "generation":
+        raise ForwardpassError(f"model '{name}' is a {task} model; generate and chat need a generation "
                                "model (forwardpass import gguf ...)")  # fmt: skip
-    return loaded
+    return Embedded(repo, load=[name])
 
 
 @import_app.command("sklearn")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +30,7 @@ from forwardpass.engine.requests import GenerationRequest, characters, max_chara
 from forwardpass.engine.watcher import CONTROL_MODES, Watcher
 from forwardpass.errors import InvalidInput
 from forwardpass.inference import InferRequest, OutputTensor
+from forwardpass.model import Model
 from forwardpass.repository import Repository
 from forwardpass.runtime.onnx import available_cores
 from forwardpass.scheduler import ResponseCache
@@ -123,6 +124,14 @@ class Engine:
     async def poll_once(self) -> None:
         await self.watcher.poll_once()
 
+    def serve_model(self, model: Model) -> Served:
+        """Serve a Model loaded elsewhere (the CLI's --version, embedding) beside the versions served under its name."""
+        served = self.plane.serve(model)
+        fresh = {**{s.model.version: s for s in self.registry.all_served() if s.model.name == model.name},
+                 model.version: served}  # fmt: skip
+        self.watcher.retire([old for old in self.registry.put(model.name, fresh) if old not in fresh.values()])
+        return served
+
     # -- the data plane ----------------------------------------------------------------------------
 
     async def infer(self, name: str, version: int | None, request: InferRequest,
@@ -172,7 +181,7 @@ class Engine:
 
         return AsyncGeneration(self.generator(name), seq)
 
-    async def stream(self, name: str, request: GenerationRequest) -> AsyncIterator[Any]:
+    async def stream(self, name: str, request: GenerationRequest) -> AsyncGenerator[Any, None]:
         """prepare_generation + generate as one async stream (text pieces, then the Generation)."""
         _, seq = await self.prepare_generation(name, request)
         async for item in self.generate(name, seq):

@@ -145,7 +145,7 @@ class Watcher:
             else:
                 models = await asyncio.gather(*(asyncio.to_thread(self._open, name, v) for v in versions))
                 fresh = {m.version: self._serve(m) for m in models}
-                self._retire(self.registry.put(name, fresh))
+                self.retire(self.registry.put(name, fresh))
         finally:
             self.registry.loading.discard(name)
         self._seen[name] = seen
@@ -191,9 +191,10 @@ class Watcher:
         if generator is not None:
             self._executor.submit(_close_and_release, generator, self.drain_timeout)
         self._seen.pop(name, None)
-        self._retire(served)
+        self.retire(served)
 
-    def _retire(self, old: list[Served]) -> None:
+    def retire(self, old: list[Served]) -> None:
+        """Versions no longer served: each finishes its queue, then its memory goes back to the OS."""
         for served in old:
             task = asyncio.create_task(self._drain_and_release(served))
             self._draining.add(task)
