@@ -91,3 +91,16 @@ def test_tabular_needs_features_and_pre_input_must_exist(tmp_path):
         load_config(write(tmp_path, "task: custom\ninputs: [{name: x, datatype: FP32, shape: [-1, 2]}]\npre: {kind: tabular}\n"))
     with pytest.raises(ModelConfigError, match="pre.input 'y'"):
         load_config(write(tmp_path, "task: custom\ninputs: [{name: x, datatype: FP32, shape: [-1, 2]}]\npre: {kind: image, input: y}\n"))
+
+
+def test_pre_schemas_come_from_the_kinds_registry(tmp_path):
+    from forwardpass import config
+    from forwardpass.pipeline import kinds
+    from forwardpass.pipeline.kinds.image import ImagePre
+
+    image = load_config(write(tmp_path, "task: custom\npre: {kind: image, resize: 8, resample: box}\n")).pre
+    assert type(image) is kinds.kind("image").schema is ImagePre
+    assert (image.resize, image.resample.down, image.resample.up) == (8, "box", "box")
+    assert config.ImagePre is ImagePre  # the name from before the registry still imports
+    with pytest.raises(AttributeError):
+        config.NoSuchPre  # noqa: B018

@@ -184,11 +184,12 @@ class Image(Preprocessor):
         mul, add = self._per_row.get(rows.shape[1]) or self._tile(rows.shape[1])
         rows *= mul
         rows += add
+        out: np.ndarray = batch
         if self.config.layout == "NCHW":
-            batch = batch.transpose(0, 3, 1, 2)
+            out = batch.transpose(0, 3, 1, 2)
         elif self.config.layout == "flat":
-            batch = batch.reshape(len(images), -1)
-        return {self.input: np.ascontiguousarray(batch, dtype=self.dtype)}
+            out = batch.reshape(len(images), -1)
+        return {self.input: np.ascontiguousarray(out, dtype=self.dtype)}
 
     def _pixels(self, i: int, image: PIL.Image.Image, size: tuple[int, int], ours: bool) -> np.ndarray:
         """Decode, convert, resize and crop one image -> its uint8 pixels."""

@@ -100,16 +100,16 @@ class Tabular(Preprocessor):
                 values = pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
                 values = _cells(column.to_pylist(), name, errors)
-            missing = np.flatnonzero(np.isnan(values)) if column.null_count else []
-            for i in missing:
-                if column[int(i)].as_py() is None:
-                    if self.defaults[j] is None:
-                        errors.setdefault(int(i), f"{name}: missing feature (no default declared)")
-                    else:
-                        values[i] = self.defaults[j]
+            if column.null_count:  # a null is NaN once cast: a missing cell, or a NaN of the file's own
+                for i in np.flatnonzero(np.isnan(values)).tolist():
+                    if column[i].as_py() is None:
+                        if self.defaults[j] is None:
+                            errors.setdefault(i, f"{name}: missing feature (no default declared)")
+                        else:
+                            values[i] = self.defaults[j]
             if not self.allow_nan:
-                for i in np.flatnonzero(~np.isfinite(values)):
-                    errors.setdefault(int(i), f"{name}: expected a finite number (got {values[i]!r})")
+                for i in np.flatnonzero(~np.isfinite(values)).tolist():
+                    errors.setdefault(i, f"{name}: expected a finite number (got {values[i]!r})")
             matrix[:, j] = values
         return Columns({self.input: matrix.astype(self.dtype, copy=False)}, errors)
 
