@@ -2,6 +2,8 @@
 
 The server runs with small connection limits so that slow clients are quick to play:
 keep-alive 1 s, a request gets 1 s plus 1 s per 1,000 bytes to arrive, bodies up to 1 MB.
+It is the app on a loopback socket in this process (fixtures.inprocess.SocketServer): the protocol
+``forwardpass serve`` runs, without a process to start.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ import time
 import httpx
 import orjson
 import pytest
-from serverproc import Server
+from fixtures import copy_models
+from fixtures.inprocess import SocketServer
+
+from forwardpass.server.config import ServeConfig
 
 MAX_BODY = 1_000_000
 MIN_RATE = 1000  # bytes/s
@@ -25,14 +30,11 @@ BODY = orjson.dumps({"inputs": [{"name": "input", "shape": [1, 4], "datatype": "
 
 @pytest.fixture(scope="module")
 def edge(demo_repo, tmp_path_factory):
-    root = tmp_path_factory.mktemp("edges") / "models"
-    shutil.copytree(demo_repo / "iris", root / "iris")
-    server = Server(root, env={
-        "FORWARDPASS_MAX_BODY_BYTES": str(MAX_BODY), "FORWARDPASS_KEEP_ALIVE_TIMEOUT": "1",
-        "FORWARDPASS_BODY_TIMEOUT": "1", "FORWARDPASS_BODY_MIN_RATE": str(MIN_RATE), "FORWARDPASS_LINGER_TIMEOUT": "5",
-    })  # fmt: skip
-    yield server
-    server.stop()
+    root = copy_models(demo_repo, tmp_path_factory.mktemp("edges") / "models", "iris")
+    config = ServeConfig(repository=root, poll_interval=0, max_body_bytes=MAX_BODY, keep_alive_timeout=1,
+                         body_timeout=1, body_min_rate=MIN_RATE, linger_timeout=5)  # fmt: skip
+    with SocketServer(config) as server:
+        yield server
 
 
 def head(length: int, extra: bytes = b"", path: bytes = b"/v2/models/iris/infer") -> bytes:
@@ -45,7 +47,7 @@ def padded(size: int) -> bytes:
     return BODY[:-1] + b" " * (size - len(BODY)) + b"}"
 
 
-def connect(server: Server, timeout: float = 10) -> socket.socket:
+def connect(server: SocketServer, timeout: float = 10) -> socket.socket:
     return socket.create_connection(("127.0.0.1", server.port), timeout=timeout)
 
 
