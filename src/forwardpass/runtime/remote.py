@@ -24,6 +24,7 @@ ModelLoadError naming the URL (the version is then UNAVAILABLE with that reason;
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 import time
@@ -389,7 +390,9 @@ def _decode_outputs(doc: Any, binary: memoryview) -> dict[str, np.ndarray]:
     found, offset = {}, 0
     for item in doc["outputs"]:
         info = _info(item)
-        count = int(np.prod(info.shape, dtype=np.int64))
+        count = math.prod(info.shape)
+        if -1 in info.shape:
+            raise ValueError(f"output '{info.name}': shape {list(info.shape)} has a dynamic (-1) size")
         size = (item.get("parameters") or {}).get("binary_data_size")
         if size is not None:
             if type(size) is not int or not 0 <= size <= len(binary) - offset:
