@@ -1,0 +1,260 @@
+"""Deciding one step of continuous batching: a pure ``schedule(state) -> StepPlan``, no model involved.
+
+The state is plain data: ``slots`` KV rows (each free or holding a Ticket), the queue of waiting
+tickets, the prompt-prefix cache. A plan says, for one turn of the decoder:
+
+1. ``evict``: slots whose request was cancelled (client gone); they are free for this turn's admissions;
+2. ``admit``: waiting requests into free slots (lowest first, so decode batches stay short), each with
+   the longest cached prompt prefix whose KV is copied into its slot;
+3. ``decode``: one token for every sequence past its prompt, all rows in one call; rows still in their
+   prompt, or free, ride along as dummies at a position their next prompt chunk overwrites, and a lone
+   stream gets a dummy (MIN_ROWS);
+4. ``prefill``: one prompt chunk (``chunk`` tokens, cut at absolute multiples of it) of the oldest
+   sequence still in its prompt, so running streams keep flowing while new prompts are read; when it
+   ends the prompt, how many leading tokens to keep in the prefix cache.
+
+Which sequences finish is known only from the tokens sampled (a stop token, a stop string, max_tokens):
+``update`` (generation/steps.py) decides that from the outputs and frees their slots.
+
+    state = SchedulerState(slots=2, chunk=64, cache=PrefixCache(0, 64))
+    state.waiting.append(Ticket(seq, emit))
+    plan = schedule(state)          # StepPlan(admit=(Admission(ticket, slot=0, cached=0),), prefill=...)
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from forwardpass.generation.sequence import Sequence
+
+Emit = Callable[[Any], None]  # str piece | Generation | Exception
+# MatMulNBits' one-row kernel sums in another order than its many-row kernels (2e-7 relative), and int8
+# activation rounding grows that to ~0.5 logits after 30 layers: a stream would sample differently alone
+# than next to others. Every decode call therefore has at least two rows (rows 2..8 agree bit for bit).
+MIN_ROWS = 2
+
+
+class PrefixCache:
+    """KV of prompt prefixes (cut to whole chunks), least recently used out first, bounded in bytes."""
+
+    def __init__(self, budget_bytes: int, chunk: int):
+        self.budget, self.chunk = budget_bytes, chunk
+        self.entries: OrderedDict[tuple[int, ...], list[np.ndarray]] = OrderedDict()
+        self.bytes = 0
+
+    def find(self, ids: list[int]) -> tuple[int, tuple[int, ...] | None]:
+        """(usable length, key) of the longest cached prefix of ``ids``, leaving at least one token to run;
+        reads only (touch() marks the entry used)."""
+        best, found = 0, None
+        wanted = np.asarray(ids, dtype=np.int64)
+        for key in self.entries:
+            n = min(len(key), len(ids) - 1)
+            if n <= best:
+                continue
+            same = np.asarray(key[:n], dtype=np.int64) == wanted[:n]
+            common = n if same.all() else int(np.argmin(same))
+            usable = common // self.chunk * self.chunk
+            if usable > best:
+                best, found = usable, key
+        return (best, found) if found is not None else (0, None)
+
+    def touch(self, key: tuple[int, ...]) -> None:
+        """Mark an entry as just used (the last to be evicted)."""
+        if key in self.entries:
+            self.entries.move_to_end(key)
+
+    def lookup(self, ids: list[int]) -> tuple[int, list[np.ndarray] | None]:
+        """(usable length, arrays) for the longest cached prefix of ``ids``; the entry counts as used."""
+        length, key = self.find(ids)
+        if key is None:
+            return 0, None
+        self.touch(key)
+        return length, self.entries[key]
+
+    def wants(self, ids: list[int]) -> int:
+        """How many leading tokens of ``ids`` are worth storing (0: none, or already covered)."""
+        length = (len(ids) - 1) // self.chunk * self.chunk  # whole chunks, not the prompt's last token
+        if length == 0 or self.budget <= 0:
+            return 0
+        key = tuple(ids[:length])
+        for cached in self.entries:
+            if len(cached) >= length and cached[:length] == key:
+                return 0
+        return length
+
+    def store(self, ids: list[int], arrays: list[np.ndarray]) -> None:
+        size = sum(a.nbytes for a in arrays)
+        if size > self.budget:
+            return
+        self.entries[tuple(ids)] = arrays
+        self.bytes += size
+        while self.bytes > self.budget:
+            _, old = self.entries.popitem(last=False)
+            self.bytes -= sum(a.nbytes for a in old)
+
+
+@dataclass(eq=False)
+class Ticket:
+    """A request inside the scheduler."""
+
+    seq: Sequence
+    emit: Emit
+    slot: int = -1
+    filled: int = 0  # prompt tokens already in the slot's KV
+    cancelled: bool = False
+    queued_at: float = field(default_factory=time.perf_counter)
+    last_token_at: float = 0.0
+
+    @property
+    def decoding(self) -> bool:
+        return self.filled >= len(self.seq.prompt)
+
+    @property
+    def position(self) -> int:
+        """Tokens in the KV cache (the next one goes here)."""
+        return len(self.seq.prompt) + max(len(self.seq.tokens) - 1, 0)
+
+
+@dataclass
+class SchedulerState:
+    """What schedule() reads: the slots, the queue, the prefix cache. No model, no session."""
+
+    slots: int
+    chunk: int  # prompt tokens per prefill call, cut at absolute multiples of it
+    cache: PrefixCache
+    min_rows: int = MIN_ROWS
+    active: list[Ticket | None] = field(default_factory=list)
+    waiting: deque[Ticket] = field(default_factory=deque)
+
+    def __post_init__(self) -> None:
+        if not self.active:
+            self.active = [None] * self.slots
+
+    @property
+    def running(self) -> int:
+        return sum(t is not None for t in self.active)
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A waiting request taking a free slot, with ``cached`` prompt tokens from the prefix cache."""
+
+    ticket: Ticket
+    slot: int
+    cached: int = 0
+    prefix: tuple[int, ...] | None = None  # the prefix cache's key of those tokens
+
+
+@dataclass(frozen=True)
+class DecodeBatch:
+    """One decode call: a token at a position for rows 0..len(tokens)-1; ``rows`` are the real ones."""
+
+    rows: tuple[int, ...]
+    tokens: tuple[int, ...]
+    positions: tuple[int, ...]
+
+    @property
+    def logit_rows(self) -> int:
+        """Logits are computed for rows 0..rows[-1] only (the padding rows after it need none)."""
+        return self.rows[-1] + 1
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """Prompt tokens start..end-1 of the request in ``slot``; ``store`` leading prompt tokens go into the
+    prefix cache when the chunk ends the prompt (0: none)."""
+
+    ticket: Ticket
+    slot: int
+    start: int
+    end: int
+    store: int = 0
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.ticket.seq.prompt[self.start : self.end]
+
+    @property
+    def last(self) -> bool:
+        """This chunk ends the prompt: its logits give the first generated token."""
+        return self.end == len(self.ticket.seq.prompt)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One turn of the decoder (see the module docstring)."""
+
+    evict: tuple[int, ...] = ()
+    admit: tuple[Admission, ...] = ()
+    decode: DecodeBatch | None = None
+    prefill: PrefillChunk | None = None
+
+    @property
+    def idle(self) -> bool:
+        """Nothing to do: no request waiting, running or leaving."""
+        return not (self.evict or self.admit or self.decode or self.prefill)
+
+
+def schedule(state: SchedulerState) -> StepPlan:
+    """The next step for ``state``; reads it and changes nothing (steps.begin() and update() apply a plan)."""
+    slots: list[Ticket | None] = list(state.active)
+    evict = tuple(i for i, t in enumerate(slots) if t is not None and t.cancelled)
+    for i in evict:
+        slots[i] = None
+    admit, filled = [], {}
+    queue = iter(state.waiting)
+    for slot in (i for i, t in enumerate(slots) if t is None):
+        ticket = next((t for t in queue if not t.cancelled), None)
+        if ticket is None:
+            break
+        cached, key = state.cache.find(ticket.seq.prompt)
+        admit.append(Admission(ticket, slot, cached, key))
+        slots[slot], filled[slot] = ticket, cached
+    return StepPlan(evict, tuple(admit), _decode(state, slots, filled), _prefill(state, slots, filled))
+
+
+def _filled(slots: list[Ticket | None], filled: dict[int, int], i: int) -> int:
+    ticket = slots[i]
+    assert ticket is not None
+    return filled.get(i, ticket.filled)
+
+
+def _decode(state: SchedulerState, slots: list[Ticket | None], filled: dict[int, int]) -> DecodeBatch | None:
+    def decoding(i: int) -> bool:
+        t = slots[i]
+        return t is not None and not t.cancelled and _filled(slots, filled, i) >= len(t.seq.prompt)
+
+    rows = tuple(i for i in range(len(slots)) if decoding(i))
+    if not rows:
+        return None
+    n = max(rows[-1] + 1, state.min_rows)
+    tokens, positions = [0] * n, [0] * n
+    for i in range(min(n, len(slots))):
+        ticket = slots[i]
+        if ticket is None or ticket.cancelled:
+            continue
+        if decoding(i):
+            tokens[i], positions[i] = ticket.seq.tokens[-1], ticket.position
+        else:
+            positions[i] = _filled(slots, filled, i)  # a dummy: the next prompt chunk starts here and overwrites it
+    return DecodeBatch(rows, tuple(tokens), tuple(positions))
+
+
+def _prefill(state: SchedulerState, slots: list[Ticket | None], filled: dict[int, int]) -> PrefillChunk | None:
+    pending = [(t.queued_at, i) for i, t in enumerate(slots)
+               if t is not None and not t.cancelled and _filled(slots, filled, i) < len(t.seq.prompt)]  # fmt: skip
+    if not pending:
+        return None
+    _, slot = min(pending)
+    ticket = slots[slot]
+    assert ticket is not None
+    prompt, start = ticket.seq.prompt, _filled(slots, filled, slot)
+    end = min((start // state.chunk + 1) * state.chunk, len(prompt))
+    store = state.cache.wants(prompt) if end == len(prompt) else 0
+    return PrefillChunk(ticket, slot, start, end, store)

@@ -1,0 +1,202 @@
+"""Carrying out a StepPlan: begin (slots change hands), execute (the decoder calls), update (tokens, events).
+
+One turn of generation, for the continuous-batching scheduler's thread and LanguageModel.generate alike:
+
+    plan = schedule(state)                        # pure: what to do (generation/schedule.py)
+    begin(state, stats, plan)                     # evicted slots freed, admitted requests leave the queue
+    outputs = execute(plan, session, state.cache) # ONNX Runtime: prefix copies, one decode call, one prompt chunk
+    for ticket, item in update(state, stats, plan, outputs):
+        ticket.emit(item)                         # text pieces, then a Generation; finished slots are free
+
+``Steps`` bundles a state, a session and their statistics; ``Steps.run(seq)`` drives one sequence in the
+caller's thread (the synchronous API), the scheduler's thread calls ``plan()`` under its lock,
+then ``carry_out(plan)``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from forwardpass.generation.schedule import PrefixCache, SchedulerState, StepPlan, Ticket, schedule
+from forwardpass.generation.sequence import Generation, Sequence
+from forwardpass.stats import GenerationStats
+
+Event = tuple[Ticket, Any]  # (ticket, str piece | Generation | Exception)
+
+
+class Decoder(Protocol):
+    """What execute() needs of a decoder session (DecoderSession; a fake one in the unit tests)."""
+
+    def decode(self, tokens: list[int], positions: list[int], logit_rows: int = 0) -> np.ndarray: ...
+    def prefill(self, slot: int, tokens: list[int], start: int) -> np.ndarray: ...
+    def read_prefix(self, slot: int, length: int) -> list[np.ndarray]: ...
+    def write_prefix(self, slot: int, arrays: list[np.ndarray], length: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class StepOutputs:
+    """What the decoder returned for a plan."""
+
+    decode: np.ndarray | None = None  # (logit_rows, V): the decode rows' next-token logits
+    prefill: np.ndarray | None = None  # (V,) after the chunk's last token
+    stored: list[np.ndarray] | None = None  # the finished prompt's prefix KV, for the prefix cache
+    decode_seconds: float = 0.0
+
+
+def begin(state: SchedulerState, stats: GenerationStats, plan: StepPlan) -> None:
+    """Evicted requests leave their slots, admitted ones take theirs and leave the queue (bookkeeping only; run it
+    with schedule() under the lock that submit and cancel take)."""
+    for slot in plan.evict:
+        state.active[slot] = None
+        stats.cancelled += 1
+    now = time.perf_counter()
+    for a in plan.admit:
+        ticket = a.ticket
+        if state.waiting and state.waiting[0] is ticket:
+            state.waiting.popleft()
+        else:
+            state.waiting.remove(ticket)
+        ticket.slot, ticket.filled = a.slot, a.cached
+        ticket.seq.cached_tokens = a.cached
+        state.active[a.slot] = ticket
+        stats.queue_time.observe(now - ticket.queued_at)
+        stats.prompt_tokens += len(ticket.seq.prompt)
+        if a.prefix is not None:
+            state.cache.touch(a.prefix)
+            stats.prefix_hits += 1
+            stats.prefix_saved_tokens += a.cached
+        else:
+            stats.prefix_misses += 1
+    stats.queued, stats.active = len(state.waiting), state.running
+
+
+def execute(plan: StepPlan, session: Decoder, cache: PrefixCache) -> StepOutputs:
+    """Run ``plan`` on the decoder: copy cached prefixes into admitted slots, one decode call, one prompt chunk."""
+    for a in plan.admit:
+        if a.prefix is not None:
+            session.write_prefix(a.slot, cache.entries[a.prefix], a.cached)
+    decode, seconds = None, 0.0
+    if plan.decode is not None:
+        d = plan.decode
+        started = time.perf_counter()
+        decode = session.decode(list(d.tokens), list(d.positions), logit_rows=d.logit_rows)
+        seconds = time.perf_counter() - started
+    prefill = stored = None
+    if plan.prefill is not None:
+        p = plan.prefill
+        prefill = session.prefill(p.slot, p.tokens, p.start)
+        if p.last and p.store:
+            stored = session.read_prefix(p.slot, p.store)
+    return StepOutputs(decode, prefill, stored, seconds)
+
+
+def update(state: SchedulerState, stats: GenerationStats, plan: StepPlan, outputs: StepOutputs) -> list[Event]:
+    """Sample each row's next token from its logits; the events to emit, in order. A finished sequence's slot is
+    free when its Generation is in the list."""
+    events: list[Event] = []
+    if plan.decode is not None:
+        assert outputs.decode is not None
+        stats.decode_steps += 1
+        stats.decode_rows += len(plan.decode.rows)
+        stats.step_time.observe(outputs.decode_seconds)
+        for slot in plan.decode.rows:
+            _advance(state, stats, slot, outputs.decode[slot], events)
+    p = plan.prefill
+    if p is not None:
+        assert outputs.prefill is not None
+        p.ticket.filled = p.end
+        if p.last:
+            if outputs.stored is not None:
+                state.cache.store(p.ticket.seq.prompt[: p.store], outputs.stored)
+                stats.prefix_cache_bytes = state.cache.bytes
+            _advance(state, stats, p.slot, outputs.prefill, events)
+    return events
+
+
+def _advance(state: SchedulerState, stats: GenerationStats, slot: int, logits: np.ndarray, events: list[Event]) -> None:
+    ticket = state.active[slot]
+    assert ticket is not None
+    now = time.perf_counter()
+    piece = ticket.seq.advance(logits)
+    if ticket.last_token_at == 0.0:
+        stats.ttft.observe(now - ticket.queued_at)
+    else:
+        stats.itl.observe(now - ticket.last_token_at)
+    ticket.last_token_at = now
+    stats.token(now)
+    if piece:
+        events.append((ticket, piece))
+    if ticket.seq.finish_reason:
+        events.append((ticket, finish(state, stats, slot)))
+
+
+def finish(state: SchedulerState, stats: GenerationStats, slot: int) -> Generation:
+    """Free ``slot``; its sequence's Generation."""
+    ticket = state.active[slot]
+    assert ticket is not None
+    state.active[slot] = None
+    stats.active = state.running
+    result = ticket.seq.result()
+    stats.finished(result)
+    return result
+
+
+def fail_running(state: SchedulerState, stats: GenerationStats, error: Exception) -> list[Event]:
+    """Free every slot (a forward pass failed: the requests in it fail, not the server); their error events."""
+    events: list[Event] = []
+    for slot, ticket in enumerate(state.active):
+        if ticket is not None:
+            state.active[slot] = None
+            events.append((ticket, error))
+    stats.active = 0
+    return events
+
+
+class Steps:
+    """A decoder session with its scheduling state and statistics: the one generation path."""
+
+    def __init__(self, session: Decoder, state: SchedulerState, stats: GenerationStats):
+        self.session, self.state, self.stats = session, state, stats
+
+    def plan(self) -> StepPlan:
+        """The next plan, already begun (call it under the lock that guards ``state.waiting``)."""
+        plan = schedule(self.state)
+        begin(self.state, self.stats, plan)
+        return plan
+
+    def carry_out(self, plan: StepPlan) -> list[Event]:
+        """Execute a begun plan and update the state from its outputs; the events to emit."""
+        return update(self.state, self.stats, plan, execute(plan, self.session, self.state.cache))
+
+    def turn(self) -> list[Event]:
+        """One whole step (the state owned by this thread alone): plan, execute, update."""
+        return self.carry_out(self.plan())
+
+    def run(self, seq: Sequence) -> Iterator[str | Generation]:
+        """Generate ``seq`` in this thread (the state must not be shared with a running scheduler): its text
+        pieces, then its Generation. Leaving the iteration early cancels it; an error in a step is raised."""
+        ticket = Ticket(seq, lambda item: None)
+        self.state.waiting.append(ticket)
+        self.stats.queued = len(self.state.waiting)
+        done = False
+        try:
+            while not done:
+                try:
+                    events = self.turn()
+                except Exception as exc:
+                    fail_running(self.state, self.stats, exc)
+                    raise
+                for owner, item in events:
+                    if owner is ticket:
+                        done = isinstance(item, Generation)
+                        yield item
+        finally:
+            if not done:  # its slot is freed at the next turn, as a cancelled request's in the scheduler
+                ticket.cancelled = True
+                if ticket in self.state.waiting:
+                    self.state.waiting.remove(ticket)
