@@ -109,14 +109,9 @@ def echo_model() -> Any:
 
 
 def remote_folder(repo: Path, name: str, config: dict[str, Any]) -> Path:
-    """A model folder whose forward pass is remote: model.yaml and version folder 1.
-
-    Repository.versions() counts only version folders holding a model.onnx; until it accepts a version
-    folder without one for runtimes that read no file, the folder holds an empty model.onnx, which the
-    remote runtime never opens (see the report on issue 14.3)."""
+    """A model folder whose forward pass is remote: model.yaml and an empty version folder 1."""
     folder = repo / name
     (folder / "1").mkdir(parents=True)
-    (folder / "1" / "model.onnx").write_bytes(b"")
     (folder / "model.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return folder
 
