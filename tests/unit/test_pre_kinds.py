@@ -48,7 +48,7 @@ class Scale(Preprocessor):
 
 @pytest.fixture
 def scale_kind():
-    kinds.register("scale", Scale)  # the one registry line a new kind adds (here at run time)
+    kinds.register("scale", f"{__name__}:Scale")  # the one line a new kind adds, as in kinds.BUILTIN
     yield
     kinds.unregister("scale")
 

@@ -98,7 +98,9 @@ class Preprocessor(abc.ABC):
     - ``required_columns()``: the columns a table input must have (checked once before a batch job);
     - ``layouts()``: input name -> the image layout this kind fills it in (Triton's input format).
 
-    The cost class (work to run off the event loop) is in each Plan.
+    The cost class (work to run off the event loop) is in each Plan. ``plan`` and ``run`` raise
+    InvalidInput with ``("instances", i, ...)`` in ``loc`` for a bad instance: batch takes that row out,
+    records the error for it, and runs the rest.
     """
 
     schema: ClassVar[type[PreOptions]]
