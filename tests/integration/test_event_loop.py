@@ -1,5 +1,9 @@
 """The event loop never waits on one request's work: a request whose pre-processing takes a long time (large
-images to decode and shrink) does not hold up a small one sent meanwhile."""
+images to decode and shrink) does not hold up a small one sent meanwhile.
+
+The server is a `forwardpass serve` process of its own: what is timed is its event loop, with no test client
+sharing its interpreter.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,9 @@ import io
 import time
 
 import httpx
+import pytest
+from fixtures import copy_models
+from serverproc import Server
 
 ROW = {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}]}
 
@@ -22,6 +29,13 @@ def _large_png(side: int = 5000) -> str:
     out = io.BytesIO()
     image.save(out, "PNG")  # compresses to ~50 kB: the cost is in decoding 25 megapixels, not in the body
     return base64.b64encode(out.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def server(demo_repo, tmp_path_factory):
+    srv = Server(copy_models(demo_repo, tmp_path_factory.mktemp("loop") / "models", "digits", "iris"))
+    yield srv
+    srv.stop()
 
 
 def test_small_requests_are_answered_while_large_images_decode(server):
