@@ -54,6 +54,24 @@ def test_greedy_is_deterministic_and_streaming_matches(llm):
     assert full.finish_reason in ("stop", "length")
 
 
+def test_a_shared_prefix_is_reused_and_gives_the_cold_answer(llm):
+    system = {"role": "system", "content": "You answer questions about a small public library. " * 12}
+    ask = [[system, {"role": "user", "content": q}] for q in ("Where are the maps?", "When do you open?")]
+    cold = llm.generate(messages=ask[1], max_tokens=8, temperature=0)
+    other = llm.generate(messages=ask[0], max_tokens=8, temperature=0)
+    warm = llm.generate(messages=ask[1], max_tokens=8, temperature=0)
+    assert cold.cached_tokens == 0 and other.cached_tokens >= 64 and warm.cached_tokens >= 64
+    assert warm.text == cold.text  # chunks cut at fixed positions: a hit computes what a cold run does
+
+
+def test_leaving_a_stream_early_frees_the_model_for_the_next_request(llm):
+    whole = llm.generate(messages=QUESTION, max_tokens=12, temperature=0)
+    stream = llm.generate(messages=QUESTION, max_tokens=12, temperature=0, stream=True)
+    assert next(stream)
+    stream.close()
+    assert llm.generate(messages=QUESTION, max_tokens=12, temperature=0).text == whole.text
+
+
 def test_stop_strings(llm):
     free = llm.generate(messages=QUESTION, max_tokens=30, temperature=0).text
     assert len(free) > 3

@@ -1,4 +1,6 @@
-"""A language model from the repository: tokenizer, chat template, decoder session, sampling loop.
+"""A language model from the repository: tokenizer, chat template, decoder session, and generate(): the
+server scheduler's own schedule -> execute -> update steps (generation/steps.py), one request at a time in the
+caller's thread, prefix cache included.
 
     llm = forwardpass.load("smollm2")
     llm.generate("What is the capital of France?").text
@@ -22,15 +24,19 @@ from forwardpass._deps import require
 from forwardpass.config import ModelConfig
 from forwardpass.errors import ForwardpassError, InvalidInput, ModelConfigError, ModelLoadError
 from forwardpass.generation.sampler import SamplingParams
+from forwardpass.generation.schedule import PrefixCache, SchedulerState
 from forwardpass.generation.sequence import Generation
 from forwardpass.generation.sequence import Sequence as TokenSequence
 from forwardpass.generation.session import DecoderSession
+from forwardpass.generation.steps import Steps
+from forwardpass.stats import GenerationStats
 
 __all__ = ["ChatTemplate", "Generation", "LanguageModel"]
 
 
 class LanguageModel:
-    """One version of a generation model; generate() runs one sequence at a time."""
+    """One version of a generation model; generate() runs one sequence at a time (a server runs many at once
+    through its GenerationScheduler)."""
 
     def __init__(self, name: str, version: int, config: ModelConfig, folder: Path):
         tokenizers = require("tokenizers", "llm", "language models")
@@ -47,9 +53,21 @@ class LanguageModel:
 
     @cached_property
     def session(self) -> DecoderSession:
-        """The single-sequence session generate() uses (created on first use: a server decodes through its
-        own multi-slot scheduler and never needs this one)."""
+        """The one-slot session generate() uses (created on first use: a server decodes through its own
+        multi-slot scheduler and never needs this one). ``session.step()`` drives it by hand (the goldens test,
+        bench/generate.py)."""
         return self.open_session(slots=1)
+
+    @cached_property
+    def _steps(self) -> Steps:
+        """generate()'s scheduling state: one slot, prefix cache, statistics. Its decode calls have one row where
+        the server's carry a dummy second one (MIN_ROWS): one row is faster alone (96 vs 112 ms a step measured on
+        a busy 2-core machine) and keeps the tokens generate() always gave; at a near tie (top-2 margin under
+        ~0.5 logits) generate() and the server may pick differently, as before."""
+        gen = self.gen
+        cache = PrefixCache(gen.prefix_cache_mib * 2**20, gen.prefill_chunk)
+        state = SchedulerState(1, gen.prefill_chunk, cache, min_rows=1)
+        return Steps(self.session, state, GenerationStats(self.name, self.version))
 
     def open_session(self, slots: int = 1, context: int | None = None) -> DecoderSession:
         """A decoder with ``slots`` KV rows of ``context`` positions (default: the model's context)."""
@@ -160,17 +178,7 @@ class LanguageModel:
 
     def _run(self, seq: TokenSequence) -> Iterator[str | Generation]:
         with self._lock:
-            session = self.session
-            session.reset()
-            logits = session.step(seq.prompt)
-            while True:
-                piece = seq.advance(logits)
-                if piece:
-                    yield piece
-                if seq.finish_reason:
-                    break
-                logits = session.step([seq.tokens[-1]])
-        yield seq.result()
+            yield from self._steps.run(seq)
 
 
 class ChatTemplate:

@@ -1,7 +1,7 @@
 """One generation request's state between forward passes: sampling, stop rules, text to send.
 
-The single-sequence loop (LanguageModel.generate) and the continuous-batching scheduler both
-drive a Sequence the same way, so the two paths cannot drift apart:
+update() in generation/steps.py advances every Sequence (the scheduler's and LanguageModel.generate's:
+one path). By hand, over one session:
 
     seq = Sequence(prompt_ids, limit=64, stop=["\\n\\n"], params=SamplingParams(seed=1), ...)
     logits = session.step(seq.prompt)

@@ -107,7 +107,7 @@ class DecoderSession:
         for buffer, array in zip(self.kv, arrays, strict=True):
             buffer[slot, :, :length] = array[:, :length]
 
-    # -- one sequence in slot 0 (LanguageModel.generate) -----------------------------------------
+    # -- one sequence in slot 0, by hand (the goldens test, bench/generate.py) -----------------------
 
     def reset(self) -> None:
         """Start a new sequence (the buffers are overwritten as positions are reused)."""
