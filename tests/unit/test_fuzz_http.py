@@ -10,19 +10,17 @@ unicode (digits of other scripts included). The properties, for every example:
   (V2: {"error", "type", "detail": [{"loc", "msg", ...}]}; OpenAI: {"error": {"message", "type", "param", "code"}});
 - the next good request is answered 200.
 
-The app runs in-process (httpx.ASGITransport) over a small repository in a temporary folder, on an
-event loop of its own in a background thread, so that a few hundred examples per endpoint take seconds.
+The app runs in-process (fixtures.inprocess: httpx.ASGITransport) over a small repository in a temporary
+folder, on an event loop of its own in a background thread, so that a few hundred examples per endpoint
+take seconds.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import copy
 import functools
 import os
-import shutil
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,13 +31,11 @@ import orjson
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
-from fixtures import token_model, write_model  # noqa: E402
+from fixtures import copy_models, token_model, write_model  # noqa: E402
+from fixtures.inprocess import InProcess  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from forwardpass.engine import Engine  # noqa: E402
-from forwardpass.repository import Repository  # noqa: E402
-from forwardpass.server.app import App  # noqa: E402
 from forwardpass.server.config import ServeConfig  # noqa: E402
 
 EXAMPLES = int(os.environ.get("FORWARDPASS_FUZZ_EXAMPLES", "200"))  # per endpoint; CI keeps the default
@@ -52,56 +48,14 @@ MAX_BODY = 1_000_000
 MAX_ELEMENTS = 50_000
 
 
-def _link_tree(source: Path, target: Path) -> None:
-    """A copy of a model folder made of hard links where the file system allows (smollm2 is 290 MB)."""
-    try:
-        shutil.copytree(source, target, copy_function=os.link)
-    except OSError:
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(source, target)
-
-
-class InProcess:
-    """The ASGI app and its engine on an event loop in a background thread; ``request`` is synchronous."""
-
-    def __init__(self, root: Path):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        config = ServeConfig(repository=root, poll_interval=0, max_body_bytes=MAX_BODY, max_elements=MAX_ELEMENTS)
-        self.engine = Engine(Repository(root), poll_interval=0)
-        self.app = App(self.engine, config)
-        self._run(self.engine.start(), 300)
-        self.client = self._run(self._client(), 10)
-
-    async def _client(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://fuzz", timeout=60)
-
-    def _run(self, coroutine: Any, timeout: float) -> Any:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
-
-    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        return self._run(self.client.request(method, path, **kwargs), 60)
-
-    def close(self) -> None:
-        self._run(self.client.aclose(), 10)
-        self._run(self.engine.stop(5), 60)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
-
 @pytest.fixture(scope="module")
 def app(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcess]:
     root = tmp_path_factory.mktemp("fuzz") / "models"
-    root.mkdir()
-    for name in ("digits", "iris", "smollm2"):
-        if (demo_repo / name).is_dir():
-            _link_tree(demo_repo / name, root / name)
+    copy_models(demo_repo, root, *(name for name in ("digits", "iris", "smollm2") if (demo_repo / name).is_dir()))
     write_model(root, "tokens", {"task": "classification", "labels": ["no", "yes"]}, token_model(vocab=50))
-    served = InProcess(root)
-    yield served
-    served.close()
+    config = ServeConfig(repository=root, poll_interval=0, max_body_bytes=MAX_BODY, max_elements=MAX_ELEMENTS)
+    with InProcess(config, base_url="http://fuzz") as served:
+        yield served
 
 
 # -- mutations ----------------------------------------------------------------------------------
