@@ -57,7 +57,7 @@ class Model:
         one = self.inputs[0] if len(self.inputs) == 1 else None
         self._single_input = one
         # the fast path: one input whose first dim is the batch, and a post-processor giving Answers
-        batched = one is not None and one.shape[:1] == [-1] and config.post.kind != "passthrough"
+        batched = one is not None and one.shape[:1] == [-1] and self._post.output_names is not None
         self._fast = self._checks[one.name] if batched else None  # type: ignore[union-attr]
         self._run_post = runtime.prepare(self._post.output_names or self._output_names)
 

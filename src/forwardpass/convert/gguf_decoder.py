@@ -179,6 +179,7 @@ def build_decoder(model: GGUFFile, *, accuracy_level: int = 4, max_positions: in
     # only the last position goes through the head: a 512-token prefill would otherwise pay 512 head rows
     last = [g.const("minus1", np.array([-1], np.int64)), g.const("end", np.array([np.iinfo(np.int64).max], np.int64)),
             g.const("seq_axis", np.array([1], np.int64))]  # fmt: skip
+    assert pending is not None  # every layer leaves its feed-forward output pending
     (last_pending,) = g.op("Slice", [pending, *last], "last_pending")
     (last_residual,) = g.op("Slice", [residual, *last], "last_residual")
     h, _, _, _ = g.op("SkipSimplifiedLayerNormalization", [last_pending, last_residual,

@@ -14,6 +14,7 @@ import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -167,7 +168,7 @@ def _build_into(root: Path, progress: Progress) -> None:
         import_gguf(smollm2, "smollm2", root)
 
 
-def _add_digits(root: Path, scaled: Callable[[object], object], serving: dict[str, object]) -> None:
+def _add_digits(root: Path, scaled: Callable[[Any], Any], serving: dict[str, object]) -> None:
     """The digits MLP, trained on the clean rows and varied copies of them; scored clean and varied."""
     from forwardpass.config import ImagePre, TensorSpec
     from forwardpass.convert.sklearn import import_sklearn

@@ -150,7 +150,7 @@ class Engine:
             return await self.plane.infer(self.served(name), request)
 
     async def predict(self, name: str, version: int | None, instances: list[Any],
-                      top_k: int | None = None) -> tuple[Served, list[dict[str, Any]]]:  # fmt: skip
+                      top_k: int | None = None) -> tuple[Served, Any]:  # fmt: skip
         """Instances in, answers out: pre-processing, the model, post-processing (the human endpoint, CLI, batch)."""
         try:
             return await self.plane.predict(self.served(name, version), instances, top_k)

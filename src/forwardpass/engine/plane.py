@@ -100,7 +100,8 @@ class DataPlane:
         served.stats.request(200, time.monotonic() - start, queued, rows, cached)
         return served, result
 
-    async def predict(self, served: Served, instances: list[Any], top_k: int | None) -> tuple[Served, list[dict[str, Any]]]:
+    async def predict(self, served: Served, instances: list[Any], top_k: int | None) -> tuple[Served, Any]:
+        """Answers as JSON-ready data: a list of answers, or {output: rows} for a model without post-processing."""
         start = time.monotonic()
         try:
             if not isinstance(instances, list):

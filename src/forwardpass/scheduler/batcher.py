@@ -72,7 +72,7 @@ def plan(queue: Sequence[Pending], now: float, policy: Policy) -> Decision:
         group.append(i)
         rows += item.rows
     full = full or rows >= policy.max_batch_size
-    next_deadline = min((queue[i].deadline for i in live if queue[i].deadline is not None), default=None)
+    next_deadline = min((d for i in live if (d := queue[i].deadline) is not None), default=None)
 
     if policy.max_queue_delay <= 0 or full:
         return Decision(take=tuple(group), expired=expired)

@@ -229,7 +229,7 @@ def _triton_config(model: str, served: Served) -> dict[str, Any]:
         return {"name": s.name, "data_type": _TRITON_TYPES.get(s.datatype, f"TYPE_{s.datatype}"), "dims": dims(s.shape)}
 
     # Triton's image clients read each input's format: the layout image pre-processing fills it in
-    layout = getattr(m.config.pre, "layout", None)
+    layout: str = getattr(m.config.pre, "layout", None) or ""
     image_input = getattr(m.config.pre, "input", None) or (m.inputs[0].name if len(m.inputs) == 1 else None)
 
     def input_tensor(s: Any) -> dict[str, Any]:

@@ -46,18 +46,19 @@ class _Collector:
         for (name, version), s in m.models.items():
             for status, count in s.by_status.items():
                 by_status[name, str(version), str(status)] = count
-        for (name, version), count in m.unexpected_errors.items():  # 500s outside a V2 model's statistics
-            by_status[name, version, "500"] = by_status.get((name, version, "500"), 0) + count
-        for series, count in sorted(by_status.items()):
-            requests.add_metric(list(series), count)
+        for (label, version_label), count in m.unexpected_errors.items():  # 500s outside a V2 model's statistics
+            key = (label, str(version_label), "500")
+            by_status[key] = by_status.get(key, 0) + count
+        for status_series, count in sorted(by_status.items()):
+            requests.add_metric(list(status_series), count)
         for (name, version), s in sorted(m.models.items()):
-            key = [name, str(version)]
-            hits.add_metric(key, s.cache_hits)
-            misses.add_metric(key, s.cache_misses)
-            rows.add_metric(key, s.inference_count)
+            series = [name, str(version)]
+            hits.add_metric(series, s.cache_hits)
+            misses.add_metric(series, s.cache_misses)
+            rows.add_metric(series, s.inference_count)
             for attr, family in hists.items():
                 h: Histogram = getattr(s, attr)
-                family.add_metric(key, h.cumulative(), h.sum)
+                family.add_metric(series, h.cumulative(), h.sum)
         yield from (requests, hits, misses, rows, *hists.values())
         yield GaugeMetricFamily("forwardpass_inflight_requests", "Requests being served now", value=m.inflight)
         if m.generation:

@@ -324,10 +324,11 @@ class HttpProtocol(asyncio.Protocol):
         """Answer queued requests one at a time, in order (HTTP/1.1 pipelining)."""
         try:
             while self.queue and self.transport is not None:
-                scope, body, response, keep_alive = self.queue.popleft()
+                scope, body, refusal, keep_alive = self.queue.popleft()
+                response: Response | StreamingResponse | None = refusal
                 if response is None:
                     try:
-                        response = await self.state.app.dispatch(scope, None, body)  # type: ignore[arg-type]
+                        response = await self.state.app.dispatch(scope or {}, None, body)
                     except Exception:  # dispatch never raises; if it does, the client still gets an answer
                         log.exception("request handler failed")
                         response = INTERNAL_ERROR

@@ -5,29 +5,30 @@ Hot routes first: the router tries them in order.
 
 from __future__ import annotations
 
-from forwardpass.server.auth import Access, Keys
+from forwardpass.server.auth import Access, Handler, Keys
 from forwardpass.server.errors import openai_error
 from forwardpass.server.handlers import Handlers
 from forwardpass.server.http import Router
 from forwardpass.server.openai import OpenAIHandlers
 
 PUBLIC, METRICS, INFER, ADMIN = Access.PUBLIC, Access.METRICS, Access.INFER, Access.ADMIN
+Route = tuple[str, str, Handler, Access]  # method, path pattern, handler, who may call it
 
 
 def routes(h: Handlers, o: OpenAIHandlers, keys: Keys) -> Router:
     """Every endpoint the server answers, behind its access check."""
-    v2 = [
+    v2: list[Route] = [
         ("POST", "/v2/models/{model}/infer", h.infer, INFER),
         ("POST", "/v2/models/{model}/versions/{version}/infer", h.infer, INFER),
         ("POST", "/v1/models/{model}:predict", h.predict, INFER),
         ("POST", "/v1/models/{model}/versions/{version}:predict", h.predict, INFER),
     ]
-    openai = [  # refusals in OpenAI's error shape
+    openai: list[Route] = [  # refusals in OpenAI's error shape
         ("POST", "/v1/chat/completions", o.chat_completions, INFER),
         ("POST", "/v1/completions", o.completions, INFER),
         ("GET", "/v1/models", o.models, INFER),
     ]
-    rest = [
+    rest: list[Route] = [
         ("GET", "/v2/health/ready", h.ready, PUBLIC),
         ("GET", "/v2/health/live", h.live, PUBLIC),
         ("GET", "/v2", h.server_metadata, INFER),

@@ -60,6 +60,7 @@ def parse_infer(body: bytes, header_length: int | None, max_elements: int) -> In
         names.add(name)
         loc = ("inputs", name)
         count = _check_shape(loc, shape, max_elements)
+        assert isinstance(shape, list)  # _check_shape refused everything else
         if not isinstance(datatype, str) or datatype not in _DATATYPES:
             raise InvalidInput((*loc, "datatype"), f"expected one of {sorted(_DATATYPES)}", shown(datatype))
         params = _parameters((*loc, "parameters"), item.get("parameters"))
