@@ -8,7 +8,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from forwardpass.cli import app
+from forwardpass.cli import app, main
 from forwardpass.demo import datasets
 
 runner = CliRunner()
@@ -65,6 +65,25 @@ def run_cli(*args, **kwargs):
     return subprocess.run([sys.executable, "-m", "forwardpass", *args], capture_output=True, text=True, **kwargs)
 
 
+@pytest.fixture
+def cli(capfd, monkeypatch):
+    """The console script's entry point (forwardpass.cli.main) in this process: exit code, stdout and stderr as
+    a subprocess would give them, without starting an interpreter per call."""
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        monkeypatch.setattr(sys, "argv", ["forwardpass", *args])
+        capfd.readouterr()
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        out, err = capfd.readouterr()
+        return subprocess.CompletedProcess(["forwardpass", *args], code, out, err)
+
+    return run
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -78,14 +97,20 @@ def run_cli(*args, **kwargs):
         (["predict", "iris", "[]"], "at least one instance"),
     ],
 )
-def test_bad_input_exits_2_with_one_line(demo_repo, args, message):
-    result = run_cli(*args)
+def test_bad_input_exits_2_with_one_line(demo_repo, cli, args, message):
+    result = cli(*args)
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
 
 
-def test_import_refuses_pickles_without_trust(demo_repo, tmp_path):
+def test_the_console_script_exits_2_with_one_line_in_a_process_of_its_own(demo_repo):
+    result = run_cli("predict", "iris", "{not json")
+    assert result.returncode == 2 and "not valid JSON" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr + result.stdout
+
+
+def test_import_refuses_pickles_without_trust(demo_repo, tmp_path, cli):
     from sklearn.linear_model import LogisticRegression
 
     s = datasets.load("iris")
@@ -93,17 +118,17 @@ def test_import_refuses_pickles_without_trust(demo_repo, tmp_path):
     path.write_bytes(pickle.dumps(LogisticRegression(max_iter=2000).fit(s.X_train, s.y_train)))
     repo = tmp_path / "repo"
     repo.mkdir()
-    result = run_cli("import", "sklearn", str(path), "--name", "mine", "--repository", str(repo))
+    result = cli("import", "sklearn", str(path), "--name", "mine", "--repository", str(repo))
     assert result.returncode == 2 and "--trust" in result.stderr and "arbitrary code" in result.stderr
     assert not (repo / "mine").exists()
-    result = run_cli("import", "sklearn", str(path), "--name", "mine", "--repository", str(repo), "--trust",
-                     "--features", ",".join(s.feature_names))  # fmt: skip
+    result = cli("import", "sklearn", str(path), "--name", "mine", "--repository", str(repo), "--trust",
+                 "--features", ",".join(s.feature_names))  # fmt: skip
     assert result.returncode == 0, result.stderr
-    out = run_cli("predict", "mine", json.dumps(dict(zip(s.feature_names, s.X_test[0]))), "--json", "-r", str(repo))
+    out = cli("predict", "mine", json.dumps(dict(zip(s.feature_names, s.X_test[0]))), "--json", "-r", str(repo))
     assert json.loads(out.stdout)[0]["label"] == s.y_test[0]
 
 
-def test_import_regressor_with_calibration_csv(tmp_path):
+def test_import_regressor_with_calibration_csv(tmp_path, cli):
     from sklearn.linear_model import Ridge
 
     s = datasets.load("diabetes")
@@ -113,8 +138,8 @@ def test_import_regressor_with_calibration_csv(tmp_path):
     calib.write_text("\n".join([",".join(s.feature_names + ["y"])] +
                                [",".join(map(str, [*x, y])) for x, y in zip(s.X_calib, s.y_calib)]))  # fmt: skip
     (tmp_path / "repo").mkdir()
-    result = run_cli("import", "sklearn", str(path), "--name", "reg", "-r", str(tmp_path / "repo"), "--trust",
-                     "--calibration", str(calib), "--target", "y")  # fmt: skip
+    result = cli("import", "sklearn", str(path), "--name", "reg", "-r", str(tmp_path / "repo"), "--trust",
+                 "--calibration", str(calib), "--target", "y")  # fmt: skip
     assert result.returncode == 0, result.stderr
     text = (tmp_path / "repo" / "reg" / "model.yaml").read_text()
     assert "conformal" in text and "level: 0.9" in text
