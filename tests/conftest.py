@@ -6,6 +6,8 @@ Importing fixtures registers the fake runtimes (echo, slow, failing, nan) before
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,3 +58,23 @@ def serve() -> Iterator[Callable[..., InProcess]]:
     yield start
     for app in reversed(started):
         app.close()
+
+
+@pytest.fixture
+def cli(capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """``cli(*args)``: the console script's entry point (forwardpass.cli.main) in this process, with the exit
+    code, stdout and stderr a subprocess would give, without starting an interpreter per call."""
+    from forwardpass.cli import main
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        monkeypatch.setattr(sys, "argv", ["forwardpass", *args])
+        capfd.readouterr()
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        out, err = capfd.readouterr()
+        return subprocess.CompletedProcess(["forwardpass", *args], code, out, err)
+
+    return run

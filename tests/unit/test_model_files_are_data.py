@@ -327,19 +327,15 @@ def test_smollm2_special_token_text_in_a_message_stays_text(smollm2_chat):
 # --- scikit-learn files: unreadable pickles fail in one line ------------------------------------------------------
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "forwardpass", *args], capture_output=True, text=True, timeout=120)
-
-
 @pytest.mark.parametrize("name", ["random.pkl", "empty.pkl", "random.joblib", "empty.joblib", "number.pkl"])
-def test_import_sklearn_trust_on_a_file_that_is_no_estimator_is_one_line_and_exit_2(tmp_path, name):
+def test_import_sklearn_trust_on_a_file_that_is_no_estimator_is_one_line_and_exit_2(tmp_path, cli, name):
     pytest.importorskip("sklearn")
     import random
 
     contents = {"random": random.Random(1).randbytes(200), "empty": b"", "number": pickle.dumps(3)}
     path = tmp_path / name
     path.write_bytes(contents[path.stem])
-    result = _cli("import", "sklearn", str(path), "--name", "x", "--trust", "-r", str(tmp_path / "repo"))
+    result = cli("import", "sklearn", str(path), "--name", "x", "--trust", "-r", str(tmp_path / "repo"))
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and str(path) in lines[0], result.stderr
