@@ -295,7 +295,8 @@ class _Marks:
     around a random number no message can know, so only this render's markers turn back into text."""
 
     def __init__(self, specials: re.Pattern[str]):
-        self.specials, self.originals = specials, []
+        self.specials = specials
+        self.originals: list[str] = []
         self.nonce = str(secrets.randbits(64))
         self.pattern = re.compile(f"\ue000{self.nonce}:(\\d+)\ue001")
 

@@ -40,7 +40,7 @@ class DecoderSession:
         self.session = self._load(path, threads)
         # a second graph for prompts (many rows at once; fp32 activations), on the same KV buffers
         self.prefill_session = self._load(prefill_path, threads) if prefill_path else None
-        self._bindings: dict[tuple[str, int, int], tuple[Any, np.ndarray]] = {}
+        self._bindings: dict[tuple[str, int, int, int], tuple[Any, np.ndarray]] = {}
 
     @staticmethod
     def _load(path: str | Path, threads: int | None) -> ort.InferenceSession:
