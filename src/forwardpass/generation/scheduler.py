@@ -122,10 +122,13 @@ class GenerationScheduler:
                     return
                 plan = self._steps.plan()  # schedule + begin: under the lock, as submit and cancel change the queue
             try:
-                events = self._steps.carry_out(plan)  # execute + update
+                # execute + update, without the lock: only this thread writes the slots (update frees finished
+                # ones), submit and cancel only read them or touch the queue
+                events = self._steps.carry_out(plan)
             except Exception as exc:  # a failed forward pass fails the requests in it, not the server
                 log.exception("generation step failed")
-                events = fail_running(self.state, self.stats, exc)
+                with self._cond:
+                    events = fail_running(self.state, self.stats, exc)
             self._emit(events)
 
     def _emit(self, events: list[Event]) -> None:
