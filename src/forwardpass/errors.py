@@ -251,9 +251,14 @@ class ModelConfigError(ForwardpassError):
 
 
 class ModelLoadError(ForwardpassError):
-    """The model file does not load, or its inputs/outputs disagree with model.yaml."""
+    """The model file does not load, or its inputs/outputs disagree with model.yaml.
+
+    ``retry_after`` is set when the cause may pass by itself (a remote runtime's server is down): hot
+    reload then tries again, backing off, instead of waiting for the folder to change.
+    """
 
     type = "model_load_error"
+    retry_after: float | None = None
 
 
 class MissingDependency(ForwardpassError):

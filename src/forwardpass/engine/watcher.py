@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from typing import Any
@@ -33,6 +34,7 @@ from forwardpass.tensors import zeros
 log = logging.getLogger("forwardpass.engine")
 
 CONTROL_MODES = ("poll", "explicit", "none")
+RETRY_MAX = 60.0  # seconds: the longest wait before another try of a load that failed for a passing cause
 
 
 class Watcher:
@@ -50,6 +52,7 @@ class Watcher:
         self._seen: dict[str, tuple[Any, ...]] = {}  # what the folder looked like when last loaded
         self._poller: asyncio.Task[None] | None = None
         self._draining: set[asyncio.Task[None]] = set()
+        self._retry: dict[str, tuple[float, float]] = {}  # name -> (when to try again, the delay before that)
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -108,15 +111,27 @@ class Watcher:
     async def poll_once(self) -> None:
         """Load what changed on disk: new models, new or removed versions, edited model.yaml."""
         on_disk = set(self.repository.names())
+        now = time.monotonic()
         for name in sorted(on_disk - self.registry.unloaded):
-            if self._fingerprint(name) != self._seen.get(name):
+            retry = self._retry.get(name)
+            if self._fingerprint(name) != self._seen.get(name) or (retry is not None and now >= retry[0]):
                 try:
                     await self._load(name)
+                    self._retry.pop(name, None)
                 except ForwardpassError as exc:
-                    self._seen[name] = self._fingerprint(name)  # do not retry a broken folder every poll
+                    self._seen[name] = self._fingerprint(name)  # do not retry a broken folder every poll...
+                    self._retry_later(name, exc, now)  # ...unless the cause may pass (a remote that is down)
                     log.error("reload of %s failed, still serving the previous versions: %s", name, exc)
         for name in self.registry.serving() - on_disk:
             await self._unload(name)
+
+    def _retry_later(self, name: str, exc: ForwardpassError, now: float) -> None:
+        """Schedule another try of a load whose failure may pass by itself, backing off to RETRY_MAX seconds."""
+        if getattr(exc, "retry_after", None) is None:
+            self._retry.pop(name, None)
+            return
+        delay = min(RETRY_MAX, 2 * self._retry[name][1]) if name in self._retry else self.poll_interval
+        self._retry[name] = (now + delay, delay)
 
     async def _poll_forever(self) -> None:
         while True:

@@ -231,7 +231,9 @@ class RemoteRuntime:
         try:
             answer = self._call("GET", self._metadata_path, None, self._headers)
         except ForwardpassError as exc:
-            raise ModelLoadError(f"{where}: cannot read the model's metadata: {exc.message}") from None
+            failed = ModelLoadError(f"{where}: cannot read the model's metadata: {exc.message}")
+            failed.retry_after = getattr(exc, "retry_after", None)  # unreachable: hot reload tries again later
+            raise failed from None
         if answer.status != 200:
             hint = {404: "correct runtime.model (and runtime.version), or load the model on that server",
                     401: "set runtime.api_key (or runtime.api_key_env) to a key that server accepts",
