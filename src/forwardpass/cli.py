@@ -214,7 +214,7 @@ def predict(
 
     repo = _repository(repository)
     loaded = repo.load(model, version)
-    instances, names = _read_inputs(inputs, loaded.config.pre.kind)
+    instances, names = _read_inputs(inputs, loaded.config.pre.kind, text=loaded.pre.text)
     with Embedded(repo) as engine:  # the path a server request takes: the same checks, the same errors
         engine.serve(loaded)
         answers = engine.predict(model, instances, version=loaded.version, top_k=top_k)
@@ -263,7 +263,7 @@ def batch(
         out.print(f"errors: {summary.errors_file}")
 
 
-def _read_inputs(args: list[str], pre_kind: str) -> tuple[list[Any], list[str]]:
+def _read_inputs(args: list[str], pre_kind: str, *, text: bool) -> tuple[list[Any], list[str]]:
     instances: list[Any] = []
     names: list[str] = []
 
@@ -285,13 +285,13 @@ def _read_inputs(args: list[str], pre_kind: str) -> tuple[list[Any], list[str]]:
             elif suffix == ".csv":
                 with path.open(newline="", encoding="utf-8") as f:
                     add(list(csv.DictReader(f)), path.name)
-            elif suffix == ".txt" and pre_kind == "text":
+            elif suffix == ".txt" and text:
                 add([path.read_text(encoding="utf-8")], path.name)
             else:
                 add([path.read_bytes()], path.name)  # images, audio: the model's pre-processing decodes them
         elif arg.lstrip()[:1] in ("{", "["):
             add(_json_items(arg, "argument"), _clip(arg))
-        elif pre_kind == "text":
+        elif text:
             add([arg], _clip(arg))
         else:
             raise ForwardpassError(f"input {arg!r} is not a file, and not JSON (this model's pre-processing is "

@@ -109,18 +109,6 @@ class _ByKind:
 
 PreConfig = Annotated[PreOptions, _ByKind()]
 
-# names from before the registry; new code imports a kind's schema from its module
-_MOVED = {"TensorPre": "tensor", "TabularPre": "tabular", "ImagePre": "image", "TextPre": "text", "AudioPre": "audio"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        from forwardpass.pipeline import kinds
-
-        return kinds.kind(_MOVED[name]).schema
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 # --- post-processing --------------------------------------------------------------
 
 

@@ -170,9 +170,10 @@ def _build_into(root: Path, progress: Progress) -> None:
 
 def _add_digits(root: Path, scaled: Callable[[Any], Any], serving: dict[str, object]) -> None:
     """The digits MLP, trained on the clean rows and varied copies of them; scored clean and varied."""
-    from forwardpass.config import ImagePre, TensorSpec
+    from forwardpass.config import TensorSpec
     from forwardpass.convert.sklearn import import_sklearn
     from forwardpass.pipeline import build_pre
+    from forwardpass.pipeline.kinds.image import ImagePre
     from forwardpass.repository import Repository
 
     neural = require("sklearn.neural_network", "sklearn", "building the demo models")

@@ -161,7 +161,7 @@ class DataPlane:
                                    f"pre-processing, got {len(request.inputs)} inputs")  # fmt: skip
             tensor = request.inputs[0]
             raw = tensor.array.reshape(-1).tolist()
-            return model.plan([_text(tensor.name, v) for v in raw] if model.pre_kind == "text" else raw)
+            return model.plan([_text(tensor.name, v) for v in raw] if model.pre.text else raw)
         feeds = {}
         for t in request.inputs:
             spec = specs.get(t.name)

@@ -229,11 +229,10 @@ def _triton_config(model: str, served: Served) -> dict[str, Any]:
         return {"name": s.name, "data_type": _TRITON_TYPES.get(s.datatype, f"TYPE_{s.datatype}"), "dims": dims(s.shape)}
 
     # Triton's image clients read each input's format: the layout image pre-processing fills it in
-    layout: str = getattr(m.config.pre, "layout", None) or ""
-    image_input = getattr(m.config.pre, "input", None) or (m.inputs[0].name if len(m.inputs) == 1 else None)
+    layouts = m.pre.layouts()  # input name -> NCHW, NHWC or flat, for the inputs an image kind fills
 
     def input_tensor(s: Any) -> dict[str, Any]:
-        return {**tensor(s), "format": _FORMATS.get(layout, "FORMAT_NONE") if s.name == image_input else "FORMAT_NONE"}
+        return {**tensor(s), "format": _FORMATS.get(layouts.get(s.name, ""), "FORMAT_NONE")}
 
     return {
         "name": model,
