@@ -93,8 +93,11 @@ def test_missing_input_in_mapping(tmp_path):
         model.predict({"input_ids": np.zeros((2, 3), np.int64), "attention_mask": np.zeros((2, 4), np.int64)})
     with pytest.raises(InvalidInput, match="out of data bounds"):  # token id past the vocabulary
         model.predict({"input_ids": np.full((1, 3), 99, np.int64), "attention_mask": np.ones((1, 3), np.int64)})
-    with pytest.raises(InvalidInput, match="no pre-processing"):
-        model.predict(["some text"])
+    with pytest.raises(InvalidInput, match=r"instances\[0\]: the model takes 2 inputs .* send a mapping of input name"):
+        model.predict(["some text"])  # no pre-processing: instances are rows of the inputs, here a mapping each
+    rows = model.predict([{"input_ids": [1, 2, 3], "attention_mask": [1, 1, 0]}])
+    direct = model.predict({"input_ids": np.array([[1, 2, 3]]), "attention_mask": np.array([[1, 1, 0]])})
+    assert rows[0] == direct[0]
 
 
 def test_defaults_fill_missing_features(tmp_path):

@@ -98,8 +98,11 @@ def test_tabular_and_tensor_plans():
     np.testing.assert_array_equal(plan.run()["input"], [[1, 2]])
     none = build_pre(TensorPre(), specs, Path("."))
     assert not none.takes_raw
-    with pytest.raises(InvalidInput, match="declares no pre-processing"):
+    with pytest.raises(InvalidInput, match=r"instances\[0\]\.a: unknown input; the model takes \['input'\]"):
         none.plan([{"a": 1}])
+    np.testing.assert_array_equal(none.plan([[1, 2], [3, 4]]).run()["input"], [[1, 2], [3, 4]])  # rows, stacked
+    with pytest.raises(InvalidInput, match=r"instances\[1\]: expected shape \[2\] for input 'input'"):
+        none.plan([[1, 2], [3, 4, 5]]).run()
 
 
 def test_plan_of_nothing_is_an_error():

@@ -10,6 +10,7 @@ bad cell); otherwise each row is read into an instance by the kind (``read_row``
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,7 @@ import numpy as np
 
 from forwardpass._deps import require
 from forwardpass.batch.io import Chunk
-from forwardpass.errors import ForwardpassError, InvalidInput
+from forwardpass.errors import ForwardpassError, InvalidInput, format_loc
 from forwardpass.pipeline.answers import ClassificationAnswers
 
 
@@ -54,11 +55,17 @@ class ChunkPredictor:
         """The forward pass and post-processing -> (output table, error records)."""
         chunk, feeds, kept, errors = prepared.chunk, prepared.feeds, prepared.kept, prepared.errors
         n = len(chunk)
+        predictions: dict[str, Any] = {}
+        if len(kept):
+            predictions, refused = self._forward(feeds, len(kept))
+            if refused:  # rows the model itself refused (a token id past its vocabulary): errors, like any bad row
+                for position, why in refused.items():
+                    errors[int(kept[position])] = why
+                kept = np.delete(kept, list(refused))
         columns: dict[str, Any] = {"row": kept + chunk.start}
         for name in self.id_columns:
             columns[name] = self._ids(chunk, name, kept)
-        if len(kept):
-            columns.update(self._forward(feeds, len(kept)))
+        columns.update(predictions)
         records = [{"row": chunk.start + i, **{c: self._id(chunk, c, i) for c in self.id_columns}, "error": errors[i]}
                    for i in sorted(errors) if i < n]  # fmt: skip
         return self.pa.table(columns), records
@@ -117,22 +124,35 @@ class ChunkPredictor:
                 return model.prepare([item for _, item in items]), [i for i, _ in items]
             except InvalidInput as exc:
                 if len(exc.loc) < 2 or exc.loc[0] != "instances" or not isinstance(exc.loc[1], int):
-                    raise
+                    return self._one_by_one(items, errors)  # a tensor the rows make together is refused
                 bad = items.pop(exc.loc[1])[0]
-                errors[bad] = _message(exc, drop=2)
+                errors[bad] = _message(exc)
         return {}, []
+
+    def _one_by_one(self, items: list[tuple[int, Any]], errors: dict[int, str]) -> tuple[dict[str, np.ndarray], list[int]]:
+        """Each row pre-processed alone, so that a refusal of the stacked tensor lands on the rows that caused it."""
+        parts, kept = [], []
+        for i, item in items:
+            try:
+                parts.append(self.model.prepare([item]))
+                kept.append(i)
+            except InvalidInput as exc:
+                errors[i] = _message(exc)
+        return ({k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}), kept
 
     # -- feeds -> prediction columns ---------------------------------------------------------------
 
-    def _forward(self, feeds: dict[str, np.ndarray], n: int) -> dict[str, Any]:
+    def _forward(self, feeds: dict[str, np.ndarray], n: int) -> tuple[dict[str, Any], dict[int, str]]:
+        """Prediction columns for the rows the model answers, and errors (by position) for those it refuses."""
         parts: list[dict[str, Any]] = []
+        refused: dict[int, str] = {}
         label_list = None
-        for start in range(0, n, self.batch_size):
-            batch = {k: v[start : start + self.batch_size] for k, v in feeds.items()}
-            answers = self.model.predict(batch)
+        for answers in self._answers(feeds, n, refused):
             if isinstance(answers, ClassificationAnswers):  # class indices now, label strings once per chunk
                 best, label_list = answers.best, answers.class_names
                 cols = {"label": best, "probability": answers.probabilities[np.arange(len(best)), best]}
+            elif isinstance(answers, dict):  # no post-processing: the output tensors, a row each
+                cols = {name: array.tolist() if array.ndim > 1 else array for name, array in answers.items()}
             else:
                 cols = dict(answers.columns())
             if self.top_k > 1 and isinstance(answers, ClassificationAnswers):
@@ -140,13 +160,29 @@ class ChunkPredictor:
                 cols["top_labels"] = answers.labels_of(order).tolist()
                 cols["top_probabilities"] = np.take_along_axis(answers.probabilities, order, axis=1).tolist()
             parts.append(cols)
-        out = {}
-        for name in parts[0]:
+        out: dict[str, Any] = {}
+        for name in parts[0] if parts else ():
             values = [p[name] for p in parts]
             out[name] = np.concatenate(values) if isinstance(values[0], np.ndarray) else [v for p in values for v in p]
         if label_list is not None:  # an Arrow take from the class names: no numpy str array, no per-row objects
             out["label"] = self.pa.array(label_list, self.pa.string()).take(out["label"])
-        return out
+        return out, refused
+
+    def _answers(self, feeds: dict[str, np.ndarray], n: int, refused: dict[int, str]) -> Iterator[Any]:
+        """Answers per batch; a batch the model refuses is run row by row, and the rows it refuses recorded."""
+        for start in range(0, n, self.batch_size):
+            batch = {k: v[start : start + self.batch_size] for k, v in feeds.items()}
+            try:
+                yield self.model.predict(batch)
+                continue
+            except InvalidInput:
+                if len(next(iter(batch.values()))) == 1:
+                    raise
+            for row in range(start, min(n, start + self.batch_size)):
+                try:
+                    yield self.model.predict({k: v[row : row + 1] for k, v in feeds.items()})
+                except InvalidInput as exc:
+                    refused[row] = _message(exc)
 
     # -- ids --------------------------------------------------------------------------------------
 
@@ -212,10 +248,11 @@ def _kept(n: int, errors: dict[int, str]) -> np.ndarray:
     return np.setdiff1d(np.arange(n, dtype=np.int64), np.fromiter(errors, dtype=np.int64, count=len(errors)))
 
 
-def _message(exc: ForwardpassError, drop: int = 0) -> str:
-    """The error without the 'instances[i]' part (the row is its own field in the errors file)."""
+def _message(exc: ForwardpassError) -> str:
+    """The error without its 'instances[i]' part (the row is its own field in the errors file)."""
     if isinstance(exc, InvalidInput):
-        where = ".".join(str(p) for p in exc.loc[drop:]) if drop else ""
+        loc = exc.loc[2:] if len(exc.loc) >= 2 and exc.loc[0] == "instances" and isinstance(exc.loc[1], int) else exc.loc
+        where = format_loc(loc)
         got = "" if exc.input is InvalidInput._MISSING else f" (got {exc.input!r:.80})"
         return f"{where}: {exc.msg}{got}" if where else f"{exc.msg}{got}"
     return exc.message
