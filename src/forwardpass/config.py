@@ -225,7 +225,7 @@ class RuntimeConfig(BaseModel):
         try:
             return schema.model_validate(self.model_extra or {})
         except ValidationError as exc:
-            error = _config_error(Path(file), exc)
+            error = _config_error(Path(file), exc, known=list(schema.model_fields))
             raise ModelConfigError(error.file, f"runtime.{error.loc}".rstrip("."), error.msg, error.fix) from None
 
 
@@ -325,7 +325,8 @@ def load_config(path: Path) -> ModelConfig:
         raise _config_error(path, exc) from None
 
 
-def _config_error(path: Path, exc: ValidationError) -> ModelConfigError:
+def _config_error(path: Path, exc: ValidationError, known: list[str] | None = None) -> ModelConfigError:
+    """The first useful complaint of a validation; ``known``: the fields a misspelt top-level name may mean."""
     # the most specific error first: a deep loc, and a real complaint over "missing"/"extra" from union arms
     errors = exc.errors()
     err = max(errors, key=lambda e: len(e["loc"]) + (e["type"] not in ("missing", "extra_forbidden", "literal_error")))
@@ -336,7 +337,7 @@ def _config_error(path: Path, exc: ValidationError) -> ModelConfigError:
     if kind == "missing":
         fix = f"add '{loc.rsplit('.', 1)[-1]}' to model.yaml"
     elif kind == "extra_forbidden":
-        fix = f"remove '{loc.rsplit('.', 1)[-1]}' or correct its spelling" + _suggest(loc, err)
+        fix = f"remove '{loc.rsplit('.', 1)[-1]}' or correct its spelling" + _suggest(loc, known)
     elif kind in ("literal_error", "union_tag_invalid", "enum"):
         fix = "use one of the values listed"
     else:
@@ -362,8 +363,8 @@ def _yaml_loc(loc: tuple[Any, ...]) -> list[Any]:
     return out
 
 
-def _suggest(loc: str, err: dict[str, Any]) -> str:
+def _suggest(loc: str, known: list[str] | None) -> str:
     name = loc.rsplit(".", 1)[-1]
-    known = list(ModelConfig.model_fields) if "." not in loc else []
-    close = difflib.get_close_matches(name, known, n=1)
+    fields = (list(ModelConfig.model_fields) if known is None else known) if "." not in loc else []
+    close = difflib.get_close_matches(name, fields, n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""

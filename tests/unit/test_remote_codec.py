@@ -257,3 +257,15 @@ def test_a_connection_dropped_unanswered_is_retried_once(remote: Remote) -> None
         rt.run(X)
     assert caught.value.status == 503 and remote.infers == 4
     rt.close()
+
+
+def test_a_misspelt_runtime_option_is_matched_against_the_runtime_s_own_fields(tmp_path):
+    from forwardpass.config import load_config
+    from forwardpass.errors import ModelConfigError
+    from forwardpass.runtime.remote import from_config
+
+    (tmp_path / "model.yaml").write_text("task: custom\nruntime: {kind: remote, url: 'http://127.0.0.1:9', model: m, "
+                                         "timout_ms: 10}\n")  # fmt: skip
+    with pytest.raises(ModelConfigError) as error:
+        from_config(load_config(tmp_path / "model.yaml"), tmp_path, 1)
+    assert error.value.loc == "runtime.timout_ms" and "did you mean 'timeout_ms'?" in error.value.fix
