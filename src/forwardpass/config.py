@@ -289,7 +289,7 @@ class ModelConfig(_Strict):
     @classmethod
     def _default_post(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("post") is None:
-            kind = _DEFAULT_POST.get(data.get("task"), "passthrough")
+            kind = _DEFAULT_POST.get(str(data.get("task")), "passthrough")
             data = {**data, "post": {"kind": kind}}
         return data
 

@@ -194,7 +194,7 @@ def reconcile(
     Where one side fixes a dimension and the other leaves it dynamic, the fixed size wins.
     """
     if declared is None:
-        return [TensorSpec(name=a.name, datatype=a.datatype, shape=list(a.shape)) for a in actual]  # type: ignore[arg-type]
+        return [TensorSpec(name=a.name, datatype=a.datatype, shape=list(a.shape)) for a in actual]
     by_name = {a.name: a for a in actual}
     names = [d.name for d in declared]
     for i, spec in enumerate(declared):

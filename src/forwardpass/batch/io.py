@@ -23,7 +23,7 @@ import glob
 import os
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,8 +195,10 @@ def open_source(path: str | Path, chunk_rows: int, generation: bool = False) -> 
         return source
     if not os.path.isfile(text):
         raise InvalidInput(("input",), "no such file", text)
-    kinds = {".parquet": ParquetSource, ".pq": ParquetSource, ".csv": CsvSource, ".jsonl": JsonlSource,
-             ".ndjson": JsonlSource, ".txt": PromptSource}  # fmt: skip
+    kinds: dict[str, Callable[[str, int], Source]] = {
+        ".parquet": ParquetSource, ".pq": ParquetSource, ".csv": CsvSource, ".jsonl": JsonlSource,
+        ".ndjson": JsonlSource, ".txt": PromptSource,
+    }  # fmt: skip
     if suffix not in kinds:
         raise InvalidInput(("input",), "expected .parquet, .csv, .jsonl, .txt (prompts), or a folder/glob of images", text)
     if suffix == ".txt" and not generation:

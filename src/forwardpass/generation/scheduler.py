@@ -25,7 +25,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from forwardpass.errors import ForwardpassError, Overloaded
+from forwardpass.errors import Overloaded, SchedulerClosed
 from forwardpass.generation.schedule import MIN_ROWS, Emit, PrefixCache, SchedulerState, Ticket
 from forwardpass.generation.sequence import Generation, Sequence
 from forwardpass.generation.steps import Event, Steps, fail_running
@@ -33,11 +33,6 @@ from forwardpass.stats import GenerationStats
 
 __all__ = ["MIN_ROWS", "AsyncGeneration", "GenerationScheduler", "PrefixCache", "SchedulerClosed", "Ticket", "warm_up"]
 log = logging.getLogger("forwardpass.generation")
-
-
-class SchedulerClosed(ForwardpassError):
-    status = 503
-    type = "model_not_ready"
 
 
 class GenerationScheduler:

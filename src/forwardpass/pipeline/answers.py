@@ -138,12 +138,12 @@ class RegressionAnswers(Answers):
 
     def columns(self) -> dict[str, np.ndarray]:
         cols = {"value": self.values}
-        if self.low is not None:
+        if self.low is not None and self.high is not None:
             cols.update(low=self.low, high=self.high, level=np.full(self._n, self.level))
         return cols
 
     def _all_rows(self) -> list[dict[str, Any]]:
-        if self.low is None:
+        if self.low is None or self.high is None:
             return [{"value": v} for v in self.values.tolist()]
         level = self.level
         return [

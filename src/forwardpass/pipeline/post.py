@@ -25,7 +25,9 @@ from forwardpass.runtime.base import TensorInfo
 class Postprocessor(Protocol):
     """Output tensors -> answers; ``output_names`` says which outputs to compute."""
 
-    output_names: list[str] | None
+    @property
+    def output_names(self) -> list[str] | None:  # read-only here, so that list[str] in a kind conforms
+        ...
 
     def __call__(self, outputs: Sequence[np.ndarray], top_k: int | None = None) -> Any:
         """Answers for the batch: a list with one entry per row, or raw tensors for passthrough."""
@@ -93,10 +95,12 @@ class Regress:
         self.interval = config.interval
         if self.interval is not None and self.interval.low is not None:
             names = {o.name for o in outputs}
-            for name in (self.interval.low, self.interval.high):
+            low, high = self.interval.low, self.interval.high
+            for name in (low, high):
                 if name not in names:
                     raise ModelLoadError(f"{file}: interval output '{name}' is not a model output: {sorted(names)}")
-            self.output_names += [self.interval.low, self.interval.high]
+            assert high is not None  # the interval config sets both bounds or neither
+            self.output_names += [low, high]
 
     def __call__(self, outputs: Sequence[np.ndarray], top_k: int | None = None) -> RegressionAnswers:
         values = outputs[0].reshape(len(outputs[0]), -1)[:, 0].astype(np.float64)
