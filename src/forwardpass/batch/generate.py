@@ -2,7 +2,8 @@
 
 Every prompt of a chunk is submitted at once; the scheduler keeps its slots full (new sequences
 join between decode steps), which is what makes a prompt file faster than a loop of generate().
-A row is ``{"prompt": ...}`` (a .txt line) or a JSONL object with ``prompt`` or ``messages``.
+A row is ``{"prompt": ...}`` (a .txt line) or a JSONL object with ``prompt`` or ``messages``, and any of
+the request's fields (max_tokens, stop, temperature, ...), checked as the OpenAI routes check them.
 """
 
 from __future__ import annotations
@@ -12,9 +13,14 @@ from typing import Any
 
 from forwardpass._deps import require
 from forwardpass.batch.io import Chunk
+from forwardpass.batch.predict import message
+from forwardpass.engine.requests import CHAT, COMPLETION, SAMPLING, parse_generation
 from forwardpass.errors import ForwardpassError
 from forwardpass.generation.scheduler import GenerationScheduler
 from forwardpass.generation.sequence import Generation
+
+# what a row may set of a generation request (other columns, ids say, are carried or ignored)
+_ROW_FIELDS = {"prompt", "messages", "max_tokens", "stop", *SAMPLING}
 
 
 class GenerationPredictor:
@@ -33,12 +39,13 @@ class GenerationPredictor:
             if i in errors or row is None:
                 continue
             try:
-                options = {k: row[k] for k in ("temperature", "top_p", "top_k", "seed", "stop") if row.get(k) is not None}
-                options.setdefault("temperature", 0)
-                seq = self.model.prepare(row.get("prompt"), messages=row.get("messages"),
-                                         max_tokens=row.get("max_tokens", self.max_tokens), **options)  # fmt: skip
+                chat = row.get("messages") is not None
+                doc = {k: row[k] for k in (CHAT if chat else COMPLETION) & _ROW_FIELDS if row.get(k) is not None}
+                doc.setdefault("temperature", 0)
+                doc.setdefault("max_tokens", self.max_tokens)
+                seq = self.model.prepare(**parse_generation(doc, chat).prepare)  # the OpenAI routes' checks
             except ForwardpassError as exc:
-                errors[i] = exc.message
+                errors[i] = message(exc)
                 continue
 
             def emit(item: Any, i: int = i) -> None:

@@ -116,7 +116,7 @@ class ChunkPredictor:
                     parts.append(model.prepare([item]))
                     kept.append(i)
                 except ForwardpassError as exc:
-                    errors[i] = _message(exc)
+                    errors[i] = message(exc)
             feeds = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
             return feeds, kept
         while items:  # the whole chunk at once; a bad row is taken out and the rest tried again
@@ -126,7 +126,7 @@ class ChunkPredictor:
                 if len(exc.loc) < 2 or exc.loc[0] != "instances" or not isinstance(exc.loc[1], int):
                     return self._one_by_one(items, errors)  # a tensor the rows make together is refused
                 bad = items.pop(exc.loc[1])[0]
-                errors[bad] = _message(exc)
+                errors[bad] = message(exc)
         return {}, []
 
     def _one_by_one(self, items: list[tuple[int, Any]], errors: dict[int, str]) -> tuple[dict[str, np.ndarray], list[int]]:
@@ -137,7 +137,7 @@ class ChunkPredictor:
                 parts.append(self.model.prepare([item]))
                 kept.append(i)
             except InvalidInput as exc:
-                errors[i] = _message(exc)
+                errors[i] = message(exc)
         return ({k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}), kept
 
     # -- feeds -> prediction columns ---------------------------------------------------------------
@@ -182,7 +182,7 @@ class ChunkPredictor:
                 try:
                     yield self.model.predict({k: v[row : row + 1] for k, v in feeds.items()})
                 except InvalidInput as exc:
-                    refused[row] = _message(exc)
+                    refused[row] = message(exc)
 
     # -- ids --------------------------------------------------------------------------------------
 
@@ -248,7 +248,7 @@ def _kept(n: int, errors: dict[int, str]) -> np.ndarray:
     return np.setdiff1d(np.arange(n, dtype=np.int64), np.fromiter(errors, dtype=np.int64, count=len(errors)))
 
 
-def _message(exc: ForwardpassError) -> str:
+def message(exc: ForwardpassError) -> str:
     """The error without its 'instances[i]' part (the row is its own field in the errors file)."""
     if isinstance(exc, InvalidInput):
         loc = exc.loc[2:] if len(exc.loc) >= 2 and exc.loc[0] == "instances" and isinstance(exc.loc[1], int) else exc.loc
