@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from forwardpass.errors import InvalidInput, ModelLoadError
-from forwardpass.runtime.onnx import available_cores
+from forwardpass.errors import InvalidInput
+from forwardpass.runtime.onnx import available_cores, open_session
 
 
 class DecoderSession:
@@ -44,13 +44,8 @@ class DecoderSession:
 
     @staticmethod
     def _load(path: str | Path, threads: int | None) -> ort.InferenceSession:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or available_cores()
-        options.log_severity_level = 4
-        try:
-            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            raise ModelLoadError(f"{path}: ONNX Runtime could not load the decoder: {exc}") from exc
+        # ONNX Runtime's defaults otherwise (threads spin, the arena stays): a decode step is one long run
+        return open_session(path, Path(path), intra_op=threads or available_cores(), inter_op=0, what="the decoder")
 
     def _binding(self, graph: str, first: int, rows: int, logit_rows: int) -> tuple[Any, np.ndarray]:
         """IO binding of KV rows first..first+rows-1 (contiguous views) and a logits buffer, made once."""

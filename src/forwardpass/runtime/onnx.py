@@ -112,28 +112,19 @@ class OnnxRuntime:
         self._prepared.clear()
 
     def _open(self, intra_op: int) -> ort.InferenceSession:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = _OPT_LEVELS[self._graph_optimization]
-        options.intra_op_num_threads = intra_op
-        options.inter_op_num_threads = self._inter_op
-        if intra_op != 1 and not self._spinning:
-            # Pool threads stop spinning after each run instead of spinning on and taking the cores
-            # the server's event loop needs. bench/serve.py, ResNet-18-shaped CNN on 2 cores, images/s
-            # against raw ONNX Runtime: spinning 0.84x at concurrency 64 and 0.94x at 1; stopped
-            # 0.90x at 64 but 0.51x at 1 (threads wake per parallel section). threads.spinning: true
-            # in model.yaml picks the other side.
-            options.add_session_config_entry("session.force_spinning_stop", "1")
+        # Pool threads stop spinning after each run instead of spinning on and taking the cores the
+        # server's event loop needs. bench/serve.py, ResNet-18-shaped CNN on 2 cores, images/s against raw
+        # ONNX Runtime: spinning 0.84x at concurrency 64 and 0.94x at 1; stopped 0.90x at 64 but 0.51x at 1
+        # (threads wake per parallel section). threads.spinning: true in model.yaml picks the other side.
         # ONNX Runtime's CPU arena keeps what the largest run needed: one 2M-row request left a tiny model's
         # server 96 MB larger for good, even with arena shrinkage. A one-thread model's tensors are small, and
         # without the arena glibc serves them as fast (digits, one thread: batch 1 16.1 us vs 17.2, batch 64
         # 57.9 vs 57.6), so only models that use every core keep it (their activations are large and
         # reused), and give back what a run with a large input grew it by (_options below).
-        options.enable_cpu_mem_arena = self._arena = intra_op != 1
-        options.log_severity_level = 4  # fatal only: we raise every error with its message; the log repeats it
-        try:
-            return ort.InferenceSession(self._source, sess_options=options, providers=list(self.providers))
-        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
-            raise ModelLoadError(f"{self.path}: ONNX Runtime could not load the model: {exc}") from exc
+        self._arena = intra_op != 1
+        return open_session(self._source, self.path, intra_op=intra_op, inter_op=self._inter_op,
+                            graph_optimization=self._graph_optimization, spinning=intra_op == 1 or self._spinning,
+                            arena=self._arena, providers=self.providers)  # fmt: skip
 
     def _probe(self) -> float | None:
         """Median ms of a one-row forward pass on zeros; None when the model rejects zeros."""
@@ -209,6 +200,30 @@ def from_config(config: ModelConfig, folder: Path, version: int) -> OnnxRuntime:
         allow_nan=[s.name for s in config.inputs or [] if s.allow_nan],
         spinning=config.threads.spinning,
     )
+
+
+def open_session(source: str | bytes | Path, path: Path, *, intra_op: int, inter_op: int = 1,
+                 graph_optimization: str = "all", spinning: bool = True, arena: bool = True,
+                 providers: Sequence[str] = ("CPUExecutionProvider",), what: str = "the model") -> ort.InferenceSession:
+    """An InferenceSession with forwardpass's settings; ModelLoadError naming ``path`` when ONNX Runtime refuses it.
+
+    ``spinning=False`` stops a multi-threaded pool's threads after each run; ``arena=False`` serves tensors
+    from malloc instead of ONNX Runtime's CPU arena (see OnnxRuntime._open for when each pays). Every
+    session forwardpass opens (models, the language models' decoder) comes from here.
+    """
+    options = ort.SessionOptions()
+    options.graph_optimization_level = _OPT_LEVELS[graph_optimization]
+    options.intra_op_num_threads = intra_op
+    options.inter_op_num_threads = inter_op
+    if not spinning:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
+    options.enable_cpu_mem_arena = arena
+    options.log_severity_level = 4  # fatal only: we raise every error with its message; the log repeats it
+    try:
+        return ort.InferenceSession(source if isinstance(source, bytes) else str(source), sess_options=options,
+                                    providers=list(providers))  # fmt: skip
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
+        raise ModelLoadError(f"{path}: ONNX Runtime could not load {what}: {exc}") from exc
 
 
 def _mapped(run: Callable[..., list[np.ndarray]]) -> Callable[..., list[np.ndarray]]:
