@@ -25,6 +25,7 @@ from rich.table import Table
 from forwardpass._deps import require
 from forwardpass.errors import ForwardpassError
 from forwardpass.pipeline.answers import Answers
+from forwardpass.tasks import generative
 
 
 class _Command(typer.core.TyperCommand):
@@ -446,9 +447,9 @@ def _generator(name: str, repository: Path | None) -> Any:
     from forwardpass.embedded import Embedded
 
     repo = _repository(repository)
-    task = repo.config(name).task
-    if task != "generation":
-        raise ForwardpassError(f"model '{name}' is a {task} model; generate and chat need a generation "
+    config = repo.config(name)
+    if not generative(config):
+        raise ForwardpassError(f"model '{name}' is a {config.task} model; generate and chat need a generation "
                                "model (forwardpass import gguf ...)")  # fmt: skip
     return Embedded(repo, load=[name])
 

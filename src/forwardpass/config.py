@@ -21,9 +21,10 @@ from typing import Annotated, Any, Literal, TypeVar, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler, ValidationError, field_validator, model_validator
-from pydantic_core import CoreSchema
+from pydantic_core import CoreSchema, PydanticCustomError
 
 from forwardpass.errors import ModelConfigError
+from forwardpass.tasks import TASKS
 from forwardpass.tensors import Datatype
 
 
@@ -259,7 +260,6 @@ class GenerationConfig(_Strict):
     prefix_cache_mib: int = Field(128, ge=0)  # KV of prompt prefixes kept for reuse; 0 turns it off
 
 
-_DEFAULT_POST = {"classification": "classification", "regression": "regression"}
 
 
 class ModelConfig(_Strict):
@@ -267,7 +267,7 @@ class ModelConfig(_Strict):
 
     model_config = ConfigDict(defer_build=True)  # pre: needs the kinds' registry, which imports this module
 
-    task: Literal["classification", "regression", "generation", "custom"]
+    task: str  # a name in forwardpass/tasks.py's TASKS
     description: str = ""
     inputs: list[TensorSpec] | None = None  # None: taken from the ONNX file
     outputs: list[TensorSpec] | None = None
@@ -285,18 +285,27 @@ class ModelConfig(_Strict):
     generation: GenerationConfig | None = None  # task: generation
     runtime: RuntimeConfig = RuntimeConfig()  # what runs the forward pass (runtime/__init__.py)
 
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        if value not in TASKS:
+            raise PydanticCustomError("literal_error", "Input should be one of {expected}",
+                                      {"expected": ", ".join(repr(t) for t in TASKS)})  # fmt: skip
+        return value
+
     @model_validator(mode="before")
     @classmethod
     def _default_post(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("post") is None:
-            kind = _DEFAULT_POST.get(str(data.get("task")), "passthrough")
+            known = TASKS.get(str(data.get("task")))
+            kind = known.default_post if known is not None else "passthrough"
             data = {**data, "post": {"kind": kind}}
         return data
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
         self.pre.check_inputs(self.inputs)  # the kind's own checks (pre.input, tabular features, ...)
-        if self.task == "generation" and self.generation is None:
+        if TASKS[self.task].generative and self.generation is None:
             raise ValueError("task: generation needs a 'generation' section (forwardpass import gguf writes it)")
         return self
 

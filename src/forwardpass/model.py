@@ -1,4 +1,4 @@
-"""A loaded model version: pre-processing, the forward pass on ONNX Runtime, post-processing."""
+"""A loaded model version: pre-processing, the forward pass on its runtime (ONNX Runtime by default), post-processing."""
 
 from __future__ import annotations
 

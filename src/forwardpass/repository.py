@@ -26,6 +26,7 @@ from pathlib import Path
 from forwardpass.config import LatestPolicy, ModelConfig, SpecificPolicy, load_config
 from forwardpass.errors import ForwardpassError, InvalidModelName, ModelNotFound, ModelUnavailable
 from forwardpass.model import Model
+from forwardpass.tasks import task
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -160,11 +161,8 @@ class Repository:
     def open(self, name: str, version: int, config: ModelConfig | None = None) -> Model:
         """A new instance of one version, kept nowhere (the engine's registry keeps what it serves)."""
         config = config or self.config(name)
-        if config.task == "generation":  # imported here: tokenizers and jinja2 only for language models
-            from forwardpass.generation.model import LanguageModel
-
-            return LanguageModel(name, version, config, self.folder(name))  # type: ignore[return-value]
-        return Model(name, version, config, self.folder(name))
+        model: Model = task(config.task).open(name, version, config, self.folder(name))  # a LanguageModel for generation
+        return model
 
     def _load_version(self, name: str, version: int, config: ModelConfig) -> Model:
         try:

@@ -27,6 +27,7 @@ from forwardpass.batch.io import Chunk, PartWriter, open_source
 from forwardpass.batch.predict import ChunkPredictor, check_columns
 from forwardpass.pipeline import TABLE, BatchDefaults
 from forwardpass.runtime.onnx import available_cores
+from forwardpass.tasks import generative
 
 _DONE = object()
 _GENERATION = BatchDefaults(batch_size=8, chunk_rows=64, ray_rows=8)  # sequences: continuous batching's slots
@@ -36,7 +37,7 @@ def run_local(model: Any, input: str | Path, output: str | Path, *, fmt: str, ba
               chunk_rows: int | None, id_columns: list[str] | None, max_errors: int | None, top_k: int,
               progress: bool, max_tokens: int) -> Summary:  # fmt: skip
     started = time.perf_counter()  # the job's time includes hashing the input and checking earlier parts
-    generation = getattr(model, "gen", None) is not None
+    generation = generative(model.config)
     source = open_source(input, chunk_rows or 1, generation=generation)
     columns = source.column_names()
     if not generation:

@@ -29,6 +29,7 @@ from forwardpass.batch.io import Chunk, open_source, output_folder
 from forwardpass.batch.predict import check_columns
 from forwardpass.errors import InvalidInput
 from forwardpass.runtime.onnx import available_cores
+from forwardpass.tasks import generative
 
 
 class _Predict:
@@ -72,7 +73,7 @@ def run_ray(model: Any, input: str | Path, output: str | Path, *, fmt: str, batc
     ray = require("ray", "ray", "the Ray batch engine")
     if fmt != "parquet":
         raise InvalidInput(("format",), "the Ray engine writes Parquet", fmt)
-    if getattr(model, "gen", None) is not None:
+    if generative(model.config):
         raise InvalidInput(("engine",), "generation models run on the local engine (continuous batching)", "ray")
     from forwardpass import default_repository
 

@@ -19,6 +19,7 @@ from forwardpass.model import Model
 from forwardpass.repository import Repository
 from forwardpass.scheduler import DynamicBatcher
 from forwardpass.stats import ModelStats
+from forwardpass.tasks import generative
 
 if TYPE_CHECKING:
     from forwardpass.generation.scheduler import GenerationScheduler
@@ -94,7 +95,7 @@ class Registry:
         which = f"model '{name}'" + (f" version {version}" if version else "")
         if not self.ready or name in self.loading:
             raise ModelNotReady(f"{which} is loading; retry in a moment", retry_after=1.0)
-        if self.task(name) == "generation":
+        if self.generative(name):
             raise language_model_elsewhere(name)
         raise ModelUnavailable(f"{which} is not loaded: {self._why_not_loaded(name, version)}")
 
@@ -104,9 +105,9 @@ class Registry:
         if found is not None:
             return found
         self.repository.folder(name)  # InvalidModelName / ModelNotFound for unknown names
-        task = self.repository.config(name).task
-        if task != "generation":
-            raise ModelNotFound(f"model '{name}' is not a language model (task {task}); use /v2/models/{name}/infer")
+        config = self.repository.config(name)
+        if not generative(config):
+            raise ModelNotFound(f"model '{name}' is not a language model (task {config.task}); use /v2/models/{name}/infer")
         if not self.ready or name in self.loading:
             raise ModelNotReady(f"model '{name}' is loading; retry in a moment", retry_after=1.0)
         raise ModelUnavailable(f"model '{name}' is not loaded: {self._why_not_loaded(name, None)}")
@@ -130,11 +131,12 @@ class Registry:
     def all_served(self) -> list[Served]:
         return [s for versions in self._served.values() for s in versions.values()]
 
-    def task(self, name: str) -> str | None:
+    def generative(self, name: str) -> bool:
+        """Whether the model's folder says it is a language model (False when model.yaml does not read)."""
         try:
-            return self.repository.config(name).task
+            return generative(self.repository.config(name))
         except ForwardpassError:
-            return None
+            return False
 
     def index(self) -> list[dict[str, Any]]:
         """Every model version on disk with its state (the repository extension's index)."""

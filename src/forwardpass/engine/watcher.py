@@ -29,6 +29,7 @@ from forwardpass.errors import Forbidden, ForwardpassError, LoadFailed
 from forwardpass.model import Model
 from forwardpass.repository import Repository, check_name
 from forwardpass.stats import Stats
+from forwardpass.tasks import generative
 from forwardpass.tensors import zeros
 
 log = logging.getLogger("forwardpass.engine")
@@ -155,7 +156,7 @@ class Watcher:
             except ForwardpassError as exc:
                 self.registry.fail(name, 0, str(exc))
                 raise
-            if config.task == "generation" and versions:
+            if generative(config) and versions:
                 versions = [await self._load_generator(name, max(versions))]
             else:
                 models = await asyncio.gather(*(asyncio.to_thread(self._open, name, v) for v in versions))
