@@ -17,7 +17,7 @@ from forwardpass.server.auth import Keys
 from forwardpass.server.config import ServeConfig
 from forwardpass.server.errors import error_response
 from forwardpass.server.handlers import Handlers
-from forwardpass.server.http import Request, Response, StreamingResponse
+from forwardpass.server.http import AsgiWriter, Request, Response, StreamingResponse, deliver
 from forwardpass.server.openai import OpenAIHandlers
 from forwardpass.server.routes import routes
 
@@ -42,11 +42,12 @@ class App:
 
     async def _http(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         response = await self.dispatch(scope, receive, None)
+        writer = AsgiWriter(send)
         if not isinstance(response, StreamingResponse):
-            await response.send(send)
+            await writer.whole(response)
             return
         # streamed: a disconnect (seen by receive()) cancels the sending task, which stops the producer
-        sending = asyncio.ensure_future(response.send(send))
+        sending = asyncio.ensure_future(deliver(response, writer))
 
         async def watch() -> None:
             while (await receive())["type"] != "http.disconnect":
@@ -61,9 +62,6 @@ class App:
                 raise
         finally:
             watcher.cancel()
-            aclose = getattr(response.chunks, "aclose", None)
-            if aclose is not None:
-                await aclose()
 
     async def dispatch(self, scope: dict[str, Any], receive: Receive | None,
                        body: bytes | None) -> Response | StreamingResponse:  # fmt: skip

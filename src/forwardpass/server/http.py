@@ -15,7 +15,7 @@ import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -201,10 +201,9 @@ class Response:
             lines.append(self.body)
         return b"".join(lines)
 
-    async def send(self, send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
-        headers = [(b"content-type", self.content_type.encode()), (b"content-length", str(len(self.body)).encode())]
-        await send({"type": "http.response.start", "status": self.status, "headers": headers + self.headers})
-        await send({"type": "http.response.body", "body": self.body})
+    def asgi_headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"content-type", self.content_type.encode()), (b"content-length", b"%d" % len(self.body)),
+                *self.headers]  # fmt: skip
 
 
 class StreamingResponse:
@@ -230,12 +229,73 @@ class StreamingResponse:
         lines.append(b"\r\n")
         return b"".join(lines)
 
-    async def send(self, send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
-        headers = [(b"content-type", self.content_type.encode()), *self.headers]
-        await send({"type": "http.response.start", "status": self.status, "headers": headers})
-        async for chunk in self.chunks:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b""})
+    def asgi_headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"content-type", self.content_type.encode()), *self.headers]
+
+
+class ClientGone(Exception):
+    """A writer's client went away while a streamed answer was being written: stop producing it."""
+
+
+class Writer(Protocol):
+    """Where an answer goes: one implementation per HTTP stack (AsgiWriter below for ASGI servers such as
+    uvicorn; server/protocol.py's for our own HTTP/1.1). ``deliver`` drives either the same way."""
+
+    async def whole(self, response: Response) -> None:
+        """Write a complete answer."""
+        ...
+
+    async def open(self, response: StreamingResponse) -> None:
+        """Write a streamed answer's status and headers."""
+        ...
+
+    async def chunk(self, data: bytes) -> None:
+        """Write one piece of a streamed answer (waiting while the client is slow); ClientGone if it left."""
+        ...
+
+    async def end(self) -> None:
+        """End a streamed answer."""
+        ...
+
+
+async def deliver(response: Response | StreamingResponse, writer: Writer) -> None:
+    """Write ``response`` through ``writer``. A streamed answer's producer is closed however it ends, so
+    that it learns the client left (the generation scheduler then frees the request's slot)."""
+    if isinstance(response, Response):
+        await writer.whole(response)
+        return
+    try:
+        await writer.open(response)
+        async for chunk in response.chunks:
+            if chunk:
+                await writer.chunk(chunk)
+        await writer.end()
+    except ClientGone:
+        pass
+    finally:
+        aclose = getattr(response.chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+class AsgiWriter:
+    """The Writer of an ASGI server: answers as http.response.start / http.response.body messages."""
+
+    def __init__(self, send: Callable[[dict[str, Any]], Awaitable[None]]):
+        self.send = send
+
+    async def whole(self, response: Response) -> None:
+        await self.send({"type": "http.response.start", "status": response.status, "headers": response.asgi_headers()})
+        await self.send({"type": "http.response.body", "body": response.body})
+
+    async def open(self, response: StreamingResponse) -> None:
+        await self.send({"type": "http.response.start", "status": response.status, "headers": response.asgi_headers()})
+
+    async def chunk(self, data: bytes) -> None:
+        await self.send({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def end(self) -> None:
+        await self.send({"type": "http.response.body", "body": b""})
 
 
 def _error_json(data: Any, status: int) -> bytes:

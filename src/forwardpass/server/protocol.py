@@ -30,7 +30,7 @@ import httptools
 from forwardpass.errors import HttpProtocolError, PayloadTooLarge
 from forwardpass.server.app import App
 from forwardpass.server.errors import INTERNAL_ERROR, error_response
-from forwardpass.server.http import Response, StreamingResponse
+from forwardpass.server.http import ClientGone, Response, StreamingResponse, deliver
 
 log = logging.getLogger("forwardpass.server")
 
@@ -299,27 +299,6 @@ class HttpProtocol(asyncio.Protocol):
             self.continue_due = False
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
-    async def _stream(self, response: StreamingResponse, keep_alive: bool) -> None:
-        """Write a streamed response as HTTP/1.1 chunks, one write per chunk, waiting when the client is slow."""
-        assert self.transport is not None
-        self.streaming = True
-        self.transport.write(response.head(keep_alive))
-        try:
-            async for chunk in response.chunks:
-                if self.write_paused:
-                    await self.drained.wait()
-                if self.transport is None:
-                    return
-                if chunk:
-                    self.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-            if self.transport is not None:
-                self.transport.write(b"0\r\n\r\n")
-        finally:
-            self.streaming = False
-            aclose = getattr(response.chunks, "aclose", None)
-            if aclose is not None:
-                await aclose()
-
     async def _serve_queue(self) -> None:
         """Answer queued requests one at a time, in order (HTTP/1.1 pipelining)."""
         try:
@@ -340,19 +319,11 @@ class HttpProtocol(asyncio.Protocol):
                     if self.transport is None:
                         return
                 keep_alive = keep_alive and not self.state.closing and not self.client_eof
-                if isinstance(response, StreamingResponse):
-                    await self._stream(response, keep_alive)
-                    if self.transport is None:
-                        return
-                else:
-                    head = scope is not None and scope["method"] == "HEAD"
-                    try:
-                        data = response.encode(keep_alive, head=head)
-                    except Exception:
-                        log.exception("response could not be encoded")
-                        data, keep_alive = INTERNAL_ERROR.encode(False), False
-                    self.transport.write(data)
-                if not keep_alive:
+                writer = Http11Writer(self, keep_alive, head=scope is not None and scope["method"] == "HEAD")
+                await deliver(response, writer)
+                if self.transport is None:
+                    return
+                if not writer.keep_alive:
                     self._close()
                     return
                 if not self.reading and len(self.queue) <= MAX_PIPELINED // 2:
@@ -389,3 +360,41 @@ def _http_0_9(data: bytes) -> bool:
     if end == -1 or line.find(b" HTTP/", 0, end) != -1:
         return False
     return line[:end].rstrip(b"\r").count(b" ") == 1  # METHOD /path; anything else is the parser's to refuse
+
+
+class Http11Writer:
+    """server/http.py's Writer for one of our HTTP/1.1 connections: a whole answer in one write (status
+    line, headers and body), a streamed one in chunked encoding, one write per chunk, waiting while the
+    client is slow to read."""
+
+    __slots__ = ("connection", "keep_alive", "head")
+
+    def __init__(self, connection: HttpProtocol, keep_alive: bool, head: bool = False):
+        self.connection, self.keep_alive, self.head = connection, keep_alive, head
+
+    async def whole(self, response: Response) -> None:
+        try:
+            data = response.encode(self.keep_alive, head=self.head)
+        except Exception:
+            log.exception("response could not be encoded")
+            data, self.keep_alive = INTERNAL_ERROR.encode(False), False
+        self._transport().write(data)
+
+    async def open(self, response: StreamingResponse) -> None:
+        self.connection.streaming = True
+        self._transport().write(response.head(self.keep_alive))
+
+    async def chunk(self, data: bytes) -> None:
+        if self.connection.write_paused:
+            await self.connection.drained.wait()
+        self._transport().write(b"%x\r\n%b\r\n" % (len(data), data))
+
+    async def end(self) -> None:
+        self.connection.streaming = False
+        self._transport().write(b"0\r\n\r\n")
+
+    def _transport(self) -> asyncio.Transport:
+        transport = self.connection.transport
+        if transport is None:
+            raise ClientGone
+        return transport
