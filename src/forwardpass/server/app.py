@@ -67,7 +67,7 @@ class App:
                        body: bytes | None) -> Response | StreamingResponse:  # fmt: skip
         """Route one request (``scope`` needs method, path and headers) and answer it; never raises."""
         method, path = scope["method"], scope["path"]
-        handler, params, path_exists = self.router.match(method, path)
+        handler, params, path_exists, on_error = self.router.match(method, path)
         stats = self.engine.stats
         stats.inflight += 1
         try:
@@ -76,8 +76,8 @@ class App:
                 return Response.json({"error": f"{method} {path}: "
                                       + ("method not allowed" if path_exists else "no such endpoint")}, status)  # fmt: skip
             return await handler(Request(scope, receive, params, body), **params)
-        except Exception as exc:  # every error becomes a response; the server keeps serving
-            return error_response(exc, self.engine.stats)
+        except Exception as exc:  # every error becomes a response, in the route's shape; the server keeps serving
+            return (on_error or error_response)(exc, self.engine.stats)
         finally:
             stats.inflight -= 1
 

@@ -101,18 +101,13 @@ class Keys:
             raise Forbidden("repository control (load, unload, index) needs the admin key"
                             + ("" if self.admin else "; start the server with --admin-key-file to enable it"))  # fmt: skip
 
-    def guard(self, handler: Handler, access: Access, on_error: Callable[[BaseException], Any] | None = None) -> Handler:
-        """``handler`` behind the key check; ``on_error`` renders a refusal in the route's wire format."""
+    def guard(self, handler: Handler, access: Access) -> Handler:
+        """``handler`` behind the key check (a refusal is rendered in the route's error shape by App.dispatch)."""
         if not self.enabled or access is Access.PUBLIC:
             return handler
 
         async def guarded(request: Request, **params: str) -> Any:
-            try:
-                self.check(request, access)
-            except ForwardpassError as exc:
-                if on_error is None:
-                    raise
-                return on_error(exc)
+            self.check(request, access)
             return await handler(request, **params)
 
         return guarded

@@ -316,28 +316,30 @@ def _reason(status: int) -> bytes:
 _STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 
 Handler = Callable[..., Awaitable[Response | StreamingResponse]]
+OnError = Callable[..., Response]  # (exception, stats) -> the error's response in a route's wire shape
 
 
 class Router:
-    """Routes as (method, pattern, handler); '{name}' segments become keyword arguments.
+    """Routes as (method, pattern, handler, errors); '{name}' segments become keyword arguments, ``errors``
+    renders what the handler raises in the route's wire shape.
 
     Routes are tried in order, so the hot ones go first.
     """
 
-    def __init__(self, routes: list[tuple[str, str, Handler]]):
-        self.routes = [(method, _compile(pattern), handler) for method, pattern, handler in routes]
-        self.paths = [pattern for _, pattern, _ in routes]
+    def __init__(self, routes: list[tuple[str, str, Handler, OnError]]):
+        self.routes = [(method, _compile(pattern), handler, errors) for method, pattern, handler, errors in routes]
+        self.paths = [route[1] for route in routes]
 
-    def match(self, method: str, path: str) -> tuple[Handler | None, dict[str, str], bool]:
-        """(handler, params, path_exists): path_exists tells 405 from 404 when handler is None."""
+    def match(self, method: str, path: str) -> tuple[Handler | None, dict[str, str], bool, OnError | None]:
+        """(handler, params, path_exists, errors): path_exists tells 405 from 404 when handler is None."""
         path_exists = False
-        for route_method, regex, handler in self.routes:
+        for route_method, regex, handler, errors in self.routes:
             found = regex.fullmatch(path)
             if found is not None:
                 if route_method == method:
-                    return handler, found.groupdict(), True
+                    return handler, found.groupdict(), True, errors
                 path_exists = True
-        return None, {}, path_exists
+        return None, {}, path_exists, None
 
 
 def _compile(pattern: str) -> re.Pattern[str]:

@@ -1,4 +1,4 @@
-"""The whole route table on one screen, with who may call each route (server/auth.py).
+"""The whole route table on one screen: who may call each route (server/auth.py) and the shape its errors take.
 
 Hot routes first: the router tries them in order.
 """
@@ -6,7 +6,7 @@ Hot routes first: the router tries them in order.
 from __future__ import annotations
 
 from forwardpass.server.auth import Access, Handler, Keys
-from forwardpass.server.errors import openai_error
+from forwardpass.server.errors import error_response, openai_error
 from forwardpass.server.handlers import Handlers
 from forwardpass.server.http import Router
 from forwardpass.server.openai import OpenAIHandlers
@@ -47,8 +47,7 @@ def routes(h: Handlers, o: OpenAIHandlers, keys: Keys) -> Router:
         ("GET", "/metrics", h.metrics, METRICS),
         ("GET", "/", h.home, INFER),
     ]
-    return Router(
-        [(method, path, keys.guard(handler, access)) for method, path, handler, access in v2]
-        + [(method, path, keys.guard(handler, access, openai_error)) for method, path, handler, access in openai]
-        + [(method, path, keys.guard(handler, access)) for method, path, handler, access in rest]
-    )
+    # each route with the wire shape of its errors (server/errors.py): OpenAI's for the OpenAI API, V2's elsewhere
+    table = [(*route, error_response) for route in v2] + [(*route, openai_error) for route in openai] \
+        + [(*route, error_response) for route in rest]  # fmt: skip
+    return Router([(method, path, keys.guard(handler, access), errors) for method, path, handler, access, errors in table])
