@@ -136,8 +136,6 @@ def test_a_full_queue_is_503_while_the_forward_pass_is_held(app):
     assert running.result(10).status_code == 200 and queued.result(10).status_code == 200
 
 
-@pytest.mark.xfail(strict=True, reason="scheduler/dynamic.py checks deadlines only when a worker is free: a "
-                   "request queued behind a long forward pass gets its 504 when that pass ends")  # fmt: skip
 def test_a_deadline_passes_while_the_request_waits_behind_a_held_pass(app):
     held = gate("held")
     with held.closed():

@@ -94,9 +94,24 @@ class DynamicBatcher:
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         if signature is None:
             signature = tuple((name, a.dtype.str, a.shape[1:]) for name, a in feeds.items())
-        self._queue.append(Pending(rows, signature, self._clock(), deadline, (feeds, future)))
+        pending = Pending(rows, signature, self._clock(), deadline, (feeds, future))
+        self._queue.append(pending)
+        if deadline is not None:  # expires in the queue even while every instance is busy with a long pass
+            timer = asyncio.get_running_loop().call_later(max(0.0, deadline - self._clock()), self._expire, pending)
+            future.add_done_callback(lambda _: timer.cancel())
         self._wakeup()
         return await future
+
+    def _expire(self, pending: Pending) -> None:
+        """A queued request's deadline passed before a worker took it: 504 now, not when a worker frees up."""
+        for i, queued in enumerate(self._queue):  # by identity: equal-looking requests may wait beside it
+            if queued is pending:
+                del self._queue[i]
+                break
+        else:
+            return  # taken into a batch already: it runs to the end
+        _fail(pending, RequestTimeout(f"request waited {self._clock() - pending.enqueued:.3f} s in the queue, "
+                                      "past its deadline"))  # fmt: skip
 
     def _wakeup(self) -> None:
         if not self._workers:
