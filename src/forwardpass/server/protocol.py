@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections import deque
 from typing import Any
 from urllib.parse import unquote
@@ -398,3 +399,47 @@ class Http11Writer:
         if transport is None:
             raise ClientGone
         return transport
+
+
+class Listener:
+    """Our own HTTP/1.1 server for an App on a bound socket: what a ``forwardpass serve`` worker runs.
+
+        listener = Listener(app)          # before the engine starts: its batchers count our requests
+        await app.engine.start()
+        await listener.serve(sock)
+        ...
+        await listener.drain(timeout)     # no new connections; requests in progress finish
+        await app.engine.stop(timeout)
+        listener.close()                  # the connections still open
+    """
+
+    def __init__(self, app: App):
+        self.state = ServerState(app)
+        app.engine.count_pending(lambda: self.state.active)
+        self._server: asyncio.Server | None = None
+
+    async def serve(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: HttpProtocol(self.state), sock=sock, backlog=2048)
+        self.state.start_sweeping()
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop accepting, close idle connections, wait up to ``timeout`` for requests in progress; False if
+        some were still running."""
+        state = self.state
+        state.closing = True
+        state.stop_sweeping()
+        if self._server is not None:
+            self._server.close()
+        for connection in list(state.connections):
+            connection.close_if_idle()
+        try:
+            await asyncio.wait_for(state.idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def close(self) -> None:
+        for connection in list(self.state.connections):
+            if connection.transport is not None:
+                connection.transport.close()

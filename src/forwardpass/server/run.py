@@ -59,7 +59,7 @@ def _run_worker(config: ServeConfig, sock: socket.socket) -> None:
 
 
 async def _worker(config: ServeConfig, sock: socket.socket) -> None:
-    from forwardpass.server.protocol import HttpProtocol, ServerState
+    from forwardpass.server.protocol import Listener
 
     started = time.monotonic()
     app = create_app(config)
@@ -67,29 +67,18 @@ async def _worker(config: ServeConfig, sock: socket.socket) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    state = ServerState(app)
-    app.engine.count_pending(lambda: state.active)
+    listener = Listener(app)
     await app.engine.start()
-    server = await loop.create_server(lambda: HttpProtocol(state), sock=sock, backlog=2048)
-    state.start_sweeping()
+    await listener.serve(sock)
     host, port = sock.getsockname()[:2]
     log.info("forwardpass serving %s on http://%s:%d (pid %d; models loaded and warm in %.2f s)",
              app.engine.repository.path, host, port, os.getpid(), time.monotonic() - started)  # fmt: skip
     await stop.wait()
-    log.info("shutting down: draining %d requests in progress", state.active)
-    state.closing = True
-    state.stop_sweeping()
-    server.close()  # no new connections
-    for connection in list(state.connections):
-        connection.close_if_idle()
-    try:
-        await asyncio.wait_for(state.idle.wait(), config.drain_timeout)
-    except TimeoutError:
-        log.warning("drain timeout: %d requests still in progress are dropped", state.active)
+    log.info("shutting down: draining %d requests in progress", listener.state.active)
+    if not await listener.drain(config.drain_timeout):
+        log.warning("drain timeout: %d requests still in progress are dropped", listener.state.active)
     await app.engine.stop(config.drain_timeout)
-    for connection in list(state.connections):
-        if connection.transport is not None:
-            connection.transport.close()
+    listener.close()
 
 
 def _supervise(config: ServeConfig, sock: socket.socket) -> None:
