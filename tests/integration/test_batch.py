@@ -61,8 +61,11 @@ def test_bad_rows_go_to_the_errors_file_and_good_rows_all_arrive(demo_repo, tmp_
     direct = model.predict([{k: v for k, v in rows[i].items() if k != "key"} for i in good])
     assert out.column("label").to_pylist() == [a["label"] for a in direct]
 
+    started = time.monotonic()
     with pytest.raises(batch.BatchAborted, match="more than --max-errors 2"):  # committed parts stay for a rerun
         batch.run("breast-cancer", src, tmp_path / "out_strict", max_errors=2, chunk_rows=10, repository=demo_repo)
+    # not a speed target: an abort waited the threads' 30 s join timeout, a reader blocked on a full queue
+    assert time.monotonic() - started < 10
     assert json.loads((tmp_path / "out_strict" / "_manifest.json").read_text())["complete"] is False
 
     # the same rows as CSV (every cell read as text; a bad cell is a row error), and an unreadable image

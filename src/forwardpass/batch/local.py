@@ -165,13 +165,14 @@ def _feeds_tensor(model: Any, columns: list[str]) -> bool:
 
 
 def _put(q: queue.Queue[Any], item: Any, stop: threading.Event) -> None:
-    """Put, unless the job is stopping (then the consumer is gone and a full queue would block forever)."""
+    """Put, unless the job is stopping: then the consumer is gone (or leaves on ``stop`` without reading
+    more), and waiting for room in a full queue would hold the job's end for the threads' join timeout."""
     while True:
         try:
             q.put(item, timeout=0.1)
             return
         except queue.Full:
-            if stop.is_set() and item is not _DONE:
+            if stop.is_set():
                 return
 
 
