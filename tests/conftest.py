@@ -78,3 +78,15 @@ def cli(capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> C
         return subprocess.CompletedProcess(["forwardpass", *args], code, out, err)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[Any]:
+    """One local Ray cluster (2 CPUs) for every Ray test of the session: the batch engine joins a cluster
+    that is already up instead of starting its own (several seconds each)."""
+    ray = pytest.importorskip("ray")
+    import logging
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    yield ray
+    ray.shutdown()

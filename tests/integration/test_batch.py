@@ -132,15 +132,11 @@ def test_memory_is_bounded_by_the_chunk_not_the_file(demo_repo, tmp_path):
     assert large_peak < 1024
 
 
-def test_ray_engine_equals_local_engine(demo_repo, tmp_path):
-    pytest.importorskip("ray")
+def test_ray_engine_equals_local_engine(demo_repo, tmp_path, ray_cluster):
     src = tmp_path / "rows.parquet"
     digits_parquet(src, 6_000, row_group=2_000)
     local = batch.run("digits", src, tmp_path / "local", id_columns=["id"], repository=demo_repo)
     remote = batch.run("digits", src, tmp_path / "ray", engine="ray", id_columns=["id"], repository=demo_repo, num_cpus=2)
-    import ray
-
-    ray.shutdown()
     assert local.rows_ok == remote.rows_ok == 6_000
     a, b = pq.read_table(tmp_path / "local").sort_by("id"), pq.read_table(tmp_path / "ray").sort_by("id")
     assert a.column("id").equals(b.column("id")) and a.column("label").equals(b.column("label"))

@@ -195,14 +195,14 @@ def test_an_input_edit_that_keeps_size_and_mtime_is_another_job(demo_repo, tmp_p
     assert "another job" in line
 
 
-def test_the_ray_engine_names_a_malformed_csv_line_in_one_error(demo_repo, tmp_path):
-    pytest.importorskip("ray")
+def test_the_ray_engine_names_a_malformed_csv_line_in_one_error(demo_repo, tmp_path, ray_cluster, cli):
+    """The command's entry point in this process (``cli`` fixture), on the session's Ray cluster."""
     lines, _ = csv_lines(demo_repo, 10)
     lines[1 + 2] += b",extra"
     src = tmp_path / "rows.csv"
     src.write_bytes(b"\n".join(lines) + b"\n")
-    done = cli("breast-cancer", src, "-o", tmp_path / "out", "--engine", "ray", "--num-cpus", "2", "-r", demo_repo,
-               timeout=240)  # fmt: skip
+    done = cli("batch", "breast-cancer", str(src), "-o", str(tmp_path / "out"), "--engine", "ray", "--num-cpus", "2",
+               "-r", str(demo_repo))  # fmt: skip
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
     last = [ln for ln in done.stderr.splitlines() if ln.strip()][-1]
     assert last.startswith("error:") and "line 4: expected 31 fields" in last and "local engine" in last
