@@ -8,8 +8,6 @@ without its ``instances[i]`` prefix (the row is its own field there), which is a
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -108,9 +106,8 @@ def test_v2_infer_gives_the_python_error(server, expected, case, model, instance
 
 
 @pytest.mark.parametrize("case, model, instances, tensor", CASES, ids=[c[0] for c in CASES])
-def test_cli_gives_the_python_error(repo, expected, case, model, instances, tensor):
-    done = subprocess.run([sys.executable, "-m", "forwardpass", "predict", model, json.dumps(instances), "-r", str(repo)],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+def test_cli_gives_the_python_error(repo, expected, cli, case, model, instances, tensor):
+    done = cli("predict", model, json.dumps(instances), "-r", str(repo))  # the console script's entry point
     assert done.returncode == 2, done.stdout + done.stderr
     assert " ".join(done.stderr.split()) == f"error: {expected[case].message}"
 
