@@ -209,7 +209,7 @@ def open_session(source: str | bytes | Path, path: Path, *, intra_op: int, inter
 
     ``spinning=False`` stops a multi-threaded pool's threads after each run; ``arena=False`` serves tensors
     from malloc instead of ONNX Runtime's CPU arena (see OnnxRuntime._open for when each pays). Every
-    session forwardpass opens (models, the language models' decoder) comes from here.
+    session a served model runs on (models, the language models' decoder) comes from here.
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = _OPT_LEVELS[graph_optimization]
