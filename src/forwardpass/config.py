@@ -240,6 +240,37 @@ class SpecificPolicy(_Strict):
 
 VersionPolicy = Literal["all"] | LatestPolicy | SpecificPolicy
 
+class StateSpec(_Strict):
+    """A recurrent state: the model reads it from ``input`` and writes the next one to ``output``."""
+
+    input: str
+    output: str
+    initial: float = 0.0  # every element of a new sequence's state
+    batch_axis: int = Field(0, ge=0)  # where streams stack in one forward pass (silero-vad's state: 1)
+
+
+class ControlSpec(_Strict):
+    """Triton's sequence control inputs (its ``control_input``), filled by the server per request."""
+
+    input: str
+    kind: Literal["start", "end", "ready", "corrid"]  # 1 on a sequence's first / last request; 1; its id
+
+
+class SequenceConfig(_Strict):
+    """A stateful model: the engine keeps each sequence's state and feeds it back step by step.
+
+    Requests name their sequence (V2 parameters ``sequence_id``, ``sequence_start``, ``sequence_end``, as
+    Triton's sequence batcher; a WebSocket stream is one sequence); steps of different sequences run
+    batched, their states stacked along ``batch_axis``.
+    """
+
+    state: list[StateSpec] = Field(default_factory=list)
+    control: list[ControlSpec] = Field(default_factory=list)
+    constants: dict[str, float] = Field(default_factory=dict)  # inputs fed the same value every step (sr: 16000)
+    max_sequences: int = Field(1024, ge=1)  # live states; one more is refused (503) until one ends or idles out
+    idle_timeout_s: float = Field(60.0, gt=0)  # a state unused this long is freed
+
+
 class GenerationConfig(_Strict):
     """Language models: the decoder's shape, context, special tokens, chat template (written by the importer)."""
 
@@ -283,6 +314,7 @@ class ModelConfig(_Strict):
     version_policy: VersionPolicy = LatestPolicy(latest=1)
     metrics: dict[str, float] = {}  # held-out evaluation recorded when the model was built
     generation: GenerationConfig | None = None  # task: generation
+    sequence: SequenceConfig | None = None  # a stateful model (engine/sequences.py)
     runtime: RuntimeConfig = RuntimeConfig()  # what runs the forward pass (runtime/__init__.py)
 
     @field_validator("task")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -138,15 +138,21 @@ class Model:
         feeds = {k: np.asarray(v) for k, v in feeds.items()}
         return dict(zip(names, self._forward(self.check(feeds), names)))
 
-    def check(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Validate input tensors against the model's inputs (names, datatypes, shapes, NaN)."""
+    def check(self, feeds: Mapping[str, np.ndarray], filled: Collection[str] = ()) -> dict[str, np.ndarray]:
+        """Validate input tensors against the model's inputs (names, datatypes, shapes, NaN). ``filled``: inputs
+        the server feeds itself (a stateful model's state and control inputs), which a request must not send."""
         checks = self._checks
-        if feeds.keys() != checks.keys():
+        if filled or feeds.keys() != checks.keys():
+            sent = [k for k in feeds if k in filled]
+            if sent:
+                raise InvalidInput(("inputs", sent[0]), f"the server feeds this input itself (model.yaml's sequence: "
+                                   f"section); send only {[k for k in checks if k not in filled]}")  # fmt: skip
             unknown = [k for k in feeds if k not in checks]
             if unknown:
                 raise InvalidInput(("inputs", unknown[0]), f"unknown input; the model takes {list(checks)}")
-            missing = [k for k in checks if k not in feeds]
-            raise InvalidInput(("inputs", missing[0]), "missing input")
+            missing = [k for k in checks if k not in feeds and k not in filled]
+            if missing:
+                raise InvalidInput(("inputs", missing[0]), "missing input")
         return {name: checks[name](array) for name, array in feeds.items()}
 
     def _forward(self, feeds: dict[str, np.ndarray], names: Sequence[str] | None) -> list[np.ndarray]:

@@ -51,6 +51,7 @@ class ModelStats:
         self.cache_hits = self.cache_misses = 0
         self.cache_hit_ns = 0
         self.last_inference_ms = 0
+        self.sequences: Any = None  # a stateful model's Sequences (engine/sequences.py): .live counts them
         self.total = Histogram(LATENCY_BUCKETS)
         self.queue = Histogram(LATENCY_BUCKETS)
         self.compute = Histogram(LATENCY_BUCKETS)

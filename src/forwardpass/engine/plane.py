@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from forwardpass.engine.registry import Served
+from forwardpass.engine.sequences import Sequences, Step
 from forwardpass.errors import ForwardpassError, InvalidInput
 from forwardpass.inference import InferRequest, InputTensor, OutputTensor, RequestedOutput
 from forwardpass.model import Model
@@ -54,16 +55,27 @@ class DataPlane:
     def serve(self, model: Model) -> Served:
         """A loaded model version with its batcher, ready for requests."""
         config = model.config
-        batchable = all(s.shape[:1] == [-1] for s in model.inputs) and all(s.shape[:1] == [-1] for s in model.outputs)
         names = [s.name for s in model.outputs]
         run_list = model.runtime.prepare(names)
+        sequences = Sequences(model, config.sequence) if config.sequence is not None else None
+        if sequences is None:
+            batchable = all(s.shape[:1] == [-1] for s in (*model.inputs, *model.outputs))
 
-        def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            return dict(zip(names, run_list(feeds)))
+            def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+                return dict(zip(names, run_list(feeds)))
+        else:  # steps of different sequences batch: states stacked batch first, moved to their axis around the pass
+            seq = sequences
+            states = {st.input for st in seq.config.state} | seq.state_outputs
+            batchable = all(s.shape[:1] == [-1] for s in (*model.inputs, *model.outputs)
+                            if s.name not in states and s.name not in seq.config.constants)  # fmt: skip
+
+            def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+                return seq.from_model(dict(zip(names, run_list(seq.to_model(feeds)))))
 
         probe = model.runtime.probe_ms
         inline = config.instances == 1 and probe is not None and probe < AUTO_THREADS_THRESHOLD_MS
         stats = self.stats.stats(model.name, model.version)
+        stats.sequences = sequences
         policy = Policy(
             max_batch_size=config.batching.max_batch_size if batchable else 1,
             max_queue_delay=config.batching.max_queue_delay_ms / 1000,
@@ -73,8 +85,10 @@ class DataPlane:
             run, policy, instances=config.instances, inline=inline, max_queue_size=config.batching.max_queue_size,
             executor=self._executor, on_batch=stats.batch, crowded=self._crowded, settle=self._pending is None,
         )  # fmt: skip
-        every = {b: [RequestedOutput(n, b) for n in names] for b in (False, True)}
-        return Served(model, batcher, stats, batchable, config.cache.enabled, every)
+        answered = [n for n in names if sequences is None or n not in sequences.state_outputs]
+        every = {b: [RequestedOutput(n, b) for n in answered] for b in (False, True)}
+        cache = config.cache.enabled and sequences is None  # a stateful model's answer depends on its state
+        return Served(model, batcher, stats, batchable, cache, every, sequences)
 
     async def infer(self, served: Served, request: InferRequest) -> tuple[Served, list[OutputTensor]]:
         name = served.model.name
@@ -82,6 +96,8 @@ class DataPlane:
         try:
             model = served.model
             wanted = self._requested_outputs(served, request)
+            if served.sequences is not None or request.parameters.get("sequence_id"):
+                return await self._step(served, request, wanted, start)
             feeds = self._feeds(model, request)
             if isinstance(feeds, Plan):
                 feeds = await self._run_plan(feeds)
@@ -98,6 +114,29 @@ class DataPlane:
             served.stats.request(exc.status, time.monotonic() - start)
             raise
         served.stats.request(200, time.monotonic() - start, queued, rows, cached)
+        return served, result
+
+    async def _step(self, served: Served, request: InferRequest, wanted: list[RequestedOutput],
+                    start: float) -> tuple[Served, list[OutputTensor]]:  # fmt: skip
+        """One step of a stateful model's sequence (Triton's sequence batcher: engine/sequences.py)."""
+        model, sequences = served.model, served.sequences
+        step = Step.from_parameters(request.parameters)
+        if sequences is None:
+            raise InvalidInput(("parameters", "sequence_id"), f"model '{model.name}' keeps no state between requests "
+                               "(its model.yaml has no sequence: section): leave out the sequence parameters")  # fmt: skip
+        if step is None:
+            raise InvalidInput(("parameters", "sequence_id"), f"model '{model.name}' is stateful: name the request's "
+                               "sequence with parameters sequence_id (and sequence_start: true on its first request, "
+                               "sequence_end: true on its last)")  # fmt: skip
+        feeds = self._feeds(model, request, sequences.filled)
+        if isinstance(feeds, Plan):
+            feeds = await self._run_plan(feeds)
+        async with sequences.step(step) as context:
+            outputs, queued, _ = await self._run(served, {**feeds, **context.feeds}, None,
+                                                 request.parameters.get("timeout"))  # fmt: skip
+            context.done(outputs)
+        result = [self._output(model, o, outputs[o.name]) for o in wanted]
+        served.stats.request(200, time.monotonic() - start, queued, _rows(feeds))
         return served, result
 
     async def predict(self, served: Served, instances: list[Any], top_k: int | None) -> tuple[Served, Any]:
@@ -148,7 +187,8 @@ class DataPlane:
             return plan.run()
         return await asyncio.get_running_loop().run_in_executor(self._executor, plan.run)
 
-    def _feeds(self, model: Model, request: InferRequest) -> dict[str, np.ndarray] | Plan:
+    def _feeds(self, model: Model, request: InferRequest,
+               filled: frozenset[str] = frozenset()) -> dict[str, np.ndarray] | Plan:  # fmt: skip
         """Request tensors -> validated model inputs; raw BYTES -> the plan of the declared pre-processing."""
         specs = {s.name: s for s in model.inputs}
 
@@ -173,7 +213,7 @@ class DataPlane:
             if t.datatype == "BYTES":  # ONNX Runtime's string tensors take str
                 array = np.array([_text(t.name, v) for v in array.reshape(-1).tolist()], dtype=object).reshape(array.shape)
             feeds[t.name] = array
-        return model.check(feeds)
+        return model.check(feeds, filled)
 
     def _requested_outputs(self, served: Served, request: InferRequest) -> list[RequestedOutput]:
         if request.outputs is None:

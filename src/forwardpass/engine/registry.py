@@ -22,6 +22,7 @@ from forwardpass.stats import ModelStats
 from forwardpass.tasks import generative
 
 if TYPE_CHECKING:
+    from forwardpass.engine.sequences import Sequences
     from forwardpass.generation.scheduler import GenerationScheduler
 
 
@@ -35,6 +36,7 @@ class Served:
     batchable: bool
     cache_enabled: bool
     all_outputs: dict[bool, list[RequestedOutput]]  # what "no outputs listed" means, JSON and binary
+    sequences: Sequences | None = None  # a stateful model's live sequences (engine/sequences.py)
 
 
 class Registry:

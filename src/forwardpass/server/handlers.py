@@ -24,7 +24,6 @@ _TRITON_TYPES = {"BOOL": "TYPE_BOOL", "BYTES": "TYPE_STRING", "FP16": "TYPE_FP16
                  "FP64": "TYPE_FP64"}  # fmt: skip
 _READABLE = ("application/json", "application/octet-stream")
 _NUMBER = re.compile(r"[0-9]{1,19}")  # ASCII digits only: str.isdigit() also takes '١٢' and '²'
-_SEQUENCE = ("sequence_id", "sequence_start", "sequence_end")
 _FORMATS = {"NCHW": "FORMAT_NCHW", "NHWC": "FORMAT_NHWC"}  # image pre-processing layout -> Triton's input format
 
 
@@ -80,7 +79,6 @@ class Handlers:
             body = await request.read_body(self.config.max_body_bytes)
             header = _header_length(request.header(b"inference-header-content-length"), len(body))
             parsed = parse_infer(body, header, self.config.max_elements)
-            _refuse_sequence(model, parsed.parameters)
             served, outputs = await self.engine.infer(model, pinned, parsed, served)
             payload, header_length = encode_response(model, served.model.version, parsed.id, outputs)
         except ForwardpassError:
@@ -206,15 +204,6 @@ class Handlers:
             "models": {n: self.engine.versions(n) for n in self.engine.names()},
             "try": 'POST /v1/models/{model}:predict with {"instances": [...]}, or V2 at /v2/models/{model}/infer',
         })  # fmt: skip
-
-
-def _refuse_sequence(model: str, parameters: dict[str, Any]) -> None:
-    """Triton's sequence batcher parameters: refused, since no model served here keeps state between requests."""
-    for key in _SEQUENCE:
-        if parameters.get(key):
-            raise InvalidInput(("parameters", key), f"model '{model}' keeps no state between requests, so it takes "
-                               "no sequence (sequence_id, sequence_start, sequence_end): send each request alone",
-                               parameters[key])  # fmt: skip
 
 
 def _triton_config(model: str, served: Served) -> dict[str, Any]:

@@ -59,7 +59,12 @@ class _Collector:
             for attr, family in hists.items():
                 h: Histogram = getattr(s, attr)
                 family.add_metric(series, h.cumulative(), h.sum)
-        yield from (requests, hits, misses, rows, *hists.values())
+        live = GaugeMetricFamily("forwardpass_sequences_live", "A stateful model's sequences with a state kept",
+                                 labels=labels)  # fmt: skip
+        for (name, version), s in sorted(m.models.items()):
+            if s.sequences is not None:  # counted now: reading it frees the sequences idle past their timeout
+                live.add_metric([name, str(version)], s.sequences.live)
+        yield from (requests, hits, misses, rows, *hists.values(), live)
         yield GaugeMetricFamily("forwardpass_inflight_requests", "Requests being served now", value=m.inflight)
         if m.generation:
             yield from _generation(m)
