@@ -1,118 +1,171 @@
-"""WAV decoding and resampling, without native dependencies.
+"""Audio decoding (libsndfile through ``soundfile``) and resampling (``soxr``).
 
-``decode_wav(data)`` reads RIFF/WAVE PCM (8/16/24/32-bit), IEEE float (32/64-bit) and
-WAVE_FORMAT_EXTENSIBLE, mixes to mono and returns float32 in [-1, 1] with its rate.
-``read_header(data)`` reads only the chunk headers (rate, channels, how many frames), so a
-clip's length can be checked before any sample is decoded; ``samples(data, header)`` decodes.
-``resample(x, src, dst)`` is band-limited (FFT), so downsampling does not alias.
+``read_info(data)`` reads only a file's header (format, rate, channels, how many frames), so a
+clip's length can be checked before any sample is decoded; ``decode(data, info)`` decodes at
+most that many frames to float32 mono in [-1, 1] (channels averaged). Formats: whatever
+libsndfile reads from memory: WAV (PCM 8/16/24/32-bit, float, WAVE_FORMAT_EXTENSIBLE), FLAC,
+OGG/Vorbis and Opus, AIFF, ... A file it cannot read is an ``InvalidInput`` at ``loc``.
+
+``resample(x, src, dst)`` converts a whole clip; ``StreamResampler`` converts chunked input
+(a WebSocket or a Redis stream) so that the chunks' outputs, joined, equal the whole clip's::
+
+    info = read_info(wav_bytes)            # AudioInfo(frames=..., rate=44100, channels=2, ...)
+    mono = resample(decode(wav_bytes, info), info.rate, 16000)
+
+    stream = StreamResampler(44100, 16000)
+    out = [stream.push(chunk) for chunk in chunks] + [stream.flush()]
+
+Quality is soxr's "HQ" (20-bit precision, about 120 dB): its error (under 1e-6 on a full-scale
+tone) is far below 16-bit quantization (3e-5), and "VHQ" (28-bit) takes twice as long (13 ms
+against 26 ms for 60 s of 44.1 kHz on one core) for a precision beyond what float32 models use.
 """
 
 from __future__ import annotations
 
-import struct
+import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import soundfile as sf
+import soxr
 
-_PCM, _FLOAT, _EXTENSIBLE = 1, 3, 0xFFFE
-_SUPPORTED = {(_PCM, 8), (_PCM, 16), (_PCM, 24), (_PCM, 32), (_FLOAT, 32), (_FLOAT, 64)}
+from forwardpass.errors import InvalidInput
 
-
-class WavError(ValueError):
-    """The bytes are not a WAV file this decoder understands."""
+QUALITY = "HQ"
+# bytes per sample of each encoding libsndfile names; an encoding not listed (Vorbis, Opus, MP3,
+# ADPCM, ...) counts as the float32 it decodes to
+_WIDTH = {"PCM_S8": 1, "PCM_U8": 1, "ULAW": 1, "ALAW": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4, "FLOAT": 4,
+          "DOUBLE": 8}  # fmt: skip
+_UNKNOWN_LENGTH = 2**62  # libsndfile says SF_COUNT_MAX (2**63 - 1) for a file that does not state its length
+EXPECTED = "WAV, FLAC, OGG or another format libsndfile reads"
 
 
 @dataclass(frozen=True, slots=True)
-class WavHeader:
-    """A WAV file's format and where its whole frames of sample data lie."""
+class AudioInfo:
+    """A clip's header: its container and encoding as libsndfile names them, rate, channels, frames."""
 
-    tag: int  # 1: PCM, 3: IEEE float
-    channels: int
+    format: str  # WAV, FLAC, OGG, ...
+    subtype: str  # PCM_16, FLOAT, VORBIS, ...
     rate: int
-    bits: int
-    offset: int  # first byte of the sample data
-    size: int  # bytes of whole frames present (the declared size, cut to the bytes there are)
-
-    @property
-    def frames(self) -> int:
-        """Samples per channel."""
-        return self.size // (self.channels * self.bits // 8)
+    channels: int
+    frames: int  # samples per channel, as the header says (a WAV's: what its data chunk holds)
 
     @property
     def seconds(self) -> float:
         return self.frames / self.rate
 
-
-def read_header(data: bytes) -> WavHeader:
-    """The format and data chunk of WAV bytes, without decoding samples; WavError if unsupported."""
-    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
-        raise WavError("not a RIFF/WAVE file")
-    fmt: tuple[int, int, int, int] | None = None
-    pos = 12
-    while pos + 8 <= len(data):
-        chunk, size = data[pos : pos + 4], struct.unpack_from("<I", data, pos + 4)[0]
-        if chunk == b"fmt ":
-            body = data[pos + 8 : pos + 8 + size]
-            if len(body) < 16:
-                raise WavError("fmt chunk too short")
-            tag, channels, rate, _, _, bits = struct.unpack_from("<HHIIHH", body)
-            if tag == _EXTENSIBLE and len(body) >= 26:
-                tag = struct.unpack_from("<H", body, 24)[0]  # first two bytes of the sub-format GUID
-            if (tag, bits) not in _SUPPORTED:
-                raise WavError(f"unsupported encoding: format tag {tag}, {bits} bits")
-            if channels < 1 or rate < 1:
-                raise WavError(f"bad header: {channels} channels at {rate} Hz")
-            fmt = (tag, channels, rate, bits)
-        elif chunk == b"data":
-            if fmt is None:
-                raise WavError("data chunk before fmt chunk")
-            tag, channels, rate, bits = fmt
-            frame = channels * bits // 8
-            present = min(size, len(data) - pos - 8)
-            return WavHeader(tag, channels, rate, bits, pos + 8, present - present % frame)
-        pos += 8 + size + (size & 1)  # chunks are padded to even sizes
-    raise WavError("no data chunk")
+    @property
+    def size(self) -> int:
+        """Bytes of samples at the encoding's width (decoded float32 for compressed encodings)."""
+        return self.frames * self.channels * _WIDTH.get(self.subtype, 4)
 
 
-def decode_wav(data: bytes) -> tuple[np.ndarray, int]:
-    """WAV bytes -> (float32 mono samples in [-1, 1], sample rate)."""
-    header = read_header(data)
-    return samples(data, header), header.rate
+def _reason(exc: Exception) -> str:
+    # LibsndfileError's str() starts with "Error opening <_io.BytesIO object at 0x...>: "
+    return str(getattr(exc, "error_string", None) or exc).strip().rstrip(".")
 
 
-def samples(data: bytes, header: WavHeader) -> np.ndarray:
-    """The sample data ``read_header`` found, as float32 mono in [-1, 1]."""
-    raw = memoryview(data)[header.offset : header.offset + header.size]
-    tag, bits = header.tag, header.bits
-    if tag == _PCM and bits == 8:
-        x = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128) / 128
-    elif tag == _PCM and bits == 16:
-        x = np.frombuffer(raw, "<i2").astype(np.float32) / 32768
-    elif tag == _PCM and bits == 24:
-        b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
-        v = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
-        x = (np.where(v >= 1 << 23, v - (1 << 24), v)).astype(np.float32) / (1 << 23)
-    elif tag == _PCM and bits == 32:
-        x = (np.frombuffer(raw, "<i4").astype(np.float64) / 2**31).astype(np.float32)
-    else:  # IEEE float, 32 or 64 bits (read_header refuses the rest)
-        x = np.frombuffer(raw, "<f4" if bits == 32 else "<f8").astype(np.float32)
-    if header.channels == 1:
-        return x
-    return x.reshape(-1, header.channels).mean(axis=1, dtype=np.float32)
+def read_info(data: bytes | bytearray | memoryview, loc: Sequence[str | int] = ()) -> AudioInfo:
+    """The header of audio file bytes, without decoding samples; InvalidInput at ``loc`` if unreadable."""
+    try:
+        info = sf.info(io.BytesIO(data))
+    except (sf.SoundFileError, RuntimeError, ValueError) as exc:
+        raise InvalidInput(loc, f"cannot decode audio ({_reason(exc)}); expected {EXPECTED}",
+                           bytes(data[:16])) from None  # fmt: skip
+    if info.samplerate < 1 or info.channels < 1:
+        raise InvalidInput(loc, f"cannot decode audio: its header says {info.channels} channels at "
+                           f"{info.samplerate} Hz", bytes(data[:16]))  # fmt: skip
+    if info.frames >= _UNKNOWN_LENGTH:
+        raise InvalidInput(loc, f"the {info.format} file does not say how long it is (a file written as a "
+                           "stream?), so its length cannot be checked before decoding; send it with its length "
+                           "in the header (re-encode it, or send WAV)", bytes(data[:16]))  # fmt: skip
+    return AudioInfo(info.format, info.subtype, info.samplerate, info.channels, info.frames)
+
+
+def decode(data: bytes | bytearray | memoryview, info: AudioInfo, loc: Sequence[str | int] = ()) -> np.ndarray:
+    """At most ``info.frames`` frames of the bytes ``read_info`` read, as float32 mono in [-1, 1].
+
+    Memory is bounded by the header that the caller checked: a longer file is cut at ``info.frames``;
+    a WAV file shorter than its header says gives what it holds (libsndfile counts the bytes there
+    are), a shorter FLAC or OGG file is an InvalidInput (libsndfile's decoders fail at its end).
+    """
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            x = f.read(info.frames, dtype="float32", always_2d=True)  # (frames, channels)
+    except (sf.SoundFileError, RuntimeError, ValueError) as exc:
+        raise InvalidInput(loc, f"cannot decode audio ({_reason(exc)}): the {info.format} file is damaged, or holds "
+                           f"fewer than the {info.frames:,} frames its header says; send the whole file",
+                           bytes(data[:16])) from None  # fmt: skip
+    if x.shape[1] == 1:
+        return np.ascontiguousarray(x[:, 0])
+    return x.mean(axis=1, dtype=np.float32)
+
+
+def decode_audio(data: bytes | bytearray | memoryview, loc: Sequence[str | int] = ()) -> tuple[np.ndarray, int]:
+    """Audio file bytes -> (float32 mono samples in [-1, 1], sample rate); no bounds checked."""
+    info = read_info(data, loc)
+    return decode(data, info, loc), info.rate
 
 
 def resample(x: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
-    """Band-limited resampling by truncating or zero-padding the spectrum."""
+    """A whole clip from ``src_rate`` to ``dst_rate`` (band-limited: downsampling does not alias).
+
+    The output has ``round(len(x) * dst_rate / src_rate)`` samples, at least one for a non-empty clip.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
     if src_rate == dst_rate or len(x) == 0:
-        return x.astype(np.float32, copy=False)
-    n_out = max(1, round(len(x) * dst_rate / src_rate))
-    spectrum = np.fft.rfft(x.astype(np.float64))
-    return (np.fft.irfft(spectrum, n_out) * (n_out / len(x))).astype(np.float32)
+        return x
+    y = soxr.resample(x, src_rate, dst_rate, quality=QUALITY)
+    return y if len(y) else np.zeros(1, np.float32)  # a clip shorter than one output sample
 
 
-def encode_wav(x: np.ndarray, rate: int) -> bytes:
-    """float samples in [-1, 1] -> 16-bit PCM mono WAV bytes (for tests and samples)."""
-    pcm = (np.clip(x, -1, 1) * 32767).astype("<i2").tobytes()
-    header = struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", 36 + len(pcm), b"WAVE", b"fmt ", 16, _PCM, 1, rate,
-                         rate * 2, 2, 16, b"data", len(pcm))  # fmt: skip
-    return header + pcm
+class StreamResampler:
+    """Resamples float32 mono audio that arrives in chunks, carrying the filter's state between them.
+
+    Joined, the outputs equal ``resample`` of the whole signal (to float32 rounding): no ringing or
+    gap at chunk edges, as resampling each chunk on its own would give. The first outputs are
+    shorter than their chunks (the filter's delay); ``flush()`` returns the rest at the stream's end
+    and readies the resampler for a new stream::
+
+        stream = StreamResampler(48000, 16000)
+        for chunk in chunks:                   # any sizes, 1-D float samples
+            send(stream.push(chunk))
+        send(stream.flush())
+    """
+
+    def __init__(self, src_rate: int, dst_rate: int, quality: str = QUALITY):
+        if src_rate < 1 or dst_rate < 1:
+            raise ValueError(f"sample rates must be positive, got {src_rate} -> {dst_rate}")
+        self.src_rate, self.dst_rate = src_rate, dst_rate
+        self._stream = None if src_rate == dst_rate else soxr.ResampleStream(
+            src_rate, dst_rate, 1, dtype="float32", quality=quality)  # fmt: skip
+
+    def push(self, chunk: np.ndarray) -> np.ndarray:
+        """One chunk of samples in -> the output samples ready so far (float32, maybe empty)."""
+        x = np.ascontiguousarray(chunk, dtype=np.float32)
+        if x.ndim != 1:
+            raise ValueError(f"expected 1-D mono samples, got an array of shape {x.shape}")
+        if self._stream is None:
+            return x
+        return self._stream.resample_chunk(x)
+
+    def flush(self) -> np.ndarray:
+        """The samples still in the filter at the end of the stream; the next push starts a new stream."""
+        if self._stream is None:
+            return np.zeros(0, np.float32)
+        tail = self._stream.resample_chunk(np.zeros(0, np.float32), last=True)
+        self._stream.clear()
+        return tail
+
+
+def encode_wav(x: np.ndarray, rate: int, subtype: str = "PCM_16") -> bytes:
+    """float samples in [-1, 1] ([samples] or [samples, channels]) -> WAV bytes (for tests and samples)."""
+    return encode(x, rate, "WAV", subtype)
+
+
+def encode(x: np.ndarray, rate: int, format: str = "WAV", subtype: str | None = None) -> bytes:
+    """float samples -> audio file bytes in ``format`` (WAV, FLAC, OGG, ...) via libsndfile."""
+    out = io.BytesIO()
+    sf.write(out, np.clip(np.asarray(x, dtype=np.float32), -1, 1), rate, format=format, subtype=subtype)
+    return out.getvalue()
