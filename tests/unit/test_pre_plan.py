@@ -6,6 +6,7 @@ bound) and runs ``plan.run`` on a thread when ``plan.off_loop`` says the work ou
 
 import io
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import pytest
 from forwardpass import InvalidInput
 from forwardpass.config import TensorSpec
 from forwardpass.pipeline import build_pre
-from forwardpass.pipeline.audio import encode_wav
+from forwardpass.pipeline.audio import encode, encode_wav
 from forwardpass.pipeline.kinds.audio import AudioPre
 from forwardpass.pipeline.kinds.image import ImagePre
 from forwardpass.pipeline.kinds.tabular import TabularPre
@@ -72,6 +73,25 @@ def test_audio_plan_counts_samples():
     assert (plan.cost, plan.unit, plan.off_loop) == (17600, "samples", True)
     assert not pre.plan([tenth]).off_loop
     assert plan.run()["audio"].shape == (2, 16000)
+
+
+def test_audio_plan_reads_any_format_header_and_decodes_nothing():
+    pre = build_pre(AudioPre(kind="audio", sample_rate=16000), AUDIO, Path("."))
+    stereo = encode(np.zeros((44100, 2), np.float32), 44100, "FLAC")  # 1 s of 44.1 kHz stereo
+    ogg = encode(np.zeros(8000, np.float32), 8000, "OGG", "VORBIS")
+    plan = pre.plan([stereo, ogg])
+    assert (plan.cost, plan.unit, plan.off_loop) == (2 * 44100 + 8000, "samples", True)  # frames x channels
+    assert plan.run()["audio"].shape == (2, 16000)  # both 1 s at the model's rate
+    long = encode(np.zeros(16000 * 61, np.float32), 16000, "FLAC")  # 61 s of silence: 4 kB of FLAC
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidInput, match=r"clip is 61.0 s, longer than 60 s \(pre.max_seconds\)") as info:
+            pre.plan([ogg, long])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert info.value.loc == ("instances", 1)
+    assert peak < 2**20  # a header read: the 3.9 MB of decoded samples never exist
 
 
 def test_text_plan_counts_characters_and_tokenizing_goes_off_the_loop(tmp_path):
