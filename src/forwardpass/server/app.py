@@ -12,8 +12,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from forwardpass.engine import Engine
+from forwardpass.errors import ForwardpassError, ModelNotFound
 from forwardpass.repository import Repository
-from forwardpass.server.auth import Keys
+from forwardpass.server import stream
+from forwardpass.server.auth import Access, Keys
 from forwardpass.server.config import ServeConfig
 from forwardpass.server.errors import error_response
 from forwardpass.server.handlers import Handlers
@@ -31,12 +33,15 @@ class App:
 
     def __init__(self, engine: Engine, config: ServeConfig):
         self.engine, self.config = engine, config
-        self.router = routes(Handlers(engine, config), OpenAIHandlers(engine, config), Keys.from_config(config))
+        self.keys = Keys.from_config(config)
+        self.router = routes(Handlers(engine, config), OpenAIHandlers(engine, config), self.keys)
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
             await self._http(scope, receive, send)
+        elif kind == "websocket":
+            await self._websocket(scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
 
@@ -62,6 +67,30 @@ class App:
                 raise
         finally:
             watcher.cancel()
+
+    async def _websocket(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        """A WebSocket stream (server/stream.py) from an ASGI server: checked, then accepted, then served."""
+        if (await receive())["type"] != "websocket.connect":
+            return
+        try:
+            model, version, drop = self.accept_stream(scope)
+        except ForwardpassError as exc:
+            await send({"type": "websocket.close", "code": stream.POLICY, "reason": stream._reason(exc.message)})
+            return
+        await send({"type": "websocket.accept"})
+        await stream.serve_stream(self.engine, model, version, _AsgiChannel(receive, send), drop,
+                                  self.config.max_elements)  # fmt: skip
+
+    def accept_stream(self, scope: dict[str, Any]) -> tuple[str, int | None, str]:
+        """(model, version, drop policy) for a stream request, after the key check and the model lookup;
+        a ForwardpassError says why not (the connection is then refused)."""
+        found = stream.match(scope["path"])
+        if found is None:
+            raise ModelNotFound(f"{scope['path']}: no such stream endpoint; streams are at /v2/models/{{model}}/stream")
+        self.keys.check(Request(scope, None, {}), Access.INFER)
+        drop = stream.drop_policy(scope.get("query_string", b""))
+        self.engine.served(*found)  # unknown, unready or a language model: refused before accepting
+        return found[0], found[1], drop
 
     async def dispatch(self, scope: dict[str, Any], receive: Receive | None,
                        body: bytes | None) -> Response | StreamingResponse:  # fmt: skip
@@ -113,3 +142,27 @@ def create_app(config: ServeConfig | None = None) -> App:
 def create_app_from_env() -> App:
     """Factory for `uvicorn --factory` worker processes: settings come from FORWARDPASS_* variables."""
     return create_app(ServeConfig.from_env())
+
+
+class _AsgiChannel:
+    """server/stream.py's Channel over ASGI's websocket messages."""
+
+    def __init__(self, receive: Receive, send: Send):
+        self._receive, self._send, self._closed = receive, send, False
+
+    async def receive(self) -> str | bytes | None:
+        message = await self._receive()
+        if message["type"] != "websocket.receive":
+            self._closed = True
+            return None
+        return message.get("text") if message.get("text") is not None else message.get("bytes", b"")
+
+    async def send(self, message: str | bytes) -> None:
+        if not self._closed:
+            key = "text" if isinstance(message, str) else "bytes"
+            await self._send({"type": "websocket.send", key: message})
+
+    async def close(self, code: int, reason: str) -> None:
+        if not self._closed:
+            self._closed = True
+            await self._send({"type": "websocket.close", "code": code, "reason": reason})

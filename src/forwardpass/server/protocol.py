@@ -28,7 +28,8 @@ from urllib.parse import unquote
 
 import httptools
 
-from forwardpass.errors import HttpProtocolError, PayloadTooLarge
+from forwardpass.errors import ForwardpassError, HttpProtocolError, PayloadTooLarge
+from forwardpass.server import stream
 from forwardpass.server.app import App
 from forwardpass.server.errors import INTERNAL_ERROR, error_response
 from forwardpass.server.http import ClientGone, Response, StreamingResponse, deliver
@@ -60,6 +61,8 @@ class ServerState:
         self.body_min_rate = config.body_min_rate
         self.linger_timeout = config.linger_timeout
         self.connections: set[HttpProtocol] = set()
+        self.max_elements = config.max_elements
+        self.streams = 0  # WebSocket streams being served (they do not hold a shutdown's drain)
         self.active = 0  # connections with a request being handled
         self.idle = asyncio.Event()  # set when active drops to 0
         self.idle.set()
@@ -104,6 +107,8 @@ class HttpProtocol(asyncio.Protocol):
         self.client_eof = False  # the client half-closed: answer what it sent, then close
         self.continue_due = False  # "100 Continue" owed once the requests before this one are answered
         self._linger: asyncio.TimerHandle | None = None
+        self.upgrade: dict[str, Any] | None = None  # a request asking to switch protocols (a WebSocket stream)
+        self.websocket: WebSocketChannel | None = None  # this connection, once upgraded
         self._reset()
 
     def _reset(self) -> None:
@@ -129,6 +134,8 @@ class HttpProtocol(asyncio.Protocol):
             self._linger.cancel()
         if self.streaming and self.task is not None:
             self.task.cancel()  # stops the producer (a generation frees its slot)
+        if self.websocket is not None:
+            self.websocket.lost()
 
     def eof_received(self) -> bool:
         if self.busy or self.queue:  # answer what came before the half-close
@@ -145,13 +152,16 @@ class HttpProtocol(asyncio.Protocol):
         self.drained.set()
 
     def data_received(self, data: bytes) -> None:
+        if self.websocket is not None:
+            self.websocket.feed(data)
+            return
         if self.refused:
             return  # lingering after a refusal: read and drop
         fresh = not self.in_request  # a request starts at the beginning of ``data``
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._refuse(_refusal(400, "bad_request", "protocol upgrades are not supported"))
+        except httptools.HttpParserUpgrade as exc:
+            self._upgrade(data[exc.args[0]:] if exc.args and isinstance(exc.args[0], int) else b"")
         except httptools.HttpParserError as exc:
             if not self.refused:
                 self._refuse(_refusal(400, "bad_request", f"malformed HTTP request: {exc}"))
@@ -164,7 +174,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def expire(self, now: float) -> None:
         """The sweeper's check: close an idle keep-alive connection, answer 408 to a request arriving too slowly."""
-        if self.transport is None or self.refused or self.busy or self.queue:
+        if self.transport is None or self.refused or self.busy or self.queue or self.websocket is not None:
             return
         if not self.in_request:
             if now - self.last_active > self.state.keep_alive_timeout:
@@ -178,8 +188,10 @@ class HttpProtocol(asyncio.Protocol):
                 "faster, or raise FORWARDPASS_BODY_TIMEOUT or lower FORWARDPASS_BODY_MIN_RATE")))  # fmt: skip
 
     def close_if_idle(self) -> None:
-        """On shutdown: close now unless a request is in progress."""
-        if self.transport is not None and not self.busy and not self.queue:
+        """On shutdown: close now unless a request is in progress (a WebSocket stream is told 1001, going away)."""
+        if self.websocket is not None:
+            self.loop.create_task(self.websocket.close(1001, "the server is shutting down"))
+        elif self.transport is not None and not self.busy and not self.queue:
             self.transport.close()
 
     def _refuse(self, response: Response) -> None:
@@ -267,6 +279,11 @@ class HttpProtocol(asyncio.Protocol):
         if self.refused:
             return
         parsed = httptools.parse_url(self.url)
+        if self.parser.should_upgrade():  # answered by _upgrade, once the parser hands over the connection
+            self.upgrade = {"type": "websocket", "path": unquote(parsed.path.decode("latin-1")),
+                            "query_string": parsed.query or b"", "headers": self.headers, "url": self.url}  # fmt: skip
+            self.in_request = False
+            return
         path = parsed.path.decode("latin-1")
         scope = {
             "method": self.parser.get_method().decode("ascii"),
@@ -284,6 +301,50 @@ class HttpProtocol(asyncio.Protocol):
             self.reading = False
         if not self.busy:
             self._start_serving()
+
+    # -- WebSocket streams (server/stream.py) ---------------------------------------------------
+
+    def _upgrade(self, rest: bytes) -> None:
+        """Switch this connection to a WebSocket stream, or refuse the upgrade with an HTTP answer."""
+        scope, self.upgrade = self.upgrade, None
+        wants = scope is not None and any(n == b"upgrade" and v.lower() == b"websocket" for n, v in scope["headers"])
+        if scope is None or not wants or self.busy or self.queue:
+            self._refuse(_refusal(400, "bad_request", "protocol upgrades are supported only to a WebSocket stream "
+                                  "(GET /v2/models/{model}/stream with Upgrade: websocket), one request at a time"))
+            return
+        try:
+            model, version, drop = self.state.app.accept_stream(scope)
+        except ForwardpassError as exc:
+            self._refuse(error_response(exc))
+            return
+        from websockets.http11 import Request as Handshake
+        from websockets.server import ServerProtocol
+
+        ws = ServerProtocol(max_size=self.state.max_body_bytes)
+        # websockets parses the handshake itself: the request as it came (httptools has read it already)
+        ws.receive_data(b"GET " + scope["url"] + b" HTTP/1.1\r\n"
+                        + b"".join(n + b": " + v + b"\r\n" for n, v in scope["headers"]) + b"\r\n")  # fmt: skip
+        (handshake,) = ws.events_received()
+        assert isinstance(handshake, Handshake)
+        response = ws.accept(handshake)
+        ws.send_response(response)
+        assert self.transport is not None
+        self.transport.write(b"".join(ws.data_to_send()))
+        if response.status_code != 101:  # a malformed handshake: websockets said why in its answer
+            self._close()
+            return
+        channel = self.websocket = WebSocketChannel(self, ws)
+        if rest:
+            channel.feed(rest)
+        self.state.streams += 1
+        self.task = self.loop.create_task(self._serve_stream(channel, model, version, drop))
+
+    async def _serve_stream(self, channel: WebSocketChannel, model: str, version: int | None, drop: str) -> None:
+        try:
+            await stream.serve_stream(self.state.app.engine, model, version, channel, drop, self.state.max_elements)
+        finally:
+            self.state.streams -= 1
+            await channel.close(1000, "")
 
     # -- answering -----------------------------------------------------------------------------
 
@@ -443,3 +504,89 @@ class Listener:
         for connection in list(self.state.connections):
             if connection.transport is not None:
                 connection.transport.close()
+
+
+class WebSocketChannel:
+    """server/stream.py's Channel over one of our connections, with websockets' sans-I/O protocol doing the
+    framing (masking, fragments, ping/pong, the close handshake). Reading pauses while messages wait."""
+
+    PAUSE_AT = 4  # messages received and not yet taken: the socket stops being read
+
+    def __init__(self, connection: HttpProtocol, ws: Any):
+        self.connection, self.ws = connection, ws
+        self.messages: deque[str | bytes | None] = deque()
+        self.arrived = asyncio.Event()
+        self._parts: list[bytes] = []
+        self._text = False
+        self.closed = False
+
+    def feed(self, data: bytes) -> None:
+        from websockets.frames import Opcode
+
+        self.ws.receive_data(data)
+        for frame in self.ws.events_received():
+            if frame.opcode in (Opcode.TEXT, Opcode.BINARY):
+                self._text, self._parts = frame.opcode is Opcode.TEXT, [frame.data]
+            elif frame.opcode is Opcode.CONT:
+                self._parts.append(frame.data)
+            else:
+                continue  # ping (answered by the protocol), pong, close (handled below)
+            if frame.fin:
+                data_ = b"".join(self._parts)
+                self._parts = []
+                self.messages.append(data_.decode("utf-8", "replace") if self._text else data_)
+                self.arrived.set()
+        self._flush()
+        if self.ws.close_expected() or self.ws.state.name == "CLOSED":
+            self.lost()
+        elif len(self.messages) >= self.PAUSE_AT and self.connection.reading and self.connection.transport is not None:
+            self.connection.transport.pause_reading()
+            self.connection.reading = False
+
+    def lost(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.messages.append(None)
+            self.arrived.set()
+
+    async def receive(self) -> str | bytes | None:
+        while not self.messages:
+            self.arrived.clear()
+            await self.arrived.wait()
+        message = self.messages.popleft()
+        connection = self.connection
+        if not connection.reading and len(self.messages) < self.PAUSE_AT // 2 and connection.transport is not None:
+            connection.transport.resume_reading()
+            connection.reading = True
+        if message is None:
+            self.messages.append(None)  # every later receive() sees the end too
+        return message
+
+    async def send(self, message: str | bytes) -> None:
+        if self.closed or self.connection.transport is None:
+            return
+        if isinstance(message, str):
+            self.ws.send_text(message.encode())
+        else:
+            self.ws.send_binary(message)
+        if self.connection.write_paused:
+            await self.connection.drained.wait()
+        self._flush()
+
+    async def close(self, code: int, reason: str) -> None:
+        transport = self.connection.transport
+        if transport is None:
+            return
+        if not self.closed and self.ws.state.name == "OPEN":
+            self.ws.send_close(code, reason)
+            self._flush()
+        self.closed = True
+        transport.close()
+
+    def _flush(self) -> None:
+        transport = self.connection.transport
+        if transport is None:
+            return
+        for data in self.ws.data_to_send():
+            if data:
+                transport.write(data)

@@ -145,6 +145,7 @@ def _serve_uvicorn(config: ServeConfig, log_level: str) -> None:
         "proxy_headers": False, "server_header": False, "date_header": False,
         "timeout_keep_alive": config.keep_alive_timeout,
         "loop": "uvloop" if has("uvloop") else "asyncio", "http": "httptools" if has("httptools") else "h11",
+        "ws": "websockets-sansio" if has("websockets") else "none",  # WebSocket streams (server/stream.py)
     }  # fmt: skip
     if config.workers > 1:  # worker processes build their own app from the environment
         os.environ.update(config.to_env())
