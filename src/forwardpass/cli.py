@@ -230,6 +230,40 @@ def predict(
 
 
 @app.command()
+def stream(
+    model: Annotated[str, typer.Argument(help="Model name")],
+    input: Annotated[Path | None, typer.Option("--input", help="An audio file: print the speech segments a "
+                                                "voice activity model finds, chunk by chunk")] = None,  # fmt: skip
+    source: Annotated[str | None, typer.Option(help="redis://HOST:PORT/STREAM to read events from")] = None,
+    group: Annotated[str, typer.Option(help="Redis consumer group (created when missing)")] = "forwardpass",
+    consumer: Annotated[str | None, typer.Option(help="This worker's consumer name [default: host-pid]")] = None,
+    sink: Annotated[str | None, typer.Option(help="redis://HOST:PORT/STREAM to write results to")] = None,
+    dead_letter: Annotated[str | None, typer.Option("--dead-letter", help="Stream for events that failed "
+                                                    "--max-deliveries times [default: SOURCE:dead]")] = None,  # fmt: skip
+    batch_size: Annotated[int, typer.Option(help="Events read and run together")] = 256,
+    max_deliveries: Annotated[int, typer.Option(help="Deliveries before an event goes to the dead letters")] = 3,
+    claim_idle_ms: Annotated[int, typer.Option(help="Take over another consumer's events pending this long")] = 30_000,
+    repository: RepositoryOption = None,
+) -> None:
+    """Stream inference: events from a Redis stream to a sink stream (at least once), or an audio file's voice
+    activity segments."""
+    repo = _repository(repository)
+    if input is not None:
+        from forwardpass.streaming.vad import file_segments
+
+        for segment in file_segments(repo, model, input):
+            out.print(f"speech {segment.start:8.3f} s - {segment.end:8.3f} s")
+        return
+    if source is None or sink is None:
+        raise ForwardpassError("give --input FILE, or --source redis://HOST:PORT/STREAM and --sink redis://.../STREAM")
+    from forwardpass.streaming.redis import Worker, WorkerOptions
+
+    options = WorkerOptions(source=source, sink=sink, group=group, consumer=consumer, dead_letter=dead_letter,
+                            batch_size=batch_size, max_deliveries=max_deliveries, claim_idle_ms=claim_idle_ms)  # fmt: skip
+    Worker(repo, model, options).run()
+
+
+@app.command()
 def batch(
     model: Annotated[str, typer.Argument(help="Model name")],
     input: Annotated[str, typer.Argument(help="Parquet, CSV, JSONL, a .txt of prompts, or a folder/glob of images")],
