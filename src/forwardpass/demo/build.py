@@ -22,7 +22,7 @@ import yaml
 from forwardpass._deps import require
 from forwardpass.demo import datasets
 
-DEMO_VERSION = "5"
+DEMO_VERSION = "6"
 _STAMP = ".forwardpass-demo"
 
 
@@ -212,8 +212,8 @@ def _add_silero(root: Path, onnx_file: Path) -> None:
     shutil.copyfile(onnx_file, folder / "1" / "model.onnx")
     config = {
         "task": "custom",
-        "description": "Silero VAD (16 kHz): speech probability per 512-sample window; stateful "
-        "(feed 'stateN' back as 'state'). From the silero-vad package.",
+        "description": "Silero VAD (16 kHz): speech probability per 512-sample window; stateful (the server "
+        "feeds 'stateN' back as 'state', one state per sequence or stream). From the silero-vad package.",
         "inputs": [
             {"name": "input", "datatype": "FP32", "shape": [-1, -1]},
             {"name": "state", "datatype": "FP32", "shape": [2, -1, 128]},
@@ -221,6 +221,8 @@ def _add_silero(root: Path, onnx_file: Path) -> None:
         ],
         "post": {"kind": "passthrough"},
         "threads": {"intra_op": 1},  # a 512-sample window costs well under a millisecond
+        # the recurrent state [2, batch, 128] per stream (streams batch on its axis 1), the rate a constant
+        "sequence": {"state": [{"input": "state", "output": "stateN", "batch_axis": 1}], "constants": {"sr": 16000}},
     }
     (folder / "model.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
 
