@@ -6,10 +6,10 @@
 Each round: take over events another consumer left pending longer than ``claim_idle_ms`` (XAUTOCLAIM:
 Redis 7.0 has it, a dead worker's events are not lost), read new ones (XREADGROUP, ``batch_size`` at a
 time), run them through the engine as one batch, then write each result to the sink with the source
-id in it (``source_id``) and acknowledge (XACK). When source and sink are on one server the write, the
-mark that the id is done and the XACK are one MULTI/EXEC transaction, so a crash leaves either all or
-none of them; otherwise the sink is written first (at least once: a result may be written twice, with
-the same ``source_id``), and a worker skips ids its done-set says were written.
+id in it (``source_id``) and acknowledge (XACK). When source and sink are on one server the write and
+the XACK are one MULTI/EXEC transaction, so a crash leaves either both or neither: exactly one result
+per event. Otherwise the sink is written first (at least once: a result may be written twice, with the
+same ``source_id``), ids go into a done-set on the sink's server, and a worker skips ids it says were written.
 
 An event is a stream entry whose fields are the model's instance (a tabular model's feature names ->
 values), or one ``data`` field holding the instance as JSON. An event the model refuses stays pending and
@@ -148,7 +148,9 @@ class Worker:
 
     def _process(self, engine: Any, events: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
         ids = [i.decode() for i, _ in events]
-        written = self.w.zmscore(self.done, ids)
+        # one server: a result, its ack are one transaction, so nothing acknowledged is ever pending again, and
+        # nothing pending has a result; two servers: the done-set says which results were written already
+        written = [None] * len(ids) if self.same_server else self.w.zmscore(self.done, ids)
         todo = [(sid, fields) for sid, (_, fields), score in zip(ids, events, written) if score is None]
         already = [sid for sid, score in zip(ids, written) if score is not None]
         self.stats.skipped += len(already)
@@ -184,8 +186,8 @@ class Worker:
         now_ms = time.time() * 1000
         sink = self.w.pipeline(transaction=self.same_server)
         for sid, answer in results.items():
-            sink.xadd(self.sink, {"source_id": sid, "model": self.model, "result": json.dumps(answer)})
-        if results:
+            sink.xadd(self.sink, {"source_id": sid, "result": _json(answer)})
+        if results and not self.same_server:
             sink.zadd(self.done, {sid: now_ms for sid in results})
         if self.same_server:
             if results or already:
@@ -215,6 +217,17 @@ class Worker:
             dead.execute()
             self.stats.dead_letters += 1
             log.warning("event %s went to %s after %d deliveries: %s", sid, self.dead, deliveries, why)
+
+
+try:
+    from orjson import dumps as _orjson
+
+    def _json(value: Any) -> bytes:
+        return _orjson(value)
+except ImportError:  # orjson comes with forwardpass[server]; json is the fallback
+
+    def _json(value: Any) -> bytes:
+        return json.dumps(value).encode()
 
 
 def _instance(fields: dict[bytes, bytes]) -> Any:

@@ -1,0 +1,154 @@
+"""Streaming benchmark: tabular events through Redis Streams with `forwardpass stream` workers.
+
+    python bench/stream.py [--events 50000] [--rate 10000] [--seconds 10]
+
+Needs redis-server (Debian: apt-get install redis-server); one is started on a free loopback port.
+
+- saturation: ``events`` iris readings already in the source stream, one worker (then two, in one
+  group) scores them all; events/s = events / (first result to last result).
+- latency: a producer offers ``rate`` events/s for ``seconds`` while one worker runs; end-to-end latency
+  is the sink entry's id time minus the source entry's id time (both Redis server clock, ms resolution),
+  p50 and p99 over the events of the steady part (the first second left out).
+
+Targets (issue 15): >= 20,000 events/s per worker; p99 <= 5 ms at 10,000/s offered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from engine import cpu_flags  # noqa: E402
+
+IRIS = ["sepal length (cm)", "sepal width (cm)", "petal length (cm)", "petal width (cm)"]
+
+
+def redis_server(folder: Path) -> tuple[subprocess.Popen, int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
+                             "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)  # fmt: skip
+    return proc, port
+
+
+def fill(client, n: int) -> None:
+    for start in range(0, n, 1000):
+        pipe = client.pipeline(transaction=False)
+        for i in range(start, min(n, start + 1000)):
+            pipe.xadd("readings", {IRIS[0]: 5.1 + i % 3, IRIS[1]: 3.5, IRIS[2]: 1.4 + i % 5, IRIS[3]: 0.2})
+        pipe.execute()
+
+
+def workers(port: int, repo: Path, count: int, batch: int) -> list[subprocess.Popen]:
+    cmd = [sys.executable, "-m", "forwardpass", "stream", "iris", "--source", f"redis://127.0.0.1:{port}/readings",
+           "--sink", f"redis://127.0.0.1:{port}/scores", "--group", "bench", "--batch-size", str(batch), "-r", str(repo)]
+    return [subprocess.Popen([*cmd, "--consumer", f"w{i}"], stdout=subprocess.DEVNULL) for i in range(count)]
+
+
+def ms(entry_id: bytes) -> int:
+    return int(entry_id.split(b"-")[0])
+
+
+def saturation(client, port: int, repo: Path, n: int, count: int) -> float:
+    client.delete("readings", "scores", "scores:done")
+    fill(client, n)
+    procs = workers(port, repo, count, 512)
+    try:
+        while client.xlen("scores") < n:
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(30)
+    first, last = client.xrange("scores", count=1), client.xrevrange("scores", count=1)
+    return n / max((ms(last[0][0]) - ms(first[0][0])) / 1000, 1e-3)
+
+
+def latency(client, port: int, repo: Path, rate: int, seconds: float) -> tuple[float, float, int]:
+    client.delete("readings", "scores", "scores:done")
+    procs = workers(port, repo, 1, 256)
+    time.sleep(3)  # the worker loads the model and joins the group
+    sent = [0]
+
+    def produce() -> None:
+        start, per_tick = time.perf_counter(), max(1, rate // 1000)
+        tick = 0
+        while time.perf_counter() - start < seconds:
+            pipe = client.pipeline(transaction=False)
+            for _ in range(per_tick):
+                pipe.xadd("readings", {IRIS[0]: 5.1, IRIS[1]: 3.5, IRIS[2]: 1.4, IRIS[3]: 0.2})
+            pipe.execute()
+            sent[0] += per_tick
+            tick += 1
+            delay = start + tick / 1000 - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    producer.join()
+    deadline = time.monotonic() + 30
+    while client.xlen("scores") < sent[0] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for p in procs:
+        p.terminate()
+        p.wait(30)
+    entries = client.xrange("scores")
+    begin = ms(entries[0][0]) + 1000
+    lat = [ms(i) - int(f[b"source_id"].split(b"-")[0]) for i, f in entries if ms(i) > begin]
+    lat.sort()
+    return statistics.median(lat), lat[int(0.99 * (len(lat) - 1))], len(entries)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=50_000)
+    parser.add_argument("--rate", type=int, default=10_000)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    args = parser.parse_args()
+    import redis
+
+    from forwardpass import demo
+
+    if shutil.which("redis-server") is None:
+        sys.exit("needs redis-server (apt-get install redis-server)")
+    tmp = Path(tempfile.mkdtemp(prefix="fp-stream-"))
+    repo = tmp / "models"
+    repo.mkdir()
+    shutil.copytree(demo.repository() / "iris", repo / "iris")
+    proc, port = redis_server(tmp)
+    client = redis.Redis(port=port)
+    for _ in range(200):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.02)
+    print(f"CPU: {cpu_flags()}, {os.cpu_count()} cores; iris readings through Redis Streams\n")
+    try:
+        one = saturation(client, port, repo, args.events, 1)
+        two = saturation(client, port, repo, args.events, 2)
+        print(f"saturation, {args.events:,} events: 1 worker {one:,.0f} events/s, 2 workers {two:,.0f} events/s")
+        p50, p99, n = latency(client, port, repo, args.rate, args.seconds)
+        print(f"offered {args.rate:,}/s for {args.seconds:g} s ({n:,} scored): end-to-end p50 {p50:.0f} ms, p99 {p99:.0f} ms")
+        print(f"\ntargets: >= 20,000 events/s per worker: {one:,.0f} -> {'met' if one >= 20_000 else 'MISSED'}; "
+              f"p99 <= 5 ms at 10,000/s: {p99:.0f} ms -> {'met' if p99 <= 5 else 'MISSED'}")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+if __name__ == "__main__":
+    main()
