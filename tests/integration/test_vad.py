@@ -81,6 +81,14 @@ def test_an_unreadable_file_names_it(tmp_path):
         vad.windows(tmp_path / "bad.wav")
 
 
+def test_a_model_that_keeps_no_state_is_refused_by_name(demo_repo, tmp_path):
+    from forwardpass.errors import InvalidInput
+
+    root = copy_models(demo_repo, tmp_path / "repo", "iris")
+    with pytest.raises(InvalidInput, match="model 'iris' keeps no state between windows"):
+        vad.probabilities(Repository(root), "iris", [np.zeros(576, np.float32)])
+
+
 # --- the model, end to end ------------------------------------------------------------------------------
 
 

@@ -169,6 +169,10 @@ async def stream_probabilities(engine: Engine, model: str, chunks: Iterable[np.n
     """Each window's speech probability (``chunks``: the model's inputs, as ``windows`` makes them), run
     through ``engine`` as one sequence."""
     items = list(chunks)
+    if engine.served(model).sequences is None:
+        raise InvalidInput(("model",), f"model '{model}' keeps no state between windows (its model.yaml has "
+                           "no sequence: section); give a voice activity model such as the demo's silero-vad",
+                           model)  # fmt: skip
     sequence = f"vad-{uuid.uuid4().hex}"
     out = []
     for i, window in enumerate(items):
