@@ -243,6 +243,7 @@ def stream(
     batch_size: Annotated[int, typer.Option(help="Events read and run together")] = 256,
     max_deliveries: Annotated[int, typer.Option(help="Deliveries before an event goes to the dead letters")] = 3,
     claim_idle_ms: Annotated[int, typer.Option(help="Take over another consumer's events pending this long")] = 30_000,
+    metrics_port: Annotated[int | None, typer.Option(help="Serve the worker's Prometheus metrics on this port")] = None,
     repository: RepositoryOption = None,
 ) -> None:
     """Stream inference: events from a Redis stream to a sink stream (at least once), or an audio file's voice
@@ -259,7 +260,8 @@ def stream(
     from forwardpass.streaming.redis import Worker, WorkerOptions
 
     options = WorkerOptions(source=source, sink=sink, group=group, consumer=consumer, dead_letter=dead_letter,
-                            batch_size=batch_size, max_deliveries=max_deliveries, claim_idle_ms=claim_idle_ms)  # fmt: skip
+                            batch_size=batch_size, max_deliveries=max_deliveries, claim_idle_ms=claim_idle_ms,
+                            metrics_port=metrics_port)  # fmt: skip
     Worker(repo, model, options).run()
 
 

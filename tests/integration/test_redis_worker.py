@@ -100,6 +100,9 @@ def test_every_event_is_scored_once_and_acknowledged(server, repo):
     assert all(json.loads(r["result"])["label"] in ("setosa", "versicolor", "virginica") for r in out)
     assert client.xpending("readings", "g")["pending"] == 0
     assert worker.stats.events == 300 and worker.stats.batches >= 5
+    status = worker.status()
+    assert status["events"] == 300 and status["pending"] == 0 and status["lag"] == 0 and status["dead_letters"] == 0
+    assert 0 <= status["latency_p50_ms"] <= status["latency_p99_ms"] and status["events_per_second"] > 0
 
 
 def test_a_poison_event_goes_to_the_dead_letters_after_its_deliveries_and_the_rest_flow(server, repo):
@@ -167,3 +170,61 @@ def test_two_workers_in_one_group_share_the_events(server, repo):
     out = [r["source_id"] for r in results(client)]
     assert sorted(out) == sorted(ids)
     assert a.stats.events > 0 and b.stats.events > 0 and a.stats.events + b.stats.events == 1000
+
+
+def test_a_sink_on_another_server_gets_each_result_and_the_done_set_skips_what_was_written(server, tmp_path, repo):
+    """Source and sink on two servers: the sink is written before the ack, and an id the done-set holds is acked
+    without being run again (what a crash between the two leaves behind)."""
+    url, client = server
+    sink_dir = tmp_path / "sink"
+    sink_dir.mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(sink_dir),
+                             "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)  # fmt: skip
+    other = redis.Redis(port=port)
+    try:
+        wait_for(lambda: _pings(other), timeout=10)
+        ids = produce(client, 100)
+        other.zadd("scores:done", {ids[3]: 1, ids[4]: 1})  # written by a worker that died before its ack
+        worker = Worker(Repository(repo), "iris", WorkerOptions(source=f"{url}/readings", group="g", consumer="w",
+                                                                sink=f"redis://127.0.0.1:{port}/scores"))  # fmt: skip
+        thread = threading.Thread(target=worker.run, daemon=True)
+        thread.start()
+        wait_for(lambda: other.xlen("scores") >= 98 and client.xpending("readings", "g")["pending"] == 0)
+        worker.stop.set()
+        thread.join(30)
+        out = [r["source_id"] for r in results(other)]
+        assert sorted(out) == sorted(ids[:3] + ids[5:]) and worker.stats.skipped == 2
+        assert other.zcard("scores:done") == 100
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _pings(client) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+def test_the_worker_serves_its_metrics(server, repo):
+    import httpx
+
+    url, client = server
+    produce(client, 40, poison={5})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker, thread = start(repo, options(url, consumer="m", metrics_port=port, max_deliveries=1))
+    try:
+        wait_for(lambda: client.xlen("scores") >= 39 and client.xlen("readings:dead") == 1)
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    finally:
+        worker.stop.set()
+        thread.join(30)
+    assert 'forwardpass_stream_events{consumer="m",model="iris"} 39.0' in text
+    assert 'forwardpass_stream_dead_letters{consumer="m",model="iris"} 1.0' in text
+    assert "forwardpass_stream_latency_p99_ms" in text and "forwardpass_stream_lag" in text

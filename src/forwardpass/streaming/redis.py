@@ -58,6 +58,7 @@ class WorkerOptions:
     max_deliveries: int = 3
     claim_idle_ms: int = 30_000
     block_ms: int = 500  # how long one XREADGROUP waits for new events
+    metrics_port: int | None = None  # Prometheus metrics on http://127.0.0.1:PORT/metrics
 
 
 @dataclass
@@ -114,6 +115,8 @@ class Worker:
         except self.redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+        if self.options.metrics_port is not None:
+            self._serve_metrics(self.options.metrics_port)
         with Embedded(self.repository, load=[self.model]) as engine:
             log.info("consumer %s of group %s on %s -> %s", self.consumer, self.options.group, self.source, self.sink)
             claim_from = "0-0"
@@ -123,6 +126,38 @@ class Worker:
                 if events:
                     self._process(engine, events)
         return self.stats
+
+    def status(self) -> dict[str, float]:
+        """The worker's metrics now: events, events/s, end-to-end latency p50/p99 (ms), the group's pending
+        count and lag (entries not yet delivered to it), dead letters."""
+        st = self.stats
+        lat = sorted(st.latency_ms)
+        groups = {g["name"].decode() if isinstance(g["name"], bytes) else g["name"]: g
+                  for g in self.r.xinfo_groups(self.source)}  # fmt: skip
+        group = groups.get(self.options.group, {})
+        return {"events": st.events, "events_per_second": st.events / max(time.monotonic() - st.started, 1e-9),
+                "latency_p50_ms": lat[len(lat) // 2] if lat else 0.0,
+                "latency_p99_ms": lat[int(0.99 * (len(lat) - 1))] if lat else 0.0,
+                "pending": float(group.get("pending", 0)), "lag": float(group.get("lag") or 0),
+                "dead_letters": st.dead_letters, "skipped": st.skipped, "claimed": st.claimed}  # fmt: skip
+
+    def _serve_metrics(self, port: int) -> None:
+        prometheus = require("prometheus_client", "server", "the worker's --metrics-port")
+        from prometheus_client.core import GaugeMetricFamily
+
+        worker = self
+
+        class Collector:
+            def collect(self) -> Any:
+                for name, value in worker.status().items():
+                    family = GaugeMetricFamily(f"forwardpass_stream_{name}", f"Redis stream worker: {name}",
+                                               labels=["model", "consumer"])  # fmt: skip
+                    family.add_metric([worker.model, worker.consumer], value)
+                    yield family
+
+        registry = prometheus.CollectorRegistry()
+        registry.register(Collector())
+        prometheus.start_http_server(port, addr="127.0.0.1", registry=registry)
 
     def _on_signals(self) -> None:
         if threading.current_thread() is threading.main_thread():
