@@ -108,6 +108,17 @@ def test_a_connection_is_one_sequence_of_a_stateful_model_and_its_state_goes_wit
     with connect(f"{url}/v2/models/acc/stream") as c:  # a new connection starts from the initial state
         c.send(acc_frame(5))
         assert output(c.recv(timeout=10), "OUTPUT") == [5]
+    # every connection closed: its sequence's state is freed (the gauge counts none)
+    import httpx
+
+    metrics = "http" + url.removeprefix("ws") + "/metrics"
+    deadline = threading.Event()
+    for _ in range(200):
+        if 'forwardpass_sequences_live{model="acc",version="1"} 0.0' in httpx.get(metrics, timeout=10).text:
+            break
+        deadline.wait(0.02)
+    else:
+        raise AssertionError("the closed connections' states were not freed")
 
 
 def test_a_frame_that_is_not_a_v2_request_closes_with_1007_and_the_reason(server):
