@@ -207,3 +207,63 @@ def test_binary_frames_carry_v2_binary_tensors(server):
     meta = json.loads(answer[4 : 4 + length])
     assert meta["outputs"][0]["parameters"]["binary_data_size"] == 16
     np.testing.assert_array_equal(np.frombuffer(answer[4 + length :], np.float32), data * 2)
+
+
+def _jpeg(value: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(np.full((32, 32), value % 256, np.uint8)).save(out, format="JPEG")
+    return out.getvalue()
+
+
+def _video_frame(index: int, jpeg: bytes) -> bytes:
+    """A binary frame: one BYTES input carrying the JPEG (V2 binary: 4-byte length, then the bytes)."""
+    tensor = len(jpeg).to_bytes(4, "little") + jpeg
+    head = json.dumps({"id": str(index), "inputs": [{"name": "input", "datatype": "BYTES", "shape": [1],
+                                                     "parameters": {"binary_data_size": len(tensor)}}]}).encode()  # fmt: skip
+    return len(head).to_bytes(4, "little") + head + tensor
+
+
+def test_video_frames_faster_than_the_model_keep_their_age_bounded_with_drop_oldest(tmp_path):
+    """JPEG frames at about 5x what an image model (a 40 ms forward pass behind image pre-processing) runs:
+    with drop=oldest every answered frame is young (under a few model runs), the skipped ones are counted."""
+    import time
+
+    fake_model(tmp_path, "camera", runtime={"kind": "slow", "delay_s": 0.04,
+                                            "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}],
+                                            "outputs": [{"name": "output", "datatype": "FP32", "shape": [-1, 4]}]},
+               pre={"kind": "image", "color": "L", "resize": [8, 8], "layout": "flat"})  # fmt: skip
+    frames = [_video_frame(i, _jpeg(i)) for i in range(100)]
+    sent: dict[str, float] = {}
+    with SocketServer(ServeConfig(repository=tmp_path, poll_interval=0)) as own:
+        with connect(f"ws://127.0.0.1:{own.port}/v2/models/camera/stream?drop=oldest") as ws:
+            def send() -> None:
+                for i, data in enumerate(frames):
+                    sent[str(i)] = time.monotonic()
+                    ws.send(data)
+                    time.sleep(0.008)  # ~125 frames/s against ~25 forward passes/s
+
+            sender = threading.Thread(target=send)
+            sender.start()
+            ages, skipped, answered = [], 0, 0
+            while True:
+                try:
+                    message = ws.recv(timeout=2)
+                except TimeoutError:
+                    break
+                length = int.from_bytes(message[:4], "little") if isinstance(message, bytes) else None
+                doc = json.loads(message[4 : 4 + length] if length is not None else message)
+                assert "outputs" in doc, doc
+                ages.append(time.monotonic() - sent[doc["id"]])
+                skipped += doc.get("parameters", {}).get("skipped", 0)
+                answered += 1
+                if doc["id"] == "99":
+                    break
+            sender.join()
+    assert answered + skipped == 100  # every frame answered or counted as skipped, none lost silently
+    assert skipped > 30 and answered < 70
+    ages.sort()
+    assert ages[int(0.99 * (len(ages) - 1))] < 0.5, ages[-5:]  # without dropping, the last frames would wait ~3 s
