@@ -34,8 +34,18 @@ def fp_home(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
-def demo_repo(fp_home: Path) -> Path:
-    """The built-in demo repository, built once."""
+def demo_build(fp_home: Path) -> subprocess.CompletedProcess[str]:
+    """The demo repository built once per session by the command a user runs first, ``forwardpass demo``, in
+    the session's empty FORWARDPASS_HOME: its output is what a first run prints (tests/unit/test_first_minutes.py)."""
+    done = subprocess.run([sys.executable, "-m", "forwardpass", "demo"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "FORWARDPASS_HOME": str(fp_home)})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+@pytest.fixture(scope="session")
+def demo_repo(demo_build: subprocess.CompletedProcess[str], fp_home: Path) -> Path:
+    """The built-in demo repository, built once (by demo_build)."""
     from forwardpass import demo
 
     return demo.repository()

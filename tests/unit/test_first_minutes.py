@@ -76,13 +76,13 @@ def test_the_demo_says_which_model_it_leaves_out_and_how_to_add_it(monkeypatch):
     assert len(demo.left_out()) == 2
 
 
-def test_building_the_demo_says_a_line_per_model(tmp_path):
+def test_building_the_demo_says_a_line_per_model(demo_build, fp_home):
+    """``forwardpass demo`` in an empty home (the session's build, shared by every test that needs the demo)."""
     import forwardpass
 
-    done = _run("-m", "forwardpass", "demo", timeout=300, env_home=tmp_path)
-    assert done.returncode == 0, done.stderr
+    done = demo_build
     said = [line.split(": ")[1] for line in done.stderr.splitlines() if line.startswith("building the demo")]
-    names = forwardpass.Repository(tmp_path / "demo").names()
+    names = forwardpass.Repository(fp_home / "demo").names()
     order = ["digits", "breast-cancer", "diabetes", "iris", "silero-vad", "smollm2"]
     assert set(names) >= set(order[:4]) and said == [n for n in order if n in names], done.stderr
 
