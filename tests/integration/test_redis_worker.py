@@ -29,24 +29,28 @@ from forwardpass.streaming.redis import Worker, WorkerOptions  # noqa: E402
 IRIS = ["sepal length (cm)", "sepal width (cm)", "petal length (cm)", "petal width (cm)"]
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[tuple[str, redis.Redis]]:
-    """A redis-server of its own: a free loopback port, a data folder in tmp_path, no persistence."""
+def redis_server(folder: Path) -> tuple[subprocess.Popen, redis.Redis]:
+    """A redis-server of its own, answering: a free loopback port, its data in ``folder``, no persistence."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path),
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
                              "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)  # fmt: skip
     client = redis.Redis(port=port)
     deadline = time.monotonic() + 10
     while True:
         try:
             client.ping()
-            break
+            return proc, client
         except redis.ConnectionError:
             assert time.monotonic() < deadline, "redis-server did not start"
             time.sleep(0.02)
-    yield f"redis://127.0.0.1:{port}", client
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[str, redis.Redis]]:
+    proc, client = redis_server(tmp_path)
+    yield f"redis://127.0.0.1:{client.connection_pool.connection_kwargs['port']}", client
     proc.terminate()
     proc.wait(10)
 
@@ -178,14 +182,9 @@ def test_a_sink_on_another_server_gets_each_result_and_the_done_set_skips_what_w
     url, client = server
     sink_dir = tmp_path / "sink"
     sink_dir.mkdir()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(sink_dir),
-                             "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)  # fmt: skip
-    other = redis.Redis(port=port)
+    proc, other = redis_server(sink_dir)
+    port = other.connection_pool.connection_kwargs["port"]
     try:
-        wait_for(lambda: _pings(other), timeout=10)
         ids = produce(client, 100)
         other.zadd("scores:done", {ids[3]: 1, ids[4]: 1})  # written by a worker that died before its ack
         worker = Worker(Repository(repo), "iris", WorkerOptions(source=f"{url}/readings", group="g", consumer="w",
@@ -202,12 +201,6 @@ def test_a_sink_on_another_server_gets_each_result_and_the_done_set_skips_what_w
         proc.terminate()
         proc.wait(10)
 
-
-def _pings(client) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
 
 
 def test_the_worker_serves_its_metrics(server, repo):

@@ -110,15 +110,7 @@ class ChunkPredictor:
         pre = model.pre
         items = [(i, pre.read_row(row)) for i, row in enumerate(rows) if i not in errors and row is not None]
         if pre.per_instance:  # one at a time: decoding dominates, and a bad file costs only itself
-            parts, kept = [], []
-            for i, item in items:
-                try:
-                    parts.append(model.prepare([item]))
-                    kept.append(i)
-                except ForwardpassError as exc:
-                    errors[i] = message(exc)
-            feeds = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
-            return feeds, kept
+            return self._one_by_one(items, errors, refusals=ForwardpassError)
         while items:  # the whole chunk at once; a bad row is taken out and the rest tried again
             try:
                 return model.prepare([item for _, item in items]), [i for i, _ in items]
@@ -129,14 +121,16 @@ class ChunkPredictor:
                 errors[bad] = message(exc)
         return {}, []
 
-    def _one_by_one(self, items: list[tuple[int, Any]], errors: dict[int, str]) -> tuple[dict[str, np.ndarray], list[int]]:
-        """Each row pre-processed alone, so that a refusal of the stacked tensor lands on the rows that caused it."""
+    def _one_by_one(self, items: list[tuple[int, Any]], errors: dict[int, str],
+                    refusals: type[ForwardpassError] = InvalidInput) -> tuple[dict[str, np.ndarray], list[int]]:  # fmt: skip
+        """Each row pre-processed alone: a bad file costs only itself, and a refusal of the stacked tensor lands on
+        the rows that caused it; ``refusals`` are the errors that fail a row rather than the chunk."""
         parts, kept = [], []
         for i, item in items:
             try:
                 parts.append(self.model.prepare([item]))
                 kept.append(i)
-            except InvalidInput as exc:
+            except refusals as exc:
                 errors[i] = message(exc)
         return ({k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}), kept
 
