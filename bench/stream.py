@@ -15,10 +15,11 @@ Needs redis-server (Debian: apt-get install redis-server); one is started on a f
   rate for ``seconds``, with ``?drop=oldest``: frames answered per second, skipped, and the p99 age of an
   answered frame (sent -> answer received), against the model's own time per frame.
 
-- vad: the demo's silero-vad (stateful: the server keeps each stream's state) over 60 s of 16 kHz audio:
-  real-time factor (audio seconds per compute second) for one stream through ``forwardpass.streaming.vad``
-  (engine start included), and for 16 WebSocket streams at once against ``forwardpass serve`` (binary
-  frames of 576 samples: silero's 64 of context, then 512 new), the server batching their steps.
+- vad: the demo's silero-vad (stateful: the server keeps each stream's recurrent state and last 64
+  samples, and detects its speech events) over 60 s of 16 kHz audio: real-time factor (audio seconds per
+  compute second) for one stream through ``forwardpass.streaming.vad`` (engine start included), and for
+  16 WebSocket streams at once against ``forwardpass serve`` (binary frames of 512 samples, 32 ms), the
+  server batching their steps.
 
 Targets (issue 15): >= 20,000 events/s per worker; p99 <= 5 ms at 10,000/s offered; video frame age
 p99 under two model runs; VAD real-time factor >= 100 for 16 streams together.

@@ -256,6 +256,21 @@ class ControlSpec(_Strict):
     kind: Literal["start", "end", "ready", "corrid"]  # 1 on a sequence's first / last request; 1; its id
 
 
+class SpeechEvents(_Strict):
+    """Speech start/end events from a voice activity model's probabilities, per sequence (streaming/vad.py's
+    SpeechDetector, silero's rules and defaults): answered as the BYTES output ``name``, one JSON per event."""
+
+    kind: Literal["speech"]
+    output: str = "output"  # the model output with one speech probability per step
+    name: str = "events"  # the answered BYTES output: '{"event": "start", "time": 1.02}' per event
+    window: int = Field(512, ge=1)  # samples a step: an event's time counts steps of this many samples
+    rate: int = Field(16000, ge=1)
+    threshold: float = Field(0.5, gt=0, lt=1)
+    min_silence_ms: float = Field(100, ge=0)
+    min_speech_ms: float = Field(250, ge=0)
+    speech_pad_ms: float = Field(30, ge=0)
+
+
 class SequenceConfig(_Strict):
     """A stateful model: the engine keeps each sequence's state and feeds it back step by step.
 
@@ -269,6 +284,7 @@ class SequenceConfig(_Strict):
     constants: dict[str, float] = Field(default_factory=dict)  # inputs fed the same value every step (sr: 16000)
     max_sequences: int = Field(1024, ge=1)  # live states; one more is refused (503) until one ends or idles out
     idle_timeout_s: float = Field(60.0, gt=0)  # a state unused this long is freed
+    events: SpeechEvents | None = None  # events detected over each sequence's outputs, answered step by step
 
 
 class GenerationConfig(_Strict):

@@ -164,15 +164,11 @@ def test_a_state_idle_past_its_timeout_is_freed(repo):
 
 
 def test_silero_vad_state_on_its_batch_axis_interleaved_equals_alone(demo_repo, tmp_path):
-    """The demo's VAD with its state declared ([2, batch, 128], batch_axis 1) and its constant sr: two streams
-    stepped together give each stream's results alone."""
+    """The demo's VAD with its two states (the recurrent [2, batch, 128] on batch_axis 1, and the last 64
+    samples [batch, 64]) and its constant sr: two streams stepped together give each stream's results alone."""
     if not (demo_repo / "silero-vad").is_dir():
         pytest.skip("silero-vad is not installed")
     shutil.copytree(demo_repo / "silero-vad", tmp_path / "vad")
-    config = yaml.safe_load((tmp_path / "vad" / "model.yaml").read_text())
-    config["sequence"] = {"state": [{"input": "state", "output": "stateN", "batch_axis": 1}],
-                          "constants": {"sr": 16000}}  # fmt: skip
-    (tmp_path / "vad" / "model.yaml").write_text(yaml.safe_dump(config))
     rng = np.random.default_rng(0)
     chunks = {sid: [(rng.standard_normal(512) * 0.1 * sid).astype(np.float32) for _ in range(4)] for sid in (1, 2)}
 
@@ -195,3 +191,67 @@ def test_silero_vad_state_on_its_batch_axis_interleaved_equals_alone(demo_repo, 
                 together[sid].append(probabilities(answer))
         for sid in (1, 2):
             np.testing.assert_allclose(together[sid], alone[sid], rtol=1e-5, atol=1e-6)
+
+
+def _speech_model(folder: Path, events: dict) -> None:
+    """P float [N, 1] -> PROB = P, a counter state kept beside it: a 'VAD' whose probabilities the test writes."""
+    f32 = TensorProto.FLOAT
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["P"], ["PROB"]), helper.make_node("Identity", ["C"], ["CN"])],
+        "speech",
+        [helper.make_tensor_value_info("P", f32, ["N", 1]), helper.make_tensor_value_info("C", f32, ["N", 1])],
+        [helper.make_tensor_value_info("PROB", f32, ["N", 1]), helper.make_tensor_value_info("CN", f32, ["N", 1])],
+    )
+    config = {"task": "custom", "sequence": {"state": [{"input": "C", "output": "CN"}], "events": events}}
+    (folder / "model.yaml").write_text(yaml.safe_dump(config))
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), folder / "1" / "model.onnx")
+
+
+def test_speech_events_come_with_the_step_that_completes_them_and_the_end_closes_an_open_segment(tmp_path):
+    """sequence.events (kind speech): silero's hysteresis per sequence, answered as the BYTES output 'events'
+    over plain V2; two interleaved sequences keep their own detectors."""
+    (tmp_path / "vad").mkdir()
+    _speech_model(tmp_path / "vad", {"kind": "speech", "output": "PROB"})
+    # 0.9 x 10 windows of 32 ms, then silence: the start is announced once speech passes 250 ms (the 8th
+    # window's step, before the speech ended), the end at the first step 100 ms into the silence (the 5th:
+    # 4 x 32 ms), back-dated to where the silence began and padded by 30 ms
+    first = [0.0] * 3 + [0.9] * 10 + [0.0] * 6
+    second = [0.0] + [0.9] * 12  # still speaking when its sequence ends: the last step closes it
+    with InProcess(ServeConfig(repository=tmp_path, poll_interval=0)) as app:
+
+        def step(sid: int, p: float, start: bool, end: bool) -> list[dict]:
+            body = {"inputs": [{"name": "P", "datatype": "FP32", "shape": [1, 1], "data": [p]}],
+                    "parameters": {"sequence_id": sid, "sequence_start": start, "sequence_end": end}}  # fmt: skip
+            answer = app.post("/v2/models/vad/infer", json=body)
+            assert answer.status_code == 200, answer.text
+            outputs = {o["name"]: o for o in answer.json()["outputs"]}
+            assert set(outputs) == {"PROB", "events"} and outputs["events"]["datatype"] == "BYTES"
+            return [__import__("json").loads(e) for e in outputs["events"]["data"]]
+
+        heard: dict[int, list[tuple[int, dict]]] = {1: [], 2: []}
+        for i in range(max(len(first), len(second))):
+            for sid, probs in ((1, first), (2, second)):
+                if i < len(probs):
+                    heard[sid] += [(i, e) for e in step(sid, probs[i], i == 0, i == len(probs) - 1)]
+        assert heard[1] == [(10, {"event": "start", "time": pytest.approx(3 * 0.032 - 0.03)}),
+                            (17, {"event": "end", "time": pytest.approx(13 * 0.032 + 0.03)})]  # fmt: skip
+        assert heard[2] == [(8, {"event": "start", "time": pytest.approx(0.032 - 0.03)}),
+                            (12, {"event": "end", "time": pytest.approx(13 * 0.032)})]  # fmt: skip
+        meta = app.get("/v2/models/vad").json()  # what a request sends and gets: the state stays in the server
+        assert [i["name"] for i in meta["inputs"]] == ["P"]
+        assert meta["outputs"] == [{"name": "PROB", "datatype": "FP32", "shape": [-1, 1]},
+                                   {"name": "events", "datatype": "BYTES", "shape": [-1]}]  # fmt: skip
+        # asked for by name alone
+        body = {"inputs": [{"name": "P", "datatype": "FP32", "shape": [1, 1], "data": [0.1]}],
+                "outputs": [{"name": "events"}], "parameters": {"sequence_id": 3, "sequence_start": True}}  # fmt: skip
+        answer = app.post("/v2/models/vad/infer", json=body)
+        assert answer.status_code == 200 and [o["name"] for o in answer.json()["outputs"]] == ["events"]
+
+
+def test_speech_events_over_an_output_the_model_lacks_fail_its_load_naming_the_field(tmp_path):
+    (tmp_path / "vad").mkdir()
+    _speech_model(tmp_path / "vad", {"kind": "speech", "output": "SCORE"})
+    with InProcess(ServeConfig(repository=tmp_path, poll_interval=0)) as app:
+        index = app.post("/v2/repository/index", json={}).json()
+        reason = next(m for m in index if m["name"] == "vad")["reason"]
+        assert "sequence.events.output: 'SCORE' is not an answered output" in reason, reason

@@ -1,7 +1,8 @@
 """Voice activity end to end: speech synthesized with espeak-ng between known silences, through the demo's
-silero-vad as one sequence of the engine, from a file (16 kHz and 22.05 kHz, resampled chunk by chunk), from
-the CLI, and over the WebSocket stream (the same probabilities, so the same events); and the detector's
-hysteresis rules on probabilities made up for them."""
+silero-vad as one sequence of the engine (the server keeps its state and context and detects the speech
+events), from a file (16 kHz and 22.05 kHz, resampled chunk by chunk), from the CLI, and over the WebSocket
+stream in 32 ms frames (the same probabilities and the same events, answered by the server); and the
+detector's hysteresis rules on probabilities made up for them."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-import yaml
 from fixtures import copy_models
 from fixtures.inprocess import SocketServer
 from websockets.sync.client import connect
@@ -24,7 +24,6 @@ from forwardpass.server.config import ServeConfig
 from forwardpass.streaming import vad
 from forwardpass.streaming.vad import Segment, SpeechDetector
 
-SEQUENCE = {"state": [{"input": "state", "output": "stateN", "batch_axis": 1}], "constants": {"sr": 16000}}
 PHRASES = ("voice activity detection finds speech", "between the silences")
 SILENCES = (1.0, 1.2, 1.0)  # seconds: before, between and after the phrases
 TOLERANCE = 0.1  # seconds, at each edge of each segment
@@ -81,12 +80,12 @@ def test_an_unreadable_file_names_it(tmp_path):
         vad.windows(tmp_path / "bad.wav")
 
 
-def test_a_model_that_keeps_no_state_is_refused_by_name(demo_repo, tmp_path):
+def test_a_model_that_is_not_a_voice_activity_model_is_refused_by_name(demo_repo, tmp_path):
     from forwardpass.errors import InvalidInput
 
     root = copy_models(demo_repo, tmp_path / "repo", "iris")
-    with pytest.raises(InvalidInput, match="model 'iris' keeps no state between windows"):
-        vad.probabilities(Repository(root), "iris", [np.zeros(576, np.float32)])
+    with pytest.raises(InvalidInput, match="model 'iris' is not a voice activity model"):
+        vad.listen(Repository(root), "iris", [np.zeros(512, np.float32)])
 
 
 # --- the model, end to end ------------------------------------------------------------------------------
@@ -94,15 +93,10 @@ def test_a_model_that_keeps_no_state_is_refused_by_name(demo_repo, tmp_path):
 
 @pytest.fixture
 def repo(demo_repo: Path, tmp_path: Path) -> Path:
-    """A copy of the demo's silero-vad, declared stateful (written in if the demo was built before it was)."""
+    """A copy of the demo's silero-vad (stateful, with speech events, as the demo declares it)."""
     if not (demo_repo / "silero-vad").is_dir():
         pytest.skip("silero-vad is not installed (pip install --no-deps silero-vad)")
-    root = copy_models(demo_repo, tmp_path / "repo", "silero-vad")
-    config = yaml.safe_load((root / "silero-vad" / "model.yaml").read_text())
-    if "sequence" not in config:
-        config["sequence"] = SEQUENCE
-        (root / "silero-vad" / "model.yaml").write_text(yaml.safe_dump(config))
-    return root
+    return copy_models(demo_repo, tmp_path / "repo", "silero-vad")
 
 
 @pytest.fixture(scope="module")
@@ -158,14 +152,24 @@ def test_the_cli_prints_the_segments(repo, phrases, tmp_path, cli):
 def test_the_websocket_stream_gives_the_same_probabilities_and_events_as_the_file(repo, phrases, tmp_path):
     known = mix(phrases, 22050, tmp_path / "speech.wav")
     chunks, samples = vad.windows(tmp_path / "speech.wav")
-    from_file = vad.probabilities(Repository(repo), "silero-vad", chunks)
+    from_file = vad.listen(Repository(repo), "silero-vad", chunks)
+    assert all(len(c) == 512 for c in chunks)  # 32 ms at 16 kHz: the server keeps the 64 samples of context
     with SocketServer(ServeConfig(repository=repo, poll_interval=0)) as server:
         with connect(f"ws://127.0.0.1:{server.port}/v2/models/silero-vad/stream") as ws:
-            for chunk in chunks:  # one frame per 32 ms window; the connection is the sequence
-                ws.send(json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, len(chunk)],
-                                                "data": chunk.tolist()}]}))  # fmt: skip
+            for i, chunk in enumerate(chunks):  # one frame per window; the connection is the sequence
+                frame = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, len(chunk)],
+                                     "data": chunk.tolist()}]}  # fmt: skip
+                if i == len(chunks) - 1:
+                    frame["parameters"] = {"sequence_end": True}  # closes a segment still open
+                ws.send(json.dumps(frame))
             answers = [json.loads(ws.recv(timeout=30)) for _ in chunks]
-    streamed = [next(o["data"][0] for o in a["outputs"] if o["name"] == "output") for a in answers]
-    np.testing.assert_allclose(streamed, from_file, atol=1e-5)
-    assert vad.segments(streamed, samples) == vad.segments(from_file, samples)
-    assert_match(vad.segments(streamed, samples), known)
+    outputs = [{o["name"]: o for o in a["outputs"]} for a in answers]
+    assert {o["events"]["datatype"] for o in outputs} == {"BYTES"}
+    streamed = vad.Heard([o["output"]["data"][0] for o in outputs],
+                         [vad.events_of(e) for o in outputs for e in o["events"]["data"]])  # fmt: skip
+    np.testing.assert_allclose(streamed.probabilities, from_file.probabilities, atol=1e-5)
+    assert streamed.events == from_file.events and len(streamed.events) == 2 * len(known)
+    assert [e.kind for e in streamed.events] == ["start", "end"] * len(known)
+    assert_match(streamed.segments(samples), known)
+    # each event came with the window that completed it, while the stream went on: not all at the end
+    assert sum(1 for o in outputs[:-1] if o["events"]["data"]) >= 2 * len(known) - 1

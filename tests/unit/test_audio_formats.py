@@ -271,14 +271,15 @@ def test_silero_vad_scores_a_wav_file_streamed_at_16k(demo_repo):
     silence, voiced = np.zeros(44100, np.float32), speechlike(44100, 1.0)
     clip, rate = decode_audio(encode_wav(np.concatenate([silence, voiced]), 44100))
     resampler, pending, probs = StreamResampler(rate, 16000), np.zeros(0, np.float32), []
-    state = np.zeros((2, 1, 128), np.float32)
+    state, context = np.zeros((2, 1, 128), np.float32), np.zeros((1, 64), np.float32)
     chunks = np.split(clip, range(1411, len(clip), 1411))  # 32 ms at 44.1 kHz, as a stream sends it
     for resampled in [*map(resampler.push, chunks), resampler.flush()]:
         pending = np.concatenate([pending, resampled])
         while len(pending) >= 512:  # silero's 32 ms window at 16 kHz
             window, pending = pending[:512], pending[512:]
-            out = model.predict({"input": window[None], "state": state, "sr": np.array(16000, np.int64)})
-            state = out["stateN"]
+            out = model.predict({"input": window[None], "state": state, "context": context,
+                                 "sr": np.array(16000, np.int64)})  # fmt: skip
+            state, context = out["stateN"], out["contextN"]
             probs.append(float(out["output"][0, 0]))
     assert len(probs) == 2 * 16000 // 512  # 2 s at 16 kHz: every whole window
     assert all(0 <= p <= 1 for p in probs)

@@ -59,10 +59,11 @@ def test_iris(demo_repo):
 @pytest.mark.skipif(importlib.util.find_spec("silero_vad") is None, reason="silero-vad not installed")
 def test_silero_vad_runs_stateful_windows(demo_repo):
     model = forwardpass.load("silero-vad")
-    state = np.zeros((2, 1, 128), np.float32)
+    state, context = np.zeros((2, 1, 128), np.float32), np.zeros((1, 64), np.float32)
     rng = np.random.default_rng(0)
     for _ in range(3):
-        out = model.predict({"input": rng.normal(0, 0.1, (1, 512)).astype(np.float32), "state": state,
-                             "sr": np.array(16000, np.int64)})  # fmt: skip
-        state = out["stateN"]
+        window = rng.normal(0, 0.1, (1, 512)).astype(np.float32)
+        out = model.predict({"input": window, "state": state, "context": context, "sr": np.array(16000, np.int64)})
+        state, context = out["stateN"], out["contextN"]
+        np.testing.assert_array_equal(context, window[:, -64:])  # the next window's context: this one's end
         assert 0 <= float(out["output"][0, 0]) <= 1

@@ -22,7 +22,7 @@ import yaml
 from forwardpass._deps import require
 from forwardpass.demo import datasets
 
-DEMO_VERSION = "6"
+DEMO_VERSION = "7"
 _STAMP = ".forwardpass-demo"
 
 
@@ -209,22 +209,60 @@ def _add_digits(root: Path, scaled: Callable[[Any], Any], serving: dict[str, obj
 def _add_silero(root: Path, onnx_file: Path) -> None:
     folder = root / "silero-vad"
     (folder / "1").mkdir(parents=True)
-    shutil.copyfile(onnx_file, folder / "1" / "model.onnx")
+    (folder / "1" / "model.onnx").write_bytes(_silero_with_context(onnx_file).SerializeToString())
     config = {
         "task": "custom",
-        "description": "Silero VAD (16 kHz): speech probability per 512-sample window; stateful (the server "
-        "feeds 'stateN' back as 'state', one state per sequence or stream). From the silero-vad package.",
+        "description": "Silero VAD (16 kHz): speech probability per 512-sample window (32 ms), with speech "
+        "start/end events; stateful (the server keeps each stream's recurrent state and its last 64 samples, "
+        "one state per sequence or stream). From the silero-vad package.",
         "inputs": [
-            {"name": "input", "datatype": "FP32", "shape": [-1, -1]},
+            {"name": "input", "datatype": "FP32", "shape": [-1, WINDOW]},
             {"name": "state", "datatype": "FP32", "shape": [2, -1, 128]},
+            {"name": "context", "datatype": "FP32", "shape": [-1, CONTEXT]},
             {"name": "sr", "datatype": "INT64", "shape": []},
         ],
         "post": {"kind": "passthrough"},
         "threads": {"intra_op": 1},  # a 512-sample window costs well under a millisecond
-        # the recurrent state [2, batch, 128] per stream (streams batch on its axis 1), the rate a constant
-        "sequence": {"state": [{"input": "state", "output": "stateN", "batch_axis": 1}], "constants": {"sr": 16000}},
+        # the recurrent state [2, batch, 128] per stream (streams batch on its axis 1), the window's last 64
+        # samples (the next window's context), the rate a constant; speech events from the probabilities
+        "sequence": {
+            "state": [{"input": "state", "output": "stateN", "batch_axis": 1},
+                      {"input": "context", "output": "contextN"}],  # fmt: skip
+            "constants": {"sr": 16000},
+            "events": {"kind": "speech", "output": "output"},
+        },
     }
     (folder / "model.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+
+
+WINDOW, CONTEXT = 512, 64  # silero v5 at 16 kHz: a 512-sample window after the previous window's last 64
+
+
+def _silero_with_context(onnx_file: Path) -> Any:
+    """silero-vad's graph taking a 512-sample window and the 64 samples before it as state ('context' in,
+    'contextN' out), as its own Python wrapper feeds it 576 samples a step: a client sends 32 ms chunks and
+    the server keeps the rest, as it keeps the recurrent state."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(onnx_file)
+    graph = model.graph
+    users = [n for n in graph.node if "input" in n.input]
+    for node in users:
+        node.input[:] = ["window" if name == "input" else name for name in node.input]
+    ends = helper.make_tensor("context_ends", TensorProto.INT64, [1], [np.iinfo(np.int64).max])
+    graph.initializer.extend([helper.make_tensor("context_starts", TensorProto.INT64, [1], [-CONTEXT]), ends,
+                              helper.make_tensor("context_axes", TensorProto.INT64, [1], [1])])  # fmt: skip
+    graph.node.insert(0, helper.make_node("Concat", ["context", "input"], ["window"], axis=1))
+    graph.node.insert(1, helper.make_node("Slice", ["input", "context_starts", "context_ends", "context_axes"],
+                                          ["contextN"]))  # fmt: skip
+    for i, inp in enumerate(graph.input):
+        if inp.name == "input":
+            graph.input[i].CopyFrom(helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", WINDOW]))
+    graph.input.insert(2, helper.make_tensor_value_info("context", TensorProto.FLOAT, ["batch", CONTEXT]))
+    graph.output.append(helper.make_tensor_value_info("contextN", TensorProto.FLOAT, ["batch", CONTEXT]))
+    onnx.checker.check_model(model)
+    return model
 
 
 def write_samples(folder: Path) -> list[Path]:

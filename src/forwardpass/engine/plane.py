@@ -20,6 +20,7 @@ from concurrent.futures import Executor
 from typing import Any
 
 import numpy as np
+import orjson
 
 from forwardpass.engine.registry import Served
 from forwardpass.engine.sequences import Sequences, Step
@@ -86,6 +87,8 @@ class DataPlane:
             executor=self._executor, on_batch=stats.batch, crowded=self._crowded, settle=self._pending is None,
         )  # fmt: skip
         answered = [n for n in names if sequences is None or n not in sequences.state_outputs]
+        if sequences is not None and sequences.config.events is not None:
+            answered.append(sequences.config.events.name)  # the events each step completes (BYTES, JSON each)
         every = {b: [RequestedOutput(n, b) for n in answered] for b in (False, True)}
         cache = config.cache.enabled and sequences is None  # a stateful model's answer depends on its state
         return Served(model, batcher, stats, batchable, cache, every, sequences)
@@ -134,7 +137,10 @@ class DataPlane:
         async with sequences.step(step) as context:
             outputs, queued, _ = await self._run(served, {**feeds, **context.feeds}, None,
                                                  request.parameters.get("timeout"))  # fmt: skip
-            context.done(outputs)
+            events = context.done(outputs)
+        if sequences.config.events is not None:
+            outputs = {**outputs, sequences.config.events.name: np.array(
+                [orjson.dumps({"event": e.kind, "time": round(e.time, 6)}) for e in events], dtype=object)}
         result = [self._output(model, o, outputs[o.name]) for o in wanted]
         served.stats.request(200, time.monotonic() - start, queued, _rows(feeds))
         return served, result
@@ -219,6 +225,8 @@ class DataPlane:
         if request.outputs is None:
             return served.all_outputs[request.binary_output]
         names = [s.name for s in served.model.outputs]
+        if served.sequences is not None and served.sequences.config.events is not None:
+            names.append(served.sequences.config.events.name)
         for o in request.outputs:
             if o.name not in names:
                 raise InvalidInput(("outputs", o.name), f"unknown output; the model has {names}")

@@ -4,12 +4,16 @@
     async with sequences.step(Step(id=7, start=True, end=False)) as step:
         feeds = {**request_feeds, **step.feeds}        # state and control inputs, one row, batch first
         outputs = await run(feeds)                      # batched with other sequences' steps
-        step.done(outputs)                              # the next state kept (or freed, at the end)
+        events = step.done(outputs)                     # the next state kept (or freed, at the end)
 
 Triton's sequence batcher semantics: ``start`` (re)starts a sequence with the initial state, later
 requests must name a live sequence, ``end`` frees it after its step, a sequence unused for
 ``idle_timeout_s`` is freed, and at most ``max_sequences`` live at once. Steps of one sequence run one at
 a time, in order (a per-sequence lock); steps of different sequences batch together.
+
+Events: with ``events: {kind: speech}`` each sequence also keeps a SpeechDetector (streaming/speech.py) fed
+one probability per step; ``done`` returns the events that step completed (at the end, the closing one),
+which the data plane answers as the BYTES output ``events.name``.
 
 Layout: the dynamic batcher stacks requests along axis 0, so every tensor here is batch first. A state
 whose batch axis is elsewhere (silero-vad's [2, batch, 128]) is moved there and back by ``to_model`` and
@@ -30,6 +34,7 @@ import numpy as np
 
 from forwardpass.config import SequenceConfig
 from forwardpass.errors import InvalidInput, ModelLoadError, Overloaded
+from forwardpass.streaming.speech import Event, SpeechDetector
 from forwardpass.tensors import to_numpy
 
 Outputs = dict[str, np.ndarray]
@@ -66,6 +71,7 @@ class _Live:
     state: dict[str, np.ndarray]  # input name -> one row, batch first
     used: float
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    detector: SpeechDetector | None = None  # with sequence.events: this sequence's events so far
 
 
 class StepContext:
@@ -75,10 +81,11 @@ class StepContext:
         self._sequences, self._step, self._live, self.feeds = sequences, step, live, feeds
         self.finished = False
 
-    def done(self, outputs: Outputs) -> None:
-        """Keep the next state from this step's outputs (batch first), or free the sequence at its end."""
+    def done(self, outputs: Outputs) -> list[Event]:
+        """Keep the next state from this step's outputs (batch first), or free the sequence at its end; the
+        events this step completed (none unless model.yaml declares sequence.events)."""
         self.finished = True
-        self._sequences._after(self._step, self._live, outputs)
+        return self._sequences._after(self._step, self._live, outputs)
 
 
 class Sequences:
@@ -103,6 +110,13 @@ class Sequences:
         for name in config.constants:
             if name not in inputs:
                 raise ModelLoadError(f"{where}.constants: the model has no input '{name}'; inputs {list(inputs)}")
+        ev = config.events
+        if ev is not None and (ev.output not in outputs or ev.output in {s.output for s in config.state}):
+            raise ModelLoadError(f"{where}.events.output: '{ev.output}' is not an answered output of the model; "
+                                 f"outputs {list(outputs)}")  # fmt: skip
+        if ev is not None and ev.name in outputs:
+            raise ModelLoadError(f"{where}.events.name: '{ev.name}' is already a model output: name the events "
+                                 "output otherwise")  # fmt: skip
         self._inputs = inputs
         # one sequence's initial state, batch first: [1, other dims...]
         self._initial = {}
@@ -145,6 +159,7 @@ class Sequences:
                 raise self._unknown(step.id)
             if step.start:
                 live.state = {k: v.copy() for k, v in self._initial.items()}
+                live.detector = self._detector()
             context = StepContext(self, step, live, {**live.state, **self._controls(step)})
             yield context
             live.used = self._clock()
@@ -169,13 +184,25 @@ class Sequences:
         live.used = self._clock()
         return live
 
-    def _after(self, step: Step, live: _Live, outputs: Outputs) -> None:
+    def _after(self, step: Step, live: _Live, outputs: Outputs) -> list[Event]:
+        events = []
+        if live.detector is not None and self.config.events is not None:
+            events = live.detector.push(float(outputs[self.config.events.output].reshape(-1)[0]))
+            if step.end:
+                events += live.detector.finish()
         if step.end:
             if self._live.get(step.id) is live:
                 del self._live[step.id]
-            return
+            return events
         for name, st in self._state_of.items():
             live.state[st.input] = outputs[name]
+        return events
+
+    def _detector(self) -> SpeechDetector | None:
+        ev = self.config.events
+        if ev is None:
+            return None
+        return SpeechDetector(ev.threshold, ev.min_silence_ms, ev.min_speech_ms, ev.speech_pad_ms, ev.window, ev.rate)
 
     def _controls(self, step: Step) -> dict[str, np.ndarray]:
         values = {"start": int(step.start), "end": int(step.end), "ready": 1}

@@ -160,7 +160,13 @@ class Watcher:
                 versions = [await self._load_generator(name, max(versions))]
             else:
                 models = await asyncio.gather(*(asyncio.to_thread(self._open, name, v) for v in versions))
-                fresh = {m.version: self._serve(m) for m in models}
+                fresh = {}
+                for m in models:
+                    try:
+                        fresh[m.version] = self._serve(m)
+                    except ForwardpassError as exc:  # a model.yaml its graph does not fit (sequence: names)
+                        self.registry.fail(name, m.version, str(exc))
+                        raise
                 self.retire(self.registry.put(name, fresh))
         finally:
             self.registry.loading.discard(name)

@@ -132,13 +132,20 @@ class Handlers:
 
     async def model_metadata(self, request: Request, model: str, version: str | None = None) -> Response:
         served = self.engine.served(model, _version(version))
-        m = served.model
+        m, seq = served.model, served.sequences
+        # a stateful model: what a request sends and gets (the server fills states, controls and constants)
+        inputs = [{"name": s.name, "datatype": s.datatype, "shape": s.shape} for s in m.inputs
+                  if seq is None or s.name not in seq.filled]  # fmt: skip
+        outputs = [{"name": s.name, "datatype": s.datatype, "shape": s.shape} for s in m.outputs
+                   if seq is None or s.name not in seq.state_outputs]  # fmt: skip
+        if seq is not None and seq.config.events is not None:
+            outputs.append({"name": seq.config.events.name, "datatype": "BYTES", "shape": [-1]})
         return Response.json({
             "name": model,
             "versions": [str(v) for v in self.engine.versions(model)] if version is None else [version],
             "platform": "onnxruntime_onnx",
-            "inputs": [{"name": s.name, "datatype": s.datatype, "shape": s.shape} for s in m.inputs],
-            "outputs": [{"name": s.name, "datatype": s.datatype, "shape": s.shape} for s in m.outputs],
+            "inputs": inputs,
+            "outputs": outputs,
             "parameters": {"task": m.config.task, "pre_processing": m.pre_kind, "labels": m.labels or []},
         })  # fmt: skip
 
