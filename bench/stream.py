@@ -8,7 +8,8 @@ Needs redis-server (Debian: apt-get install redis-server); one is started on a f
   group) scores them all; events/s = events / (first result to last result).
 - latency: a producer offers ``rate`` events/s for ``seconds`` while one worker runs; end-to-end latency
   is the sink entry's id time minus the source entry's id time (both Redis server clock, ms resolution),
-  p50 and p99 over the events of the steady part (the first second left out).
+  p50 and p99 over the events of the steady part (the first second left out); three rounds, the target
+  read on their median p99.
 
 - video: the ResNet-18-shaped CNN of bench/cnn.py behind image pre-processing (JPEG 256x256 -> 224),
   served by `forwardpass serve`; JPEG frames over the WebSocket stream at twice the model's measured
@@ -201,7 +202,7 @@ def video(tmp: Path, seconds: float) -> None:
     p99 = ages[int(0.99 * (len(ages) - 1))]
     print(f"video: model {per_frame * 1e3:.0f} ms/frame alone; {len(sent)} frames offered at 2x its rate for "
           f"{seconds:g} s with drop=oldest: {len(ages) / elapsed:.1f} answered/s, {skipped} skipped, frame age "
-          f"p50 {ages[len(ages) // 2] * 1e3:.0f} ms, p99 {p99 * 1e3:.0f} ms = {p99 / per_frame:.1f} model runs "
+          f"p50 {ages[len(ages) // 2] * 1e3:.0f} ms, p99 {p99 * 1e3:.0f} ms = {p99 / per_frame:.2f} model runs "
           f"(target < 2) -> {'met' if p99 < 2 * per_frame else 'MISSED'}")
 
 
@@ -289,8 +290,14 @@ def main() -> None:
         one = saturation(client, port, repo, args.events, 1)
         two = saturation(client, port, repo, args.events, 2)
         print(f"saturation, {args.events:,} events: 1 worker {one:,.0f} events/s, 2 workers {two:,.0f} events/s")
-        p50, p99, n = latency(client, port, repo, args.rate, args.seconds)
-        print(f"offered {args.rate:,}/s for {args.seconds:g} s ({n:,} scored): end-to-end p50 {p50:.0f} ms, p99 {p99:.0f} ms")
+        rounds = []
+        for _ in range(3):  # the tail is noisy on a small machine (producer, redis-server, worker share it)
+            rounds.append(latency(client, port, repo, args.rate, args.seconds))
+            p50, p99, n = rounds[-1]
+            print(f"offered {args.rate:,}/s for {args.seconds:g} s ({n:,} scored): end-to-end p50 {p50:.0f} ms, "
+                  f"p99 {p99:.0f} ms")  # fmt: skip
+        p99 = statistics.median(r[1] for r in rounds)
+        print(f"median of {len(rounds)} rounds: p99 {p99:.0f} ms")
         print(f"\ntargets: >= 20,000 events/s per worker: {one:,.0f} -> {'met' if one >= 20_000 else 'MISSED'}; "
               f"p99 <= 5 ms at 10,000/s: {p99:.0f} ms -> {'met' if p99 <= 5 else 'MISSED'}\n")
         video(tmp, args.seconds)

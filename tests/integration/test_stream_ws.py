@@ -105,6 +105,17 @@ def test_a_connection_is_one_sequence_of_a_stateful_model_and_its_state_goes_wit
             b.send(acc_frame(10 * value))
         assert [output(a.recv(timeout=10), "OUTPUT")[0] for _ in range(3)] == [1, 3, 6]
         assert [output(b.recv(timeout=10), "OUTPUT")[0] for _ in range(3)] == [10, 30, 60]
+        # a V2 client naming the integer the stream's model sees as its CORRID starts a sequence of its own
+        import httpx
+
+        a.send(acc_frame(0))
+        corrid = output(a.recv(timeout=10), "ID")[0]
+        body = {"inputs": [{"name": "INPUT", "datatype": "INT32", "shape": [1, 1], "data": [100]}],
+                "parameters": {"sequence_id": corrid, "sequence_start": True, "sequence_end": True}}  # fmt: skip
+        v2 = httpx.post("http" + url.removeprefix("ws") + "/v2/models/acc/infer", json=body, timeout=10)
+        assert output(v2.text, "OUTPUT") == [100]
+        a.send(acc_frame(4))
+        assert output(a.recv(timeout=10), "OUTPUT") == [10]  # the stream's own sum went on untouched
     with connect(f"{url}/v2/models/acc/stream") as c:  # a new connection starts from the initial state
         c.send(acc_frame(5))
         assert output(c.recv(timeout=10), "OUTPUT") == [5]

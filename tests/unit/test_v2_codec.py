@@ -112,3 +112,33 @@ def test_encode_json_and_binary():
     assert sizes == [8, 7] and "id" not in head
     assert np.frombuffer(body[n : n + 8], np.float32).tolist() == [0.25, 0.75]
     assert body[n + 8 :] == struct.pack("<I", 3) + b"yes"
+
+
+def test_a_large_body_is_parsed_on_a_worker_thread_and_a_small_one_on_the_loop(monkeypatch):
+    """One long JSON tensor (about 7 ms a MB) must not hold up every other connection on the event loop."""
+    import asyncio
+    import threading
+
+    from forwardpass.server import v2
+
+    threads: list[int] = []
+    parse = v2.parse_infer
+
+    def recording(*args):
+        threads.append(threading.get_ident())
+        return parse(*args)
+
+    monkeypatch.setattr(v2, "parse_infer", recording)
+
+    def body(n: int) -> bytes:
+        return orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [n], "data": [0.5] * n}]})
+
+    async def both() -> tuple[int, list]:
+        small = await v2.parse_infer_off_loop(body(4), None, 10**7)
+        large = await v2.parse_infer_off_loop(body(100_000), None, 10**7)
+        assert large.inputs[0].array.shape == (100_000,) and small.inputs[0].array.shape == (4,)
+        return threading.get_ident(), threads
+
+    loop_thread, seen = asyncio.run(both())
+    assert len(body(100_000)) > v2.OFF_LOOP_BYTES >= len(body(4))
+    assert seen[0] == loop_thread and seen[1] != loop_thread

@@ -41,10 +41,27 @@ Outputs = dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
+class StreamId:
+    """The sequence of one WebSocket connection: a key no request can name (V2 ids are JSON integers or
+    strings), so a client's sequence_id never lands on a stream's state; ``int()`` is its CORRID value."""
+
+    number: int
+
+    def __int__(self) -> int:
+        return (1 << 30) + self.number  # within INT32, for a model that takes CORRID as INT32
+
+    def __repr__(self) -> str:
+        return f"stream {self.number}"
+
+
+SequenceId = int | str | StreamId
+
+
+@dataclass(frozen=True)
 class Step:
     """What a request says of its sequence (V2 parameters sequence_id, sequence_start, sequence_end)."""
 
-    id: int | str
+    id: SequenceId
     start: bool = False
     end: bool = False
 
@@ -54,7 +71,7 @@ class Step:
         sid = parameters.get("sequence_id")
         if sid is None or (sid == 0 and not isinstance(sid, bool)):  # Triton's 0: no sequence
             return None
-        if isinstance(sid, bool) or not isinstance(sid, (int, str)) or sid == "":
+        if isinstance(sid, bool) or not isinstance(sid, (int, str, StreamId)) or sid == "":
             raise InvalidInput(("parameters", "sequence_id"), "expected a non-zero integer or a non-empty string",
                                sid)  # fmt: skip
         flags = []
@@ -127,7 +144,7 @@ class Sequences:
         self._constants = {n: np.asarray(v, dtype=to_numpy(inputs[n].datatype)).reshape(inputs[n].shape)
                            for n, v in config.constants.items()}  # fmt: skip
         self._state_of = {st.output: st for st in config.state}
-        self._live: OrderedDict[int | str, _Live] = OrderedDict()  # least recently used first
+        self._live: OrderedDict[SequenceId, _Live] = OrderedDict()  # least recently used first
 
     # -- what the server fills ------------------------------------------------------------------------
 
@@ -164,7 +181,7 @@ class Sequences:
             yield context
             live.used = self._clock()
 
-    def free(self, sid: int | str) -> bool:
+    def free(self, sid: SequenceId) -> bool:
         """Forget a sequence (its client went away); False when it was not live."""
         return self._live.pop(sid, None) is not None
 
@@ -211,10 +228,10 @@ class Sequences:
             spec = self._inputs[c.input]
             dtype = to_numpy(spec.datatype)
             if c.kind == "corrid":
-                if not isinstance(step.id, int) or np.dtype(dtype).kind not in "iu":
+                if isinstance(step.id, str) or np.dtype(dtype).kind not in "iu":
                     raise InvalidInput(("parameters", "sequence_id"), f"model '{self.name}' takes the sequence id "
                                        f"as {spec.datatype} input '{c.input}': send an integer id", step.id)  # fmt: skip
-                value: int = step.id
+                value: int = int(step.id)
             else:
                 value = values[c.kind]
             out[c.input] = np.full([1, *spec.shape[1:]], value, dtype=dtype)
@@ -228,7 +245,7 @@ class Sequences:
                 break
             del self._live[sid]
 
-    def _unknown(self, sid: int | str) -> InvalidInput:
+    def _unknown(self, sid: SequenceId) -> InvalidInput:
         return InvalidInput(("parameters", "sequence_id"), f"model '{self.name}' has no live sequence {sid!r}: it was "
                             "never started, it ended, or it was freed after "
                             f"{self.config.idle_timeout_s:g} s unused; start it with sequence_start: true")  # fmt: skip

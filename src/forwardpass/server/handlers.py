@@ -17,7 +17,7 @@ from forwardpass.server import metrics
 from forwardpass.server.config import ServeConfig
 from forwardpass.server.errors import error_response, shown
 from forwardpass.server.http import Request, Response
-from forwardpass.server.v2 import encode_response, parse_infer
+from forwardpass.server.v2 import encode_response, parse_infer_off_loop
 
 EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "statistics"]
 _TRITON_TYPES = {"BOOL": "TYPE_BOOL", "BYTES": "TYPE_STRING", "FP16": "TYPE_FP16", "FP32": "TYPE_FP32",
@@ -78,7 +78,7 @@ class Handlers:
             _check_content_type(request)
             body = await request.read_body(self.config.max_body_bytes)
             header = _header_length(request.header(b"inference-header-content-length"), len(body))
-            parsed = parse_infer(body, header, self.config.max_elements)
+            parsed = await parse_infer_off_loop(body, header, self.config.max_elements)
             served, outputs = await self.engine.infer(model, pinned, parsed, served)
             payload, header_length = encode_response(model, served.model.version, parsed.id, outputs)
         except ForwardpassError:

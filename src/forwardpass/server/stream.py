@@ -33,14 +33,14 @@ from urllib.parse import parse_qs
 
 import orjson
 
+from forwardpass.engine.sequences import StreamId
 from forwardpass.errors import ForwardpassError, InvalidInput
 from forwardpass.server.errors import log_unexpected
-from forwardpass.server.v2 import encode_response, parse_infer
+from forwardpass.server.v2 import encode_response, parse_infer_off_loop
 
 log = logging.getLogger("forwardpass.server")
 
 PATH = re.compile(r"/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[0-9]+))?/stream")
-STREAM_IDS = 1 << 30  # a connection's sequence id: this plus its number (within INT32, clear of clients' ids)
 MAX_PENDING = 32  # frames waiting per connection before it stops reading (or drops, with drop=oldest)
 INVALID_DATA, POLICY, INTERNAL = 1007, 1008, 1011  # RFC 6455 close codes
 
@@ -84,8 +84,8 @@ async def serve_stream(engine: Any, model: str, version: int | None, channel: Ch
     global _connections
     _connections += 1
     served = engine.served(model, version)
-    # an integer id, so that a model taking Triton's CORRID input can take it too; V2 clients use small ids
-    sequence = STREAM_IDS + _connections if served.sequences is not None else None
+    # a key no V2 request can name (its CORRID value, for a model that takes one, is an integer)
+    sequence = StreamId(_connections) if served.sequences is not None else None
     pending: deque[str | bytes] = deque()
     skipped = 0
     ready = asyncio.Event()  # pending has a frame, or the client left
@@ -126,7 +126,7 @@ async def serve_stream(engine: Any, model: str, version: int | None, channel: Ch
             room.set()
             dropped, skipped = skipped, 0
             try:
-                request = _parse(frame, max_elements)
+                request = await _parse(frame, max_elements)
             except InvalidInput as exc:
                 await channel.close(INVALID_DATA, _reason(exc.message))
                 return
@@ -143,13 +143,13 @@ async def serve_stream(engine: Any, model: str, version: int | None, channel: Ch
             served.sequences.free(sequence)
 
 
-def _parse(frame: str | bytes, max_elements: int) -> Any:
+async def _parse(frame: str | bytes, max_elements: int) -> Any:
     if isinstance(frame, str):
-        return parse_infer(frame.encode(), None, max_elements)
+        return await parse_infer_off_loop(frame.encode(), None, max_elements)
     if len(frame) < 4:
         raise InvalidInput(("frame",), "a binary frame starts with 4 bytes of JSON header length", f"{len(frame)} bytes")
     length = int.from_bytes(frame[:4], "little")
-    return parse_infer(frame[4:], length, max_elements)
+    return await parse_infer_off_loop(frame[4:], length, max_elements)
 
 
 async def _answer(engine: Any, model: str, version: int | None, request: Any, skipped: int) -> str | bytes:
