@@ -87,9 +87,12 @@ def test_max_tokens_is_a_length_finish(llm):
     assert g.completion_tokens == 3 and g.finish_reason == "length"
 
 
-def test_context_overflow_names_the_numbers(llm):
-    with pytest.raises(InvalidInput, match=r"the prompt \(\d+ tokens\) \+ max_tokens \(250\) = \d+ is more than the context of 256"):
-        llm.generate(messages=QUESTION, max_tokens=250)
+def test_max_tokens_past_the_context_is_capped_and_a_prompt_that_fills_it_names_the_numbers(llm):
+    prompt = len(llm.prepare(messages=QUESTION).prompt)
+    capped = llm.prepare(messages=QUESTION, max_tokens=250)  # as llama-server: generate until the context is full
+    assert capped.limit == 256 - prompt
+    with pytest.raises(InvalidInput, match=r"the prompt is \d+ tokens, the context holds 256"):
+        llm.generate(messages=[{"role": "user", "content": "word " * 300}], max_tokens=5)
     with pytest.raises(InvalidInput, match="expected system, user, assistant or tool"):
         llm.generate(messages=[{"role": "robot", "content": "hi"}])
     with pytest.raises(InvalidInput, match="top_p"):

@@ -170,7 +170,7 @@ class Engine:
                                f"tokens, at most {limit} characters even at this tokenizer's longest token: "
                                "shorten the prompt")  # fmt: skip
         prepare = functools.partial(llm.prepare, **request.prepare)
-        if chars <= INLINE_PROMPT_CHARACTERS:
+        if chars <= INLINE_PROMPT_CHARACTERS and request.prepare.get("grammar") is None:  # compiling one takes ms
             return llm, prepare()
         return llm, await asyncio.get_running_loop().run_in_executor(self._executor, prepare)
 

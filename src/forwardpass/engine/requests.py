@@ -17,11 +17,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from forwardpass.errors import InvalidInput, shown
+from forwardpass.generation.constraint import Grammar, Kind
 
 SAMPLING = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "seed": "seed",
             "frequency_penalty": "frequency_penalty", "presence_penalty": "presence_penalty",
             "repetition_penalty": "repetition_penalty"}  # fmt: skip
-COMMON = {"model", "max_tokens", "stop", "stream", "stream_options", "n", "user", "ignore_eos", *SAMPLING}
+# accepted and kept, changing nothing in the answer: OpenAI's bookkeeping fields
+KEPT = {"user", "metadata", "store", "service_tier", "reasoning_effort"}
+GUIDED: dict[str, Kind] = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice",
+                           "guided_grammar": "lark"}  # fmt: skip
+COMMON = {"model", "max_tokens", "stop", "stream", "stream_options", "n", "ignore_eos", "logit_bias", "response_format",
+          *KEPT, *GUIDED, *SAMPLING}  # fmt: skip
 CHAT = COMMON | {"messages", "logprobs", "top_logprobs", "max_completion_tokens"}
 COMPLETION = COMMON | {"prompt", "logprobs"}
 
@@ -33,8 +39,9 @@ def parse_generation(doc: dict[str, Any], chat: bool) -> GenerationRequest:
 
 
 def refuse_unknown(doc: dict[str, Any], chat: bool) -> None:
-    """InvalidInput naming the first field this server does not implement (checked before anything else)."""
-    unknown = sorted(set(doc) - (CHAT if chat else COMPLETION))
+    """InvalidInput naming the first field this server does not implement (checked before anything else); a
+    field sent as null is absent."""
+    unknown = sorted(k for k, v in doc.items() if v is not None and k not in (CHAT if chat else COMPLETION))
     if unknown:
         raise InvalidInput((unknown[0],), f"field {unknown[0][:40]!r} is not supported by this server "
                            f"(unsupported: {', '.join(repr(k[:40]) for k in unknown[:8])})")  # fmt: skip
@@ -47,6 +54,8 @@ class GenerationRequest:
     prepare: dict[str, Any]
     stream: bool
     include_usage: bool
+    user: str | None = None  # kept for the request log and metering
+    metadata: dict[str, str] | None = None
 
 
 _INT64 = 2**63 - 1
@@ -85,6 +94,11 @@ def _checked(doc: dict[str, Any], chat: bool) -> GenerationRequest:
     user = doc.get("user")
     if user is not None and not isinstance(user, str):
         raise InvalidInput(("user",), "expected a string", shown(user))
+    metadata = _metadata(doc.get("metadata"))
+    for key in ("service_tier", "reasoning_effort"):
+        if doc.get(key) is not None and not isinstance(doc[key], str):
+            raise InvalidInput((key,), "expected a string", shown(doc[key]))
+    _flag(doc, "store")
     max_tokens_key = "max_completion_tokens" if doc.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = doc.get(max_tokens_key)
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
@@ -94,8 +108,86 @@ def _checked(doc: dict[str, Any], chat: bool) -> GenerationRequest:
             isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop)):  # fmt: skip
         raise InvalidInput(("stop",), "expected a string or a list of up to 4 strings", shown(stop))
     text: dict[str, Any] = {"messages": _messages(doc.get("messages"))} if chat else {"prompt": _prompt(doc.get("prompt"))}
-    return GenerationRequest({**text, "max_tokens": max_tokens, "stop": stop, "logprobs": logprobs, **sampling}, stream,
-                   include_usage)  # fmt: skip
+    shaped: dict[str, Any] = {"grammar": grammar(doc), "logit_bias": _logit_bias(doc.get("logit_bias"))}
+    return GenerationRequest({**text, "max_tokens": max_tokens, "stop": stop, "logprobs": logprobs, **sampling, **shaped},
+                             stream, include_usage, user, metadata)  # fmt: skip
+
+
+def grammar(doc: dict[str, Any]) -> Grammar | None:
+    """The grammar the output must follow: ``response_format`` (OpenAI's text, json_object, json_schema) or one
+    of vLLM's ``guided_json``, ``guided_regex``, ``guided_choice``, ``guided_grammar`` (Lark); None for free text."""
+    found = [Grammar(kind, doc[key], (key,)) for key, kind in GUIDED.items() if doc.get(key) is not None]
+    response_format = _response_format(doc.get("response_format"))
+    if response_format is not None:
+        found.insert(0, response_format)
+    if len(found) > 1:
+        raise InvalidInput((found[1].loc[0],), f"give one output constraint, not {found[0].loc[0]} and {found[1].loc[0]}")
+    if not found:
+        return None
+    g = found[0]
+    if g.kind == "json_schema" and not isinstance(g.source, dict):
+        raise InvalidInput(g.loc, "expected a JSON schema object", shown(g.source))
+    if g.kind in ("regex", "lark") and (not isinstance(g.source, str) or not g.source):
+        raise InvalidInput(g.loc, f"expected a {'regular expression' if g.kind == 'regex' else 'Lark grammar'} "
+                           "as a non-empty string", shown(g.source))  # fmt: skip
+    if g.kind == "choice" and (not isinstance(g.source, list) or not g.source
+                               or not all(isinstance(c, str) and c for c in g.source)):  # fmt: skip
+        raise InvalidInput(g.loc, "expected a non-empty list of non-empty strings", shown(g.source))
+    return g
+
+
+def _response_format(value: Any) -> Grammar | None:
+    loc: tuple[str, ...] = ("response_format",)
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Grammar("json_schema", {"type": "object"}, loc)
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict):
+            raise InvalidInput((*loc, "json_schema"), "expected {name, schema, strict}", shown(spec))
+        if not isinstance(spec.get("name"), str) or not spec["name"]:
+            raise InvalidInput((*loc, "json_schema", "name"), "expected a non-empty string", shown(spec.get("name")))
+        schema = spec.get("schema", {})
+        if not isinstance(schema, dict):
+            raise InvalidInput((*loc, "json_schema", "schema"), "expected a JSON schema object", shown(schema))
+        if spec.get("strict") is not None and not isinstance(spec["strict"], bool):
+            raise InvalidInput((*loc, "json_schema", "strict"), "expected true or false", shown(spec["strict"]))
+        return Grammar("json_schema", schema or {"type": "object"}, (*loc, "json_schema", "schema"))
+    raise InvalidInput((*loc, "type"), "expected text, json_object or json_schema", shown(kind))
+
+
+def _logit_bias(value: Any) -> dict[int, float] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise InvalidInput(("logit_bias",), "expected an object of token id -> bias from -100 to 100", shown(value))
+    out = {}
+    for key, bias in value.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise InvalidInput(("logit_bias", key[:40]), "expected a token id (an integer as a string)") from None
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise InvalidInput(("logit_bias", key[:40]), "expected a number from -100 to 100", shown(bias))
+        out[token] = float(bias)
+    return out or None
+
+
+def _metadata(value: Any) -> dict[str, str] | None:
+    """OpenAI's metadata: up to 16 string pairs, keys up to 64 characters, values up to 512."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or len(value) > 16:
+        raise InvalidInput(("metadata",), "expected an object of up to 16 string pairs", shown(value))
+    for key, item in value.items():
+        if len(key) > 64 or not isinstance(item, str) or len(item) > 512:
+            raise InvalidInput(("metadata", key[:64]), "expected a key of up to 64 characters and a string value of "
+                               "up to 512", shown(item))  # fmt: skip
+    return dict(value)
 
 
 def _flag(doc: dict[str, Any], key: str, loc: tuple[str, ...] | None = None) -> bool:
@@ -147,6 +239,8 @@ def _messages(messages: Any) -> list[dict[str, str]]:
         if not isinstance(m, dict):
             raise InvalidInput(("messages", i), "expected {role, content}", shown(m))
         role, content = m.get("role"), m.get("content")
+        if role == "developer":  # what newer OpenAI flows send in place of system
+            role = "system"
         if role not in _ROLES:
             raise InvalidInput(("messages", i, "role"), f"expected one of {', '.join(_ROLES)}", shown(role))
         if isinstance(content, list):

@@ -23,6 +23,7 @@ from typing import Any
 from forwardpass._deps import require
 from forwardpass.config import ModelConfig
 from forwardpass.errors import ForwardpassError, InvalidInput, ModelConfigError, ModelLoadError
+from forwardpass.generation.constraint import Grammar
 from forwardpass.generation.sampler import SamplingParams
 from forwardpass.generation.schedule import PrefixCache, SchedulerState
 from forwardpass.generation.sequence import Generation
@@ -123,10 +124,14 @@ class LanguageModel:
 
     def prepare(self, prompt: str | None = None, *, messages: Sequence[dict[str, Any]] | None = None,
                 max_tokens: int | None = None, stop: str | Sequence[str] | None = None, logprobs: int = 0,
-                ignore_eos: bool = False, **sampling: Any) -> TokenSequence:  # fmt: skip
+                ignore_eos: bool = False, grammar: Grammar | None = None, logit_bias: dict[int, float] | None = None,
+                **sampling: Any) -> TokenSequence:  # fmt: skip
         """A checked, tokenized request, ready to run (generate() and the server's scheduler both start here).
 
         ``ignore_eos`` keeps generating past the model's stop tokens, to max_tokens (benchmarks, as vLLM's).
+        ``max_tokens`` past what the context leaves is capped to it (the finish reason says ``length``), as
+        llama-server does; a prompt that alone fills the context is refused. ``grammar``: the output follows it
+        (generation/constraint.py); ``logit_bias``: token id -> added to its logit, -100 to 100 (OpenAI's).
         """
         if not 0 <= logprobs <= 20:
             raise InvalidInput(("logprobs",), "expected 0 to 20", logprobs)
@@ -144,16 +149,18 @@ class LanguageModel:
             raise InvalidInput(("messages" if prompt is None else "prompt",),
                                f"the prompt is {len(ids)} tokens, the context holds {self.gen.context_length} "
                                "(prompt and completion together); shorten the prompt")  # fmt: skip
-        limit = max_tokens if max_tokens is not None else min(self.gen.max_tokens, self.gen.context_length - len(ids))
+        limit = max_tokens if max_tokens is not None else self.gen.max_tokens
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise InvalidInput(("max_tokens",), "expected an integer >= 1", limit)
-        if len(ids) + limit > self.gen.context_length:
-            raise InvalidInput(("max_tokens",), f"the prompt ({len(ids)} tokens) + max_tokens ({limit}) = "
-                               f"{len(ids) + limit} is more than the context of {self.gen.context_length} tokens; "
-                               "shorten the prompt or lower max_tokens")  # fmt: skip
+        limit = min(limit, self.gen.context_length - len(ids))  # what the context leaves after the prompt
+        for token in logit_bias or {}:
+            if not 0 <= token < self.gen.n_vocab:
+                raise InvalidInput(("logit_bias", str(token)), f"not a token of this model (0 to {self.gen.n_vocab - 1})")
         params = SamplingParams(**sampling)
+        constraint = grammar.constraint(self) if grammar is not None else None
         return TokenSequence(ids, limit=limit, stop=stops, params=params, logprobs=logprobs,
-                             stop_ids=() if ignore_eos else self.gen.stop_token_ids, tokenizer=self.tokenizer)  # fmt: skip
+                             stop_ids=() if ignore_eos else self.gen.stop_token_ids, tokenizer=self.tokenizer,
+                             constraint=constraint, logit_bias=logit_bias)  # fmt: skip
 
     def generate(self, prompt: str | None = None, *, messages: Sequence[dict[str, Any]] | None = None,
                  max_tokens: int | None = None, stop: str | Sequence[str] | None = None, stream: bool = False,

@@ -114,6 +114,7 @@ class GenerationScheduler:
                     events = [(t, closed) for t in self.state.waiting] + fail_running(self.state, self.stats, closed)
                     self.state.waiting.clear()
                     self._emit(events)
+                    self._steps.close()
                     return
                 plan = self._steps.plan()  # schedule + begin: under the lock, as submit and cancel change the queue
             try:

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from forwardpass.generation.constraint import Constraint, apply
 from forwardpass.generation.detokenize import TextStream
 from forwardpass.generation.sampler import Sampler, SamplingParams, token_logprob, top_logprobs
 
@@ -52,8 +53,12 @@ class Sequence:
     """Prompt ids in, tokens and text out; knows when it is finished."""
 
     def __init__(self, prompt: list[int], *, limit: int, stop: Seq[str], params: SamplingParams, logprobs: int,
-                 stop_ids: Seq[int], tokenizer: Any):  # fmt: skip
+                 stop_ids: Seq[int], tokenizer: Any, constraint: Constraint | None = None,
+                 logit_bias: dict[int, float] | None = None):  # fmt: skip
         self.prompt, self.limit, self.stop = prompt, limit, list(stop)
+        self.constraint = constraint  # a grammar the output follows (generation/constraint.py)
+        self.bias = (np.fromiter(logit_bias, np.int64), np.fromiter(logit_bias.values(), np.float32)) \
+            if logit_bias else None  # fmt: skip
         self.sampler = Sampler(params)
         self.logprobs = logprobs
         self.stop_ids = set(stop_ids)
@@ -67,13 +72,21 @@ class Sequence:
         self.first_token_at: float | None = None
         self.cached_tokens = 0
 
-    def advance(self, logits: np.ndarray) -> str:
-        """Pick the next token from ``logits`` (V,); the text that can be sent now ('' if none)."""
+    def advance(self, logits: np.ndarray, allowed: np.ndarray | None = None) -> str:
+        """Pick the next token from ``logits`` (V,), among the ``allowed`` ones when the output follows a grammar
+        (its mask for this step, computed beside the forward pass); the text that can be sent now ('' if none)."""
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
+        if self.bias is not None:
+            logits = logits.astype(np.float32, copy=True)
+            logits[self.bias[0]] += self.bias[1]
+        if self.constraint is not None:
+            logits = apply(logits, self.constraint.allowed() if allowed is None else allowed)
         token = self.sampler.pick(logits, self.tokens)
         if token in self.stop_ids:
             return self._finish("stop")
+        if self.constraint is not None:
+            self.constraint.consume(token)
         if self.logprobs:
             top = top_logprobs(logits, self.logprobs)
             own = dict(top).get(token)
@@ -84,6 +97,9 @@ class Sequence:
         cut = min((self.text.find(s) for s in self.stop if s in self.text), default=-1)
         if cut >= 0:
             self.text = self.text[:cut]
+            return self._finish("stop")
+        if self.constraint is not None and self.constraint.done:  # the grammar is complete: nothing may follow
+            self.text += self.stream.flush()
             return self._finish("stop")
         if len(self.tokens) == self.limit:
             self.text += self.stream.flush()

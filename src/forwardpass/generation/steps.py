@@ -4,7 +4,9 @@ One turn of generation, for the continuous-batching scheduler's thread and Langu
 
     plan = schedule(state)                        # pure: what to do (generation/schedule.py)
     begin(state, stats, plan)                     # evicted slots freed, admitted requests leave the queue
-    outputs = execute(plan, session, state.cache) # ONNX Runtime: prefix copies, one decode call, one prompt chunk
+    outputs = execute(plan, session, state.cache, constrained_rows(state, plan), masks)
+                                                  # ONNX Runtime: prefix copies, one decode call, one prompt chunk;
+                                                  # meanwhile the grammar masks of constrained rows
     for ticket, item in update(state, stats, plan, outputs):
         ticket.emit(item)                         # text pieces, then a Generation; finished slots are free
 
@@ -17,11 +19,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
+from forwardpass.generation.constraint import Constraint, MaskWorker
 from forwardpass.generation.schedule import PrefixCache, SchedulerState, StepPlan, Ticket, schedule
 from forwardpass.generation.sequence import Generation, Sequence
 from forwardpass.stats import GenerationStats
@@ -46,6 +50,7 @@ class StepOutputs:
     prefill: np.ndarray | None = None  # (V,) after the chunk's last token
     stored: list[np.ndarray] | None = None  # the finished prompt's prefix KV, for the prefix cache
     decode_seconds: float = 0.0
+    allowed: dict[int, np.ndarray] = field(default_factory=dict)  # slot -> (V,) grammar mask, constrained rows
 
 
 def begin(state: SchedulerState, stats: GenerationStats, plan: StepPlan) -> None:
@@ -75,8 +80,25 @@ def begin(state: SchedulerState, stats: GenerationStats, plan: StepPlan) -> None
     stats.queued, stats.active = len(state.waiting), state.running
 
 
-def execute(plan: StepPlan, session: Decoder, cache: PrefixCache) -> StepOutputs:
-    """Run ``plan`` on the decoder: copy cached prefixes into admitted slots, one decode call, one prompt chunk."""
+def constrained_rows(state: SchedulerState, plan: StepPlan) -> list[tuple[int, Constraint]]:
+    """(slot, constraint) of the rows this plan samples a token for whose output follows a grammar."""
+    rows = []
+    if plan.decode is not None:
+        for slot in plan.decode.rows:
+            ticket = state.active[slot]
+            if ticket is not None and ticket.seq.constraint is not None:
+                rows.append((slot, ticket.seq.constraint))
+    p = plan.prefill
+    if p is not None and p.last and p.ticket.seq.constraint is not None:
+        rows.append((p.slot, p.ticket.seq.constraint))
+    return rows
+
+
+def execute(plan: StepPlan, session: Decoder, cache: PrefixCache,
+            constrained: Seq[tuple[int, Constraint]] = (), masks: MaskWorker | None = None) -> StepOutputs:  # fmt: skip
+    """Run ``plan`` on the decoder: copy cached prefixes into admitted slots, one decode call, one prompt chunk.
+    The ``constrained`` rows' grammar masks are computed by ``masks`` meanwhile (both release the GIL)."""
+    pending = masks.start(constrained) if constrained and masks is not None else None
     for a in plan.admit:
         if a.prefix is not None:
             session.write_prefix(a.slot, cache.entries[a.prefix], a.cached)
@@ -92,7 +114,8 @@ def execute(plan: StepPlan, session: Decoder, cache: PrefixCache) -> StepOutputs
         prefill = session.prefill(p.slot, p.tokens, p.start)
         if p.last and p.store:
             stored = session.read_prefix(p.slot, p.store)
-    return StepOutputs(decode, prefill, stored, seconds)
+    allowed = pending.result() if pending is not None else {}
+    return StepOutputs(decode, prefill, stored, seconds, allowed)
 
 
 def update(state: SchedulerState, stats: GenerationStats, plan: StepPlan, outputs: StepOutputs) -> list[Event]:
@@ -105,7 +128,7 @@ def update(state: SchedulerState, stats: GenerationStats, plan: StepPlan, output
         stats.decode_rows += len(plan.decode.rows)
         stats.step_time.observe(outputs.decode_seconds)
         for slot in plan.decode.rows:
-            _advance(state, stats, slot, outputs.decode[slot], events)
+            _advance(state, stats, slot, outputs.decode[slot], events, outputs.allowed.get(slot))
     p = plan.prefill
     if p is not None:
         assert outputs.prefill is not None
@@ -114,15 +137,16 @@ def update(state: SchedulerState, stats: GenerationStats, plan: StepPlan, output
             if outputs.stored is not None:
                 state.cache.store(p.ticket.seq.prompt[: p.store], outputs.stored)
                 stats.prefix_cache_bytes = state.cache.bytes
-            _advance(state, stats, p.slot, outputs.prefill, events)
+            _advance(state, stats, p.slot, outputs.prefill, events, outputs.allowed.get(p.slot))
     return events
 
 
-def _advance(state: SchedulerState, stats: GenerationStats, slot: int, logits: np.ndarray, events: list[Event]) -> None:
+def _advance(state: SchedulerState, stats: GenerationStats, slot: int, logits: np.ndarray, events: list[Event],
+             allowed: np.ndarray | None) -> None:  # fmt: skip
     ticket = state.active[slot]
     assert ticket is not None
     now = time.perf_counter()
-    piece = ticket.seq.advance(logits)
+    piece = ticket.seq.advance(logits, allowed)
     if ticket.last_token_at == 0.0:
         stats.ttft.observe(now - ticket.queued_at)
     else:
@@ -162,6 +186,7 @@ class Steps:
 
     def __init__(self, session: Decoder, state: SchedulerState, stats: GenerationStats):
         self.session, self.state, self.stats = session, state, stats
+        self._masks: MaskWorker | None = None  # started with the first constrained request
 
     def plan(self) -> StepPlan:
         """The next plan, already begun (call it under the lock that guards ``state.waiting``)."""
@@ -171,7 +196,16 @@ class Steps:
 
     def carry_out(self, plan: StepPlan) -> list[Event]:
         """Execute a begun plan and update the state from its outputs; the events to emit."""
-        return update(self.state, self.stats, plan, execute(plan, self.session, self.state.cache))
+        constrained = constrained_rows(self.state, plan)
+        if constrained and self._masks is None:
+            self._masks = MaskWorker()
+        outputs = execute(plan, self.session, self.state.cache, constrained, self._masks)
+        return update(self.state, self.stats, plan, outputs)
+
+    def close(self) -> None:
+        """Stop the grammar masks' worker thread, if one was started."""
+        if self._masks is not None:
+            self._masks.close()
 
     def turn(self) -> list[Event]:
         """One whole step (the state owned by this thread alone): plan, execute, update."""
