@@ -155,7 +155,28 @@ class PassthroughPost(_Strict):
     kind: Literal["passthrough"]
 
 
-PostConfig = Annotated[ClassificationPost | RegressionPost | PassthroughPost, Field(discriminator="kind")]
+# --- embedding models (task: embedding; the pooling runs in forwardpass/embedding.py) ---
+
+
+class EmbeddingPost(_Strict):
+    """``post: {kind: embedding, pooling: mean, normalize: true}``: one vector per text, ``{"embedding": [...],
+    "tokens": n}`` a row (the default post of ``task: embedding``).
+
+    ``output`` is the encoder output to pool (default: its float output of rank 3, else rank 2): last hidden
+    states [N, T, H] are pooled over the tokens the ``mask`` input marks (default: pre.attention_mask, else
+    'attention_mask'): their mean, the last one, or the first (cls); an output already pooled [N, H] is taken
+    as it is. ``normalize`` scales each vector to unit L2 length (cosine similarity = dot product). The pooling
+    is part of the forward pass, so V2 infer answers the pooled vectors too.
+    """
+
+    kind: Literal["embedding"]
+    pooling: Literal["mean", "cls", "last"] = "mean"
+    normalize: bool = True
+    output: str | None = None
+    mask: str | None = None
+
+
+PostConfig = Annotated[ClassificationPost | RegressionPost | PassthroughPost | EmbeddingPost, Field(discriminator="kind")]
 
 
 # --- serving knobs ----------------------------------------------------------------
@@ -404,7 +425,8 @@ def _config_error(path: Path, exc: ValidationError, known: list[str] | None = No
     return ModelConfigError(str(path), loc, f"{msg.removeprefix('Value error, ')}{got_text}", fix)
 
 
-_UNION_TAGS = {"classification", "regression", "passthrough", "function-after", "function-before"}  # and pre kinds
+_UNION_TAGS = {"classification", "regression", "passthrough", "embedding", "function-after",
+               "function-before"}  # and pre kinds
 
 
 def _yaml_loc(loc: tuple[Any, ...]) -> list[Any]:

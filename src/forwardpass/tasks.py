@@ -2,6 +2,7 @@
 
     task("classification").default_post   # 'classification': the post-processing when model.yaml gives none
     task("generation").generative         # True: served by the continuous-batching scheduler (OpenAI API)
+    task("embedding").loader              # an encoder whose pooled output is served by V2, :predict, /v1/embeddings
     task("custom").open(name, version, config, folder)   # a loaded Model
 
 Nothing else tests a task by its name: the engine, batch and the CLI ask these traits. A new task is
@@ -38,6 +39,8 @@ TASKS: dict[str, Task] = {
     "classification": Task("classification", default_post="classification"),
     "regression": Task("regression", default_post="regression"),
     "custom": Task("custom", default_post="passthrough"),
+    # an ONNX encoder whose output is pooled (mean, cls, last) into one vector per text (forwardpass/embedding.py)
+    "embedding": Task("embedding", default_post="embedding", loader="forwardpass.embedding:EmbeddingModel"),
     # tokenizers and jinja2 are imported only for language models
     "generation": Task("generation", default_post="passthrough", generative=True,
                        loader="forwardpass.generation.model:LanguageModel"),  # fmt: skip

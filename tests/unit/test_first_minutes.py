@@ -83,7 +83,7 @@ def test_building_the_demo_says_a_line_per_model(demo_build, fp_home):
     done = demo_build
     said = [line.split(": ")[1] for line in done.stderr.splitlines() if line.startswith("building the demo")]
     names = forwardpass.Repository(fp_home / "demo").names()
-    order = ["digits", "breast-cancer", "diabetes", "iris", "silero-vad", "smollm2"]
+    order = ["digits", "breast-cancer", "diabetes", "iris", "silero-vad", "smollm2", "smollm2-embed"]
     assert set(names) >= set(order[:4]) and said == [n for n in order if n in names], done.stderr
 
 

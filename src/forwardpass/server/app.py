@@ -21,6 +21,7 @@ from forwardpass.server.errors import error_response
 from forwardpass.server.handlers import Handlers
 from forwardpass.server.http import AsgiWriter, Request, Response, StreamingResponse, deliver
 from forwardpass.server.openai import OpenAIHandlers
+from forwardpass.server.openai_extras import OpenAIExtras
 from forwardpass.server.routes import routes
 
 log = logging.getLogger("forwardpass.server")
@@ -34,7 +35,8 @@ class App:
     def __init__(self, engine: Engine, config: ServeConfig):
         self.engine, self.config = engine, config
         self.keys = Keys.from_config(config)
-        self.router = routes(Handlers(engine, config), OpenAIHandlers(engine, config), self.keys)
+        self.router = routes(Handlers(engine, config), OpenAIHandlers(engine, config), OpenAIExtras(engine, config),
+                             self.keys)  # fmt: skip
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -101,6 +103,9 @@ class App:
         stats.inflight += 1
         try:
             if handler is None:
+                answer = self.router.unmatched(method, path, path_exists)  # an API's own shape (OpenAI's under /v1/)
+                if answer is not None:
+                    return answer
                 status = 405 if path_exists else 404
                 return Response.json({"error": f"{method} {path}: "
                                       + ("method not allowed" if path_exists else "no such endpoint")}, status)  # fmt: skip

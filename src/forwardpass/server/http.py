@@ -12,7 +12,7 @@ import json
 import logging
 import re
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Protocol
@@ -317,6 +317,7 @@ _STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) f
 
 Handler = Callable[..., Awaitable[Response | StreamingResponse]]
 OnError = Callable[..., Response]  # (exception, stats) -> the error's response in a route's wire shape
+Unmatched = Callable[[str, str, bool], Response]  # (method, path, path exists) -> an API's 404 / 405
 
 
 class Router:
@@ -326,9 +327,19 @@ class Router:
     Routes are tried in order, so the hot ones go first.
     """
 
-    def __init__(self, routes: list[tuple[str, str, Handler, OnError]]):
+    def __init__(self, routes: list[tuple[str, str, Handler, OnError]],
+                 unmatched: Sequence[tuple[str, Unmatched]] = ()):  # fmt: skip
         self.routes = [(method, _compile(pattern), handler, errors) for method, pattern, handler, errors in routes]
         self.paths = [route[1] for route in routes]
+        self._unmatched = list(unmatched)
+
+    def unmatched(self, method: str, path: str, path_exists: bool) -> Response | None:
+        """The answer of the API whose prefix ``path`` starts with, for a request no route takes (None: the
+        server's own 404 / 405): ``Router(routes, unmatched=[("/v1/", openai_unknown_route)])``."""
+        for prefix, answer in self._unmatched:
+            if path.startswith(prefix):
+                return answer(method, path, path_exists)
+        return None
 
     def match(self, method: str, path: str) -> tuple[Handler | None, dict[str, str], bool, OnError | None]:
         """(handler, params, path_exists, errors): path_exists tells 405 from 404 when handler is None."""

@@ -10,12 +10,13 @@ from forwardpass.server.errors import error_response, openai_error
 from forwardpass.server.handlers import Handlers
 from forwardpass.server.http import Router
 from forwardpass.server.openai import OpenAIHandlers
+from forwardpass.server.openai_extras import OpenAIExtras
 
 PUBLIC, METRICS, INFER, ADMIN = Access.PUBLIC, Access.METRICS, Access.INFER, Access.ADMIN
 Route = tuple[str, str, Handler, Access]  # method, path pattern, handler, who may call it
 
 
-def routes(h: Handlers, o: OpenAIHandlers, keys: Keys) -> Router:
+def routes(h: Handlers, o: OpenAIHandlers, x: OpenAIExtras, keys: Keys) -> Router:
     """Every endpoint the server answers, behind its access check."""
     v2: list[Route] = [
         ("POST", "/v2/models/{model}/infer", h.infer, INFER),
@@ -27,10 +28,15 @@ def routes(h: Handlers, o: OpenAIHandlers, keys: Keys) -> Router:
         ("POST", "/v1/chat/completions", o.chat_completions, INFER),
         ("POST", "/v1/completions", o.completions, INFER),
         ("GET", "/v1/models", o.models, INFER),
+        ("POST", "/v1/embeddings", x.embeddings, INFER),
+        ("GET", "/v1/models/{model}", x.model, INFER),
+        ("POST", "/tokenize", x.tokenize, INFER),  # llama-server's
+        ("POST", "/detokenize", x.detokenize, INFER),
     ]
     rest: list[Route] = [
         ("GET", "/v2/health/ready", h.ready, PUBLIC),
         ("GET", "/v2/health/live", h.live, PUBLIC),
+        ("GET", "/health", x.health, PUBLIC),  # llama-server's: {"status": "ok"}, 503 while loading
         ("GET", "/v2", h.server_metadata, INFER),
         ("GET", "/v2/models/stats", h.model_stats, INFER),
         ("GET", "/v2/models/{model}", h.model_metadata, INFER),
@@ -50,4 +56,6 @@ def routes(h: Handlers, o: OpenAIHandlers, keys: Keys) -> Router:
     # each route with the wire shape of its errors (server/errors.py): OpenAI's for the OpenAI API, V2's elsewhere
     table = [(*route, error_response) for route in v2] + [(*route, openai_error) for route in openai] \
         + [(*route, error_response) for route in rest]  # fmt: skip
-    return Router([(method, path, keys.guard(handler, access), errors) for method, path, handler, access, errors in table])
+    # a path no route takes: under /v1/ (OpenAI's API, and KServe v1's :predict) OpenAI's error shape, V2's elsewhere
+    return Router([(method, path, keys.guard(handler, access), errors) for method, path, handler, access, errors in table],
+                  unmatched=[("/v1/", x.unknown_route)])  # fmt: skip
