@@ -97,7 +97,7 @@ class Pooled:
                                    "name it with post.mask, or use pooling: cls")  # fmt: skip
         self.source = out.name
         width = out.shape[-1]
-        self.outputs = [TensorInfo(EMBEDDING, "FP32", (-1, width)), TensorInfo(TOKENS, "INT64", (-1,))]
+        self.outputs: Sequence[TensorInfo] = [TensorInfo(EMBEDDING, "FP32", (-1, width)), TensorInfo(TOKENS, "INT64", (-1,))]
         self._inner_run = inner.prepare([out.name])
 
     def _pooled(self, feeds: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
