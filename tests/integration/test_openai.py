@@ -149,7 +149,7 @@ def test_client_disconnect_frees_the_slot(llm_app):
     ({"model": "smollm2", "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role"),
     ({"model": "smollm2", "messages": HELLO, "max_tokens": -1}, 400, "max_tokens"),
     ({"model": "smollm2", "messages": [{"role": "user", "content": "word " * 3000}]}, 400, "messages"),
-    ({"model": "smollm2", "messages": HELLO, "tools": []}, 400, "tools"),
+    ({"model": "smollm2", "messages": HELLO, "functions": [{"name": "f"}]}, 400, "functions"),
     ({"model": "smollm2", "messages": HELLO, "n": 2}, 400, "n"),
     ({"model": "no-such-model", "messages": HELLO}, 404, None),
     ({"model": "digits", "messages": HELLO}, 404, None),

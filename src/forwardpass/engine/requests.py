@@ -18,6 +18,7 @@ from typing import Any
 
 from forwardpass.errors import InvalidInput, shown
 from forwardpass.generation.constraint import Grammar, Kind
+from forwardpass.generation.tools import ToolRequest, parse_tools, render_calls, repeats_a_call, with_tools
 
 SAMPLING = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "seed": "seed",
             "frequency_penalty": "frequency_penalty", "presence_penalty": "presence_penalty",
@@ -28,7 +29,8 @@ GUIDED: dict[str, Kind] = {"guided_json": "json_schema", "guided_regex": "regex"
                            "guided_grammar": "lark"}  # fmt: skip
 COMMON = {"model", "max_tokens", "stop", "stream", "stream_options", "n", "ignore_eos", "logit_bias", "response_format",
           *KEPT, *GUIDED, *SAMPLING}  # fmt: skip
-CHAT = COMMON | {"messages", "logprobs", "top_logprobs", "max_completion_tokens"}
+CHAT = COMMON | {"messages", "logprobs", "top_logprobs", "max_completion_tokens", "tools", "tool_choice",
+                 "parallel_tool_calls"}  # fmt: skip
 COMPLETION = COMMON | {"prompt", "logprobs"}
 
 
@@ -56,6 +58,7 @@ class GenerationRequest:
     include_usage: bool
     user: str | None = None  # kept for the request log and metering
     metadata: dict[str, str] | None = None
+    tools: ToolRequest | None = None  # the answer may be tool calls (generation/tools.py)
 
 
 _INT64 = 2**63 - 1
@@ -108,9 +111,18 @@ def _checked(doc: dict[str, Any], chat: bool) -> GenerationRequest:
             isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop)):  # fmt: skip
         raise InvalidInput(("stop",), "expected a string or a list of up to 4 strings", shown(stop))
     text: dict[str, Any] = {"messages": _messages(doc.get("messages"))} if chat else {"prompt": _prompt(doc.get("prompt"))}
-    shaped: dict[str, Any] = {"grammar": grammar(doc), "logit_bias": _logit_bias(doc.get("logit_bias"))}
+    constraint = grammar(doc)
+    tools = parse_tools(doc) if chat else None
+    if tools is not None:
+        if constraint is not None:
+            raise InvalidInput((constraint.loc[0],), "is not supported together with tools yet: give one of them")
+        constraint = tools.grammar()
+        text["messages"] = with_tools(text["messages"], tools)
+    shaped: dict[str, Any] = {"grammar": constraint, "logit_bias": _logit_bias(doc.get("logit_bias"))}
+    if tools is not None:
+        shaped["stop_when"] = repeats_a_call
     return GenerationRequest({**text, "max_tokens": max_tokens, "stop": stop, "logprobs": logprobs, **sampling, **shaped},
-                             stream, include_usage, user, metadata)  # fmt: skip
+                             stream, include_usage, user, metadata, tools)  # fmt: skip
 
 
 def grammar(doc: dict[str, Any]) -> Grammar | None:
@@ -253,7 +265,12 @@ def _messages(messages: Any) -> list[dict[str, str]]:
             content = "".join(parts)
         elif content is None and role == "assistant":
             content = ""
-        elif not isinstance(content, str):
+        if role == "assistant" and m.get("tool_calls"):  # the calls it made, as the model wrote them
+            calls = render_calls(m["tool_calls"], ("messages", i, "tool_calls"))
+            content = f"{content}\n{calls}" if isinstance(content, str) and content else calls
+        if role == "tool" and m.get("tool_call_id") is not None and not isinstance(m["tool_call_id"], str):
+            raise InvalidInput(("messages", i, "tool_call_id"), "expected a string", shown(m["tool_call_id"]))
+        if not isinstance(content, str):
             raise InvalidInput(("messages", i, "content"), "expected a string or a list of text parts", shown(content))
         out.append({"role": role, "content": content})
     return out

@@ -14,7 +14,7 @@ import json
 import re
 import secrets
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from functools import cache, cached_property
 from pathlib import Path
@@ -125,13 +125,14 @@ class LanguageModel:
     def prepare(self, prompt: str | None = None, *, messages: Sequence[dict[str, Any]] | None = None,
                 max_tokens: int | None = None, stop: str | Sequence[str] | None = None, logprobs: int = 0,
                 ignore_eos: bool = False, grammar: Grammar | None = None, logit_bias: dict[int, float] | None = None,
-                **sampling: Any) -> TokenSequence:  # fmt: skip
+                stop_when: Callable[[str], bool] | None = None, **sampling: Any) -> TokenSequence:  # fmt: skip
         """A checked, tokenized request, ready to run (generate() and the server's scheduler both start here).
 
         ``ignore_eos`` keeps generating past the model's stop tokens, to max_tokens (benchmarks, as vLLM's).
         ``max_tokens`` past what the context leaves is capped to it (the finish reason says ``length``), as
         llama-server does; a prompt that alone fills the context is refused. ``grammar``: the output follows it
-        (generation/constraint.py); ``logit_bias``: token id -> added to its logit, -100 to 100 (OpenAI's).
+        (generation/constraint.py); ``logit_bias``: token id -> added to its logit, -100 to 100 (OpenAI's);
+        ``stop_when``: a rule on the text so far that ends the generation (tool calls: a call repeated).
         """
         if not 0 <= logprobs <= 20:
             raise InvalidInput(("logprobs",), "expected 0 to 20", logprobs)
@@ -160,7 +161,7 @@ class LanguageModel:
         constraint = grammar.constraint(self) if grammar is not None else None
         return TokenSequence(ids, limit=limit, stop=stops, params=params, logprobs=logprobs,
                              stop_ids=() if ignore_eos else self.gen.stop_token_ids, tokenizer=self.tokenizer,
-                             constraint=constraint, logit_bias=logit_bias)  # fmt: skip
+                             constraint=constraint, logit_bias=logit_bias, stop_when=stop_when)  # fmt: skip
 
     def generate(self, prompt: str | None = None, *, messages: Sequence[dict[str, Any]] | None = None,
                  max_tokens: int | None = None, stop: str | Sequence[str] | None = None, stream: bool = False,

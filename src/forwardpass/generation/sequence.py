@@ -15,6 +15,7 @@ one path). By hand, over one session:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,8 +55,9 @@ class Sequence:
 
     def __init__(self, prompt: list[int], *, limit: int, stop: Seq[str], params: SamplingParams, logprobs: int,
                  stop_ids: Seq[int], tokenizer: Any, constraint: Constraint | None = None,
-                 logit_bias: dict[int, float] | None = None):  # fmt: skip
+                 logit_bias: dict[int, float] | None = None, stop_when: Callable[[str], bool] | None = None):  # fmt: skip
         self.prompt, self.limit, self.stop = prompt, limit, list(stop)
+        self.stop_when = stop_when  # a rule on the text so far that ends it (tools: a call written twice)
         self.constraint = constraint  # a grammar the output follows (generation/constraint.py)
         self.bias = (np.fromiter(logit_bias, np.int64), np.fromiter(logit_bias.values(), np.float32)) \
             if logit_bias else None  # fmt: skip
@@ -100,6 +102,8 @@ class Sequence:
             return self._finish("stop")
         if self.constraint is not None and self.constraint.done:  # the grammar is complete: nothing may follow
             self.text += self.stream.flush()
+            return self._finish("stop")
+        if self.stop_when is not None and self.stop_when(self.text):
             return self._finish("stop")
         if len(self.tokens) == self.limit:
             self.text += self.stream.flush()

@@ -21,9 +21,11 @@ from forwardpass.engine.requests import max_body, parse_generation, refuse_unkno
 from forwardpass.errors import InvalidInput, PayloadTooLarge
 from forwardpass.generation.scheduler import AsyncGeneration
 from forwardpass.generation.sequence import Generation
+from forwardpass.generation.tools import CallStream, split_calls
 from forwardpass.server.config import ServeConfig
 from forwardpass.server.errors import openai_error, shown
 from forwardpass.server.http import Request, Response, StreamingResponse
+from forwardpass.server.openai_extras import OpenAIExtras
 
 
 class OpenAIHandlers:
@@ -34,7 +36,7 @@ class OpenAIHandlers:
 
     async def models(self, request: Request) -> Response:
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "forwardpass"}
-                for name in sorted(self.engine.generators())]  # fmt: skip
+                for name in OpenAIExtras(self.engine, self.config).model_ids()]  # language and embedding models
         return Response.json({"object": "list", "data": data})
 
     async def chat_completions(self, request: Request) -> Response | StreamingResponse:
@@ -61,7 +63,7 @@ class OpenAIHandlers:
         meta = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], "created": int(time.time()),
                 "model": model}  # fmt: skip
         if checked.stream:
-            return StreamingResponse(_events(generation, meta, chat, checked.include_usage))
+            return StreamingResponse(_events(generation, meta, chat, checked.include_usage, checked.tools is not None))
         try:
             result = await generation.result()
         except Exception as exc:
@@ -70,6 +72,11 @@ class OpenAIHandlers:
         choice: dict[str, Any] = {"index": 0, "finish_reason": result.finish_reason}
         if chat:
             choice["message"] = {"role": "assistant", "content": result.text}
+            if checked.tools is not None:
+                content, calls = split_calls(result.text)
+                if calls:
+                    choice["message"] = {"role": "assistant", "content": content, "tool_calls": calls}
+                    choice["finish_reason"] = "tool_calls" if result.finish_reason == "stop" else result.finish_reason
             choice["logprobs"] = _chat_logprobs(llm, result) if logprobs else None
         else:
             choice["text"] = result.text
@@ -131,9 +138,10 @@ def _completion_logprobs(llm: Any, result: Generation) -> dict[str, Any]:
 
 
 async def _events(
-    generation: AsyncGeneration, meta: dict[str, Any], chat: bool, include_usage: bool
+    generation: AsyncGeneration, meta: dict[str, Any], chat: bool, include_usage: bool, tools: bool = False
 ) -> AsyncIterator[bytes]:
-    """Server-sent events: one chunk per text piece, a last chunk with finish_reason, usage, [DONE]."""
+    """Server-sent events: one chunk per text piece, a last chunk with finish_reason, usage, [DONE]. With tools,
+    each call goes out as OpenAI's tool_calls deltas (its id and name, then its arguments) once it closes."""
     kind = "chat.completion.chunk" if chat else "text_completion"
 
     def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
@@ -147,14 +155,32 @@ async def _events(
             return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
 
+    def call_deltas(index: int, call: dict[str, Any]) -> list[bytes]:
+        head = {"index": index, "id": call["id"], "type": "function",
+                "function": {"name": call["function"]["name"], "arguments": ""}}  # fmt: skip
+        arguments = {"index": index, "function": {"arguments": call["function"]["arguments"]}}
+        return [event([{"index": 0, "delta": {"tool_calls": [d]}, "logprobs": None, "finish_reason": None}])
+                for d in (head, arguments)]  # fmt: skip
+
+    calls = CallStream() if tools else None
     try:
         if chat:
             yield event([choice("", None, first=True)])
         async for item in generation:
             if isinstance(item, Generation):
-                yield event([choice(None, item.finish_reason)])
+                finish = item.finish_reason
+                if calls is not None and calls.calls and finish == "stop":
+                    finish = "tool_calls"
+                yield event([choice(None, finish)])
                 if include_usage:
                     yield event([], usage=_usage(item))
+            elif calls is not None:
+                for sent in calls.push(item):
+                    if sent[0] == "content":
+                        yield event([choice(sent[1], None)])
+                    else:
+                        for chunk in call_deltas(sent[1], sent[2]):
+                            yield chunk
             else:
                 yield event([choice(item, None)])
     except Exception as exc:  # after the headers went out, an error can only be an event
