@@ -180,3 +180,34 @@ def test_max_tokens_past_the_context_is_capped_to_what_fits(client, llm_app):
                                            extra_body={"ignore_eos": True})  # fmt: skip
     assert completion.choices[0].finish_reason == "length"
     assert completion.usage.completion_tokens == room and completion.usage.prompt_tokens == used
+
+
+def metric(server, name: str) -> float:
+    found = re.search(rf"^{name}\{{[^}}]*\}} ([0-9.e+-]+)$", server.get("/metrics").text, re.M)
+    assert found, f"{name} not in /metrics"
+    return float(found.group(1))
+
+
+def test_n_choices_share_one_prefill_and_the_same_seed_gives_the_same_choices(client, llm_app):
+    body = {"model": "smollm2", "messages": ask("Name a fruit."), "temperature": 1.0, "seed": 11, "max_tokens": 8}
+    saved = metric(llm_app, "forwardpass_generation_prefix_cache_saved_tokens_total")
+    three = client.chat.completions.create(**body, n=3)
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    prompt = three.usage.prompt_tokens
+    # the two other choices copied the first one's prompt KV but for its last token
+    assert metric(llm_app, "forwardpass_generation_prefix_cache_saved_tokens_total") - saved >= 2 * (prompt - 1)
+    assert 3 <= three.usage.completion_tokens <= 3 * 8  # every choice's tokens, the prompt counted once
+    again = client.chat.completions.create(**body, n=3)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in three.choices]
+    assert len({c.message.content for c in three.choices}) > 1  # sampled: each choice its own stream
+    alone = client.chat.completions.create(**body)  # choice 0 is the request's seed, each other seed + index
+    assert alone.choices[0].message.content == three.choices[0].message.content
+    streamed: dict[int, str] = {}
+    finished = set()
+    for chunk in client.chat.completions.create(**body, n=3, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + (c.delta.content or "")
+            if c.finish_reason:
+                finished.add(c.index)
+    assert finished == {0, 1, 2} and [streamed[i] for i in range(3)] == [c.message.content for c in three.choices]
+

@@ -484,3 +484,41 @@ def test_async_generation_streams_and_leaving_frees_the_slot():
         assert scheduler.stats.cancelled == 1 and scheduler.running == 0
     finally:
         scheduler.close(timeout=5)
+
+
+# -- n choices: forks copy the first choice's prompt KV -------------------------------------------------------
+
+
+def test_forks_wait_for_the_first_choice_then_copy_its_prompt_kv_and_compute_only_the_last_token():
+    """OpenAI's n: one prefill of the prompt, then each other choice copies positions 0..len-2 slot to slot and
+    runs the prompt's last token itself (its own logits), and every choice equals a run alone."""
+    st = state(slots=4, chunk=4)
+    s = steps(st)
+    prompt = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    first = Ticket(sequence(prompt, limit=3), lambda item: None)
+    forks = [Ticket(sequence(prompt, limit=3), lambda item: None, parent=first) for _ in range(2)]
+    st.waiting.extend([first, *forks])
+    plans, results, _ = drive(s)
+    decoder = s.session
+    assert isinstance(decoder, FakeDecoder)
+    prefills = [c for c in decoder.calls if c[0] == "prefill"]
+    # the first choice reads the prompt in chunks; each fork computes one token (position 9) after copying 9
+    assert [c for c in prefills if c[1] == 0] == [("prefill", 0, 0, 4), ("prefill", 0, 4, 8), ("prefill", 0, 8, 10)]
+    assert sorted(c for c in prefills if c[1] != 0) == [("prefill", 1, 9, 10), ("prefill", 2, 9, 10)]
+    assert ("read", 0, 9) in decoder.calls and ("write", 1, 9) in decoder.calls and ("write", 2, 9) in decoder.calls
+    admitted = {a.ticket: a for p in plans for a in p.admit}
+    assert all(admitted[f].source == 0 and admitted[f].cached == 9 for f in forks)
+    alone = reference(prompt, 3)
+    assert [results[id(t)].tokens for t in (first, *forks)] == [alone] * 3
+
+
+def test_a_fork_whose_first_choice_ended_or_was_cancelled_runs_alone():
+    st = state(slots=1, chunk=4)
+    s = steps(st)
+    prompt = [3, 1, 4, 1, 5]
+    first = Ticket(sequence(prompt, limit=1), lambda item: None)
+    fork = Ticket(sequence(prompt, limit=2), lambda item: None, parent=first)
+    st.waiting.extend([first, fork])  # one slot: the fork is admitted only after the first choice has ended
+    plans, results, _ = drive(s)
+    assert [a.source for p in plans for a in p.admit] == [-1, -1]  # nothing left to copy: a prefill of its own
+    assert results[id(fork)].tokens == reference(prompt, 2)

@@ -174,15 +174,19 @@ class Engine:
             return llm, prepare()
         return llm, await asyncio.get_running_loop().run_in_executor(self._executor, prepare)
 
-    def generate(self, name: str, seq: TokenSequence) -> AsyncGeneration:
+    def generate(self, name: str, seq: TokenSequence, parent: AsyncGeneration | None = None) -> AsyncGeneration:
         """Submit a prepared sequence to the model's continuous-batching scheduler: an async stream of text
-        pieces ending with the Generation (Overloaded, 503, when its queue is full)."""
+        pieces ending with the Generation (Overloaded, 503, when its queue is full). ``parent``: the first
+        choice of the same request (``seq`` is its ``fork``), whose prompt KV this one copies."""
         from forwardpass.generation.scheduler import AsyncGeneration
 
-        return AsyncGeneration(self.generator(name), seq)
+        return AsyncGeneration(self.generator(name), seq, parent)
 
     async def stream(self, name: str, request: GenerationRequest) -> AsyncGenerator[Any, None]:
-        """prepare_generation + generate as one async stream (text pieces, then the Generation)."""
+        """prepare_generation + generate as one async stream (text pieces, then the Generation): one choice."""
+        if request.n != 1:
+            raise InvalidInput(("n",), "this entrypoint gives one choice per request: leave n out, or ask the "
+                               "OpenAI-compatible API for n choices", request.n)  # fmt: skip
         _, seq = await self.prepare_generation(name, request)
         async for item in self.generate(name, seq):
             yield item

@@ -59,9 +59,11 @@ class GenerationRequest:
     user: str | None = None  # kept for the request log and metering
     metadata: dict[str, str] | None = None
     tools: ToolRequest | None = None  # the answer may be tool calls (generation/tools.py)
+    n: int = 1  # choices: sequences sharing the prompt's KV (one prefill, n decoding rows)
 
 
 _INT64 = 2**63 - 1
+MAX_CHOICES = 16  # n: choices in one request
 # OpenAI's documented ranges where it has them; the sampler narrows top_p, min_p and repetition_penalty further
 _RANGES = {"temperature": (0, 2), "top_p": (0, 1), "min_p": (0, 1), "frequency_penalty": (-2, 2),
            "presence_penalty": (-2, 2), "repetition_penalty": (0, math.inf), "top_k": (0, _INT64),
@@ -70,9 +72,9 @@ _RANGES = {"temperature": (0, 2), "top_p": (0, 1), "min_p": (0, 1), "frequency_p
 
 def _checked(doc: dict[str, Any], chat: bool) -> GenerationRequest:
     """Every field of a completion request checked (types and ranges) before any work; null means absent."""
-    n = doc.get("n")
-    if n is not None and (isinstance(n, bool) or n != 1):
-        raise InvalidInput(("n",), "only n=1 is supported", shown(n))
+    n = doc.get("n", None)
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES):
+        raise InvalidInput(("n",), f"expected an integer from 1 to {MAX_CHOICES}", shown(n))
     stream = _flag(doc, "stream")
     options = doc.get("stream_options")
     if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"}):
@@ -122,7 +124,7 @@ def _checked(doc: dict[str, Any], chat: bool) -> GenerationRequest:
     if tools is not None:
         shaped["stop_when"] = repeats_a_call
     return GenerationRequest({**text, "max_tokens": max_tokens, "stop": stop, "logprobs": logprobs, **sampling, **shaped},
-                             stream, include_usage, user, metadata, tools)  # fmt: skip
+                             stream, include_usage, user, metadata, tools, n or 1)  # fmt: skip
 
 
 def grammar(doc: dict[str, Any]) -> Grammar | None:

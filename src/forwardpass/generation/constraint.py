@@ -80,6 +80,10 @@ class Constraint:
     def __init__(self, matcher: Any, vocab: int):
         self.matcher, self.vocab = matcher, vocab
 
+    def copy(self) -> Constraint:
+        """The same grammar in the same state, to follow on its own (another choice of the request)."""
+        return Constraint(self.matcher.deep_copy(), self.vocab)
+
     def consume(self, token: int) -> None:
         """Advance past a sampled token (one the mask allowed)."""
         if not self.matcher.consume_token(token):

@@ -5,7 +5,9 @@ tickets, the prompt-prefix cache. A plan says, for one turn of the decoder:
 
 1. ``evict``: slots whose request was cancelled (client gone); they are free for this turn's admissions;
 2. ``admit``: waiting requests into free slots (lowest first, so decode batches stay short), each with
-   the longest cached prompt prefix whose KV is copied into its slot;
+   the longest cached prompt prefix whose KV is copied into its slot; a fork (one of ``n`` choices of a
+   request) waits until the first choice's prompt is in its slot, then copies that KV but for the prompt's
+   last token, whose logits it computes itself (one prefill for n decoding rows);
 3. ``decode``: one token for every sequence past its prompt, all rows in one call; rows still in their
    prompt, or free, ride along as dummies at a position their next prompt chunk overwrites, and a lone
    stream gets a dummy (MIN_ROWS);
@@ -110,6 +112,8 @@ class Ticket:
     cancelled: bool = False
     queued_at: float = field(default_factory=time.perf_counter)
     last_token_at: float = 0.0
+    parent: Ticket | None = None  # a fork: another choice of the same prompt, whose KV it copies
+    finished: bool = False
 
     @property
     def decoding(self) -> bool:
@@ -149,6 +153,7 @@ class Admission:
     slot: int
     cached: int = 0
     prefix: tuple[int, ...] | None = None  # the prefix cache's key of those tokens
+    source: int = -1  # a fork: the slot whose first ``cached`` positions it copies (-1: none)
 
 
 @dataclass(frozen=True)
@@ -210,13 +215,27 @@ def schedule(state: SchedulerState) -> StepPlan:
     admit, filled = [], {}
     queue = iter(state.waiting)
     for slot in (i for i, t in enumerate(slots) if t is None):
-        ticket = next((t for t in queue if not t.cancelled), None)
+        ticket = next((t for t in queue if not t.cancelled and _ready(t, slots)), None)
         if ticket is None:
             break
-        cached, key = state.cache.find(ticket.seq.prompt)
-        admit.append(Admission(ticket, slot, cached, key))
+        parent = ticket.parent
+        if parent is not None and parent in slots and parent.filled >= len(ticket.seq.prompt) - 1:
+            cached = len(ticket.seq.prompt) - 1  # the first choice's prompt KV; its last token computed here
+            admit.append(Admission(ticket, slot, cached, None, slots.index(parent)))
+        else:
+            cached, key = state.cache.find(ticket.seq.prompt)
+            admit.append(Admission(ticket, slot, cached, key))
         slots[slot], filled[slot] = ticket, cached
     return StepPlan(evict, tuple(admit), _decode(state, slots, filled), _prefill(state, slots, filled))
+
+
+def _ready(ticket: Ticket, slots: list[Ticket | None]) -> bool:
+    """A fork waits while its first choice is still reading the prompt (then it copies that KV); once the first
+    choice has ended (or was never admitted alongside), it runs as any request."""
+    parent = ticket.parent
+    if parent is None or parent.finished or parent.cancelled:
+        return True
+    return parent in slots and parent.filled >= len(ticket.seq.prompt) - 1
 
 
 def _filled(slots: list[Ticket | None], filled: dict[int, int], i: int) -> int:

@@ -62,9 +62,10 @@ class GenerationScheduler:
 
     # -- called from other threads -------------------------------------------------------------
 
-    def submit(self, seq: Sequence, emit: Emit) -> Ticket:
-        """Queue a request; Overloaded when the queue is full."""
-        ticket = Ticket(seq, emit)
+    def submit(self, seq: Sequence, emit: Emit, parent: Ticket | None = None) -> Ticket:
+        """Queue a request (``parent``: the first choice of the same prompt, whose KV this one copies once it
+        has read the prompt); Overloaded when the queue is full."""
+        ticket = Ticket(seq, emit, parent=parent)
         waiting = self.state.waiting
         with self._cond:
             if self._closing:
@@ -156,11 +157,12 @@ class AsyncGeneration:
     request in the scheduler, which frees its slot.
     """
 
-    def __init__(self, scheduler: GenerationScheduler, seq: Sequence):
+    def __init__(self, scheduler: GenerationScheduler, seq: Sequence, parent: AsyncGeneration | None = None):
         self.scheduler = scheduler
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        self.ticket = scheduler.submit(seq, lambda item: loop.call_soon_threadsafe(self.queue.put_nowait, item))
+        self.ticket: Ticket = scheduler.submit(seq, lambda item: loop.call_soon_threadsafe(self.queue.put_nowait, item),
+                                               parent.ticket if parent is not None else None)  # fmt: skip
         self.done = False
 
     async def __aiter__(self) -> AsyncIterator[str | Generation]:
@@ -178,6 +180,12 @@ class AsyncGeneration:
         finally:
             if not self.done:
                 self.scheduler.cancel(self.ticket)
+
+    def cancel(self) -> None:
+        """Stop the request (its slot is freed before the next decode step)."""
+        if not self.done:
+            self.done = True
+            self.scheduler.cancel(self.ticket)
 
     async def result(self) -> Generation:
         """Wait for the whole generation."""

@@ -14,6 +14,7 @@ one path). By hand, over one session:
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
@@ -58,6 +59,7 @@ class Sequence:
                  logit_bias: dict[int, float] | None = None, stop_when: Callable[[str], bool] | None = None):  # fmt: skip
         self.prompt, self.limit, self.stop = prompt, limit, list(stop)
         self.stop_when = stop_when  # a rule on the text so far that ends it (tools: a call written twice)
+        self._tokenizer, self._logit_bias = tokenizer, logit_bias
         self.constraint = constraint  # a grammar the output follows (generation/constraint.py)
         self.bias = (np.fromiter(logit_bias, np.int64), np.fromiter(logit_bias.values(), np.float32)) \
             if logit_bias else None  # fmt: skip
@@ -113,6 +115,16 @@ class Sequence:
             piece, self.sent = self.text[self.sent : end], end
             return piece
         return ""
+
+    def fork(self, index: int) -> Sequence:
+        """Choice ``index`` of the same request (OpenAI's ``n``): the same prompt and rules, its own sampling
+        (seed + index when seeded, so a request's choices repeat with its seed); taken before generating."""
+        params = self.sampler.params
+        seeded = dataclasses.replace(params, seed=None if params.seed is None else params.seed + index)
+        constraint = None if self.constraint is None else self.constraint.copy()
+        return Sequence(self.prompt, limit=self.limit, stop=self.stop, params=seeded, logprobs=self.logprobs,
+                        stop_ids=list(self.stop_ids), tokenizer=self._tokenizer, constraint=constraint,
+                        logit_bias=self._logit_bias, stop_when=self.stop_when)  # fmt: skip
 
     def _finish(self, reason: str) -> str:
         self.finish_reason = reason

@@ -75,6 +75,8 @@ def begin(state: SchedulerState, stats: GenerationStats, plan: StepPlan) -> None
             state.cache.touch(a.prefix)
             stats.prefix_hits += 1
             stats.prefix_saved_tokens += a.cached
+        elif a.source >= 0:  # a fork: the first choice's prompt, not computed again
+            stats.prefix_saved_tokens += a.cached
         else:
             stats.prefix_misses += 1
     stats.queued, stats.active = len(state.waiting), state.running
@@ -102,6 +104,8 @@ def execute(plan: StepPlan, session: Decoder, cache: PrefixCache,
     for a in plan.admit:
         if a.prefix is not None:
             session.write_prefix(a.slot, cache.entries[a.prefix], a.cached)
+        elif a.source >= 0:  # a fork: the first choice's prompt KV, slot to slot
+            session.write_prefix(a.slot, session.read_prefix(a.source, a.cached), a.cached)
     decode, seconds = None, 0.0
     if plan.decode is not None:
         d = plan.decode
@@ -164,6 +168,7 @@ def finish(state: SchedulerState, stats: GenerationStats, slot: int) -> Generati
     ticket = state.active[slot]
     assert ticket is not None
     state.active[slot] = None
+    ticket.finished = True
     stats.active = state.running
     result = ticket.seq.result()
     stats.finished(result)
@@ -176,6 +181,7 @@ def fail_running(state: SchedulerState, stats: GenerationStats, error: Exception
     for slot, ticket in enumerate(state.active):
         if ticket is not None:
             state.active[slot] = None
+            ticket.finished = True
             events.append((ticket, error))
     stats.active = 0
     return events

@@ -104,8 +104,8 @@ def _generation(m: Stats) -> Iterator[Metric]:
     yield family(CounterMetricFamily, "prefix_cache_hits", "Requests that reused a cached prompt prefix",
                  lambda g: g.prefix_hits)  # fmt: skip
     yield family(CounterMetricFamily, "prefix_cache_misses", "Requests with no cached prefix", lambda g: g.prefix_misses)
-    yield family(CounterMetricFamily, "prefix_cache_saved_tokens", "Prompt tokens not recomputed thanks to the cache",
-                 lambda g: g.prefix_saved_tokens)  # fmt: skip
+    yield family(CounterMetricFamily, "prefix_cache_saved_tokens", "Prompt tokens not recomputed: from the prefix "
+                 "cache, or a request's first choice (n > 1)", lambda g: g.prefix_saved_tokens)  # fmt: skip
     yield family(GaugeMetricFamily, "prefix_cache_bytes", "Memory held by the prefix cache", lambda g: g.prefix_cache_bytes)
     finished = CounterMetricFamily(p + "requests", "Finished generations by finish reason", labels=[*labels, "reason"])
     for (model, version), g in sorted(m.generation.items()):

@@ -9,6 +9,7 @@ by name (400), never silently ignored.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -57,32 +58,51 @@ class OpenAIHandlers:
             checked = parse_generation(doc, chat)
             llm, seq = await self.engine.prepare_generation(model, checked)
             label, version = model, str(llm.version)
-            generation = self.engine.generate(model, seq)  # Overloaded (503) here when the queue is full
+            generations = self._submit(model, seq, checked.n)  # Overloaded (503) when the queue is full
         except Exception as exc:
             return openai_error(exc, self.engine.stats, label, version)
         meta = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], "created": int(time.time()),
                 "model": model}  # fmt: skip
         if checked.stream:
-            return StreamingResponse(_events(generation, meta, chat, checked.include_usage, checked.tools is not None))
+            return StreamingResponse(_events(generations, meta, chat, checked.include_usage, checked.tools is not None))
         try:
-            result = await generation.result()
+            results = await asyncio.gather(*(g.result() for g in generations))
         except Exception as exc:
+            for g in generations:
+                g.cancel()
             return openai_error(exc, self.engine.stats, label, version)
         logprobs = checked.prepare["logprobs"]
-        choice: dict[str, Any] = {"index": 0, "finish_reason": result.finish_reason}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": result.text}
-            if checked.tools is not None:
-                content, calls = split_calls(result.text)
-                if calls:
-                    choice["message"] = {"role": "assistant", "content": content, "tool_calls": calls}
-                    choice["finish_reason"] = "tool_calls" if result.finish_reason == "stop" else result.finish_reason
-            choice["logprobs"] = _chat_logprobs(llm, result) if logprobs else None
-        else:
-            choice["text"] = result.text
-            choice["logprobs"] = _completion_logprobs(llm, result) if logprobs else None
-        return Response.json({**meta, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
-                              "usage": _usage(result)})  # fmt: skip
+        choices = []
+        for index, result in enumerate(results):
+            choice: dict[str, Any] = {"index": index, "finish_reason": result.finish_reason}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": result.text}
+                if checked.tools is not None:
+                    content, calls = split_calls(result.text)
+                    if calls:
+                        choice["message"] = {"role": "assistant", "content": content, "tool_calls": calls}
+                        choice["finish_reason"] = "tool_calls" if result.finish_reason == "stop" else result.finish_reason
+                choice["logprobs"] = _chat_logprobs(llm, result) if logprobs else None
+            else:
+                choice["text"] = result.text
+                choice["logprobs"] = _completion_logprobs(llm, result) if logprobs else None
+            choices.append(choice)
+        return Response.json({**meta, "object": "chat.completion" if chat else "text_completion", "choices": choices,
+                              "usage": _usage(*results)})  # fmt: skip
+
+    def _submit(self, model: str, seq: Any, n: int) -> list[AsyncGeneration]:
+        """The request's ``n`` choices in the scheduler: the first reads the prompt, the others copy its KV."""
+        forks = [seq.fork(index) for index in range(1, n)]  # before the first starts: its grammar state moves
+        first = self.engine.generate(model, seq)
+        generations = [first]
+        try:
+            for fork in forks:
+                generations.append(self.engine.generate(model, fork, parent=first))
+        except Exception:
+            for g in generations:
+                g.cancel()
+            raise
+        return generations
 
 
 async def _body(request: Request, limit: int, generators: dict[str, Any]) -> dict[str, Any]:
@@ -106,10 +126,11 @@ async def _body(request: Request, limit: int, generators: dict[str, Any]) -> dic
     return doc
 
 
-def _usage(result: Generation) -> dict[str, Any]:
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": result.cached_tokens}}  # fmt: skip
+def _usage(*results: Generation) -> dict[str, Any]:
+    """One request's usage: its prompt once, every choice's completion tokens."""
+    prompt, completion = results[0].prompt_tokens, sum(r.completion_tokens for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": results[0].cached_tokens}}  # fmt: skip
 
 
 def _token_text(llm: Any, token: int) -> str:
@@ -137,52 +158,86 @@ def _completion_logprobs(llm: Any, result: Generation) -> dict[str, Any]:
             "text_offset": offsets}  # fmt: skip
 
 
-async def _events(
-    generation: AsyncGeneration, meta: dict[str, Any], chat: bool, include_usage: bool, tools: bool = False
-) -> AsyncIterator[bytes]:
-    """Server-sent events: one chunk per text piece, a last chunk with finish_reason, usage, [DONE]. With tools,
-    each call goes out as OpenAI's tool_calls deltas (its id and name, then its arguments) once it closes."""
+async def _events(generations: list[AsyncGeneration], meta: dict[str, Any], chat: bool, include_usage: bool,
+                  tools: bool = False) -> AsyncIterator[bytes]:  # fmt: skip
+    """Server-sent events: one chunk per text piece of a choice, a chunk with each choice's finish_reason, usage,
+    [DONE]. With tools, each call goes out as OpenAI's tool_calls deltas (its id and name, then its arguments)
+    once it closes."""
     kind = "chat.completion.chunk" if chat else "text_completion"
 
     def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
         return b"data: " + orjson.dumps({**meta, "object": kind, "choices": choices, **extra}) + b"\n\n"
 
-    def choice(text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
+    def choice(index: int, text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
         if chat:
             delta: dict[str, Any] = {} if text is None else {"content": text}
             if first:
                 delta["role"] = "assistant"
-            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
 
-    def call_deltas(index: int, call: dict[str, Any]) -> list[bytes]:
-        head = {"index": index, "id": call["id"], "type": "function",
+    def call_deltas(index: int, k: int, call: dict[str, Any]) -> list[bytes]:
+        head = {"index": k, "id": call["id"], "type": "function",
                 "function": {"name": call["function"]["name"], "arguments": ""}}  # fmt: skip
-        arguments = {"index": index, "function": {"arguments": call["function"]["arguments"]}}
-        return [event([{"index": 0, "delta": {"tool_calls": [d]}, "logprobs": None, "finish_reason": None}])
+        arguments = {"index": k, "function": {"arguments": call["function"]["arguments"]}}
+        return [event([{"index": index, "delta": {"tool_calls": [d]}, "logprobs": None, "finish_reason": None}])
                 for d in (head, arguments)]  # fmt: skip
 
-    calls = CallStream() if tools else None
+    calls = [CallStream() if tools else None for _ in generations]
+    results: list[Generation] = []
     try:
         if chat:
-            yield event([choice("", None, first=True)])
-        async for item in generation:
+            for index in range(len(generations)):
+                yield event([choice(index, "", None, first=True)])
+        async for index, item in _merged(generations):
+            stream = calls[index]
             if isinstance(item, Generation):
+                results.append(item)
                 finish = item.finish_reason
-                if calls is not None and calls.calls and finish == "stop":
+                if stream is not None and stream.calls and finish == "stop":
                     finish = "tool_calls"
-                yield event([choice(None, finish)])
-                if include_usage:
-                    yield event([], usage=_usage(item))
-            elif calls is not None:
-                for sent in calls.push(item):
+                yield event([choice(index, None, finish)])
+            elif stream is not None:
+                for sent in stream.push(item):
                     if sent[0] == "content":
-                        yield event([choice(sent[1], None)])
+                        yield event([choice(index, sent[1], None)])
                     else:
-                        for chunk in call_deltas(sent[1], sent[2]):
+                        for chunk in call_deltas(index, sent[1], sent[2]):
                             yield chunk
             else:
-                yield event([choice(item, None)])
+                yield event([choice(index, item, None)])
+        if include_usage:
+            yield event([], usage=_usage(*results))
     except Exception as exc:  # after the headers went out, an error can only be an event
         yield b"data: " + openai_error(exc).body + b"\n\n"
     yield b"data: [DONE]\n\n"
+
+
+async def _merged(generations: list[AsyncGeneration]) -> AsyncIterator[tuple[int, Any]]:
+    """(choice index, item) from every generation as they come; leaving early cancels them all."""
+    if len(generations) == 1:
+        async for item in generations[0]:
+            yield 0, item
+        return
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+    async def pump(index: int, generation: AsyncGeneration) -> None:
+        try:
+            async for item in generation:
+                queue.put_nowait((index, item))
+        except Exception as exc:
+            queue.put_nowait((index, exc))
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(generations)]
+    try:
+        for _ in range(len(generations)):
+            while True:
+                index, item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield index, item
+                if isinstance(item, Generation):
+                    break
+    finally:
+        for task in tasks:
+            task.cancel()
