@@ -11,6 +11,7 @@ HTTP status it maps to as data, so the server maps errors in one place::
      ├── Forbidden (403)             a known key without the right (repository control needs the admin key)
      ├── UntrustedFile (400)         a pickle/joblib file loaded without --trust
      ├── ModelNotFound (404)         no such model or version in the repository
+     ├── ResponseNotFound (404)      a Responses API id not in the server's in-memory store (never, evicted, restarted)
      ├── ModelNotReady (503)         known, loading or draining: retry after ``retry_after`` seconds
      │    ├── ModelUnavailable (404) known, but unloaded or failed to load (the reason says which)
      │    ├── BatcherClosed (503)    the version's batcher is draining: the engine retries on the new version
@@ -308,6 +309,13 @@ class GGUFError(ModelLoadError):
     """A GGUF file that cannot be used: not GGUF, truncated, lying about a size, or missing what the model needs."""
 
 
+class ResponseNotFound(ForwardpassError):
+    """GET /v1/responses/{id} for a response the store does not hold (sent with store false, evicted, restarted)."""
+
+    status = 404
+    type = "not_found"
+
+
 __all__ = [
     "ForwardpassError",
     "InvalidInput",
@@ -333,6 +341,7 @@ __all__ = [
     "HttpProtocolError",
     "BatchAborted",
     "GGUFError",
+    "ResponseNotFound",
     "format_loc",
     "shown",
 ]
