@@ -10,6 +10,9 @@ import json
 
 import pytest
 
+from forwardpass.server.response_store import ResponseStore, StoredResponse
+from forwardpass.server.responses import translate
+
 openai = pytest.importorskip("openai")
 pydantic = pytest.importorskip("pydantic")
 jsonschema = pytest.importorskip("jsonschema")
@@ -55,6 +58,7 @@ def test_text_streamed_is_the_event_sequence_and_joins_to_the_whole_answer(clien
     assert final.output_text == text == whole.output_text
     assert final.status == whole.status and final.usage.output_tokens == whole.usage.output_tokens
     assert final.usage.input_tokens == whole.usage.input_tokens and final.output[0].id == item_id
+    assert client.responses.retrieve(final.id).output_text == text  # a streamed response is stored too
 
 
 def test_the_stream_helper_gives_the_final_response(client):
@@ -143,7 +147,7 @@ def test_previous_response_id_continues_a_stored_conversation_and_get_returns_it
     second = client.responses.create(model="smollm2", previous_response_id=first.id, input="What is my name?",
                                      temperature=0, max_output_tokens=12)  # fmt: skip
     history = [{"role": "user", "content": "My name is Ada. Say hi."},
-               {"role": "assistant", "content": first.output_text}, {"role": "user", "content": "What is my name?"}]
+               {"role": "assistant", "content": first.output_text}, {"role": "user", "content": "What is my name?"}]  # fmt: skip
     whole = client.responses.create(model="smollm2", input=history, temperature=0, max_output_tokens=12)
     assert second.usage.input_tokens == whole.usage.input_tokens > first.usage.total_tokens
     assert second.output_text == whole.output_text
@@ -215,3 +219,38 @@ def test_unknown_model_and_unknown_response_id_are_404s(client):
         client.responses.create(model="nope", input="Hi")
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve("resp_never")
+
+
+def stored(response_id: str, text: str = "") -> StoredResponse:
+    return StoredResponse({"id": response_id}, [{"role": "user", "content": text}])
+
+
+def test_the_store_is_bounded_by_count_and_bytes_least_recently_used_first():
+    store = ResponseStore(max_responses=2, max_bytes=10_000)
+    for name in ("a", "b"):
+        assert store.put(stored(name))
+    assert store.get("a") is not None  # a is now the most recently used: b goes first
+    store.put(stored("c"))
+    assert [store.get(k) is not None for k in "abc"] == [True, False, True] and len(store) == 2
+    assert not store.put(stored("huge", "x" * 10_000)) and store.get("huge") is None  # alone over the bound
+    store.put(stored("d", "y" * 6_000))
+    store.put(stored("e", "z" * 6_000))  # together over max_bytes: d goes
+    assert store.get("d") is None and store.get("e") is not None and store.bytes <= 10_000
+
+
+def test_a_continuation_carries_the_conversation_but_not_the_previous_instructions():
+    store = ResponseStore()
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    store.put(StoredResponse({"id": "resp_1"}, [{"role": "user", "content": "Hi"},
+                                                {"role": "assistant", "content": "", "tool_calls": [call]}]))  # fmt: skip
+    turn = translate({"model": "m", "previous_response_id": "resp_1", "instructions": "Be brief.",
+                      "input": [{"type": "function_call_output", "call_id": "call_1", "output": "42"},
+                                {"type": "function_call", "call_id": "call_2", "name": "g", "arguments": "{}"},
+                                {"type": "function_call", "call_id": "call_3", "name": "h", "arguments": "{}"}]},
+                     store)  # fmt: skip
+    roles = [m["role"] for m in turn.chat["messages"]]
+    assert roles == ["system", "user", "assistant", "tool", "assistant"]
+    assert turn.chat["messages"][0]["content"] == "Be brief." and turn.conversation[0]["role"] == "user"
+    assert [c["id"] for c in turn.chat["messages"][-1]["tool_calls"]] == ["call_2", "call_3"]  # parallel: one turn
+    assert turn.origins == [("instructions",), ("previous_response_id",), ("previous_response_id",), ("input", 0),
+                            ("input", 1)]  # fmt: skip
