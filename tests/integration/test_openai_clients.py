@@ -112,7 +112,7 @@ def test_bind_tools_gives_valid_calls_and_a_tool_message_round_trip(chat, sent):
     schema = {"get_weather": get_weather, "get_time": get_time}[call["name"]].args_schema
     schema.model_validate(call["args"])  # the arguments follow the function's schema
 
-    named = chat().bind_tools([get_weather, get_time], tool_choice="get_time").invoke(ask)
+    named = chat().bind_tools([get_weather, get_time], tool_choice="get_time", parallel_tool_calls=False).invoke(ask)
     assert [c["name"] for c in named.tool_calls] == ["get_time"], named
     assert sent.bodies[-1]["tool_choice"] == {"type": "function", "function": {"name": "get_time"}}
 
