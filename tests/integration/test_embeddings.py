@@ -328,3 +328,48 @@ def test_engine_infer_takes_raw_text(tmp_path):
             await engine.stop()
 
     np.testing.assert_allclose(asyncio.run(main())[0], _unit(_vec([2, 3]).mean(0)), rtol=1e-6)
+
+
+# -- a language model's own embeddings (llama-server's --pooling mean) ----------------------------------------
+
+
+def test_a_language_model_embeds_with_its_mean_pooled_final_hidden_states(llm_app):
+    """/v1/embeddings on smollm2: each input read by the scheduler as a prompt (chunked: 64 tokens a call) with
+    nothing generated; its final-normed hidden states averaged and normalized, as the numpy reference does."""
+    from forwardpass.demo.build import _smollm2_gguf
+    from forwardpass.generation.gguf_file import GGUFFile
+    from forwardpass.generation.reference import ReferenceDecoder, rms_norm
+
+    client = openai.OpenAI(base_url=f"{llm_app.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    long = "The printing press changed how books were made and how ideas travelled across Europe. " * 8
+    texts = ["A man is playing a guitar.", long]
+    answer = client.embeddings.create(model="smollm2", input=texts, encoding_format="float")
+    got = np.asarray([d.embedding for d in answer.data])
+    assert got.shape == (2, 576) and np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)
+    llm = forwardpass.load("smollm2", repository=llm_app.repository)
+    ids = [llm.encode(t) for t in texts]
+    assert len(ids[1]) > 64 and answer.usage.prompt_tokens == sum(map(len, ids))  # the long one took 2+ chunks
+    ref = ReferenceDecoder(GGUFFile.open(_smollm2_gguf()))
+    for tokens, vector in zip(ids, got):
+        ref.reset()
+        hidden = rms_norm(ref.forward(tokens, layers=ref.hp.n_layer), ref.norm, ref.hp.rms_eps).mean(0)
+        assert float(vector @ (hidden / np.linalg.norm(hidden))) > 0.99
+    alone = client.embeddings.create(model="smollm2", input=texts[0], encoding_format="float").data[0].embedding
+    np.testing.assert_allclose(alone, got[0], atol=1e-5)  # alone or batched: the same vector
+    short = client.embeddings.create(model="smollm2", input=[ids[0]], dimensions=64, encoding_format="float")
+    assert len(short.data[0].embedding) == 64
+    bad = llm_app.post("/v1/embeddings", json={"model": "smollm2", "input": [[1, 10**9]]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "input[0][1]"
+
+
+def test_language_model_embeddings_put_each_paraphrase_nearer_than_the_average_unrelated_sentence(llm_app):
+    """A decoder's mean-pooled hidden states are a weaker encoder than smollm2-embed (8 of these 11 pairs pass
+    the nearest-neighbour test there): each pair is nearer than its sentences are to the rest on average."""
+    client = openai.OpenAI(base_url=f"{llm_app.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    texts = [t for pair in PAIRS for t in pair]
+    vectors = np.asarray([d.embedding for d in client.embeddings.create(model="smollm2", input=texts).data])
+    sims = vectors @ vectors.T
+    for i in range(len(PAIRS)):
+        a, b = 2 * i, 2 * i + 1
+        others = [j for j in range(len(texts)) if j not in (a, b)]
+        assert sims[a, b] > max(sims[a, others].mean(), sims[b, others].mean()), PAIRS[i]

@@ -167,3 +167,18 @@ def test_logprobs(llm):
         assert entry["logprob"] <= 0 and sum(math.exp(lp) for _, lp in entry["top_logprobs"]) <= 1 + 1e-9
     with pytest.raises(InvalidInput, match="logprobs"):
         llm.generate("hi", max_tokens=2, logprobs=50)
+
+
+def test_closed_schemas_forbid_undeclared_properties_only_where_the_schema_is_silent():
+    from forwardpass.generation.constraint import closed
+
+    schema = {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "string"}}},
+                                                "c": {"type": "array", "items": {"properties": {"d": {}}}}},
+              "$defs": {"e": {"properties": {"f": {}}, "additionalProperties": True}}}  # fmt: skip
+    out = closed(schema)
+    assert out["additionalProperties"] is False
+    assert out["properties"]["a"]["additionalProperties"] is False
+    assert out["properties"]["c"]["items"]["additionalProperties"] is False
+    assert out["$defs"]["e"]["additionalProperties"] is True  # said: kept
+    assert "additionalProperties" not in schema  # the request's own schema is not changed
+    assert closed({"type": "object"}) == {"type": "object"}  # json_object: any object

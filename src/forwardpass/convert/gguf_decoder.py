@@ -17,7 +17,8 @@ Graph (B batch rows, T new tokens, S cache length, C = n_embd, V = vocab):
 Inputs: input_ids, seqlens_k (B,) int32 = tokens in the cache after this call - 1,
 total_sequence_length () int32, past_key.{i} / past_value.{i} (B, Hkv, S, D); logit_rows (1,) int64:
 logits for the first rows only (the rest are padding).
-Outputs: logits, present_key.{i} / present_value.{i}. See convert/ggml_quants.py for the
+Outputs: logits, present_key.{i} / present_value.{i}, hidden_sum (the final-normed hidden states summed
+over the positions: mean-pooled embeddings). See convert/ggml_quants.py for the
 Q4_1 mapping; accuracy_level 4 (int8 activations) is ONNX Runtime's fast CPU path.
 """
 
@@ -176,14 +177,23 @@ def build_decoder(model: GGUFFile, *, accuracy_level: int = 4, max_positions: in
             g.nodes.append(helper.make_node("Add", [pending, residual], [f"hidden.{i}"], name=g.name("hidden")))
             outputs.append(helper.make_tensor_value_info(f"hidden.{i}", TensorProto.FLOAT, ["batch", "tokens", C]))
 
+    # the final-normed hidden states of every position, summed per row: mean-pooled embeddings (llama-server's
+    # --pooling mean) are these sums over a prompt's chunks / its length; a few microseconds a chunk
+    assert pending is not None
+    output_norm = g.const("output_norm", model.dequantize("output_norm.weight"))
+    every, _, _, _ = g.op("SkipSimplifiedLayerNormalization", [pending, residual, output_norm], "pool_norm", outputs=4,
+                          domain=MS, epsilon=hp.rms_eps)  # fmt: skip
+    g.op("ReduceSum", [every, g.const("seq_axis_pool", np.array([1], np.int64))], "pool_sum", keepdims=0)
+    g.nodes[-1].output[0] = "hidden_sum"
+    outputs.append(helper.make_tensor_value_info("hidden_sum", TensorProto.FLOAT, ["batch", C]))
+
     # only the last position goes through the head: a 512-token prefill would otherwise pay 512 head rows
     last = [g.const("minus1", np.array([-1], np.int64)), g.const("end", np.array([np.iinfo(np.int64).max], np.int64)),
             g.const("seq_axis", np.array([1], np.int64))]  # fmt: skip
     assert pending is not None  # every layer leaves its feed-forward output pending
     (last_pending,) = g.op("Slice", [pending, *last], "last_pending")
     (last_residual,) = g.op("Slice", [residual, *last], "last_residual")
-    h, _, _, _ = g.op("SkipSimplifiedLayerNormalization", [last_pending, last_residual,
-                                                           g.const("output_norm", model.dequantize("output_norm.weight"))],
+    h, _, _, _ = g.op("SkipSimplifiedLayerNormalization", [last_pending, last_residual, output_norm],
                       "final_norm", outputs=4, domain=MS, epsilon=hp.rms_eps)  # fmt: skip
     # the head (a third of a decode step) runs for the first `logit_rows` rows only: a decode call padded with a
     # dummy row (generation/scheduler.py, MIN_ROWS) does not pay for its logits.

@@ -182,6 +182,52 @@ class Engine:
 
         return AsyncGeneration(self.generator(name), seq, parent)
 
+    async def embed(self, name: str, inputs: Sequence[str | list[int]]) -> list[tuple[Any, int]]:
+        """A language model's own embeddings (llama-server's ``--pooling mean``): each input's final hidden
+        states averaged over its tokens and L2-normalized, with its token count. Each input is read by the
+        model's scheduler as a prompt with nothing generated, between the decode steps of running streams."""
+        import numpy as np
+
+        from forwardpass.generation.sampler import SamplingParams
+        from forwardpass.generation.scheduler import AsyncGeneration
+        from forwardpass.generation.sequence import Sequence as TokenSequence
+
+        scheduler = self.generator(name)
+        llm = scheduler.model
+        if not scheduler.session.pools:
+            raise InvalidInput(("model",), f"model '{name}' was imported without its hidden-state output: import its "
+                               "GGUF again (forwardpass import gguf) to serve embeddings from it", name)  # fmt: skip
+
+        def encode() -> list[list[int]]:
+            return [llm.encode(item) if isinstance(item, str) else list(item) for item in inputs]
+
+        chars = sum(len(item) for item in inputs if isinstance(item, str))
+        ids = encode() if chars <= INLINE_PROMPT_CHARACTERS else await asyncio.get_running_loop().run_in_executor(
+            self._executor, encode)  # fmt: skip
+        for i, tokens in enumerate(ids):
+            if not tokens or len(tokens) > llm.gen.context_length:
+                raise InvalidInput(("input", i), f"expected 1 to {llm.gen.context_length} tokens (the model's "
+                                   "context)", f"{len(tokens)} tokens")  # fmt: skip
+        results = []
+        for start in range(0, len(ids), scheduler.slots):  # a slot's worth at a time: the queue stays for others
+            generations = []
+            for tokens in ids[start : start + scheduler.slots]:
+                seq = TokenSequence(tokens, limit=1, stop=(), params=SamplingParams(), logprobs=0, stop_ids=(),
+                                    tokenizer=llm.tokenizer)  # fmt: skip
+                seq.pooling = True
+                generations.append(AsyncGeneration(scheduler, seq))
+            try:
+                results += await asyncio.gather(*(g.result() for g in generations))
+            except BaseException:
+                for g in generations:
+                    g.cancel()
+                raise
+        out = []
+        for result in results:
+            vector = np.asarray(result.embedding, np.float32)
+            out.append((vector / max(float(np.linalg.norm(vector)), 1e-12), result.prompt_tokens))
+        return out
+
     async def stream(self, name: str, request: GenerationRequest) -> AsyncGenerator[Any, None]:
         """prepare_generation + generate as one async stream (text pieces, then the Generation): one choice."""
         if request.n != 1:

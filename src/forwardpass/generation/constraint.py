@@ -52,7 +52,7 @@ class Grammar:
         if self.kind == "json_schema":
             # OpenAI's JSON: the schema's own properties in order, whitespace as a compact serializer writes it
             options = {"whitespace_flexible": False, "coerce_one_of": True}
-            return str(llg.LLMatcher.grammar_from_json_schema(json.dumps(self.source), overrides=options))
+            return str(llg.LLMatcher.grammar_from_json_schema(json.dumps(closed(self.source)), overrides=options))
         if self.kind == "regex":
             return str(llg.LLMatcher.grammar_from_regex(self.source))
         if self.kind == "choice":
@@ -100,6 +100,29 @@ class Constraint:
         bitmask = llgn.allocate_token_bitmask(1, self.vocab)
         llgn.fill_next_token_bitmask(self.matcher, bitmask, 0)
         return unpack(bitmask, self.vocab)[0]
+
+
+def closed(schema: Any) -> Any:
+    """``schema`` with ``additionalProperties: false`` on every object that lists ``properties`` and says nothing
+    of others. Whatever follows the closed schema follows the original, so the answer still validates; but a
+    small model given leave to add properties of its own invents them until max_tokens (llm's concise schemas,
+    ``{"properties": {"name": ...}}``, do so)."""
+    if isinstance(schema, list):
+        return [closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: closed(v) if k in _SUBSCHEMAS else v for k, v in schema.items()}
+    for key in ("properties", "$defs", "definitions", "patternProperties"):
+        if isinstance(schema.get(key), dict):
+            out[key] = {name: closed(sub) for name, sub in schema[key].items()}
+    if isinstance(schema.get("properties"), dict) and "additionalProperties" not in schema \
+            and "patternProperties" not in schema:  # fmt: skip
+        out["additionalProperties"] = False
+    return out
+
+
+_SUBSCHEMAS = {"items", "prefixItems", "anyOf", "oneOf", "allOf", "not", "if", "then", "else", "additionalProperties",
+               "contains"}  # fmt: skip
 
 
 def unpack(bitmask: np.ndarray, vocab: int) -> np.ndarray:

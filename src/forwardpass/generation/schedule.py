@@ -222,6 +222,9 @@ def schedule(state: SchedulerState) -> StepPlan:
         if parent is not None and parent in slots and parent.filled >= len(ticket.seq.prompt) - 1:
             cached = len(ticket.seq.prompt) - 1  # the first choice's prompt KV; its last token computed here
             admit.append(Admission(ticket, slot, cached, None, slots.index(parent)))
+        elif ticket.seq.pooling:  # an embedding needs every position's hidden state: no prefix reuse
+            cached = 0
+            admit.append(Admission(ticket, slot))
         else:
             cached, key = state.cache.find(ticket.seq.prompt)
             admit.append(Admission(ticket, slot, cached, key))

@@ -40,6 +40,7 @@ class Generation:
     seconds: float
     token_logprobs: list[Any] = field(default_factory=list)
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    embedding: np.ndarray | None = None  # a pooling sequence's mean final hidden state (C,), unnormalized
 
     @property
     def completion_tokens(self) -> int:
@@ -75,6 +76,8 @@ class Sequence:
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
         self.cached_tokens = 0
+        self.pooling = False  # an embedding: the prompt is read, its hidden states averaged, nothing generated
+        self.hidden_sum: np.ndarray | None = None
 
     def advance(self, logits: np.ndarray, allowed: np.ndarray | None = None) -> str:
         """Pick the next token from ``logits`` (V,), among the ``allowed`` ones when the output follows a grammar
@@ -131,8 +134,15 @@ class Sequence:
         piece, self.sent = self.text[self.sent :], len(self.text)
         return piece
 
+    def pool(self, hidden_sum: np.ndarray, last: bool) -> None:
+        """A pooling sequence's prompt chunk: its hidden states' sum; after the last one it is finished."""
+        self.hidden_sum = hidden_sum if self.hidden_sum is None else self.hidden_sum + hidden_sum
+        if last:
+            self.finish_reason = "stop"
+
     def result(self) -> Generation:
         now = time.perf_counter()
         first = (self.first_token_at or now) - self.started
+        embedding = None if self.hidden_sum is None else self.hidden_sum / len(self.prompt)
         return Generation(self.text, self.tokens, self.finish_reason or "length", len(self.prompt), first,
-                          now - self.started, self.recorded, self.cached_tokens)  # fmt: skip
+                          now - self.started, self.recorded, self.cached_tokens, embedding)  # fmt: skip

@@ -35,20 +35,27 @@ class DecoderSession:
                  prefill_path: str | Path | None = None):  # fmt: skip
         self.max_context, self.slots, self.n_layer, self.n_vocab = max_context, slots, n_layer, n_vocab
         self.position = 0  # slot 0's length, for step()
+        self.last_hidden_sum: np.ndarray | None = None  # the last call's (rows, C) pooled hidden states
         # np.zeros maps untouched pages lazily: memory grows with the positions actually written
         self.kv = [np.zeros((slots, n_head_kv, max_context, head_dim), np.float32) for _ in range(2 * n_layer)]
         self.session = self._load(path, threads)
         # a second graph for prompts (many rows at once; fp32 activations), on the same KV buffers
         self.prefill_session = self._load(prefill_path, threads) if prefill_path else None
-        self._bindings: dict[tuple[str, int, int, int], tuple[Any, np.ndarray]] = {}
+        self._bindings: dict[tuple[str, int, int, int], tuple[Any, np.ndarray, np.ndarray | None]] = {}
+        prompt_graph = self.prefill_session or self.session
+        # graphs imported by forwardpass since issue 16 also give the final hidden states summed (embeddings)
+        pooled = [o for o in prompt_graph.get_outputs() if o.name == "hidden_sum"]
+        self.pools = bool(pooled)
+        self.hidden_width = int(pooled[0].shape[-1]) if pooled else 0  # the embedding length
 
     @staticmethod
     def _load(path: str | Path, threads: int | None) -> ort.InferenceSession:
         # ONNX Runtime's defaults otherwise (threads spin, the arena stays): a decode step is one long run
         return open_session(path, Path(path), intra_op=threads or available_cores(), inter_op=0, what="the decoder")
 
-    def _binding(self, graph: str, first: int, rows: int, logit_rows: int) -> tuple[Any, np.ndarray]:
-        """IO binding of KV rows first..first+rows-1 (contiguous views) and a logits buffer, made once."""
+    def _binding(self, graph: str, first: int, rows: int, logit_rows: int) -> tuple[Any, np.ndarray, np.ndarray | None]:
+        """IO binding of KV rows first..first+rows-1 (contiguous views), a logits buffer and (when the graph
+        has it) a hidden_sum buffer, made once."""
         key = (graph, first, rows, logit_rows)
         found = self._bindings.get(key)
         if found is None:
@@ -62,7 +69,13 @@ class DecoderSession:
             logits = np.zeros((logit_rows, 1, self.n_vocab), np.float32)
             io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
             io.bind_cpu_input("logit_rows", np.array([logit_rows], np.int64))
-            found = self._bindings[key] = (io, logits)
+            pooled = None
+            names = [o.name for o in session.get_outputs()]
+            if "hidden_sum" in names:
+                shape = session.get_outputs()[names.index("hidden_sum")].shape
+                pooled = np.zeros((rows, int(shape[-1])), np.float32)
+                io.bind_ortvalue_output("hidden_sum", ort.OrtValue.ortvalue_from_numpy(pooled))
+            found = self._bindings[key] = (io, logits, pooled)
         return found
 
     def _run(self, graph: str, first: int, ids: np.ndarray, seqlens: np.ndarray, logit_rows: int = 0) -> np.ndarray:
@@ -70,11 +83,12 @@ class DecoderSession:
         if end > self.max_context:
             raise InvalidInput(("tokens",), f"the sequence would be {end} tokens, more than this session's context "
                                f"of {self.max_context}; shorten the prompt or lower max_tokens")  # fmt: skip
-        io, logits = self._binding(graph, first, ids.shape[0], logit_rows or ids.shape[0])
+        io, logits, pooled = self._binding(graph, first, ids.shape[0], logit_rows or ids.shape[0])
         io.bind_cpu_input("input_ids", ids)
         io.bind_cpu_input("seqlens_k", seqlens)
         io.bind_cpu_input("total_sequence_length", np.array(end, np.int32))
         (self.prefill_session if graph == "prefill" and self.prefill_session else self.session).run_with_iobinding(io)
+        self.last_hidden_sum = pooled
         return logits[:, -1]
 
     def prefill(self, slot: int, tokens: list[int], start: int) -> np.ndarray:
@@ -83,6 +97,15 @@ class DecoderSession:
             raise InvalidInput(("tokens",), "expected at least one token")
         ids = np.asarray([tokens], dtype=np.int64)
         return self._run("prefill", slot, ids, np.array([start + len(tokens) - 1], np.int32))[0]
+
+    def prefill_pooled(self, slot: int, tokens: list[int], start: int) -> tuple[np.ndarray, np.ndarray]:
+        """``prefill``, and the chunk's final hidden states summed over its positions (C,): embeddings."""
+        if not self.pools:
+            raise InvalidInput(("model",), "this model's graph gives no hidden states: import its GGUF again with "
+                               "this forwardpass (forwardpass import gguf) to serve embeddings from it")  # fmt: skip
+        logits = self.prefill(slot, tokens, start)
+        assert self.last_hidden_sum is not None
+        return logits, self.last_hidden_sum[0].copy()
 
     def decode(self, tokens: list[int], positions: list[int], logit_rows: int = 0) -> np.ndarray:
         """One new token for each of rows 0..n-1, row i's at position ``positions[i]``; logits (n, V), or

@@ -38,6 +38,7 @@ class Decoder(Protocol):
 
     def decode(self, tokens: list[int], positions: list[int], logit_rows: int = 0) -> np.ndarray: ...
     def prefill(self, slot: int, tokens: list[int], start: int) -> np.ndarray: ...
+    def prefill_pooled(self, slot: int, tokens: list[int], start: int) -> tuple[np.ndarray, np.ndarray]: ...
     def read_prefix(self, slot: int, length: int) -> list[np.ndarray]: ...
     def write_prefix(self, slot: int, arrays: list[np.ndarray], length: int) -> None: ...
 
@@ -51,6 +52,7 @@ class StepOutputs:
     stored: list[np.ndarray] | None = None  # the finished prompt's prefix KV, for the prefix cache
     decode_seconds: float = 0.0
     allowed: dict[int, np.ndarray] = field(default_factory=dict)  # slot -> (V,) grammar mask, constrained rows
+    hidden_sum: np.ndarray | None = None  # (C,) a pooling sequence's chunk: its final hidden states summed
 
 
 def begin(state: SchedulerState, stats: GenerationStats, plan: StepPlan) -> None:
@@ -112,14 +114,17 @@ def execute(plan: StepPlan, session: Decoder, cache: PrefixCache,
         started = time.perf_counter()
         decode = session.decode(list(d.tokens), list(d.positions), logit_rows=d.logit_rows)
         seconds = time.perf_counter() - started
-    prefill = stored = None
+    prefill = stored = hidden = None
     if plan.prefill is not None:
         p = plan.prefill
-        prefill = session.prefill(p.slot, p.tokens, p.start)
+        if p.ticket.seq.pooling:
+            prefill, hidden = session.prefill_pooled(p.slot, p.tokens, p.start)
+        else:
+            prefill = session.prefill(p.slot, p.tokens, p.start)
         if p.last and p.store:
             stored = session.read_prefix(p.slot, p.store)
     allowed = pending.result() if pending is not None else {}
-    return StepOutputs(decode, prefill, stored, seconds, allowed)
+    return StepOutputs(decode, prefill, stored, seconds, allowed, hidden)
 
 
 def update(state: SchedulerState, stats: GenerationStats, plan: StepPlan, outputs: StepOutputs) -> list[Event]:
@@ -137,6 +142,14 @@ def update(state: SchedulerState, stats: GenerationStats, plan: StepPlan, output
     if p is not None:
         assert outputs.prefill is not None
         p.ticket.filled = p.end
+        if p.ticket.seq.pooling:  # an embedding: no token to sample; done after its last chunk
+            assert outputs.hidden_sum is not None
+            p.ticket.seq.pool(outputs.hidden_sum, p.last)
+            if p.last:
+                if outputs.stored is not None:
+                    state.cache.store(p.ticket.seq.prompt[: p.store], outputs.stored)
+                events.append((p.ticket, finish(state, stats, p.slot)))
+            return events
         if p.last:
             if outputs.stored is not None:
                 state.cache.store(p.ticket.seq.prompt[: p.store], outputs.stored)

@@ -22,6 +22,7 @@ from forwardpass.server.handlers import Handlers
 from forwardpass.server.http import AsgiWriter, Request, Response, StreamingResponse, deliver
 from forwardpass.server.openai import OpenAIHandlers
 from forwardpass.server.openai_extras import OpenAIExtras
+from forwardpass.server.responses import ResponsesHandlers
 from forwardpass.server.routes import routes
 
 log = logging.getLogger("forwardpass.server")
@@ -36,7 +37,7 @@ class App:
         self.engine, self.config = engine, config
         self.keys = Keys.from_config(config)
         self.router = routes(Handlers(engine, config), OpenAIHandlers(engine, config), OpenAIExtras(engine, config),
-                             self.keys)  # fmt: skip
+                             ResponsesHandlers(engine, config), self.keys)  # fmt: skip
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         kind = scope["type"]

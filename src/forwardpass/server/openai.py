@@ -49,7 +49,7 @@ class OpenAIHandlers:
     async def _complete(self, request: Request, chat: bool) -> Response | StreamingResponse:
         label, version = "", ""  # for the count of unexpected errors: set once the model is known
         try:
-            doc = await _body(request, self.config.max_body_bytes, self.engine.generators())
+            doc = await read_json(request, self.config.max_body_bytes, self.engine.generators())
             refuse_unknown(doc, chat)
             model = doc.get("model")
             if not isinstance(model, str) or not model:
@@ -105,7 +105,7 @@ class OpenAIHandlers:
         return generations
 
 
-async def _body(request: Request, limit: int, generators: dict[str, Any]) -> dict[str, Any]:
+async def read_json(request: Request, limit: int, generators: dict[str, Any]) -> dict[str, Any]:
     """The request's JSON object. A body larger than any served model's longest prompt could need is refused
     unread: parsing 30 MB of JSON holds the event loop (and the GIL) for ~0.1 s."""
     cap = max((max_body(g.model) for g in generators.values()), default=None)

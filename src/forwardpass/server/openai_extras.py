@@ -1,5 +1,8 @@
 """The OpenAI and llama-server endpoints beside chat and completions: embeddings, model objects, health, tokens.
 
+Embeddings come from a ``task: embedding`` model, or from a language model's own final hidden states, mean
+pooled and normalized (llama-server's ``--pooling mean``; ``Engine.embed``).
+
     POST /v1/embeddings    {"model": "smollm2-embed", "input": ["a", "b"], "encoding_format": "float"}
                            -> {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [...]}],
                                "model": ..., "usage": {"prompt_tokens": 4, "total_tokens": 4}}
@@ -54,23 +57,36 @@ class OpenAIExtras:
             name = doc.get("model")
             if not isinstance(name, str) or not name:
                 raise InvalidInput(("model",), "expected a model name (GET /v1/models lists them)", shown(name))
-            model = self._embedding_model(name)
+            language = name in self.engine.generators()  # its own pooled hidden states (llama-server --pooling mean)
+            model: Any = self.engine.generator(name).model if language else self._embedding_model(name)
             label, version = name, str(model.version)
             fmt = doc.get("encoding_format", "float")
             if fmt not in ("float", "base64"):
                 raise InvalidInput(("encoding_format",), "expected 'float' or 'base64'", shown(fmt))
+            width = self.engine.generator(name).session.hidden_width if language else model.dimensions
             dims = doc.get("dimensions")
-            if dims is not None and (type(dims) is not int or not 1 <= dims <= model.dimensions):
-                raise InvalidInput(("dimensions",), f"expected an integer from 1 to {model.dimensions} (this model's "
+            if dims is not None and (type(dims) is not int or not 1 <= dims <= width):
+                raise InvalidInput(("dimensions",), f"expected an integer from 1 to {width} (this model's "
                                    "embedding length)", shown(dims))  # fmt: skip
             if "user" in doc and not isinstance(doc["user"], str):
                 raise InvalidInput(("user",), "expected a string", shown(doc["user"]))
-            tensors = _inputs(doc.get("input", ...), model)
-            _, outputs = await self.engine.infer(name, None, InferRequest(None, tensors, None))
+            if language:
+                items = _items(doc.get("input", ...))
+                vocab = model.gen.n_vocab
+                for i, item in enumerate(items):
+                    for j, t in enumerate(item if isinstance(item, list) else []):
+                        if type(t) is not int or not 0 <= t < vocab:
+                            raise InvalidInput(("input", i, j), f"expected a token id from 0 to {vocab - 1}", shown(t))
+                pooled = await self.engine.embed(name, items)
+                vectors = np.stack([v for v, _ in pooled])
+                tokens = np.array([n for _, n in pooled], np.int64)
+            else:
+                tensors = _inputs(doc.get("input", ...), model)
+                _, outputs = await self.engine.infer(name, None, InferRequest(None, tensors, None))
+                got = {o.name: o.array for o in outputs}
+                vectors, tokens = got[EMBEDDING], got[TOKENS]
         except Exception as exc:
             return openai_error(exc, self.engine.stats, label, version)
-        got = {o.name: o.array for o in outputs}
-        vectors, tokens = got[EMBEDDING], got[TOKENS]
         if dims is not None:  # OpenAI's shortened embeddings: the first `dimensions` values, scaled to unit length
             vectors = vectors[:, :dims]
             vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
@@ -85,9 +101,6 @@ class OpenAIExtras:
                               "usage": {"prompt_tokens": used, "total_tokens": used}})  # fmt: skip
 
     def _embedding_model(self, name: str) -> EmbeddingModel:
-        if name in self.engine.generators():
-            raise InvalidInput(("model",), f"'{name}' is a language model (task: generation), not an embedding model: "
-                               "name a task: embedding model (GET /v1/models lists them)", name)  # fmt: skip
         model = self.engine.served(name).model  # ModelNotFound (404), ModelNotReady (503), ModelUnavailable
         if not isinstance(model, EmbeddingModel):
             raise InvalidInput(("model",), f"'{name}' is not an embedding model (task: {model.config.task}): name a "
@@ -182,7 +195,8 @@ class OpenAIExtras:
         why = f"{method} is not allowed there" if path_exists else "no such endpoint"
         status = 405 if path_exists else 404
         return Response.json({"error": {"message": f"Invalid URL ({method} {path}): {why}; this server's OpenAI API "
-                                        "has /v1/chat/completions, /v1/completions, /v1/embeddings and /v1/models",
+                                        "has /v1/chat/completions, /v1/completions, /v1/responses, /v1/embeddings "
+                                        "and /v1/models",
                                         "type": "invalid_request_error", "param": None, "code": None}}, status)  # fmt: skip
 
 
@@ -195,6 +209,27 @@ async def _body(request: Request, limit: int) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise InvalidInput(("body",), "expected a JSON object", shown(doc))
     return doc
+
+
+def _items(value: Any) -> list[Any]:
+    """``input`` -> a list of strings or a list of token id lists (each non-empty)."""
+    if value is ...:
+        raise InvalidInput(("input",), "missing: the text (or list of texts) to embed")
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise InvalidInput(("input",), "expected a string, a list of strings or a list of token id lists",
+                           shown(value))  # fmt: skip
+    if len(value) > MAX_INPUTS:
+        raise InvalidInput(("input",), f"{len(value)} inputs; at most {MAX_INPUTS} a request: send fewer")
+    if all(type(v) is int for v in value):
+        value = [value]  # one text as token ids
+    if not (all(isinstance(v, str) for v in value) or all(isinstance(v, list) for v in value)):
+        raise InvalidInput(("input",), "expected all strings or all token id lists, not a mix", shown(value))
+    for i, item in enumerate(value):
+        if not item:
+            raise InvalidInput(("input", i), "an empty input has nothing to embed")
+    return value
 
 
 def _inputs(value: Any, model: EmbeddingModel) -> list[InputTensor]:

@@ -40,7 +40,7 @@ from forwardpass.generation.tools import CallStream, split_calls
 from forwardpass.server.config import ServeConfig
 from forwardpass.server.errors import openai_error
 from forwardpass.server.http import Request, Response, StreamingResponse
-from forwardpass.server.openai import _body as read_json  # the chat path's body reader and its size bounds
+from forwardpass.server.openai import read_json  # the chat path's body reader and its size bounds
 from forwardpass.server.response_store import ResponseStore, StoredResponse
 
 Loc = tuple[str | int, ...]

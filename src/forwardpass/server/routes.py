@@ -11,12 +11,13 @@ from forwardpass.server.handlers import Handlers
 from forwardpass.server.http import Router
 from forwardpass.server.openai import OpenAIHandlers
 from forwardpass.server.openai_extras import OpenAIExtras
+from forwardpass.server.responses import ResponsesHandlers
 
 PUBLIC, METRICS, INFER, ADMIN = Access.PUBLIC, Access.METRICS, Access.INFER, Access.ADMIN
 Route = tuple[str, str, Handler, Access]  # method, path pattern, handler, who may call it
 
 
-def routes(h: Handlers, o: OpenAIHandlers, x: OpenAIExtras, keys: Keys) -> Router:
+def routes(h: Handlers, o: OpenAIHandlers, x: OpenAIExtras, r: ResponsesHandlers, keys: Keys) -> Router:
     """Every endpoint the server answers, behind its access check."""
     v2: list[Route] = [
         ("POST", "/v2/models/{model}/infer", h.infer, INFER),
@@ -29,6 +30,8 @@ def routes(h: Handlers, o: OpenAIHandlers, x: OpenAIExtras, keys: Keys) -> Route
         ("POST", "/v1/completions", o.completions, INFER),
         ("GET", "/v1/models", o.models, INFER),
         ("POST", "/v1/embeddings", x.embeddings, INFER),
+        ("POST", "/v1/responses", r.create, INFER),
+        ("GET", "/v1/responses/{response_id}", r.retrieve, INFER),
         ("GET", "/v1/models/{model}", x.model, INFER),
         ("POST", "/tokenize", x.tokenize, INFER),  # llama-server's
         ("POST", "/detokenize", x.detokenize, INFER),
