@@ -141,7 +141,7 @@ def validity(llm, scheduler, prompts: int) -> None:
             done = threading.Semaphore(0)
             for k, seq in enumerate(batch):
 
-                def emit(item, k=k) -> None:
+                def emit(item, k=k, outputs=outputs, done=done) -> None:
                     if not isinstance(item, str):
                         outputs[k] = getattr(item, "text", "")
                         done.release()

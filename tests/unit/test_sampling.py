@@ -110,3 +110,21 @@ def test_extreme_but_valid_temperature_and_penalty_never_give_nan():
         penalized = Sampler(SamplingParams(temperature=1.0, repetition_penalty=5e-324, seed=1))
         probs = penalized.probabilities(logits, [int(np.argmax(logits)), 3])
     assert np.isfinite(probs).all() and probs.sum() == pytest.approx(1.0)
+
+
+def test_picking_among_a_grammars_candidates_is_sampling_the_masked_distribution():
+    """The grammar's allowed tokens, sampled alone, give the tokens a full-vocabulary draw over the masked logits
+    gives (same seed), greedy and with penalties on tokens seen before."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 2, 1000).astype(np.float32)
+    candidates = np.sort(rng.choice(1000, 40, replace=False))
+    masked = np.full_like(logits, -np.inf)
+    masked[candidates] = logits[candidates]
+    previous = [int(candidates[3]), int(candidates[3]), 7]
+    for params in (SamplingParams(temperature=0), SamplingParams(temperature=0.9, seed=5),
+                   SamplingParams(temperature=1.0, top_p=0.8, repetition_penalty=1.3, frequency_penalty=0.5, seed=6)):
+        among, full = Sampler(params), Sampler(params)
+        picks = [among.pick(logits, previous, candidates) for _ in range(50)]
+        assert picks == [full.pick(masked, previous) for _ in range(50)]
+        assert set(picks) <= set(candidates.tolist())
+    assert Sampler(SamplingParams(seed=1)).pick(logits, (), np.array([17])) == 17  # forced: no draw needed

@@ -88,8 +88,22 @@ class Sampler:
             probs = np.where(probs >= p.min_p * probs.max(), probs, 0.0)
         return probs / probs.sum()
 
-    def pick(self, logits: np.ndarray, previous: Sequence[int] = ()) -> int:
-        """The next token id."""
+    def pick(self, logits: np.ndarray, previous: Sequence[int] = (), candidates: np.ndarray | None = None) -> int:
+        """The next token id; among ``candidates`` (sorted token ids) only, when given: a grammar's allowed
+        tokens, usually a few, so the distribution is computed over them alone (the same one, with the others'
+        probability 0, at a fraction of the cost: 49k exponentials otherwise)."""
+        if candidates is None:
+            return self._pick(logits, previous)
+        if len(candidates) == 1:
+            return int(candidates[0])
+        local: Sequence[int] = ()
+        if previous:
+            seen = np.asarray(previous, dtype=np.int64)
+            at = np.minimum(np.searchsorted(candidates, seen), len(candidates) - 1)
+            local = at[candidates[at] == seen].tolist()  # the previous tokens that are candidates, as positions
+        return int(candidates[self._pick(logits[candidates], local)])
+
+    def _pick(self, logits: np.ndarray, previous: Sequence[int] = ()) -> int:
         if self.params.temperature == 0:
             return int(np.argmax(self.adjust(logits, previous)))
         probs = self.probabilities(logits, previous)

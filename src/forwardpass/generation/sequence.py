@@ -87,9 +87,16 @@ class Sequence:
         if self.bias is not None:
             logits = logits.astype(np.float32, copy=True)
             logits[self.bias[0]] += self.bias[1]
+        candidates = None
         if self.constraint is not None:
-            logits = apply(logits, self.constraint.allowed() if allowed is None else allowed)
-        token = self.sampler.pick(logits, self.tokens)
+            mask = self.constraint.allowed() if allowed is None else allowed
+            candidates = np.flatnonzero(mask[: len(logits)])
+            if not len(candidates):  # the grammar allows nothing more (it cannot happen with a valid grammar)
+                self.text += self.stream.flush()
+                return self._finish("stop")
+            if self.logprobs:  # reported from the distribution sampled: the grammar's tokens only
+                logits = apply(logits, mask)
+        token = self.sampler.pick(logits, self.tokens, candidates)
         if token in self.stop_ids:
             return self._finish("stop")
         if self.constraint is not None:
