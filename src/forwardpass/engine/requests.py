@@ -18,7 +18,7 @@ from typing import Any
 
 from forwardpass.errors import InvalidInput, shown
 from forwardpass.generation.constraint import Grammar, Kind
-from forwardpass.generation.tools import ToolRequest, parse_tools, render_calls, repeats_a_call, with_tools
+from forwardpass.generation.tools import ToolRequest, parse_tools, render_calls, repeats_a_call
 
 SAMPLING = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "seed": "seed",
             "frequency_penalty": "frequency_penalty", "presence_penalty": "presence_penalty",
@@ -119,10 +119,9 @@ def _checked(doc: dict[str, Any], chat: bool) -> GenerationRequest:
         if constraint is not None:
             raise InvalidInput((constraint.loc[0],), "is not supported together with tools yet: give one of them")
         constraint = tools.grammar()
-        text["messages"] = with_tools(text["messages"], tools)
     shaped: dict[str, Any] = {"grammar": constraint, "logit_bias": _logit_bias(doc.get("logit_bias"))}
-    if tools is not None:
-        shaped["stop_when"] = repeats_a_call
+    if tools is not None:  # described by the chat template when it has a tool format, else by tools.py
+        shaped.update(tools=tools, stop_when=repeats_a_call)
     return GenerationRequest({**text, "max_tokens": max_tokens, "stop": stop, "logprobs": logprobs, **sampling, **shaped},
                              stream, include_usage, user, metadata, tools, n or 1)  # fmt: skip
 

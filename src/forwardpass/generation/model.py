@@ -30,6 +30,7 @@ from forwardpass.generation.sequence import Generation
 from forwardpass.generation.sequence import Sequence as TokenSequence
 from forwardpass.generation.session import DecoderSession
 from forwardpass.generation.steps import Steps
+from forwardpass.generation.tools import ToolRequest, with_tools
 from forwardpass.stats import GenerationStats
 
 __all__ = ["ChatTemplate", "Generation", "LanguageModel"]
@@ -84,13 +85,18 @@ class LanguageModel:
     def __repr__(self) -> str:
         return f"<LanguageModel {self.name} v{self.version}, context {self.gen.context_length}>"
 
-    def render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """The chat template applied to ``messages`` (role/content dicts), as text."""
-        text, marks = self._render(messages, add_generation_prompt)
+    def render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+               tools: ToolRequest | None = None) -> str:  # fmt: skip
+        """The chat template applied to ``messages`` (role/content dicts), as text; ``tools`` described by the
+        template when it has a tool format, else in the system message (generation/tools.py)."""
+        text, marks = self._render(messages, add_generation_prompt, tools)
         return text if marks is None else marks.restore(text)
 
-    def _render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool) -> tuple[str, _Marks | None]:
+    def _render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool,
+                tools: ToolRequest | None = None) -> tuple[str, _Marks | None]:  # fmt: skip
         """The rendered chat with special-token text from the messages replaced by markers (None: there was none)."""
+        if tools is not None and (self.template is None or not self.template.takes_tools):
+            messages = with_tools(list(messages), tools)
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise InvalidInput(("messages", i), "expected {'role': str, 'content': str}", m)
@@ -99,7 +105,10 @@ class LanguageModel:
         escaped, marks = self._specials.escape(list(messages))
         if self.template is None:
             return "".join(m["content"] + "\n" for m in escaped), marks
-        return self.template.render(messages=escaped, add_generation_prompt=add_generation_prompt), marks
+        context: dict[str, Any] = {"messages": escaped, "add_generation_prompt": add_generation_prompt}
+        if self.template.takes_tools:  # Hugging Face's convention: a list of OpenAI tool objects, or None
+            context["tools"] = None if tools is None else tools.openai()
+        return self.template.render(**context), marks
 
     def encode(self, text: str) -> list[int]:
         """Prompt token ids of raw text: special-token text in it is recognized (the caller writes the whole
@@ -108,13 +117,14 @@ class LanguageModel:
         # worker thread does not hold up the event loop (1.2M characters: 729 ms held with encode, 16 ms here)
         return self._with_bos(self.tokenizer.encode_batch([text], add_special_tokens=False)[0].ids)
 
-    def encode_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+                    tools: ToolRequest | None = None) -> list[int]:  # fmt: skip
         """Prompt token ids of a chat: only the template's own markup becomes special tokens.
 
         Special-token text inside a message (a user typing ``<|im_end|>``) is encoded as the plain text it is,
         so a message cannot close its turn or open another role's.
         """
-        text, marks = self._render(messages, add_generation_prompt)
+        text, marks = self._render(messages, add_generation_prompt, tools)
         if marks is None:  # the usual case: no message spells a special token, so every one in the text is markup
             return self.encode(text)
         return self._with_bos(self._specials.encode(text, marks, self._plain))
@@ -125,7 +135,8 @@ class LanguageModel:
     def prepare(self, prompt: str | None = None, *, messages: Sequence[dict[str, Any]] | None = None,
                 max_tokens: int | None = None, stop: str | Sequence[str] | None = None, logprobs: int = 0,
                 ignore_eos: bool = False, grammar: Grammar | None = None, logit_bias: dict[int, float] | None = None,
-                stop_when: Callable[[str], bool] | None = None, **sampling: Any) -> TokenSequence:  # fmt: skip
+                stop_when: Callable[[str], bool] | None = None, tools: ToolRequest | None = None,
+                **sampling: Any) -> TokenSequence:  # fmt: skip
         """A checked, tokenized request, ready to run (generate() and the server's scheduler both start here).
 
         ``ignore_eos`` keeps generating past the model's stop tokens, to max_tokens (benchmarks, as vLLM's).
@@ -143,7 +154,7 @@ class LanguageModel:
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
             raise InvalidInput(("stop",), "expected a non-empty string or a list of up to 4", stop)
-        ids = self.encode(prompt) if prompt is not None else self.encode_chat(messages or [])
+        ids = self.encode(prompt) if prompt is not None else self.encode_chat(messages or [], tools=tools)
         if not ids:
             raise InvalidInput(("prompt",) if prompt is not None else ("messages",), "expected at least one token")
         if len(ids) >= self.gen.context_length:
@@ -209,6 +220,10 @@ class ChatTemplate:
         env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
         self.origin = origin
         self._template = env.from_string(source)
+        # a template with a tool format of its own reads `tools` (Hugging Face's apply_chat_template passes it)
+        from jinja2 import meta
+
+        self.takes_tools = "tools" in meta.find_undeclared_variables(env.parse(source))
 
     @classmethod
     def load(cls, folder: Path, name: str) -> ChatTemplate:

@@ -1,5 +1,7 @@
-"""Tool calls (OpenAI's ``tools``, ``tool_choice``, ``parallel_tool_calls``) for models whose chat template has no
-tool format of its own: a documented built-in format, arguments constrained to each function's JSON schema.
+"""Tool calls (OpenAI's ``tools``, ``tool_choice``, ``parallel_tool_calls``): the call format, its grammar (arguments
+constrained to each function's JSON schema) and parsing. A chat template with a tool format of its own (it reads
+``tools``) describes the functions itself; for one without (SmolLM2's), ``with_tools`` puts a documented built-in
+description in the system message.
 
     request = parse_tools(doc)                    # None: no tools in use (absent, [], null, or tool_choice none)
     messages = with_tools(messages, request)      # the tools described in the system message
@@ -61,6 +63,11 @@ class ToolRequest:
                 f"body: {' | '.join(f'f{i}' for i in range(len(offered)))}\n{bodies}\n"
                 'TEXT: /[^<](.|\\n)*/\n')  # fmt: skip
         return Grammar("lark", lark, ("tools",))
+
+    def openai(self) -> list[dict[str, Any]]:
+        """The functions as OpenAI tool objects: what a chat template with a tool format reads as ``tools``."""
+        return [{"type": "function", "function": {"name": f.name, "description": f.description,
+                                                  "parameters": f.parameters}} for f in self.functions]  # fmt: skip
 
     def instructions(self) -> str:
         """The system message text that describes the functions and the format."""
