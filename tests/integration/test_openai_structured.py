@@ -211,3 +211,17 @@ def test_n_choices_share_one_prefill_and_the_same_seed_gives_the_same_choices(cl
                 finished.add(c.index)
     assert finished == {0, 1, 2} and [streamed[i] for i in range(3)] == [c.message.content for c in three.choices]
 
+
+
+def test_user_and_metadata_are_kept_in_the_request_log(client, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="forwardpass.requests"):
+        client.chat.completions.create(model="smollm2", messages=ask("Hi."), max_tokens=3, temperature=0,
+                                       user="u-42", metadata={"team": "search"})  # fmt: skip
+        for _ in client.chat.completions.create(model="smollm2", messages=ask("Hi."), max_tokens=3, stream=True,
+                                                user="u-43"):  # fmt: skip
+            pass
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "forwardpass.requests"]
+    assert [(line["user"], line["metadata"]) for line in lines] == [("u-42", {"team": "search"}), ("u-43", None)]
+    assert all(line["model"] == "smollm2" and line["completion_tokens"] <= 3 for line in lines)

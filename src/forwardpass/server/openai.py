@@ -10,15 +10,16 @@ by name (400), never silently ignored.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import orjson
 
 from forwardpass.engine import Engine
-from forwardpass.engine.requests import max_body, parse_generation, refuse_unknown
+from forwardpass.engine.requests import GenerationRequest, max_body, parse_generation, refuse_unknown
 from forwardpass.errors import InvalidInput, PayloadTooLarge
 from forwardpass.generation.scheduler import AsyncGeneration
 from forwardpass.generation.sequence import Generation
@@ -27,6 +28,8 @@ from forwardpass.server.config import ServeConfig
 from forwardpass.server.errors import openai_error, shown
 from forwardpass.server.http import Request, Response, StreamingResponse
 from forwardpass.server.openai_extras import OpenAIExtras
+
+requests_log = logging.getLogger("forwardpass.requests")
 
 
 class OpenAIHandlers:
@@ -64,13 +67,15 @@ class OpenAIHandlers:
         meta = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], "created": int(time.time()),
                 "model": model}  # fmt: skip
         if checked.stream:
-            return StreamingResponse(_events(generations, meta, chat, checked.include_usage, checked.tools is not None))
+            return StreamingResponse(_events(generations, meta, chat, checked.include_usage, checked.tools is not None,
+                                             lambda results: log_request(meta, checked, results)))  # fmt: skip
         try:
             results = await asyncio.gather(*(g.result() for g in generations))
         except Exception as exc:
             for g in generations:
                 g.cancel()
             return openai_error(exc, self.engine.stats, label, version)
+        log_request(meta, checked, results)
         logprobs = checked.prepare["logprobs"]
         choices = []
         for index, result in enumerate(results):
@@ -126,6 +131,19 @@ async def read_json(request: Request, limit: int, generators: dict[str, Any]) ->
     return doc
 
 
+def log_request(meta: dict[str, Any], checked: GenerationRequest, results: Sequence[Generation]) -> None:
+    """One line per answered generation request on ``forwardpass.requests``, with the caller's ``user`` and
+    ``metadata`` (kept, as OpenAI keeps them, for whoever reads the log; metering is issue 19's)."""
+    if not requests_log.isEnabledFor(logging.INFO):
+        return
+    usage = _usage(*results)
+    requests_log.info("%s", orjson.dumps({
+        "id": meta["id"], "model": meta["model"], "user": checked.user, "metadata": checked.metadata,
+        "choices": len(results), "prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
+        "finish_reasons": [r.finish_reason for r in results], "seconds": round(max(r.seconds for r in results), 4),
+    }).decode())  # fmt: skip
+
+
 def _usage(*results: Generation) -> dict[str, Any]:
     """One request's usage: its prompt once, every choice's completion tokens."""
     prompt, completion = results[0].prompt_tokens, sum(r.completion_tokens for r in results)
@@ -159,7 +177,8 @@ def _completion_logprobs(llm: Any, result: Generation) -> dict[str, Any]:
 
 
 async def _events(generations: list[AsyncGeneration], meta: dict[str, Any], chat: bool, include_usage: bool,
-                  tools: bool = False) -> AsyncIterator[bytes]:  # fmt: skip
+                  tools: bool = False, done: Callable[[list[Generation]], None] | None = None,
+                  ) -> AsyncIterator[bytes]:  # fmt: skip
     """Server-sent events: one chunk per text piece of a choice, a chunk with each choice's finish_reason, usage,
     [DONE]. With tools, each call goes out as OpenAI's tool_calls deltas (its id and name, then its arguments)
     once it closes."""
@@ -206,6 +225,8 @@ async def _events(generations: list[AsyncGeneration], meta: dict[str, Any], chat
                             yield chunk
             else:
                 yield event([choice(index, item, None)])
+        if done is not None:
+            done(results)
         if include_usage:
             yield event([], usage=_usage(*results))
     except Exception as exc:  # after the headers went out, an error can only be an event
