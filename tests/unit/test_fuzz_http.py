@@ -301,8 +301,8 @@ def _small(body: bytes) -> bytes:
             return body
         for key in ("max_tokens", "max_completion_tokens"):
             value = doc.get(key)
-            if isinstance(value, int) and not isinstance(value, bool) and 1 < value <= 4096:
-                doc[key] = 1
+            if isinstance(value, int) and not isinstance(value, bool) and value > 1:  # past the context: capped,
+                doc[key] = 1  # so a huge one would generate until the context is full
         if doc.get("max_tokens") is None and doc.get("max_completion_tokens") is None:
             doc["max_tokens"] = 1
         if isinstance(doc.get("prompt"), str):  # prefill grows with the prompt: long prompts are tested elsewhere

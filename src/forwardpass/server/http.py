@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from forwardpass.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from forwardpass.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType, shown
 
 log = logging.getLogger("forwardpass.server")
 
@@ -112,6 +112,17 @@ class Request:
 # two or more codings (gzip over gzip can reach the body limit from under 1 KiB), go to a thread
 _INLINE_DECODE = 1024
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """A request body that must be one JSON object (the OpenAI API's); InvalidInput at ``body`` otherwise."""
+    try:
+        doc = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(("body",), f"malformed JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise InvalidInput(("body",), "expected a JSON object", shown(doc))
+    return doc
 
 
 def decode_body(body: bytes, encoding: str, limit: int) -> bytes:

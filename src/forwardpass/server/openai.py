@@ -26,7 +26,7 @@ from forwardpass.generation.sequence import Generation
 from forwardpass.generation.tools import CallStream, split_calls
 from forwardpass.server.config import ServeConfig
 from forwardpass.server.errors import openai_error, shown
-from forwardpass.server.http import Request, Response, StreamingResponse
+from forwardpass.server.http import Request, Response, StreamingResponse, json_object
 from forwardpass.server.openai_extras import OpenAIExtras
 
 requests_log = logging.getLogger("forwardpass.requests")
@@ -122,13 +122,7 @@ async def read_json(request: Request, limit: int, generators: dict[str, Any]) ->
         raise PayloadTooLarge(f"the request body is over {cap} bytes, more than a prompt this server's language "
                               "models can take needs (context x longest token x 12 bytes a character as escaped "
                               "JSON, + 64 KiB): shorten the prompt") from None  # fmt: skip
-    try:
-        doc = orjson.loads(body) if body else None
-    except orjson.JSONDecodeError as exc:
-        raise InvalidInput(("body",), f"malformed JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise InvalidInput(("body",), "expected a JSON object", shown(doc))
-    return doc
+    return json_object(body)
 
 
 def log_request(meta: dict[str, Any], checked: GenerationRequest, results: Sequence[Generation]) -> None:

@@ -23,7 +23,6 @@ import base64
 from typing import Any
 
 import numpy as np
-import orjson
 
 from forwardpass.embedding import EMBEDDING, TOKENS, EmbeddingModel
 from forwardpass.engine import Engine
@@ -31,7 +30,7 @@ from forwardpass.errors import InvalidInput, ModelNotFound, ModelNotReady
 from forwardpass.inference import InferRequest, InputTensor
 from forwardpass.server.config import ServeConfig
 from forwardpass.server.errors import openai_error, shown
-from forwardpass.server.http import Request, Response
+from forwardpass.server.http import Request, Response, json_object
 
 MAX_INPUTS = 2048  # OpenAI's limit on inputs per embeddings request
 INLINE_CHARACTERS = 2000  # tokenizing fewer characters costs less than a hop to a worker thread
@@ -201,14 +200,7 @@ class OpenAIExtras:
 
 
 async def _body(request: Request, limit: int) -> dict[str, Any]:
-    body = await request.read_body(limit)
-    try:
-        doc = orjson.loads(body) if body else None
-    except orjson.JSONDecodeError as exc:
-        raise InvalidInput(("body",), f"malformed JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise InvalidInput(("body",), "expected a JSON object", shown(doc))
-    return doc
+    return json_object(await request.read_body(limit))
 
 
 def _items(value: Any) -> list[Any]:
@@ -234,26 +226,11 @@ def _items(value: Any) -> list[Any]:
 
 def _inputs(value: Any, model: EmbeddingModel) -> list[InputTensor]:
     """``input`` (a string, a list of strings, a token list or a list of token lists) -> the engine's tensors."""
-    if value is ...:
-        raise InvalidInput(("input",), "missing: the text (or list of texts) to embed")
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not value:
-        raise InvalidInput(("input",), "expected a string, a list of strings or a list of token id lists",
-                           shown(value))  # fmt: skip
-    if len(value) > MAX_INPUTS:
-        raise InvalidInput(("input",), f"{len(value)} inputs; at most {MAX_INPUTS} a request: send fewer")
-    if all(type(v) is int for v in value):
-        value = [value]  # one text as token ids
-    if all(isinstance(v, str) for v in value):
-        for i, text in enumerate(value):
-            if not text:
-                raise InvalidInput(("input", i), "an empty string has nothing to embed")
-        texts = np.array([t.encode("utf-8") for t in value], dtype=object)
+    items = _items(value)
+    if isinstance(items[0], str):
+        texts = np.array([t.encode("utf-8") for t in items], dtype=object)
         return [InputTensor("input", "BYTES", [len(texts)], texts)]
-    if all(isinstance(v, list) for v in value):
-        return _token_tensors(value, model)
-    raise InvalidInput(("input",), "expected all strings or all token id lists, not a mix", shown(value))
+    return _token_tensors(items, model)
 
 
 def _token_tensors(lists: list[Any], model: EmbeddingModel) -> list[InputTensor]:
