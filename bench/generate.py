@@ -1,13 +1,15 @@
 """Single-stream generation: forwardpass's converted SmolLM2 against llama.cpp on the same GGUF.
 
-    python bench/generate.py [--rounds 3]           # single stream, engine against llama.cpp
+    python bench/generate.py [--rounds 3]           # single stream, engine against llama-bench (built from source)
     python bench/generate.py --serve [--rounds 3]   # serving: streaming chat at 1/4/8 concurrent over HTTP
 
 Prefill tokens/s for 128- and 512-token prompts, decode tokens/s over 128 new tokens (greedy,
-EOS ignored), time to first token for the 512-token prompt, and RSS. llama.cpp runs through
-llama-cpp-python (n_threads=2) when it is installed. Medians of interleaved rounds; both engines
-stay loaded in this process (RSS is reported per engine from separate child processes).
-Targets (issue 5): decode >= 1.0x llama.cpp, TTFT(512) <= 0.5x llama.cpp, RSS <= 600 MiB.
+EOS ignored), time to first token for the 512-token prompt, and RSS. The peer is llama.cpp's own
+llama-bench (pp128, pp512, tg128 at 2 threads), built from source by bench/llama_cpp.py and run once a
+round, interleaved with forwardpass's rounds; ``--llama-cpp-python`` adds llama-cpp-python (n_threads=2)
+when it is installed. Medians of the rounds; RSS per engine from separate child processes.
+Targets (issue 17): decode >= 1.0x llama-bench's tg128 (goal 1.2x), TTFT(512) <= 0.5x, prefill >= 1.5x,
+engine RSS <= 300 MiB.
 """
 
 from __future__ import annotations
@@ -79,6 +81,32 @@ class LlamaCpp:
         for _ in range(n):
             self.llm.eval([int(np.argmax(logits))])
             logits = self._logits()
+
+
+class LlamaBench:
+    """llama.cpp's own llama-bench, built from source (bench/llama_cpp.py): the issue 17 peer. One round is one
+    llama-bench run (pp128, pp512, tg128, 2 threads); its tokens/s are its own timings."""
+
+    name = "llama-bench"
+
+    def __init__(self):
+        from llama_cpp import binaries  # bench/llama_cpp.py (this folder), not llama-cpp-python
+
+        self.exe = binaries()["llama-bench"]
+
+    def measure(self) -> dict[str, float]:
+        from llama_cpp import llama_bench
+
+        r = llama_bench(GGUF, prompts=(128, 512), generate=128, threads=2, repetitions=1)
+        return {"prefill128": r["pp128"], "prefill512": r["pp512"], "ttft512": 512 / r["pp512"], "decode": r["tg128"]}
+
+    def rss_mib(self) -> float:
+        """Peak RSS of a llama-bench run (its own process: the largest child this wrapper waits for)."""
+        code = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], capture_output=True, check=True); "
+                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")  # fmt: skip
+        result = subprocess.run([sys.executable, "-c", code, str(self.exe), "-m", str(GGUF), "-t", "2", "-p", "512",
+                                 "-n", "64", "-r", "1"], capture_output=True, text=True, check=True)  # fmt: skip
+        return int(result.stdout.split()[-1]) / 1024
 
 
 def measure(engine, rounds: int) -> dict[str, float]:
@@ -253,6 +281,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--serve", action="store_true", help="serving mode: streaming chat at 1, 4 and 8 concurrent")
+    parser.add_argument("--no-peer", action="store_true", help="leave out llama-bench (built from source the first time)")
+    parser.add_argument("--llama-cpp-python", action="store_true", help="also llama-cpp-python, when installed")
     args = parser.parse_args()
     if args.serve:
         serving(args.rounds)
@@ -261,28 +291,34 @@ def main() -> None:
 
     repo = Path(tempfile.mkdtemp(prefix="fp-gen-"))
     import_gguf(GGUF, "smollm2", repo, max_context=1024)
-    engines = [Forwardpass(repo)]
-    if importlib.util.find_spec("llama_cpp") is not None:
+    engines: list = [Forwardpass(repo)]
+    if not args.no_peer:
+        engines.append(LlamaBench())  # builds llama.cpp the first time (minutes)
+    if args.llama_cpp_python and importlib.util.find_spec("llama_cpp") is not None:
         engines.append(LlamaCpp())
     print(f"CPU: {cpu_flags()}, {os.cpu_count()} cores; {GGUF.name}; medians of {args.rounds} rounds\n")
     results = {}
     per_round: dict[str, list[dict[str, float]]] = {e.name: [] for e in engines}
     for _ in range(args.rounds):  # interleaved: one round of each engine in turn
         for e in engines:
-            per_round[e.name].append(measure(e, 1))
-    for name, rows in per_round.items():
-        results[name] = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-        results[name]["rss_mib"] = rss_child(name, repo)
+            per_round[e.name].append(e.measure() if isinstance(e, LlamaBench) else measure(e, 1))
+    for e in engines:
+        rows = per_round[e.name]
+        results[e.name] = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+        results[e.name]["rss_mib"] = e.rss_mib() if isinstance(e, LlamaBench) else rss_child(e.name, repo)
     print(f"{'engine':<13}{'prefill 128':>13}{'prefill 512':>13}{'TTFT 512 ms':>13}{'decode tok/s':>14}{'RSS MiB':>9}")
     for name, r in results.items():
         print(f"{name:<13}{r['prefill128']:>13.0f}{r['prefill512']:>13.0f}{r['ttft512'] * 1000:>13.0f}{r['decode']:>14.1f}"
               f"{r['rss_mib']:>9.0f}")
     fp = results["forwardpass"]
-    if "llama.cpp" in results:
-        lc = results["llama.cpp"]
-        print(f"\ndecode {fp['decode'] / lc['decode']:.2f}x llama.cpp (target >= 1.0); TTFT(512) {fp['ttft512'] / lc['ttft512']:.2f}x "
-              f"(target <= 0.5); prefill(128) {fp['prefill128'] / lc['prefill128']:.2f}x")
-    print(f"RSS {fp['rss_mib']:.0f} MiB (target <= 600)")
+    for peer in ("llama-bench", "llama.cpp"):
+        if peer not in results:
+            continue
+        lc = results[peer]
+        print(f"\nagainst {peer}: decode {fp['decode'] / lc['decode']:.2f}x (target >= 1.0, goal 1.2); TTFT(512) "
+              f"{fp['ttft512'] / lc['ttft512']:.2f}x (target <= 0.5); prefill 128 / 512 {fp['prefill128'] / lc['prefill128']:.2f}x"
+              f" / {fp['prefill512'] / lc['prefill512']:.2f}x (target >= 1.5); RSS {fp['rss_mib'] / lc['rss_mib']:.1f}x")
+    print(f"RSS {fp['rss_mib']:.0f} MiB (target <= 300)")
     # every weight of the decode graph but the embedding table (one row read per token) is read once per
     # decoded token (prefill.onnx.data is the prompt graph's copy, not read while decoding)
     weights = sum((repo / "smollm2" / "1" / f).stat().st_size for f in ("model.onnx", "model.onnx.data"))
