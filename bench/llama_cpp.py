@@ -5,10 +5,12 @@
 
 The source is the llama.cpp that ships inside llama-cpp-python's sdist on PyPI (``vendor/llama.cpp``; this
 machine reaches PyPI, not GitHub), or a checkout named by ``LLAMA_CPP_SRC``. It is built with cmake and
-ninja (Debian packages), ``GGML_NATIVE=ON`` (this CPU's instruction set, as a user building it would),
-Release, without curl, tests, examples or the web UI download, into
-``$FORWARDPASS_HOME/llama.cpp/<version>/`` (``~/.cache/forwardpass`` by default): outside the repository,
-built once per version (a few minutes on 2 cores). bench/generate.py imports ``binaries()`` and
+ninja (Debian packages) for this CPU's instruction set, as ``GGML_NATIVE=ON`` would, less AMX: AMX
+kernels die with SIGILL on VMs whose kernel does not grant the tile state, as here (tilezero in ggml's
+tinygemm_kernel_amx; set ``LLAMA_CPP_AMX=1`` where it works). The features come from /proc/cpuinfo as
+GGML_AVX* options (GGML_NATIVE off). Release, without curl, tests, examples or the web UI download, into
+``$FORWARDPASS_HOME/llama.cpp/<version>-<features>/`` (``~/.cache/forwardpass`` by default): outside the
+repository, built once (about 7 minutes on 2 cores). bench/generate.py imports ``binaries()`` and
 ``llama_bench()`` from here.
 """
 
@@ -47,9 +49,27 @@ def _source(work: Path) -> Path:
     return next(work.glob("llama_cpp_python-*/vendor/llama.cpp"))
 
 
+# /proc/cpuinfo flag -> ggml's option (what -march=native would turn on)
+FEATURES = {"avx": "GGML_AVX", "avx2": "GGML_AVX2", "fma": "GGML_FMA", "f16c": "GGML_F16C", "bmi2": "GGML_BMI2",
+            "avx_vnni": "GGML_AVX_VNNI", "avx512f": "GGML_AVX512", "avx512vbmi": "GGML_AVX512_VBMI",
+            "avx512_vnni": "GGML_AVX512_VNNI", "avx512_bf16": "GGML_AVX512_BF16", "amx_tile": "GGML_AMX_TILE",
+            "amx_int8": "GGML_AMX_INT8", "amx_bf16": "GGML_AMX_BF16"}  # fmt: skip
+
+
+def features() -> list[str]:
+    """ggml's instruction-set options this CPU has (AMX only with LLAMA_CPP_AMX=1)."""
+    try:
+        flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":")[1].split())
+    except (OSError, StopIteration):
+        flags = set()
+    amx = os.environ.get("LLAMA_CPP_AMX") == "1"
+    return [option for flag, option in FEATURES.items() if flag in flags and (amx or not flag.startswith("amx"))]
+
+
 def binaries(quiet: bool = False) -> dict[str, Path]:
     """{target: path} of the built binaries, building them first when missing."""
-    out = cache() / "llama.cpp" / ("local" if os.environ.get("LLAMA_CPP_SRC") else VERSION)
+    tag = "".join(sorted(o.removeprefix("GGML_").lower().replace("_", "") for o in features()))[:60]
+    out = cache() / "llama.cpp" / (("local" if os.environ.get("LLAMA_CPP_SRC") else VERSION) + "-" + tag)
     found = {t: out / "bin" / t for t in TARGETS}
     if all(p.is_file() for p in found.values()):
         return found
@@ -60,7 +80,7 @@ def binaries(quiet: bool = False) -> dict[str, Path]:
         source, build = _source(Path(tmp)), Path(tmp) / "build"
         log = None if not quiet else subprocess.DEVNULL
         subprocess.run(["cmake", "-S", str(source), "-B", str(build), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
-                        "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+                        "-DGGML_NATIVE=OFF", *(f"-D{o}=ON" for o in features()), "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
                         "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_USE_PREBUILT_UI=OFF",
                         "-DBUILD_SHARED_LIBS=OFF"], check=True, stdout=log, timeout=600)  # fmt: skip
         subprocess.run(["cmake", "--build", str(build), "--target", *TARGETS, "-j", str(os.cpu_count() or 2)],
