@@ -1,11 +1,12 @@
 """Single-stream generation: forwardpass's converted SmolLM2 against llama.cpp on the same GGUF.
 
     python bench/generate.py [--rounds 3]           # single stream, engine against llama-bench (built from source)
-    python bench/generate.py --serve [--rounds 3]   # serving: streaming chat at 1/4/8 concurrent over HTTP
+    python bench/generate.py --serve [--rounds 3]   # serving: streaming chat at 1/4/8 concurrent over HTTP,
+                                                    # against llama-server --parallel 8 -c 16384
 
 Prefill tokens/s for 128- and 512-token prompts, decode tokens/s over 128 new tokens (greedy,
 EOS ignored), time to first token for the 512-token prompt, and RSS. The peer is llama.cpp's own
-llama-bench (pp128, pp512, tg128 at 2 threads), built from source by bench/llama_cpp.py and run once a
+llama-bench (pp128, pp512, tg128 at 2 threads), built from source by bench/llama_peer.py and run once a
 round, interleaved with forwardpass's rounds; ``--llama-cpp-python`` adds llama-cpp-python (n_threads=2)
 when it is installed. Medians of the rounds; RSS per engine from separate child processes.
 Targets (issue 17): decode >= 1.0x llama-bench's tg128 (goal 1.2x), TTFT(512) <= 0.5x, prefill >= 1.5x,
@@ -84,18 +85,18 @@ class LlamaCpp:
 
 
 class LlamaBench:
-    """llama.cpp's own llama-bench, built from source (bench/llama_cpp.py): the issue 17 peer. One round is one
+    """llama.cpp's own llama-bench, built from source (bench/llama_peer.py): the issue 17 peer. One round is one
     llama-bench run (pp128, pp512, tg128, 2 threads); its tokens/s are its own timings."""
 
     name = "llama-bench"
 
     def __init__(self):
-        from llama_cpp import binaries  # bench/llama_cpp.py (this folder), not llama-cpp-python
+        from llama_peer import binaries  # bench/llama_peer.py (this folder)
 
         self.exe = binaries()["llama-bench"]
 
     def measure(self) -> dict[str, float]:
-        from llama_cpp import llama_bench
+        from llama_peer import llama_bench
 
         r = llama_bench(GGUF, prompts=(128, 512), generate=128, threads=2, repetitions=1)
         return {"prefill128": r["pp128"], "prefill512": r["pp512"], "ttft512": 512 / r["pp512"], "decode": r["tg128"]}
@@ -208,7 +209,7 @@ def _concurrent(base: str, streams: int, max_tokens: int, extra: dict) -> dict[s
             "latency": statistics.median(r["latency"] for r in done) if done else float("nan")}  # fmt: skip
 
 
-def serving(rounds: int) -> None:
+def serving(rounds: int, peer: bool = True, llama_cpp_python: bool = False) -> None:
     import httpx
 
     from forwardpass.convert.gguf import import_gguf
@@ -220,7 +221,16 @@ def serving(rounds: int) -> None:
     fp = subprocess.Popen([sys.executable, "-m", "forwardpass", "serve", str(repo), "--port", str(port), "--poll-interval",
                            "0", "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     servers.append(("forwardpass", f"http://127.0.0.1:{port}", fp, {"ignore_eos": True}))
-    if importlib.util.find_spec("llama_cpp") is not None and importlib.util.find_spec("sse_starlette") is not None:
+    if peer:  # llama.cpp's own server, built from source (bench/llama_peer.py): 8 slots of 2048 tokens
+        from llama_peer import binaries
+
+        sport = _free_port()
+        ls = subprocess.Popen([str(binaries()["llama-server"]), "-m", str(GGUF), "--parallel", "8", "-c", "16384",
+                               "-t", "2", "--host", "127.0.0.1", "--port", str(sport), "--alias", "smollm2"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        servers.append(("llama-server", f"http://127.0.0.1:{sport}", ls, {"ignore_eos": True}))
+    if llama_cpp_python and importlib.util.find_spec("llama_cpp") is not None \
+            and importlib.util.find_spec("sse_starlette") is not None:  # fmt: skip
         lport = _free_port()
         lc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(GGUF), "--model_alias", "smollm2",
                                "--n_threads", "2", "--n_ctx", "1024", "--port", str(lport), "--host", "127.0.0.1",
@@ -246,6 +256,12 @@ def serving(rounds: int) -> None:
                   f"{m['failed']:>8.0f}")
         fp8, fp1 = med[("forwardpass", 8)]["tok_s"], med[("forwardpass", 1)]["tok_s"]
         print(f"\nforwardpass 8 streams = {fp8 / fp1:.2f}x its 1-stream figure (target >= 2.5)")
+        for streams in (1, 8):
+            if ("llama-server", streams) in med and med[("llama-server", streams)]["tok_s"] > 0:
+                ours, theirs = med[("forwardpass", streams)], med[("llama-server", streams)]
+                target = "1.0" if streams == 1 else "1.8, goal 3"
+                print(f"{streams} stream{'s' if streams > 1 else ''}: {ours['tok_s'] / theirs['tok_s']:.2f}x llama-server's "
+                      f"tok/s (target >= {target}); TTFT {ours['ttft'] / theirs['ttft']:.2f}x")  # fmt: skip
         if ("llama.cpp server", 8) in med and med[("llama.cpp server", 8)]["tok_s"] > 0:
             print(f"forwardpass 8 streams = {fp8 / med[('llama.cpp server', 8)]['tok_s']:.2f}x llama-cpp-python's server "
                   "(target >= 2)")  # fmt: skip
@@ -285,7 +301,7 @@ def main() -> None:
     parser.add_argument("--llama-cpp-python", action="store_true", help="also llama-cpp-python, when installed")
     args = parser.parse_args()
     if args.serve:
-        serving(args.rounds)
+        serving(args.rounds, peer=not args.no_peer, llama_cpp_python=args.llama_cpp_python)
         return
     from forwardpass.convert.gguf import import_gguf
 

@@ -1,7 +1,7 @@
 """The LLM peer: llama.cpp's own `llama-bench` and `llama-server`, built from source on this machine.
 
-    python bench/llama_cpp.py                # build (once; cached), print the binaries and their version
-    python bench/llama_cpp.py --bench        # llama-bench on the demo's SmolLM2 GGUF: pp128, pp512, tg128
+    python bench/llama_peer.py               # build (once; cached), print the binaries and their version
+    python bench/llama_peer.py --bench        # llama-bench on the demo's SmolLM2 GGUF: pp128, pp512, tg128
 
 The source is the llama.cpp that ships inside llama-cpp-python's sdist on PyPI (``vendor/llama.cpp``; this
 machine reaches PyPI, not GitHub), or a checkout named by ``LLAMA_CPP_SRC``. It is built with cmake and
