@@ -142,18 +142,15 @@ def update(state: SchedulerState, stats: GenerationStats, plan: StepPlan, output
     if p is not None:
         assert outputs.prefill is not None
         p.ticket.filled = p.end
+        if p.last and outputs.stored is not None:
+            state.cache.store(p.ticket.seq.prompt[: p.store], outputs.stored)
+            stats.prefix_cache_bytes = state.cache.bytes
         if p.ticket.seq.pooling:  # an embedding: no token to sample; done after its last chunk
             assert outputs.hidden_sum is not None
             p.ticket.seq.pool(outputs.hidden_sum, p.last)
             if p.last:
-                if outputs.stored is not None:
-                    state.cache.store(p.ticket.seq.prompt[: p.store], outputs.stored)
                 events.append((p.ticket, finish(state, stats, p.slot)))
-            return events
-        if p.last:
-            if outputs.stored is not None:
-                state.cache.store(p.ticket.seq.prompt[: p.store], outputs.stored)
-                stats.prefix_cache_bytes = state.cache.bytes
+        elif p.last:
             _advance(state, stats, p.slot, outputs.prefill, events, outputs.allowed.get(p.slot))
     return events
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -71,11 +72,8 @@ class OpenAIExtras:
                 raise InvalidInput(("user",), "expected a string", shown(doc["user"]))
             if language:
                 items = _items(doc.get("input", ...))
-                vocab = model.gen.n_vocab
-                for i, item in enumerate(items):
-                    for j, t in enumerate(item if isinstance(item, list) else []):
-                        if type(t) is not int or not 0 <= t < vocab:
-                            raise InvalidInput(("input", i, j), f"expected a token id from 0 to {vocab - 1}", shown(t))
+                if isinstance(items[0], list):
+                    _check_ids(items, model.gen.n_vocab)
                 pooled = await self.engine.embed(name, items)
                 vectors = np.stack([v for v, _ in pooled])
                 tokens = np.array([n for _, n in pooled], np.int64)
@@ -139,22 +137,20 @@ class OpenAIExtras:
             pieces = doc.get("with_pieces", False)
             if not isinstance(pieces, bool):
                 raise InvalidInput(("with_pieces",), "expected true or false", shown(pieces))
-            tokenizer = llm.tokenizer
+            tokenizer, gen = llm.tokenizer, llm.gen
 
-            def encode() -> list[int]:
-                return list(tokenizer.encode(content, add_special_tokens=False).ids)
+            def encode() -> list[Any]:
+                ids = list(tokenizer.encode(content, add_special_tokens=False).ids)
+                if add_special and gen.add_bos_token and gen.bos_token_id >= 0:  # what a prompt starts with
+                    ids.insert(0, gen.bos_token_id)
+                if not pieces:
+                    return ids
+                return [{"id": t, "piece": tokenizer.decode([t], skip_special_tokens=False)} for t in ids]
 
-            ids = encode() if len(content) <= INLINE_CHARACTERS else await asyncio.get_running_loop().run_in_executor(
-                None, encode)  # fmt: skip
-            gen = llm.gen
-            if add_special and gen.add_bos_token and gen.bos_token_id >= 0:  # what a prompt starts with
-                ids.insert(0, gen.bos_token_id)
+            tokens = await _off_loop_if(len(content) > INLINE_CHARACTERS, encode)
         except Exception as exc:
             return openai_error(exc, self.engine.stats)
-        if pieces:
-            return Response.json({"tokens": [{"id": t, "piece": tokenizer.decode([t], skip_special_tokens=False)}
-                                             for t in ids]})  # fmt: skip
-        return Response.json({"tokens": ids})
+        return Response.json({"tokens": tokens})
 
     async def detokenize(self, request: Request) -> Response:
         try:
@@ -167,7 +163,8 @@ class OpenAIExtras:
             for i, t in enumerate(tokens):
                 if type(t) is not int or not 0 <= t < vocab:
                     raise InvalidInput(("tokens", i), f"expected a token id from 0 to {vocab - 1}", shown(t))
-            content = llm.tokenizer.decode(tokens, skip_special_tokens=False)
+            content = await _off_loop_if(len(tokens) > INLINE_CHARACTERS // 4, lambda: llm.tokenizer.decode(
+                tokens, skip_special_tokens=False))  # fmt: skip
         except Exception as exc:
             return openai_error(exc, self.engine.stats)
         return Response.json({"content": content})
@@ -197,6 +194,11 @@ class OpenAIExtras:
                                         "has /v1/chat/completions, /v1/completions, /v1/responses, /v1/embeddings "
                                         "and /v1/models",
                                         "type": "invalid_request_error", "param": None, "code": None}}, status)  # fmt: skip
+
+
+async def _off_loop_if(large: bool, work: Callable[[], Any]) -> Any:
+    """``work()`` here when small, on a worker thread when it grows with a large request."""
+    return await asyncio.get_running_loop().run_in_executor(None, work) if large else work()
 
 
 async def _body(request: Request, limit: int) -> dict[str, Any]:
@@ -233,6 +235,14 @@ def _inputs(value: Any, model: EmbeddingModel) -> list[InputTensor]:
     return _token_tensors(items, model)
 
 
+def _check_ids(lists: list[Any], vocab: int) -> None:
+    """Every element of ``input``'s token lists a token id of the model (``_items`` checked they are non-empty)."""
+    for i, ids in enumerate(lists):
+        for j, t in enumerate(ids):
+            if type(t) is not int or not 0 <= t < vocab:
+                raise InvalidInput(("input", i, j), f"expected a token id from 0 to {vocab - 1}", shown(t))
+
+
 def _token_tensors(lists: list[Any], model: EmbeddingModel) -> list[InputTensor]:
     tokenizer = model.tokenizer
     pre = getattr(model.pre, "config", None)
@@ -240,15 +250,8 @@ def _token_tensors(lists: list[Any], model: EmbeddingModel) -> list[InputTensor]
     types_name = getattr(pre, "token_type_ids", None)
     if tokenizer is None or ids_name is None:
         raise InvalidInput(("input",), f"model '{model.name}' takes text, not token ids: send strings")
-    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
-    longest = 0
-    for i, ids in enumerate(lists):
-        if not ids:
-            raise InvalidInput(("input", i), "an empty token list has nothing to embed")
-        for j, t in enumerate(ids):
-            if type(t) is not int or not 0 <= t < vocab:
-                raise InvalidInput(("input", i, j), f"expected a token id from 0 to {vocab - 1}", shown(t))
-        longest = max(longest, len(ids))
+    _check_ids(lists, tokenizer.get_vocab_size(with_added_tokens=True))
+    longest = max(map(len, lists))
     limit = getattr(pre, "max_length", longest)
     if longest > limit:
         raise InvalidInput(("input",), f"a token list of {longest} tokens; this model takes at most {limit}")

@@ -73,10 +73,10 @@ def events_of(value: bytes | str) -> Event:
     return Event(item["event"], float(item["time"]))
 
 
-def _request(window: np.ndarray, sequence: str, first: bool, last: bool) -> InferRequest:
+def _request(window: np.ndarray, sequence: str, first: bool, last: bool, outputs: tuple[str, str]) -> InferRequest:
     row = np.ascontiguousarray(window, dtype=np.float32).reshape(1, -1)
     return InferRequest(id=None, inputs=[InputTensor("input", "FP32", list(row.shape), row)],
-                        outputs=[RequestedOutput("output", binary=False), RequestedOutput("events", binary=False)],
+                        outputs=[RequestedOutput(name, binary=False) for name in outputs],
                         parameters={"sequence_id": sequence, "sequence_start": first, "sequence_end": last})  # fmt: skip
 
 
@@ -85,14 +85,16 @@ async def stream(engine: Engine, model: str, chunks: Iterable[np.ndarray]) -> He
     ``windows`` makes them), run through ``engine`` as one sequence that ends with the last window."""
     items = list(chunks)
     sequences = engine.served(model).sequences
-    if sequences is None or sequences.config.events is None or sequences.config.events.name != "events":
+    if sequences is None or sequences.config.events is None:
         raise InvalidInput(("model",), f"model '{model}' is not a voice activity model (its model.yaml declares "
                            "no sequence.events of kind speech); give one such as the demo's silero-vad",
                            model)  # fmt: skip
+    events = sequences.config.events
+    wanted = (events.output, events.name)  # the probability and the events the engine detected from it
     sequence = f"vad-{uuid.uuid4().hex}"
     heard = Heard([], [])
     for i, window in enumerate(items):
-        _, outputs = await engine.infer(model, None, _request(window, sequence, i == 0, i == len(items) - 1))
+        _, outputs = await engine.infer(model, None, _request(window, sequence, i == 0, i == len(items) - 1, wanted))
         heard.probabilities.append(float(outputs[0].array.reshape(-1)[0]))
         heard.events += [events_of(e) for e in outputs[1].array.reshape(-1).tolist()]
     return heard
