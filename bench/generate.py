@@ -50,8 +50,13 @@ class Forwardpass:
         return self.llm.encode(TEXT)[:n]
 
     def prefill(self, tokens: list[int]) -> np.ndarray:
-        self.llm.session.reset()
-        return self.llm.session.step(tokens)
+        """The prompt in the engine's own chunks (generation.prefill_chunk, 64): what the scheduler and generate()
+        run. One 512-token call is no faster here and holds 40 MiB more activations at its peak."""
+        session, chunk = self.llm.session, self.llm.gen.prefill_chunk
+        session.reset()
+        for start in range(0, len(tokens), chunk):
+            logits = session.step(tokens[start : start + chunk])
+        return logits
 
     def decode(self, logits: np.ndarray, n: int) -> None:
         for _ in range(n):
@@ -336,7 +341,7 @@ def main() -> None:
               f" / {fp['prefill512'] / lc['prefill512']:.2f}x (target >= 1.5); RSS {fp['rss_mib'] / lc['rss_mib']:.1f}x")
     print(f"RSS {fp['rss_mib']:.0f} MiB (target <= 300)")
     # every weight of the decode graph but the embedding table (one row read per token) is read once per
-    # decoded token (prefill.onnx.data is the prompt graph's copy, not read while decoding)
+    # decoded token
     weights = sum((repo / "smollm2" / "1" / f).stat().st_size for f in ("model.onnx", "model.onnx.data"))
     embedding = 49152 * 576 * (1 + 4 / 32)  # int8 rows + fp32 block scales
     per_token = weights - embedding

@@ -389,8 +389,9 @@ def import_gguf(
     repository: RepositoryOption = None,
     accuracy_level: Annotated[int, typer.Option(help="MatMulNBits activations: 4 = int8 (fast), 0 = fp32 (exact)")] = 4,
     max_context: Annotated[int, typer.Option(help="Context length to allocate the KV cache for")] = 2048,
-    prefill_accuracy_level: Annotated[int, typer.Option(help="Prompt graph's activations: 1 = fp32 (faster for many "
-                                                        "rows on AVX2), 4 = int8 (no second graph)")] = 1,  # fmt: skip
+    prefill_accuracy_level: Annotated[int | None, typer.Option(help="A second graph for prompts: 1 = fp32 activations "
+                                                               "(faster for many rows on AVX2-only CPUs, a second copy "
+                                                               "of the weights); default: none")] = None,  # fmt: skip
 ) -> None:
     """Convert a GGUF language model into an ONNX decoder model folder (no code runs from the file)."""
     from forwardpass.convert.gguf import import_gguf as convert

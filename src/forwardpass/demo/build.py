@@ -22,7 +22,7 @@ import yaml
 from forwardpass._deps import require
 from forwardpass.demo import datasets
 
-DEMO_VERSION = "9"
+DEMO_VERSION = "10"
 _STAMP = ".forwardpass-demo"
 
 

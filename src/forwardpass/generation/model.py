@@ -46,12 +46,17 @@ class LanguageModel:
         self.name, self.version, self.config, self.folder = name, version, config, folder
         gen = self.gen = config.generation
         self.tokenizer = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
-        # the same vocabulary with special-token text encoded as plain text: for what messages say (see encode_chat)
-        self._plain = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
-        self._plain.encode_special_tokens = True
         self._specials = _SpecialTokens(self.tokenizer)
         self.template = ChatTemplate.load(folder, gen.chat_template) if gen.chat_template else None
         self._lock = threading.Lock()
+
+    @cached_property
+    def _plain(self) -> Any:
+        """The same vocabulary with special-token text encoded as plain text, for what messages say (see
+        encode_chat); made on first use: a second tokenizer is 29 MiB, and few chats spell a special token."""
+        plain = self.tokenizer.from_str(self.tokenizer.to_str())
+        plain.encode_special_tokens = True
+        return plain
 
     @cached_property
     def session(self) -> DecoderSession:
