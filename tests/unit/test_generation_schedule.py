@@ -107,7 +107,7 @@ def ticket(prompt: list[int], limit: int = 4, **kw) -> Ticket:
 
 
 def state(slots: int = 2, chunk: int = 4, cache_bytes: int = 0, **kw) -> SchedulerState:
-    return SchedulerState(slots, chunk, PrefixCache(cache_bytes, chunk), **kw)
+    return SchedulerState(slots, chunk, PrefixCache(cache_bytes), **kw)
 
 
 def steps(st: SchedulerState) -> Steps:
@@ -160,7 +160,8 @@ def test_nothing_to_do_is_an_idle_plan_and_a_full_house_admits_nobody():
     busy.slot = 0
     st.waiting.append(ticket([7]))
     plan = schedule(st)
-    assert plan.admit == () and plan.prefill == PrefillChunk(busy, 0, 0, 4) and not plan.idle
+    # chunk 4 would leave the fifth token alone (the one-row kernel): the chunk takes it
+    assert plan.admit == () and plan.prefill == PrefillChunk(busy, 0, 0, 5) and not plan.idle
 
 
 def test_a_lone_stream_decodes_with_a_dummy_row():
@@ -189,14 +190,19 @@ def test_a_cancelled_request_is_evicted_and_its_slot_admits_the_next_in_the_same
     assert plan.prefill == PrefillChunk(nxt, 0, 0, 3)
 
 
-def test_prefix_cache_hit_is_planned_from_whole_chunks():
+def test_prefix_cache_hit_is_planned_to_the_token_and_the_whole_prompt_is_stored():
     st = state(slots=1, chunk=4, cache_bytes=1 << 20)
-    st.cache.store(list(range(8)), [np.arange(8)])
-    t = ticket([*range(8), 11, 12])
+    st.cache.store(list(range(7)), [np.arange(7)])
+    t = ticket([*range(7), 11, 12])
     st.waiting.append(t)
     plan = schedule(st)
-    assert plan.admit == (Admission(t, 0, cached=8, prefix=tuple(range(8))),)
-    assert plan.prefill == PrefillChunk(t, 0, 8, 10, store=0)  # the rest of the prompt; nothing new to store
+    assert plan.admit == (Admission(t, 0, cached=7, prefix=tuple(range(7))),)  # not cut to a whole chunk
+    assert plan.prefill == PrefillChunk(t, 0, 7, 9, store=9)  # the rest, two tokens; then the whole prompt kept
+    again = ticket([*range(7), 11, 12])
+    st.cache.store(again.seq.prompt, [np.arange(9)])
+    st.waiting.clear()
+    st.waiting.append(again)
+    assert schedule(st).admit[0].cached == 7  # the same prompt: its last two tokens run
 
 
 # -- the steps over the fake decoder --------------------------------------------------------------------------
@@ -220,7 +226,7 @@ def test_a_long_prompt_is_read_in_chunks_between_decode_steps_of_a_running_strea
 
 
 def test_a_prefix_hit_next_to_a_running_stream_keeps_its_dummy_row_off_the_copied_prefix():
-    shared = list(range(1, 10))  # 9 tokens, chunk 4: the first 8 go into the prefix cache
+    shared = list(range(1, 10))  # 9 tokens, chunk 4: the whole first prompt goes into the prefix cache
 
     def run(break_it: bool) -> Generation:
         st = state(slots=2, chunk=4, cache_bytes=1 << 20)
@@ -232,7 +238,7 @@ def test_a_prefix_hit_next_to_a_running_stream_keeps_its_dummy_row_off_the_copie
         b = ticket(shared + [13], limit=3)
         st.waiting.append(b)
         plan = s.plan()
-        assert plan.admit == (Admission(b, 1, cached=8, prefix=tuple(shared[:8])),)
+        assert plan.admit == (Admission(b, 1, cached=8, prefix=(*shared, 12)),)  # all but two of its 10 tokens
         assert plan.decode is not None and plan.decode.positions[1] == 8  # where its next chunk starts
         if break_it:  # what a dummy at position 0 would do: overwrite the copied prefix's first token
             plan = StepPlan(plan.evict, plan.admit, DecodeBatch(plan.decode.rows, plan.decode.tokens,
@@ -250,7 +256,7 @@ def test_a_prefix_hit_next_to_a_running_stream_keeps_its_dummy_row_off_the_copie
 
 
 def test_prefix_cache_reuse_gives_the_cold_answer_and_counts_the_hit():
-    shared = list(range(1, 10))  # 9 tokens, chunk 4: 8 are cached
+    shared = list(range(1, 10))  # 9 tokens, all reused by the second prompt
     cold = steps(state(slots=1, chunk=4, cache_bytes=0))
     warm = steps(state(slots=1, chunk=4, cache_bytes=1 << 20))
     answers = {}
@@ -260,11 +266,11 @@ def test_prefix_cache_reuse_gives_the_cold_answer_and_counts_the_hit():
             s.state.waiting.append(t)
             _, results, _ = drive(s)
             answers[name, tuple(tail)] = results[id(t)]
-    assert answers["warm", (13, 14)].cached_tokens == 8 and answers["cold", (13, 14)].cached_tokens == 0
+    assert answers["warm", (13, 14)].cached_tokens == 9 and answers["cold", (13, 14)].cached_tokens == 0
     for tail in ((12,), (13, 14)):
         assert answers["warm", tail].tokens == answers["cold", tail].tokens == reference(shared + list(tail), 5)
-    assert warm.stats.prefix_hits == 1 and warm.stats.prefix_saved_tokens == 8 and warm.stats.prefix_misses == 1
-    assert ("write", 0, 8) in warm.session.calls and ("prefill", 0, 8, 11) in warm.session.calls
+    assert warm.stats.prefix_hits == 1 and warm.stats.prefix_saved_tokens == 9 and warm.stats.prefix_misses == 1
+    assert ("write", 0, 9) in warm.session.calls and ("prefill", 0, 9, 11) in warm.session.calls
 
 
 def test_a_finished_sequence_frees_its_slot_for_the_next_request():

@@ -72,7 +72,7 @@ class LanguageModel:
         a busy 2-core machine) and keeps the tokens generate() always gave; at a near tie (top-2 margin under
         ~0.5 logits) generate() and the server may pick differently, as before."""
         gen = self.gen
-        cache = PrefixCache(gen.prefix_cache_mib * 2**20, gen.prefill_chunk)
+        cache = PrefixCache(gen.prefix_cache_mib * 2**20)
         state = SchedulerState(1, gen.prefill_chunk, cache, min_rows=1)
         return Steps(self.session, state, GenerationStats(self.name, self.version))
 

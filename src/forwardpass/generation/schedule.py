@@ -5,20 +5,20 @@ tickets, the prompt-prefix cache. A plan says, for one turn of the decoder:
 
 1. ``evict``: slots whose request was cancelled (client gone); they are free for this turn's admissions;
 2. ``admit``: waiting requests into free slots (lowest first, so decode batches stay short), each with
-   the longest cached prompt prefix whose KV is copied into its slot; a fork (one of ``n`` choices of a
-   request) waits until the first choice's prompt is in its slot, then copies that KV but for the prompt's
-   last token, whose logits it computes itself (one prefill for n decoding rows);
+   its longest common prefix with a cached prompt (to the token), whose KV is copied into its slot; a fork
+   (one of ``n`` choices of a request) waits until the first choice's prompt is in its slot, then copies
+   that KV but for the prompt's last token, whose logits it computes itself (one prefill for n decoding rows);
 3. ``decode``: one token for every sequence past its prompt, all rows in one call; rows still in their
    prompt, or free, ride along as dummies at a position their next prompt chunk overwrites, and a lone
    stream gets a dummy (MIN_ROWS);
-4. ``prefill``: one prompt chunk (``chunk`` tokens, cut at absolute multiples of it) of the oldest
+4. ``prefill``: one prompt chunk (up to the next multiple of ``chunk``, never one token alone) of the oldest
    sequence still in its prompt, so running streams keep flowing while new prompts are read; when it
    ends the prompt, how many leading tokens to keep in the prefix cache.
 
 Which sequences finish is known only from the tokens sampled (a stop token, a stop string, max_tokens):
 ``update`` (generation/steps.py) decides that from the outputs and frees their slots.
 
-    state = SchedulerState(slots=2, chunk=64, cache=PrefixCache(0, 64))
+    state = SchedulerState(slots=2, chunk=64, cache=PrefixCache(0))
     state.waiting.append(Ticket(seq, emit))
     plan = schedule(state)          # StepPlan(admit=(Admission(ticket, slot=0, cached=0),), prefill=...)
 """
@@ -42,28 +42,38 @@ Emit = Callable[[Any], object]  # called with a str piece | Generation | Excepti
 MIN_ROWS = 2
 
 
-class PrefixCache:
-    """KV of prompt prefixes (cut to whole chunks), least recently used out first, bounded in bytes."""
+# The fewest prompt tokens a prefill call runs after a cached prefix, and the shortest chunk: the many-row
+# kernels give every position the same KV and logits however the prompt is cut into chunks of two or more
+# tokens (bit for bit, measured), a one-token chunk takes the one-row kernel (see MIN_ROWS). So a prompt may
+# resume from any cached length, to the token, and still compute exactly what a cold run computes.
+MIN_CHUNK = 2
 
-    def __init__(self, budget_bytes: int, chunk: int):
-        self.budget, self.chunk = budget_bytes, chunk
+
+class PrefixCache:
+    """KV of earlier prompts, reused to the token: least recently used out first, bounded in bytes.
+
+    A new prompt reuses the longest common prefix with any stored prompt (as llama-server's slots reuse their
+    last prompt), leaving at least MIN_CHUNK tokens to compute.
+    """
+
+    def __init__(self, budget_bytes: int):
+        self.budget = budget_bytes
         self.entries: OrderedDict[tuple[int, ...], list[np.ndarray]] = OrderedDict()
         self.bytes = 0
 
     def find(self, ids: list[int]) -> tuple[int, tuple[int, ...] | None]:
-        """(usable length, key) of the longest cached prefix of ``ids``, leaving at least one token to run;
+        """(usable length, key) of the longest cached prefix of ``ids``, leaving MIN_CHUNK tokens to run;
         reads only (touch() marks the entry used)."""
         best, found = 0, None
         wanted = np.asarray(ids, dtype=np.int64)
         for key in self.entries:
-            n = min(len(key), len(ids) - 1)
+            n = min(len(key), len(ids) - MIN_CHUNK)
             if n <= best:
                 continue
             same = np.asarray(key[:n], dtype=np.int64) == wanted[:n]
             common = n if same.all() else int(np.argmin(same))
-            usable = common // self.chunk * self.chunk
-            if usable > best:
-                best, found = usable, key
+            if common > best:
+                best, found = common, key
         return (best, found) if found is not None else (0, None)
 
     def touch(self, key: tuple[int, ...]) -> None:
@@ -80,25 +90,30 @@ class PrefixCache:
         return length, self.entries[key]
 
     def wants(self, ids: list[int]) -> int:
-        """How many leading tokens of ``ids`` are worth storing (0: none, or already covered)."""
-        length = (len(ids) - 1) // self.chunk * self.chunk  # whole chunks, not the prompt's last token
-        if length == 0 or self.budget <= 0:
+        """How many leading tokens of ``ids`` are worth storing: the whole prompt, unless the cache is off or a
+        stored prompt already starts with it."""
+        if len(ids) <= MIN_CHUNK or self.budget <= 0:
             return 0
-        key = tuple(ids[:length])
+        key = tuple(ids)
         for cached in self.entries:
-            if len(cached) >= length and cached[:length] == key:
+            if len(cached) >= len(key) and cached[: len(key)] == key:
                 return 0
-        return length
+        return len(ids)
 
     def store(self, ids: list[int], arrays: list[np.ndarray]) -> None:
+        """Keep ``arrays`` (KV of positions 0..len(ids)-1) for ``ids``; stored prompts that ``ids`` extends
+        (an earlier turn of the same chat) are dropped: the new entry serves them too."""
         size = sum(a.nbytes for a in arrays)
         if size > self.budget:
             return
-        self.entries[tuple(ids)] = arrays
+        key = tuple(ids)
+        for old in [k for k in self.entries if len(k) <= len(key) and key[: len(k)] == k]:
+            self.bytes -= sum(a.nbytes for a in self.entries.pop(old))
+        self.entries[key] = arrays
         self.bytes += size
         while self.bytes > self.budget:
-            _, old = self.entries.popitem(last=False)
-            self.bytes -= sum(a.nbytes for a in old)
+            _, evicted = self.entries.popitem(last=False)
+            self.bytes -= sum(a.nbytes for a in evicted)
 
 
 @dataclass(eq=False)
@@ -277,6 +292,10 @@ def _prefill(state: SchedulerState, slots: list[Ticket | None], filled: dict[int
     ticket = slots[slot]
     assert ticket is not None
     prompt, start = ticket.seq.prompt, _filled(slots, filled, slot)
-    end = min((start // state.chunk + 1) * state.chunk, len(prompt))
+    end = (start // state.chunk + 1) * state.chunk  # cut at multiples of chunk, each piece MIN_CHUNK or longer
+    if end - start < MIN_CHUNK:
+        end += state.chunk
+    if len(prompt) - end < MIN_CHUNK:
+        end = len(prompt)
     store = state.cache.wants(prompt) if end == len(prompt) else 0
     return PrefillChunk(ticket, slot, start, end, store)

@@ -6,7 +6,8 @@ prefix, the rows to decode together in one ONNX Runtime call, the prompt chunk o
 sequence still in its prompt, the cancelled requests to evict; see generation/schedule.py), ``execute``
 runs that plan on the session and ``update`` samples the tokens and turns them into events.
 
-Chunks cut at fixed positions make a prefix-cache hit compute exactly what a cold run computes.
+A prefix-cache hit resumes the prompt at any cached length and computes exactly what a cold run computes
+(chunks of two or more tokens are bit-identical however a prompt is cut: generation/schedule.py, MIN_CHUNK).
 A cancelled request (client gone) leaves its slot at the next turn: within one decode step.
 Results go back through each request's ``emit`` callback (text pieces, then a Generation or an
 exception), called on this thread; AsyncGeneration turns them into an async iterator.
@@ -47,7 +48,7 @@ class GenerationScheduler:
         self.max_queue = gen.queue if queue is None else queue
         chunk = prefill_chunk or gen.prefill_chunk
         budget = gen.prefix_cache_mib * 2**20 if prefix_cache_bytes is None else prefix_cache_bytes
-        self.state = SchedulerState(self.slots, chunk, PrefixCache(budget, chunk))
+        self.state = SchedulerState(self.slots, chunk, PrefixCache(budget))
         self.stats = stats or GenerationStats(model.name, model.version)
         self.session = model.open_session(slots=max(self.slots, MIN_ROWS))
         self._steps = Steps(self.session, self.state, self.stats)
