@@ -1,7 +1,7 @@
 """Single-stream generation: forwardpass's converted SmolLM2 against llama.cpp on the same GGUF.
 
     python bench/generate.py [--rounds 3]           # single stream, engine against llama-bench (built from source)
-    python bench/generate.py --serve [--rounds 3]   # serving: streaming chat at 1/4/8 concurrent over HTTP,
+    python bench/generate.py --serve [--rounds 3]   # serving: streaming chat at 1/2/4/8/16 concurrent over HTTP,
                                                     # against llama-server --parallel 8 -c 16384
 
 Prefill tokens/s for 128- and 512-token prompts, decode tokens/s over 128 new tokens (greedy,
@@ -144,7 +144,7 @@ def rss_child(which: str, repo: Path) -> float:
     return int(result.stdout.split()[-1]) / 1024
 
 
-# -- serving mode (issue 6): streaming chat over HTTP, 1/4/8 concurrent ------------------------------------------
+# -- serving mode (issues 6, 17): streaming chat over HTTP, 1/2/4/8/16 concurrent -------------------------------
 
 
 def _free_port() -> int:
@@ -214,6 +214,23 @@ def _concurrent(base: str, streams: int, max_tokens: int, extra: dict) -> dict[s
             "latency": statistics.median(r["latency"] for r in done) if done else float("nan")}  # fmt: skip
 
 
+STREAMS = (1, 2, 4, 8, 16)  # concurrent streaming chats; llama-server has 8 slots, so at 16 half of them queue
+
+
+def _memory_mib(pid: int) -> tuple[float, float]:
+    """(RSS, PSS) in MiB of a server process and its children (forked workers)."""
+    pids, rss, pss = [pid], 0.0, 0.0
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    if children.exists():
+        pids += [int(c) for c in children.read_text().split()]
+    for p in pids:
+        for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+            if line.startswith(("Rss:", "Pss:")):
+                value = int(line.split()[1]) / 1024
+                rss, pss = (rss + value, pss) if line.startswith("Rss:") else (rss, pss + value)
+    return rss, pss
+
+
 def serving(rounds: int, peer: bool = True, llama_cpp_python: bool = False) -> None:
     import httpx
 
@@ -222,7 +239,9 @@ def serving(rounds: int, peer: bool = True, llama_cpp_python: bool = False) -> N
     repo = Path(tempfile.mkdtemp(prefix="fp-serve-"))
     import_gguf(GGUF, "smollm2", repo, max_context=1024)
     servers = []
+    started = {}
     port = _free_port()
+    started["forwardpass"] = time.perf_counter()
     fp = subprocess.Popen([sys.executable, "-m", "forwardpass", "serve", str(repo), "--port", str(port), "--poll-interval",
                            "0", "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     servers.append(("forwardpass", f"http://127.0.0.1:{port}", fp, {"ignore_eos": True}))
@@ -230,6 +249,7 @@ def serving(rounds: int, peer: bool = True, llama_cpp_python: bool = False) -> N
         from llama_peer import binaries
 
         sport = _free_port()
+        started["llama-server"] = time.perf_counter()
         ls = subprocess.Popen([str(binaries()["llama-server"]), "-m", str(GGUF), "--parallel", "8", "-c", "16384",
                                "-t", "2", "--host", "127.0.0.1", "--port", str(sport), "--alias", "smollm2"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
@@ -243,13 +263,15 @@ def serving(rounds: int, peer: bool = True, llama_cpp_python: bool = False) -> N
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         servers.append(("llama.cpp server", f"http://127.0.0.1:{lport}", lc, {}))
     try:
-        for _name, base, proc, _ in servers:
+        ready = {}
+        for name, base, proc, _ in servers:
             _wait(f"{base}/v1/models", proc)
+            ready[name] = (time.perf_counter() - started.get(name, time.perf_counter()), _memory_mib(proc.pid))
         print(f"CPU: {cpu_flags()}, {os.cpu_count()} cores; streaming chat, max_tokens 64, greedy; medians of {rounds} "
               "interleaved rounds\n")  # fmt: skip
         table: dict[tuple[str, int], list[dict[str, float]]] = {}
         for _ in range(rounds):
-            for streams in (1, 4, 8):
+            for streams in STREAMS:
                 for name, base, _, extra in servers:
                     table.setdefault((name, streams), []).append(_concurrent(base, streams, 64, extra))
         print(f"{'server':<18}{'streams':>8}{'tok/s':>9}{'TTFT ms':>10}{'latency ms':>12}{'failed':>8}")
@@ -259,6 +281,9 @@ def serving(rounds: int, peer: bool = True, llama_cpp_python: bool = False) -> N
             m = med[(name, streams)]
             print(f"{name:<18}{streams:>8}{m['tok_s']:>9.1f}{m['ttft'] * 1000:>10.0f}{m['latency'] * 1000:>12.0f}"
                   f"{m['failed']:>8.0f}")
+        for name, (seconds, (rss, pss)) in ready.items():
+            if name in started:
+                print(f"{name}: ready {seconds:.2f} s after start (models loaded), idle RSS {rss:.0f} MiB, PSS {pss:.0f} MiB")
         fp8, fp1 = med[("forwardpass", 8)]["tok_s"], med[("forwardpass", 1)]["tok_s"]
         print(f"\nforwardpass 8 streams = {fp8 / fp1:.2f}x its 1-stream figure (target >= 2.5)")
         for streams in (1, 8):
@@ -301,7 +326,7 @@ def serving(rounds: int, peer: bool = True, llama_cpp_python: bool = False) -> N
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--serve", action="store_true", help="serving mode: streaming chat at 1, 4 and 8 concurrent")
+    parser.add_argument("--serve", action="store_true", help="serving mode: streaming chat at 1, 2, 4, 8 and 16 concurrent")
     parser.add_argument("--no-peer", action="store_true", help="leave out llama-bench (built from source the first time)")
     parser.add_argument("--llama-cpp-python", action="store_true", help="also llama-cpp-python, when installed")
     args = parser.parse_args()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 from enum import StrEnum
+from typing import Annotated
 
 import pytest
 
@@ -35,17 +36,22 @@ class Color(StrEnum):
     blue = "blue"
 
 
+# bounded strings (maxLength, enforced by the grammar): at temperature 1 a 135M model can write one string
+# past any max_tokens, and the answer is then valid JSON so far but not whole
+Short = Annotated[str, pydantic.Field(max_length=40)]
+
+
 class Address(pydantic.BaseModel):
-    city: str
-    zip_code: str
+    city: Short
+    zip_code: Annotated[str, pydantic.Field(max_length=12)]
 
 
 class Person(pydantic.BaseModel):
-    name: str
+    name: Short
     age: int = pydantic.Field(ge=0, le=120)
     height_m: float = pydantic.Field(ge=0.5, le=2.5)
     favorite: Color
-    hobbies: list[str] = pydantic.Field(max_length=3)
+    hobbies: list[Short] = pydantic.Field(max_length=3)
     address: Address
 
 

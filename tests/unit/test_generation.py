@@ -60,8 +60,9 @@ def test_a_shared_prefix_is_reused_and_gives_the_cold_answer(llm):
     cold = llm.generate(messages=ask[1], max_tokens=8, temperature=0)
     other = llm.generate(messages=ask[0], max_tokens=8, temperature=0)
     warm = llm.generate(messages=ask[1], max_tokens=8, temperature=0)
-    assert cold.cached_tokens == 0 and other.cached_tokens >= 64 and warm.cached_tokens >= 64
-    assert warm.text == cold.text  # chunks cut at fixed positions: a hit computes what a cold run does
+    assert cold.cached_tokens < 8  # at most the chat markup that opens every prompt of earlier tests
+    assert other.cached_tokens >= 64 and warm.cached_tokens == warm.prompt_tokens - 2  # reused to the token
+    assert warm.text == cold.text  # chunks of two or more tokens: a hit computes what a cold run does
 
 
 def test_leaving_a_stream_early_frees_the_model_for_the_next_request(llm):

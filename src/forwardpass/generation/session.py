@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from forwardpass import _memory
 from forwardpass.errors import InvalidInput
 from forwardpass.runtime.onnx import available_cores, open_session
 
@@ -41,6 +42,7 @@ class DecoderSession:
         self.session = self._load(path, threads)
         # a second graph for prompts (many rows at once; fp32 activations), on the same KV buffers
         self.prefill_session = self._load(prefill_path, threads) if prefill_path else None
+        _memory.page_out(str(Path(path).resolve().parent))  # weight-file pages read only to prepack them
         self._bindings: dict[tuple[str, int, int, int], tuple[Any, np.ndarray, np.ndarray | None]] = {}
         prompt_graph = self.prefill_session or self.session
         # graphs imported by forwardpass since issue 16 also give the final hidden states summed (embeddings)

@@ -1,0 +1,119 @@
+"""Where a decode step's time goes: ONNX Runtime's profiler over the converted SmolLM2, per kind of node.
+
+    python bench/decode_profile.py [--rows 1 8] [--steps 60] [--context 128]
+
+For each row count, ``steps`` decode steps (every row one token, at position ``context`` onward) through
+the decoder graph bound to its KV buffers as the engine binds them; the profiler's kernel times summed per
+op type (the 4-bit linears, the 8-bit head and the Q4_1 block-sum correction's nodes apart), per step, with
+the median whole-run time. Profiling adds a few microseconds to every node (about 700 of them), so the
+whole-run time here is above the unprofiled step; compare kinds with each other and the same kind between
+row counts. The first 10 steps are left out of the median (allocation, first-use setup).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from engine import cpu_flags  # noqa: E402
+from generate import GGUF  # noqa: E402
+
+CORRECTION = re.compile(r"l\d+_(qkv|o|gate_up|down)_(split|corr|sum)_\d+")  # convert/gguf_decoder.py's names
+
+
+def kind(name: str, op: str) -> str:
+    """A node's row in the table."""
+    if name == "head":
+        return "MatMulNBits (8-bit head)"
+    if op == "MatMulNBits":
+        return "MatMulNBits (4-bit linears)"
+    if CORRECTION.fullmatch(name):
+        return f"{op} (Q4_1 correction)"
+    return op
+
+
+def profile(model: Path, rows: int, steps: int, context: int) -> tuple[float, dict[str, tuple[float, int]]]:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = 2, 0, 4
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path(tempfile.gettempdir()) / "fp-decode-profile")
+    session = ort.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])
+    shapes = {i.name: i.shape for i in session.get_inputs()}
+    heads, _, size, dim = shapes["past_key.0"]
+    layers = sum(name.startswith("past_key.") for name in shapes)
+    io = session.io_binding()
+    cache = [np.zeros((rows, heads, context + steps + 1, dim), np.float32) for _ in range(2 * layers)]
+    for i in range(layers):
+        for j, which in enumerate(("key", "value")):
+            buffer = ort.OrtValue.ortvalue_from_numpy(cache[2 * i + j])
+            io.bind_ortvalue_input(f"past_{which}.{i}", buffer)
+            io.bind_ortvalue_output(f"present_{which}.{i}", buffer)
+    vocab = session.get_outputs()[0].shape[-1]
+    io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(np.zeros((rows, 1, vocab), np.float32)))
+    for output in session.get_outputs()[1:]:
+        if output.name == "hidden_sum":
+            width = output.shape[-1]
+            io.bind_ortvalue_output("hidden_sum", ort.OrtValue.ortvalue_from_numpy(np.zeros((rows, width), np.float32)))
+    io.bind_cpu_input("logit_rows", np.array([rows], np.int64))
+    for step in range(steps):
+        position = context + step
+        io.bind_cpu_input("input_ids", np.full((rows, 1), 500 + step, np.int64))
+        io.bind_cpu_input("seqlens_k", np.full(rows, position, np.int32))
+        io.bind_cpu_input("total_sequence_length", np.array(position + 1, np.int32))
+        session.run_with_iobinding(io)
+    trace = Path(session.end_profiling())
+    events = json.loads(trace.read_text())
+    trace.unlink()
+    per_kind: dict[str, float] = collections.Counter()
+    nodes: dict[str, int] = collections.Counter()
+    runs = []
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            k = kind(e["name"][: -len("_kernel_time")], e["args"]["op_name"])
+            per_kind[k] += e["dur"]
+            nodes[k] += 1
+        elif e.get("cat") == "Session" and e["name"] == "model_run":
+            runs.append(e["dur"])
+    table = {k: (per_kind[k] / steps / 1000, nodes[k] // steps) for k in per_kind}
+    return statistics.median(runs[10:]) / 1000, table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--context", type=int, default=128, help="positions already in each row's cache")
+    args = parser.parse_args()
+    from forwardpass.convert.gguf import import_gguf
+
+    repo = Path(tempfile.mkdtemp(prefix="fp-profile-"))
+    try:
+        import_gguf(GGUF, "smollm2", repo, max_context=1024)
+        model = repo / "smollm2" / "1" / "model.onnx"
+        print(f"CPU: {cpu_flags()}, {os.cpu_count()} cores; {GGUF.name}; 2 threads; decode at position {args.context}+")
+        for rows in args.rows:
+            run, table = profile(model, rows, args.steps, args.context)
+            kernels = sum(ms for ms, _ in table.values())
+            print(f"\n{rows} row{'s' if rows > 1 else ''}: whole run {run:.2f} ms a step (profiled), kernels {kernels:.2f} ms")
+            for k, (ms, n) in sorted(table.items(), key=lambda item: -item[1][0]):
+                if ms >= 0.05:
+                    print(f"  {k:<36}{ms:7.2f} ms {ms / kernels:6.1%}  {n:4d} nodes")
+    finally:
+        shutil.rmtree(repo, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
