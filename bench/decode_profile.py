@@ -52,10 +52,11 @@ def profile(model: Path, rows: int, steps: int, context: int) -> tuple[float, di
     options.profile_file_prefix = str(Path(tempfile.gettempdir()) / "fp-decode-profile")
     session = ort.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])
     shapes = {i.name: i.shape for i in session.get_inputs()}
-    heads, _, size, dim = shapes["past_key.0"]
+    _, heads, _, dim = shapes["past_key.0"]  # (batch, kv heads, positions, head size)
     layers = sum(name.startswith("past_key.") for name in shapes)
     io = session.io_binding()
-    cache = [np.zeros((rows, heads, context + steps + 1, dim), np.float32) for _ in range(2 * layers)]
+    # the engine's buffers: every row max_context (1024 here) positions long
+    cache = [np.zeros((rows, heads, 1024, dim), np.float32) for _ in range(2 * layers)]
     for i in range(layers):
         for j, which in enumerate(("key", "value")):
             buffer = ort.OrtValue.ortvalue_from_numpy(cache[2 * i + j])
