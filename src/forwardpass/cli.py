@@ -530,6 +530,33 @@ def _calibration(path: Path, target: str, names: list[str] | None) -> tuple[np.n
     return X, y, names
 
 
+@app.command()
+def optimize(
+    model: Annotated[str, typer.Argument(help="A classification or regression model in the repository")],
+    repository: RepositoryOption = None,
+    quantize: Annotated[list[str] | None, typer.Option(help="dynamic-int8, static-int8, static-int8-entropy, "
+                                                      "int4 or fp16; repeat for several [default: all]")] = None,
+    graph: Annotated[bool, typer.Option("--graph", help="ONNX Runtime's graph optimizations saved offline "
+                                                         "[default: with all quantizations]")] = False,  # fmt: skip
+    eval_data: Annotated[Path | None, typer.Option("--eval", help="Validation rows: .npz (X, y) or .csv with the "
+                                                   "feature columns and a label column [default: the demo's held-out "
+                                                   "split]")] = None,  # fmt: skip
+    max_accuracy_drop: Annotated[float, typer.Option(help="The guard: largest accepted drop (0.01 = one point)")] = 0.01,
+    promote: Annotated[bool, typer.Option("--promote", help="Serve the recommended variant (version policy)")] = False,
+    rounds: Annotated[int, typer.Option(help="Interleaved timing rounds")] = 5,
+) -> None:
+    """Cheaper variants of a model as new versions, measured side by side, guarded, one recommended."""
+    from forwardpass.optimize import QUANTIZE
+    from forwardpass.optimize import optimize as run
+
+    methods = list(quantize or ()) + (["graph"] if graph else [])
+    if not methods:
+        methods = [*QUANTIZE, "graph"]
+    report = run(repository or _default_path(), model, methods, data=eval_data, max_drop=max_accuracy_drop,
+                 promote=promote, rounds=rounds, progress=lambda line: out.print(f"[dim]{escape(line)}[/dim]"))  # fmt: skip
+    out.print((report.folder / "report.md").read_text(encoding="utf-8"), markup=False, highlight=False)
+
+
 def _default_path() -> Path:
     from forwardpass import default_repository
 

@@ -1,0 +1,282 @@
+"""`forwardpass optimize MODEL`: cheaper variants of a model, each checked by an accuracy guard, one recommended.
+
+    from forwardpass.optimize import optimize
+    report = optimize("models", "digits", methods=["dynamic-int8", "static-int8", "graph"], promote=True)
+    report.recommended        # "dynamic-int8", say; report.rows: every variant with its numbers and verdict
+
+1. The served version is the original. A ``latest`` version policy is pinned first (``specific: [v]``),
+   so that the new versions do not get served before the guard has read them.
+2. Each method (optimize/variants.py) writes its variant as the next version of the model, never over
+   one. A method with nothing to change is reported, not written.
+3. Every variant and the original are measured in the same run (optimize/measure.py):
+   - latency p50/p99 at batch 1 and 32 and throughput, in interleaved rounds, one intra-op thread (how the
+     server runs a small model);
+   - quality on the validation rows: the demo's held-out split, or ``data`` (.npz with X and optionally y,
+     or .csv with the model's feature columns and optionally a ``label`` column); without labels,
+     agreement with the original.
+4. The verdict against ``max_drop`` (absolute, 0.01 = one point):
+   - rejected: the drop is over the limit;
+   - flagged: the drop is within the limit, but its 95% interval reaches past it (too few rows to be sure);
+   - accepted: otherwise.
+5. Exactly one variant is recommended: the accepted one with the highest throughput at batch 32, when it is
+   at least MIN_GAIN (1.10x) the original's; else the original. ``promote`` makes it the served version
+   (``version_policy: {specific: [v]}``; hot reload picks it up).
+6. The report (report.md, report.json and report.png, accuracy against latency) is written into
+   ``<model>/optimize/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from forwardpass._deps import require
+from forwardpass.errors import ForwardpassError
+from forwardpass.optimize import measure, variants
+from forwardpass.optimize.variants import QUANTIZE, NotApplicable
+
+__all__ = ["QUANTIZE", "OptimizeReport", "Row", "optimize"]
+DEMO_DATA = ("digits", "breast-cancer", "iris", "diabetes")
+Progress = Callable[[str], None]
+# a variant replaces the original only this much faster at batch 32: smaller gaps are within the timing noise
+# of a shared 2-core machine (the same model measured 0.83-0.92M rows/s in different runs)
+MIN_GAIN = 1.10
+
+
+@dataclass
+class Row:
+    """One variant in the report."""
+
+    variant: str
+    version: int | None  # None: not written (not applicable, or failed)
+    described: str
+    size_bytes: int = 0
+    p50_ms: dict[int, float] = field(default_factory=dict)
+    p99_ms: dict[int, float] = field(default_factory=dict)
+    throughput: float = 0.0  # rows/s at batch 32
+    quality: dict[str, float | str] = field(default_factory=dict)
+    verdict: str = ""  # accepted, flagged, rejected, not applicable
+
+
+@dataclass
+class OptimizeReport:
+    model: str
+    original: int
+    data: str
+    rows: list[Row]
+    recommended: str
+    max_drop: float
+    promoted: bool
+    cpu: str
+    folder: Path
+
+    def row(self, variant: str) -> Row:
+        return next(r for r in self.rows if r.variant == variant)
+
+
+def optimize(repository: str | Path, name: str, methods: Sequence[str] = (*QUANTIZE, "graph"), *,
+             data: str | Path | None = None, max_drop: float = 0.01, promote: bool = False, rounds: int = 5,
+             progress: Progress | None = None) -> OptimizeReport:  # fmt: skip
+    """Make, measure and judge ``methods``' variants of model ``name`` (see the module docstring)."""
+    from forwardpass.repository import Repository
+
+    say = progress or (lambda line: None)
+    repo = Repository(repository)
+    config = repo.config(name)
+    if config.task not in ("classification", "regression") or config.runtime.kind != "onnx":
+        raise ForwardpassError(f"model '{name}' is a {config.task} model on {config.runtime.kind}: optimize takes "
+                               "classification and regression models run by ONNX Runtime")  # fmt: skip
+    served = repo.selected_versions(name, config)
+    if not served:
+        raise ForwardpassError(f"model '{name}' has no version to start from")
+    original = served[-1]
+    folder = repo.folder(name)
+    X, y, source = _validation(name, data, config)
+    _pin(folder, served)
+    rows = [Row("original", original, f"version {original} as served", _size(folder / str(original)))]
+    paths = {"original": folder / str(original) / "model.onnx"}
+    for method in methods:
+        say(f"{method}: making the variant")
+        version = max(repo.versions(name)) + 1
+        target = folder / str(version)
+        target.mkdir()
+        try:
+            described = variants.make(method, paths["original"], target / "model.onnx", X)
+            _session(target / "model.onnx")  # refuses what ONNX Runtime cannot run
+        except NotApplicable as exc:
+            shutil.rmtree(target)
+            rows.append(Row(method, None, str(exc), verdict="not applicable"))
+            continue
+        except Exception as exc:  # a quantizer's own failure on this graph: reported, the run goes on
+            shutil.rmtree(target)
+            rows.append(Row(method, None, f"failed: {type(exc).__name__}: {str(exc)[:300]}", verdict="not applicable"))
+            continue
+        (target / "variant.json").write_text(json.dumps({"method": method, "from_version": original,
+                                                         "described": described}, indent=1))  # fmt: skip
+        rows.append(Row(method, version, described, _size(target)))
+        paths[method] = target / "model.onnx"
+    say(f"measuring {len(paths)} models: {rounds} interleaved rounds at batch 1 and 32, quality on {len(X)} rows")
+    sessions = {v: _session(p) for v, p in paths.items()}
+    timings = measure.latency(sessions, X, rounds=rounds)
+    reference = measure.predictions(sessions["original"], X, config.task)
+    labels = config.labels if isinstance(config.labels, list) else []  # a file of labels: y is class indices
+    for row in rows:
+        if row.variant not in sessions:
+            continue
+        t = timings[row.variant]
+        row.p50_ms, row.p99_ms, row.throughput = t.p50_ms, t.p99_ms, t.throughput(32)
+        q = measure.score(measure.predictions(sessions[row.variant], X, config.task), reference, y, config.task,
+                          labels)  # fmt: skip
+        row.quality = {"metric": q.metric, "value": q.value, "drop": q.drop, "low": q.low, "high": q.high}
+        row.verdict = "rejected" if q.drop > max_drop else "flagged" if q.high > max_drop else "accepted"
+    rows[0].verdict = "accepted"
+    accepted = [r for r in rows[1:] if r.verdict == "accepted" and r.throughput >= MIN_GAIN * rows[0].throughput]
+    best = max(accepted, key=lambda r: r.throughput) if accepted else rows[0]
+    report = OptimizeReport(name, original, source, rows, best.variant, max_drop, False, _cpu(), folder / "optimize")
+    if promote and best.variant != "original" and best.version is not None:
+        _set_policy(folder, [best.version])
+        report.promoted = True
+    elif promote:  # the original stays: nothing to change, nothing to serve anew
+        _set_policy(folder, [original])
+    _write(report)
+    say(f"report: {report.folder / 'report.md'}")
+    return report
+
+
+def _validation(name: str, data: str | Path | None, config: Any) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """(rows, labels or None, where they came from)."""
+    if data is not None:
+        path = Path(data)
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as f:
+                if "X" not in f:
+                    raise ForwardpassError(f"{path}: expected an array named X (and optionally y)")
+                return np.asarray(f["X"], np.float32), (np.asarray(f["y"]) if "y" in f else None), str(path)
+        if path.suffix == ".csv":
+            pandas = require("pandas", "batch", "reading a CSV of validation rows")
+            frame = pandas.read_csv(path)
+            features = config.inputs[0].features or [c for c in frame.columns if c != "label"]
+            missing = [c for c in features if c not in frame.columns]
+            if missing:
+                raise ForwardpassError(f"{path}: missing feature columns {missing[:5]}")
+            y = frame["label"].to_numpy() if "label" in frame.columns else None
+            return frame[features].to_numpy(np.float32), y, str(path)
+        raise ForwardpassError(f"{path}: validation data is an .npz (X, y) or a .csv file")
+    if name in DEMO_DATA:
+        from forwardpass.demo import datasets
+
+        split = datasets.load(name)
+        where = f"the demo's held-out split of {name} ({len(split.X_test)} rows)"
+        return split.X_test.astype(np.float32), split.y_test, where
+    raise ForwardpassError(f"model '{name}': give validation rows with --eval DATA (.npz with X and y, or .csv)")
+
+
+def _session(path: Path) -> Any:
+    from forwardpass.runtime.onnx import open_session
+
+    return open_session(path, path, intra_op=1, inter_op=1, what="the variant")
+
+
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name != "variant.json")
+
+
+def _model_yaml(folder: Path) -> dict[str, Any]:
+    return yaml.safe_load((folder / "model.yaml").read_text(encoding="utf-8"))
+
+
+def _set_policy(folder: Path, versions: list[int]) -> None:
+    """model.yaml's version_policy set to ``specific: versions`` (atomically: the watcher may be reading it)."""
+    doc = _model_yaml(folder)
+    doc["version_policy"] = {"specific": versions}
+    tmp = folder / ".model.yaml.optimize"
+    tmp.write_text(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    os.replace(tmp, folder / "model.yaml")
+
+
+def _pin(folder: Path, served: list[int]) -> None:
+    """A ``latest`` policy would serve the new versions as they are written: pin what is served now."""
+    policy = _model_yaml(folder).get("version_policy", {"latest": 1})
+    if isinstance(policy, dict) and "latest" in policy:
+        _set_policy(folder, served)
+
+
+def _cpu() -> str:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return platform.machine()
+    shown = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+    return f"{platform.machine()} [{' '.join(shown)}], {os.cpu_count()} cores"
+
+
+def _write(report: OptimizeReport) -> None:
+    report.folder.mkdir(exist_ok=True)
+    doc = {k: v for k, v in asdict(report).items() if k != "folder"}
+    (report.folder / "report.json").write_text(json.dumps(doc, indent=1, default=str))
+    (report.folder / "report.md").write_text(_markdown(report), encoding="utf-8")
+    _plot(report, report.folder / "report.png")
+
+
+def _markdown(r: OptimizeReport) -> str:
+    metric = next((row.quality["metric"] for row in r.rows if row.quality), "quality")
+    lines = [f"# forwardpass optimize: {r.model}", "",
+             f"From version {r.original}; quality on {r.data}; CPU {r.cpu}; one intra-op thread; latency medians "
+             f"and 99th percentiles over interleaved rounds. Guard: a drop of at most {r.max_drop:.3g} in {metric} "
+             "(flagged when its 95% interval reaches past it).", "",
+             "| variant | version | size KiB | p50 / p99 ms, batch 1 | p50 / p99 ms, batch 32 | rows/s at 32 | "
+             f"{metric} | drop (95% interval) | verdict |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for row in r.rows:
+        if not row.p50_ms:
+            lines.append(f"| {row.variant} | – | – | – | – | – | – | – | {row.verdict}: {row.described} |")
+            continue
+        q = row.quality
+        lines.append(f"| {row.variant} | {row.version} | {row.size_bytes / 1024:.1f} | {row.p50_ms[1]:.3f} / "
+                     f"{row.p99_ms[1]:.3f} | {row.p50_ms[32]:.3f} / {row.p99_ms[32]:.3f} | {row.throughput:,.0f} | "
+                     f"{q['value']:.4f} | {q['drop']:+.4f} ({q['low']:+.4f}, {q['high']:+.4f}) | "
+                     f"{row.verdict} |")  # fmt: skip
+    base = r.row("original")
+    best = r.row(r.recommended)
+    lines += ["", f"**Recommended: {r.recommended}**"
+              + (f" (version {best.version}): {best.throughput / base.throughput:.2f}x the original's rows/s at "
+                 f"batch 32, {metric} {best.quality['drop']:+.4f}." if r.recommended != "original" else
+                 f": no accepted variant was {MIN_GAIN:.2f}x the original's rows/s at batch 32 or more; the original "
+                 "stays.")]  # fmt: skip
+    if r.recommended == "original" and not any(x.verdict == "accepted" for x in r.rows[1:]):
+        lines.append("Nothing passed the guard.")
+    lines.append(f"{'Promoted: it is the served version now.' if r.promoted else 'Not promoted (--promote serves it).'}")
+    for row in r.rows[1:]:
+        if row.version is not None:
+            lines.append(f"- {row.variant}: {row.described}")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(r: OptimizeReport, path: Path) -> None:
+    matplotlib = require("matplotlib", "optimize", "drawing the optimize report")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measured = [row for row in r.rows if row.p50_ms]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    colors = {"accepted": "tab:green", "flagged": "tab:orange", "rejected": "tab:red"}
+    for row in measured:
+        ax.scatter(row.p50_ms[32], row.quality["value"], color=colors.get(row.verdict, "gray"),
+                   marker="*" if row.variant == r.recommended else "o", s=160 if row.variant == r.recommended else 50)
+        ax.annotate(row.variant, (row.p50_ms[32], row.quality["value"]), textcoords="offset points", xytext=(5, 5),
+                    fontsize=8)  # fmt: skip
+    ax.set_xlabel("median ms per call, batch 32")
+    ax.set_ylabel(str(measured[0].quality["metric"]))
+    ax.set_title(f"{r.model}: quality against latency ({r.cpu})", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

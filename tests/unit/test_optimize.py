@@ -1,0 +1,106 @@
+"""forwardpass optimize (issue 18): variants written as versions, measured, guarded, one recommended, promoted."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+pytest.importorskip("onnxruntime.quantization")
+pytest.importorskip("matplotlib")
+onnx = pytest.importorskip("onnx")
+
+
+@pytest.fixture
+def repo(demo_repo: Path, tmp_path: Path) -> Path:
+    for name in ("digits", "breast-cancer"):
+        shutil.copytree(demo_repo / name, tmp_path / name)
+    return tmp_path
+
+
+def test_quantized_variants_are_new_versions_that_load_and_the_report_recommends_one(repo):
+    from forwardpass import Repository
+    from forwardpass.optimize import optimize
+
+    report = optimize(repo, "digits", ["dynamic-int8", "int4", "graph"], rounds=1)
+    assert [r.variant for r in report.rows] == ["original", "dynamic-int8", "int4", "graph"]
+    assert [r.version for r in report.rows] == [1, 2, 3, 4]  # never over a version
+    ops = {v: {n.op_type for n in onnx.load(str(repo / "digits" / str(v) / "model.onnx")).graph.node} for v in (2, 3)}
+    assert "MatMulInteger" in ops[2] and "MatMulNBits" in ops[3]
+    assert all(r.verdict in ("accepted", "flagged", "rejected") and r.p50_ms[1] > 0 and r.p99_ms[32] >= r.p50_ms[32]
+               for r in report.rows)  # fmt: skip
+    assert sum(r.variant == report.recommended for r in report.rows) == 1
+    assert report.row("dynamic-int8").quality["metric"] == "accuracy"  # the demo's labelled held-out split
+    # not promoted: the served version is pinned where it was (a `latest` policy would serve version 4 now)
+    assert yaml.safe_load((repo / "digits" / "model.yaml").read_text())["version_policy"] == {"specific": [1]}
+    assert Repository(repo).selected_versions("digits") == [1]
+    for version in (2, 3, 4):  # every variant serves through the engine, with the model's pre/post-processing
+        answer = Repository(repo).load("digits", version).predict({"input": np.zeros((1, 64), np.float32)})
+        assert answer is not None
+    folder = repo / "digits" / "optimize"
+    doc = json.loads((folder / "report.json").read_text())
+    assert doc["recommended"] == report.recommended and len(doc["rows"]) == 4
+    assert (folder / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = (folder / "report.md").read_text()
+    assert f"**Recommended: {report.recommended}**" in text and ("avx" in text or "x86_64" in text)
+
+
+def test_the_guard_rejects_a_variant_past_the_allowed_drop(repo, monkeypatch):
+    from forwardpass.optimize import optimize, variants
+
+    def damaged(source: Path, target: Path, X) -> str:  # a real variant, with its first weight matrix halved
+        model = onnx.load(str(source))
+        first = next(t for t in model.graph.initializer if len(t.dims) == 2)
+        array = onnx.numpy_helper.to_array(first) * 0.3
+        first.CopyFrom(onnx.numpy_helper.from_array(array.astype(np.float32), first.name))
+        onnx.save(model, str(target))
+        return "weights scaled by 0.3"
+
+    monkeypatch.setitem(variants.METHODS, "damaged", (damaged, None))
+    report = optimize(repo, "digits", ["damaged"], rounds=1, max_drop=0.01)
+    row = report.row("damaged")
+    assert row.quality["drop"] > 0.01 and row.verdict == "rejected"
+    assert report.recommended == "original"
+    assert "Nothing passed the guard." in (repo / "digits" / "optimize" / "report.md").read_text()
+
+
+def test_promote_changes_what_the_server_answers_with(repo, serve, cli, monkeypatch):
+    import forwardpass.optimize
+
+    # any accepted variant wins (on a busy machine dynamic int8 need not be 1.10x this tiny MLP's speed)
+    monkeypatch.setattr(forwardpass.optimize, "MIN_GAIN", 0.0)
+    result = cli("optimize", "digits", "-r", str(repo), "--quantize", "dynamic-int8", "--rounds", "1", "--promote")
+    assert result.returncode == 0, result.stderr
+    assert "Recommended:" in result.stdout
+    served = yaml.safe_load((repo / "digits" / "model.yaml").read_text())["version_policy"]["specific"]
+    report = json.loads((repo / "digits" / "optimize" / "report.json").read_text())
+    winner = next(r["version"] for r in report["rows"] if r["variant"] == report["recommended"])
+    assert winner == 2 and served == [2] and report["promoted"]
+    app = serve(repo)
+    answer = app.post("/v2/models/digits/infer", json={"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64],
+                                                                  "data": [0.0] * 64}]})  # fmt: skip
+    assert answer.status_code == 200 and answer.json()["model_version"] == str(winner)
+
+
+def test_a_model_without_matmul_says_quantization_does_not_apply(repo):
+    from forwardpass.optimize import optimize
+
+    report = optimize(repo, "breast-cancer", ["dynamic-int8", "int4"], rounds=1)
+    for method in ("dynamic-int8", "int4"):
+        row = report.row(method)
+        assert row.version is None and row.verdict == "not applicable" and "LinearClassifier" in row.described
+    assert report.recommended == "original" and sorted(p.name for p in (repo / "breast-cancer").iterdir()
+                                                       if p.name.isdigit()) == ["1"]  # fmt: skip
+
+
+def test_validation_rows_from_a_file_without_labels_measure_agreement(repo, tmp_path):
+    from forwardpass.optimize import optimize
+
+    data = tmp_path / "rows.npz"
+    np.savez(data, X=np.random.default_rng(0).uniform(0, 16, (64, 64)).astype(np.float32))
+    report = optimize(repo, "digits", ["graph"], data=data, rounds=1)
+    assert report.row("graph").quality["metric"] == "agreement" and report.row("graph").quality["value"] == 1.0
