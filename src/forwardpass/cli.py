@@ -536,6 +536,8 @@ def optimize(
     repository: RepositoryOption = None,
     quantize: Annotated[list[str] | None, typer.Option(help="dynamic-int8, static-int8, static-int8-entropy, "
                                                       "int4 or fp16; repeat for several [default: all]")] = None,
+    prune: Annotated[list[float] | None, typer.Option(help="Remove this fraction of each dense hidden layer's units "
+                                                      "(0.5 = half), next layer refitted; repeat for several")] = None,
     graph: Annotated[bool, typer.Option("--graph", help="ONNX Runtime's graph optimizations saved offline "
                                                          "[default: with all quantizations]")] = False,  # fmt: skip
     eval_data: Annotated[Path | None, typer.Option("--eval", help="Validation rows: .npz (X, y) or .csv with the "
@@ -546,12 +548,12 @@ def optimize(
     rounds: Annotated[int, typer.Option(help="Interleaved timing rounds")] = 5,
 ) -> None:
     """Cheaper variants of a model as new versions, measured side by side, guarded, one recommended."""
-    from forwardpass.optimize import QUANTIZE
+    from forwardpass.optimize import ALL
     from forwardpass.optimize import optimize as run
 
-    methods = list(quantize or ()) + (["graph"] if graph else [])
+    methods = list(quantize or ()) + [f"prune-{round(f * 100)}" for f in prune or ()] + (["graph"] if graph else [])
     if not methods:
-        methods = [*QUANTIZE, "graph"]
+        methods = list(ALL)
     report = run(repository or _default_path(), model, methods, data=eval_data, max_drop=max_accuracy_drop,
                  promote=promote, rounds=rounds, progress=lambda line: out.print(f"[dim]{escape(line)}[/dim]"))  # fmt: skip
     out.print((report.folder / "report.md").read_text(encoding="utf-8"), markup=False, highlight=False)

@@ -104,3 +104,23 @@ def test_validation_rows_from_a_file_without_labels_measure_agreement(repo, tmp_
     np.savez(data, X=np.random.default_rng(0).uniform(0, 16, (64, 64)).astype(np.float32))
     report = optimize(repo, "digits", ["graph"], data=data, rounds=1)
     assert report.row("graph").quality["metric"] == "agreement" and report.row("graph").quality["value"] == 1.0
+
+
+def test_pruning_removes_hidden_units_and_refits_the_next_layer(repo):
+    from forwardpass import Repository
+    from forwardpass.optimize import optimize
+
+    report = optimize(repo, "digits", ["prune-50", "prune-75"], rounds=1)
+    shapes = {}
+    for version in (2, 3):
+        model = onnx.load(str(repo / "digits" / str(version) / "model.onnx"))
+        shapes[version] = sorted(tuple(t.dims) for t in model.graph.initializer if len(t.dims) == 2)
+    assert shapes[2] == [(1, 10), (1, 32), (32, 10), (64, 32)]  # 64 hidden units -> 32: tensors cut, not zeroed
+    assert shapes[3] == [(1, 10), (1, 16), (16, 10), (64, 16)]
+    assert report.row("prune-50").size_bytes < report.row("original").size_bytes
+    assert "64 -> 32 units" in report.row("prune-50").described
+    # the refit keeps the half-size model useful: far above chance (10%), below the original
+    assert 0.9 < report.row("prune-50").quality["value"] <= report.row("original").quality["value"]
+    assert Repository(repo).load("digits", 2).predict({"input": np.zeros((1, 64), np.float32)}) is not None
+    wrong = optimize(repo, "breast-cancer", ["prune-50"], rounds=1).row("prune-50")
+    assert wrong.verdict == "not applicable" and wrong.version is None

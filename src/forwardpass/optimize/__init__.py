@@ -6,8 +6,8 @@
 
 1. The served version is the original. A ``latest`` version policy is pinned first (``specific: [v]``),
    so that the new versions do not get served before the guard has read them.
-2. Each method (optimize/variants.py) writes its variant as the next version of the model, never over
-   one. A method with nothing to change is reported, not written.
+2. Each method (optimize/variants.py; ``prune-NN``: optimize/prune.py) writes its variant as the next
+   version of the model, never over one. A method with nothing to change is reported, not written.
 3. Every variant and the original are measured in the same run (optimize/measure.py):
    - latency p50/p99 at batch 1 and 32 and throughput, in interleaved rounds, one intra-op thread (how the
      server runs a small model);
@@ -44,7 +44,7 @@ from forwardpass.errors import ForwardpassError
 from forwardpass.optimize import measure, variants
 from forwardpass.optimize.variants import QUANTIZE, NotApplicable
 
-__all__ = ["QUANTIZE", "OptimizeReport", "Row", "optimize"]
+__all__ = ["ALL", "QUANTIZE", "OptimizeReport", "Row", "optimize"]
 DEMO_DATA = ("digits", "breast-cancer", "iris", "diabetes")
 Progress = Callable[[str], None]
 # a variant replaces the original only this much faster at batch 32: smaller gaps are within the timing noise
@@ -83,7 +83,10 @@ class OptimizeReport:
         return next(r for r in self.rows if r.variant == variant)
 
 
-def optimize(repository: str | Path, name: str, methods: Sequence[str] = (*QUANTIZE, "graph"), *,
+ALL = (*QUANTIZE, "prune-50", "prune-75", "graph")
+
+
+def optimize(repository: str | Path, name: str, methods: Sequence[str] = ALL, *,
              data: str | Path | None = None, max_drop: float = 0.01, promote: bool = False, rounds: int = 5,
              progress: Progress | None = None) -> OptimizeReport:  # fmt: skip
     """Make, measure and judge ``methods``' variants of model ``name`` (see the module docstring)."""
@@ -100,7 +103,7 @@ def optimize(repository: str | Path, name: str, methods: Sequence[str] = (*QUANT
         raise ForwardpassError(f"model '{name}' has no version to start from")
     original = served[-1]
     folder = repo.folder(name)
-    X, y, source = _validation(name, data, config)
+    X, y, calibration, source = _validation(name, data, config)
     _pin(folder, served)
     rows = [Row("original", original, f"version {original} as served", _size(folder / str(original)))]
     paths = {"original": folder / str(original) / "model.onnx"}
@@ -110,7 +113,7 @@ def optimize(repository: str | Path, name: str, methods: Sequence[str] = (*QUANT
         target = folder / str(version)
         target.mkdir()
         try:
-            described = variants.make(method, paths["original"], target / "model.onnx", X)
+            described = variants.make(method, paths["original"], target / "model.onnx", calibration)
             _session(target / "model.onnx")  # refuses what ONNX Runtime cannot run
         except NotApplicable as exc:
             shutil.rmtree(target)
@@ -152,32 +155,43 @@ def optimize(repository: str | Path, name: str, methods: Sequence[str] = (*QUANT
     return report
 
 
-def _validation(name: str, data: str | Path | None, config: Any) -> tuple[np.ndarray, np.ndarray | None, str]:
-    """(rows, labels or None, where they came from)."""
+def _validation(name: str, data: str | Path | None,
+                config: Any) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, str]:  # fmt: skip
+    """(evaluation rows, their labels or None, calibration rows, where they came from). Calibration (static
+    quantization's ranges, pruning's importance and refit) never sees the rows a variant is judged on: the demo
+    calibrates on its training split; a file's rows are split in two at random (seeded), half for each."""
     if data is not None:
-        path = Path(data)
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as f:
-                if "X" not in f:
-                    raise ForwardpassError(f"{path}: expected an array named X (and optionally y)")
-                return np.asarray(f["X"], np.float32), (np.asarray(f["y"]) if "y" in f else None), str(path)
-        if path.suffix == ".csv":
-            pandas = require("pandas", "batch", "reading a CSV of validation rows")
-            frame = pandas.read_csv(path)
-            features = config.inputs[0].features or [c for c in frame.columns if c != "label"]
-            missing = [c for c in features if c not in frame.columns]
-            if missing:
-                raise ForwardpassError(f"{path}: missing feature columns {missing[:5]}")
-            y = frame["label"].to_numpy() if "label" in frame.columns else None
-            return frame[features].to_numpy(np.float32), y, str(path)
-        raise ForwardpassError(f"{path}: validation data is an .npz (X, y) or a .csv file")
+        X, y, where = _read_rows(Path(data), config)
+        if len(X) < 4:
+            raise ForwardpassError(f"{data}: {len(X)} rows; give at least 4 (half calibrate, half evaluate)")
+        order = np.random.default_rng(0).permutation(len(X))
+        cal, ev = order[: len(X) // 2], order[len(X) // 2 :]
+        return X[ev], (y[ev] if y is not None else None), X[cal], f"{where} ({len(ev)} of its {len(X)} rows)"
     if name in DEMO_DATA:
         from forwardpass.demo import datasets
 
         split = datasets.load(name)
-        where = f"the demo's held-out split of {name} ({len(split.X_test)} rows)"
-        return split.X_test.astype(np.float32), split.y_test, where
+        where = f"the demo's held-out split of {name} ({len(split.X_test)} rows; calibration on its training split)"
+        return split.X_test.astype(np.float32), split.y_test, split.X_train.astype(np.float32), where
     raise ForwardpassError(f"model '{name}': give validation rows with --eval DATA (.npz with X and y, or .csv)")
+
+
+def _read_rows(path: Path, config: Any) -> tuple[np.ndarray, np.ndarray | None, str]:
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as f:
+            if "X" not in f:
+                raise ForwardpassError(f"{path}: expected an array named X (and optionally y)")
+            return np.asarray(f["X"], np.float32), (np.asarray(f["y"]) if "y" in f else None), str(path)
+    if path.suffix == ".csv":
+        pandas = require("pandas", "batch", "reading a CSV of validation rows")
+        frame = pandas.read_csv(path)
+        features = config.inputs[0].features or [c for c in frame.columns if c != "label"]
+        missing = [c for c in features if c not in frame.columns]
+        if missing:
+            raise ForwardpassError(f"{path}: missing feature columns {missing[:5]}")
+        y = frame["label"].to_numpy() if "label" in frame.columns else None
+        return frame[features].to_numpy(np.float32), y, str(path)
+    raise ForwardpassError(f"{path}: validation data is an .npz (X, y) or a .csv file")
 
 
 def _session(path: Path) -> Any:

@@ -153,7 +153,16 @@ QUANTIZE = ("dynamic-int8", "static-int8", "static-int8-entropy", "int4", "fp16"
 
 
 def make(method: str, source: Path, target: Path, calibration: np.ndarray | None = None) -> str:
-    """Write ``method``'s variant of ``source`` to ``target``; a one-line description of what it did."""
+    """Write ``method``'s variant of ``source`` to ``target``; a one-line description of what it did.
+    ``prune-NN`` removes NN% of each dense hidden layer's units (optimize/prune.py)."""
+    if method.startswith("prune-"):
+        from forwardpass.optimize.prune import prune
+
+        try:
+            fraction = int(method.removeprefix("prune-")) / 100
+        except ValueError:
+            raise ForwardpassError(f"{method!r}: expected prune-NN, NN the percentage of units to remove") from None
+        return prune(source, target, calibration, fraction)
     if method not in METHODS:
         raise ForwardpassError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     maker, marks = METHODS[method]
