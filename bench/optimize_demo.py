@@ -30,7 +30,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fp-optimize-") as scratch:
         for name in MODELS:
             shutil.copytree(source / name, Path(scratch) / name)
-            report = optimize(scratch, name, rounds=args.rounds, progress=lambda line, n=name: print(f"{n}: {line}"))
+            report = optimize(scratch, name, rounds=args.rounds)
             target = DOCS / name
             shutil.rmtree(target, ignore_errors=True)
             shutil.copytree(report.folder, target)

@@ -554,9 +554,20 @@ def optimize(
     methods = list(quantize or ()) + [f"prune-{round(f * 100)}" for f in prune or ()] + (["graph"] if graph else [])
     if not methods:
         methods = list(ALL)
-    report = run(repository or _default_path(), model, methods, data=eval_data, max_drop=max_accuracy_drop,
-                 promote=promote, rounds=rounds, progress=lambda line: out.print(f"[dim]{escape(line)}[/dim]"))  # fmt: skip
-    out.print((report.folder / "report.md").read_text(encoding="utf-8"), markup=False, highlight=False)
+    from rich.progress import Progress
+
+    with Progress(console=err, transient=False) as bars:
+        tasks: dict[str, Any] = {}
+
+        def show(stage: str, done: int, total: int) -> None:  # one bar per stage (the stage's name before "(")
+            key = stage.split(" (")[0]
+            if key not in tasks:
+                tasks[key] = bars.add_task(key, total=total)
+            bars.update(tasks[key], completed=done, description=escape(stage))
+
+        report = run(repository or _default_path(), model, methods, data=eval_data, max_drop=max_accuracy_drop,
+                     promote=promote, rounds=rounds, progress=show)  # fmt: skip
+    out.print((report.folder / "report.md").read_text(encoding="utf-8"), markup=False, highlight=False, soft_wrap=True)
 
 
 def _default_path() -> Path:

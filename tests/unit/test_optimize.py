@@ -26,8 +26,11 @@ def test_quantized_variants_are_new_versions_that_load_and_the_report_recommends
     from forwardpass import Repository
     from forwardpass.optimize import optimize
 
-    report = optimize(repo, "digits", ["dynamic-int8", "int4", "graph"], rounds=1)
+    seen: dict[str, tuple[int, int]] = {}
+    report = optimize(repo, "digits", ["dynamic-int8", "int4", "graph"], rounds=1,
+                      progress=lambda stage, done, total: seen.__setitem__(stage.split(" (")[0], (done, total)))
     assert [r.variant for r in report.rows] == ["original", "dynamic-int8", "int4", "graph"]
+    assert seen["making variants"] == (3, 3) and all(done == total for done, total in seen.values()) and len(seen) == 3
     assert [r.version for r in report.rows] == [1, 2, 3, 4]  # never over a version
     ops = {v: {n.op_type for n in onnx.load(str(repo / "digits" / str(v) / "model.onnx")).graph.node} for v in (2, 3)}
     assert "MatMulInteger" in ops[2] and "MatMulNBits" in ops[3]

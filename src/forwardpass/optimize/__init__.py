@@ -46,7 +46,7 @@ from forwardpass.optimize.variants import QUANTIZE, NotApplicable
 
 __all__ = ["ALL", "QUANTIZE", "OptimizeReport", "Row", "optimize"]
 DEMO_DATA = ("digits", "breast-cancer", "iris", "diabetes")
-Progress = Callable[[str], None]
+Progress = Callable[[str, int, int], None]  # (stage, done, total): a progress bar per stage
 # a variant replaces the original only this much faster at batch 32: smaller gaps are within the timing noise
 # of a shared 2-core machine (the same model measured 0.83-0.92M rows/s in different runs)
 MIN_GAIN = 1.10
@@ -92,7 +92,7 @@ def optimize(repository: str | Path, name: str, methods: Sequence[str] = ALL, *,
     """Make, measure and judge ``methods``' variants of model ``name`` (see the module docstring)."""
     from forwardpass.repository import Repository
 
-    say = progress or (lambda line: None)
+    say = progress or (lambda stage, done, total: None)
     repo = Repository(repository)
     config = repo.config(name)
     if config.task not in ("classification", "regression") or config.runtime.kind != "onnx":
@@ -107,8 +107,8 @@ def optimize(repository: str | Path, name: str, methods: Sequence[str] = ALL, *,
     _pin(folder, served)
     rows = [Row("original", original, f"version {original} as served", _size(folder / str(original)))]
     paths = {"original": folder / str(original) / "model.onnx"}
-    for method in methods:
-        say(f"{method}: making the variant")
+    for i, method in enumerate(methods):
+        say(f"making variants ({method})", i, len(methods))
         version = max(repo.versions(name)) + 1
         target = folder / str(version)
         target.mkdir()
@@ -127,12 +127,14 @@ def optimize(repository: str | Path, name: str, methods: Sequence[str] = ALL, *,
                                                          "described": described}, indent=1))  # fmt: skip
         rows.append(Row(method, version, described, _size(target)))
         paths[method] = target / "model.onnx"
-    say(f"measuring {len(paths)} models: {rounds} interleaved rounds at batch 1 and 32, quality on {len(X)} rows")
+    say("making variants", len(methods), len(methods))
     sessions = {v: _session(p) for v, p in paths.items()}
-    timings = measure.latency(sessions, X, rounds=rounds)
+    timings = measure.latency(sessions, X, rounds=rounds,
+                              done=lambda r: say(f"timing {len(sessions)} models at batch 1 and 32", r, rounds))  # fmt: skip
     reference = measure.predictions(sessions["original"], X, config.task)
     labels = config.labels if isinstance(config.labels, list) else []  # a file of labels: y is class indices
-    for row in rows:
+    for i, row in enumerate(rows):
+        say(f"quality on {len(X)} rows", i, len(rows))
         if row.variant not in sessions:
             continue
         t = timings[row.variant]
@@ -141,6 +143,7 @@ def optimize(repository: str | Path, name: str, methods: Sequence[str] = ALL, *,
                           labels)  # fmt: skip
         row.quality = {"metric": q.metric, "value": q.value, "drop": q.drop, "low": q.low, "high": q.high}
         row.verdict = "rejected" if q.drop > max_drop else "flagged" if q.high > max_drop else "accepted"
+    say(f"quality on {len(X)} rows", len(rows), len(rows))
     rows[0].verdict = "accepted"
     accepted = [r for r in rows[1:] if r.verdict == "accepted" and r.throughput >= MIN_GAIN * rows[0].throughput]
     best = max(accepted, key=lambda r: r.throughput) if accepted else rows[0]
@@ -151,7 +154,6 @@ def optimize(repository: str | Path, name: str, methods: Sequence[str] = ALL, *,
     elif promote:  # the original stays: nothing to change, nothing to serve anew
         _set_policy(folder, [original])
     _write(report)
-    say(f"report: {report.folder / 'report.md'}")
     return report
 
 

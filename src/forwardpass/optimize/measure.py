@@ -14,7 +14,7 @@ seeded): with few rows one different answer moves accuracy by whole points, and 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,15 +34,18 @@ class Timing:
         return batch / (self.p50_ms[batch] / 1000)
 
 
-def latency(sessions: dict[str, Any], X: np.ndarray, rounds: int = 5, calls: int = 60) -> dict[str, Timing]:
-    """Interleaved timing of each session's ``run(None, {input: rows})`` at batch 1 and 32."""
+def latency(sessions: dict[str, Any], X: np.ndarray, rounds: int = 5, calls: int = 60,
+            done: Callable[[int], object] = lambda rounds: None) -> dict[str, Timing]:  # fmt: skip
+    """Interleaved timing of each session's ``run(None, {input: rows})`` at batch 1 and 32; ``done(r)`` after
+    each round r (and with 0 before the first)."""
     batches = {b: np.ascontiguousarray(np.resize(X, (b, *X.shape[1:])).astype(np.float32)) for b in BATCHES}
     samples: dict[str, dict[int, list[float]]] = {name: {b: [] for b in BATCHES} for name in sessions}
     for session in sessions.values():  # first-use setup out of the timings
         name = session.get_inputs()[0].name
         for rows in batches.values():
             session.run(None, {name: rows})
-    for _ in range(rounds):
+    done(0)
+    for r in range(rounds):
         for variant, session in sessions.items():
             name = session.get_inputs()[0].name
             for b, rows in batches.items():
@@ -51,6 +54,7 @@ def latency(sessions: dict[str, Any], X: np.ndarray, rounds: int = 5, calls: int
                     start = time.perf_counter()
                     session.run(None, feed)
                     samples[variant][b].append((time.perf_counter() - start) * 1000)
+        done(r + 1)
     return {v: Timing({b: float(np.median(s[b])) for b in BATCHES}, {b: float(np.percentile(s[b], 99)) for b in BATCHES})
             for v, s in samples.items()}  # fmt: skip
 
