@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,6 +38,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from forwardpass import _cpu
 from forwardpass._deps import require
 from forwardpass.errors import ForwardpassError
 from forwardpass.optimize import measure, variants
@@ -93,6 +93,10 @@ def optimize(repository: str | Path, name: str, methods: Sequence[str] = ALL, *,
     from forwardpass.repository import Repository
 
     say = progress or (lambda stage, done, total: None)
+    for method in methods:
+        variants.check(method)
+    if not 0 <= max_drop < 1:
+        raise ForwardpassError(f"--max-accuracy-drop: {max_drop}; expected an absolute drop from 0 to 1 (0.01: a point)")
     repo = Repository(repository)
     config = repo.config(name)
     if config.task not in ("classification", "regression") or config.runtime.kind != "onnx":
@@ -106,15 +110,17 @@ def optimize(repository: str | Path, name: str, methods: Sequence[str] = ALL, *,
     X, y, calibration, source = _validation(name, data, config)
     _pin(folder, served)
     rows = [Row("original", original, f"version {original} as served", _size(folder / str(original)))]
-    paths = {"original": folder / str(original) / "model.onnx"}
+    source_model = folder / str(original) / "model.onnx"
+    sessions = {"original": _session(source_model)}
     for i, method in enumerate(methods):
         say(f"making variants ({method})", i, len(methods))
-        version = max(repo.versions(name)) + 1
+        # above every numbered folder, a leftover one without a model included
+        version = max(int(p.name) for p in folder.iterdir() if p.name.isascii() and p.name.isdigit()) + 1
         target = folder / str(version)
         target.mkdir()
         try:
-            described = variants.make(method, paths["original"], target / "model.onnx", calibration)
-            _session(target / "model.onnx")  # refuses what ONNX Runtime cannot run
+            described = variants.make(method, source_model, target / "model.onnx", calibration)
+            session = _session(target / "model.onnx")  # refuses what ONNX Runtime cannot run
         except NotApplicable as exc:
             shutil.rmtree(target)
             rows.append(Row(method, None, str(exc), verdict="not applicable"))
@@ -126,9 +132,8 @@ def optimize(repository: str | Path, name: str, methods: Sequence[str] = ALL, *,
         (target / "variant.json").write_text(json.dumps({"method": method, "from_version": original,
                                                          "described": described}, indent=1))  # fmt: skip
         rows.append(Row(method, version, described, _size(target)))
-        paths[method] = target / "model.onnx"
+        sessions[method] = session
     say("making variants", len(methods), len(methods))
-    sessions = {v: _session(p) for v, p in paths.items()}
     timings = measure.latency(sessions, X, rounds=rounds,
                               done=lambda r: say(f"timing {len(sessions)} models at batch 1 and 32", r, rounds))  # fmt: skip
     reference = measure.predictions(sessions["original"], X, config.task)
@@ -147,7 +152,8 @@ def optimize(repository: str | Path, name: str, methods: Sequence[str] = ALL, *,
     rows[0].verdict = "accepted"
     accepted = [r for r in rows[1:] if r.verdict == "accepted" and r.throughput >= MIN_GAIN * rows[0].throughput]
     best = max(accepted, key=lambda r: r.throughput) if accepted else rows[0]
-    report = OptimizeReport(name, original, source, rows, best.variant, max_drop, False, _cpu(), folder / "optimize")
+    report = OptimizeReport(name, original, source, rows, best.variant, max_drop, False, _cpu.describe(),
+                            folder / "optimize")
     if promote and best.variant != "original" and best.version is not None:
         _set_policy(folder, [best.version])
         report.promoted = True
@@ -224,15 +230,6 @@ def _pin(folder: Path, served: list[int]) -> None:
     policy = _model_yaml(folder).get("version_policy", {"latest": 1})
     if isinstance(policy, dict) and "latest" in policy:
         _set_policy(folder, served)
-
-
-def _cpu() -> str:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return platform.machine()
-    shown = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
-    return f"{platform.machine()} [{' '.join(shown)}], {os.cpu_count()} cores"
 
 
 def _write(report: OptimizeReport) -> None:

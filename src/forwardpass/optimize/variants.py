@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from forwardpass import _cpu
 from forwardpass._deps import require
 from forwardpass.errors import ForwardpassError
 
@@ -35,15 +36,21 @@ class NotApplicable(ForwardpassError):
 def vnni() -> bool:
     """Whether this CPU has int8 dot-product instructions (AVX-512 VNNI or AVX-VNNI): without them ONNX
     Runtime's u8s8 kernels can overflow 16-bit intermediates, so weights are quantized to 7 bits
-    (``reduce_range``)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return True
-    flags = next((line for line in info.splitlines() if line.startswith("flags")), None)
-    if flags is None:  # not x86 (ARM lists "Features"): its dot products do not saturate
-        return True
-    return "avx512_vnni" in flags.split() or "avx_vnni" in flags.split()
+    (``reduce_range``). Not x86: True (ARM's dot products do not saturate)."""
+    found = _cpu.flags()
+    return found is None or bool(found & {"avx512_vnni", "avx_vnni"})
+
+
+def check(method: str) -> None:
+    """Refuse an unknown method name before any work (the CLI's --quantize / --prune)."""
+    if method.startswith("prune-"):
+        percent = method.removeprefix("prune-")
+        if not percent.isdigit() or not 0 < int(percent) < 100:
+            got = f"{int(percent) / 100:g}" if percent.isdigit() else repr(method)
+            raise ForwardpassError(f"--prune: {got}; expected a fraction of units to remove between 0 and 1")
+    elif method not in METHODS:
+        raise ForwardpassError(f"--quantize: unknown method {method!r}; expected one of {', '.join(QUANTIZE)} "
+                               "(or --graph, --prune FRACTION)")  # fmt: skip
 
 
 def _ops(path: Path) -> set[str]:
@@ -155,20 +162,16 @@ QUANTIZE = ("dynamic-int8", "static-int8", "static-int8-entropy", "int4", "fp16"
 def make(method: str, source: Path, target: Path, calibration: np.ndarray | None = None) -> str:
     """Write ``method``'s variant of ``source`` to ``target``; a one-line description of what it did.
     ``prune-NN`` removes NN% of each dense hidden layer's units (optimize/prune.py)."""
+    check(method)
     if method.startswith("prune-"):
         from forwardpass.optimize.prune import prune
 
-        try:
-            fraction = int(method.removeprefix("prune-")) / 100
-        except ValueError:
-            raise ForwardpassError(f"{method!r}: expected prune-NN, NN the percentage of units to remove") from None
-        return prune(source, target, calibration, fraction)
-    if method not in METHODS:
-        raise ForwardpassError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+        return prune(source, target, calibration, int(method.removeprefix("prune-")) / 100)
     maker, marks = METHODS[method]
-    if method != "graph" and method != "fp16" and not _ops(source) & QUANTIZABLE:
+    ops = _ops(source)
+    if method in QUANTIZE and method != "fp16" and not ops & QUANTIZABLE:
         raise NotApplicable(f"nothing to quantize: the graph has no {', '.join(sorted(QUANTIZABLE))} "
-                            f"(its operators: {', '.join(sorted(_ops(source)))})")  # fmt: skip
+                            f"(its operators: {', '.join(sorted(ops))})")  # fmt: skip
     described = maker(source, target, calibration)
     if marks is not None and not _ops(target) & marks:
         target.unlink(missing_ok=True)
