@@ -538,6 +538,8 @@ def optimize(
                                                       "int4 or fp16; repeat for several [default: all]")] = None,
     prune: Annotated[list[float] | None, typer.Option(help="Remove this fraction of each dense hidden layer's units "
                                                       "(0.5 = half), next layer refitted; repeat for several")] = None,
+    distill: Annotated[list[str] | None, typer.Option(help="Train a student with these hidden layer sizes (64, or "
+                                                      "32,16; 0: linear) on its outputs; repeat for several")] = None,
     graph: Annotated[bool, typer.Option("--graph", help="ONNX Runtime's graph optimizations saved offline "
                                                          "[default: with all quantizations]")] = False,  # fmt: skip
     eval_data: Annotated[Path | None, typer.Option("--eval", help="Validation rows: .npz (X, y) or .csv with the "
@@ -550,8 +552,10 @@ def optimize(
     """Cheaper variants of a model as new versions, measured side by side, guarded, one recommended."""
     from forwardpass.optimize import ALL
     from forwardpass.optimize import optimize as run
+    from forwardpass.optimize.distill import method_name
 
-    methods = list(quantize or ()) + [f"prune-{round(f * 100)}" for f in prune or ()] + (["graph"] if graph else [])
+    methods = list(quantize or ()) + [f"prune-{round(f * 100)}" for f in prune or ()]
+    methods += [method_name(d) for d in distill or ()] + (["graph"] if graph else [])
     if not methods:
         methods = list(ALL)
     from rich.progress import Progress

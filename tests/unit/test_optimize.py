@@ -127,3 +127,21 @@ def test_pruning_removes_hidden_units_and_refits_the_next_layer(repo):
     assert Repository(repo).load("digits", 2).predict({"input": np.zeros((1, 64), np.float32)}) is not None
     wrong = optimize(repo, "breast-cancer", ["prune-50"], rounds=1).row("prune-50")
     assert wrong.verdict == "not applicable" and wrong.version is None
+
+
+def test_distillation_trains_a_smaller_student_that_serves_with_the_teachers_labels(repo, cli):
+    from forwardpass import Repository
+
+    result = cli("optimize", "digits", "-r", str(repo), "--distill", "32", "--distill", "0", "--rounds", "1")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((repo / "digits" / "optimize" / "report.json").read_text())
+    rows = {r["variant"]: r for r in report["rows"]}
+    assert rows["distill-32"]["version"] == 2 and rows["distill-linear"]["version"] == 3
+    student = onnx.load(str(repo / "digits" / "2" / "model.onnx"))
+    assert sorted(tuple(t.dims) for t in student.graph.initializer if len(t.dims) == 2) == [(32, 10), (64, 32)]
+    assert not {n.op_type for n in student.graph.node} & {"Scaler", "Cast"}  # the input scaling folded in
+    assert rows["distill-32"]["quality"]["value"] > 0.95  # a student, not noise (chance is 0.10)
+    answer = Repository(repo).load("digits", 2).predict({"input": np.zeros((1, 64), np.float32)})
+    assert answer is not None
+    bad = cli("optimize", "digits", "-r", str(repo), "--distill", "wide")
+    assert bad.returncode == 2 and "--distill" in bad.stderr

@@ -83,7 +83,7 @@ class OptimizeReport:
         return next(r for r in self.rows if r.variant == variant)
 
 
-ALL = (*QUANTIZE, "prune-50", "prune-75", "graph")
+ALL = (*QUANTIZE, "prune-50", "prune-75", "distill-48", "distill-32", "graph")
 
 
 def optimize(repository: str | Path, name: str, methods: Sequence[str] = ALL, *,
@@ -119,7 +119,7 @@ def optimize(repository: str | Path, name: str, methods: Sequence[str] = ALL, *,
         target = folder / str(version)
         target.mkdir()
         try:
-            described = variants.make(method, source_model, target / "model.onnx", calibration)
+            described = variants.make(method, source_model, target / "model.onnx", calibration, config.task)
             session = _session(target / "model.onnx")  # refuses what ONNX Runtime cannot run
         except NotApplicable as exc:
             shutil.rmtree(target)

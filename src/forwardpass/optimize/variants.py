@@ -48,9 +48,17 @@ def check(method: str) -> None:
         if not percent.isdigit() or not 0 < int(percent) < 100:
             got = f"{int(percent) / 100:g}" if percent.isdigit() else repr(method)
             raise ForwardpassError(f"--prune: {got}; expected a fraction of units to remove between 0 and 1")
+    elif method.startswith("distill-"):
+        from forwardpass.optimize.distill import hidden_sizes
+
+        try:
+            hidden_sizes(method)
+        except ValueError:
+            raise ForwardpassError(f"--distill: {method.removeprefix('distill-')!r}; expected hidden layer sizes "
+                                   "such as 64 or 32,16 (at most 4 layers), or 0 for a linear student") from None
     elif method not in METHODS:
         raise ForwardpassError(f"--quantize: unknown method {method!r}; expected one of {', '.join(QUANTIZE)} "
-                               "(or --graph, --prune FRACTION)")  # fmt: skip
+                               "(or --graph, --prune FRACTION, --distill SIZES)")  # fmt: skip
 
 
 def _ops(path: Path) -> set[str]:
@@ -159,10 +167,16 @@ METHODS: dict[str, tuple[Callable[[Path, Path, Any], str], set[str] | None]] = {
 QUANTIZE = ("dynamic-int8", "static-int8", "static-int8-entropy", "int4", "fp16")
 
 
-def make(method: str, source: Path, target: Path, calibration: np.ndarray | None = None) -> str:
+def make(method: str, source: Path, target: Path, calibration: np.ndarray | None = None,
+         task: str = "classification") -> str:  # fmt: skip
     """Write ``method``'s variant of ``source`` to ``target``; a one-line description of what it did.
-    ``prune-NN`` removes NN% of each dense hidden layer's units (optimize/prune.py)."""
+    ``prune-NN`` removes NN% of each dense hidden layer's units (optimize/prune.py); ``distill-32x16`` trains
+    a student with those hidden layers (optimize/distill.py)."""
     check(method)
+    if method.startswith("distill-"):
+        from forwardpass.optimize.distill import distill, hidden_sizes
+
+        return distill(source, target, calibration, hidden_sizes(method), task)
     if method.startswith("prune-"):
         from forwardpass.optimize.prune import prune
 
