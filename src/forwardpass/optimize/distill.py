@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -98,15 +99,13 @@ def distill(source: Path, target: Path, X: np.ndarray | None, hidden: tuple[int,
         targets = scores
     mean, std = rows.mean(axis=0), rows.std(axis=0) + 1e-6
     started = time.perf_counter()
-    student = neural.MLPRegressor(hidden_layer_sizes=hidden, max_iter=2000, tol=1e-6, n_iter_no_change=30,
-                                  random_state=SEED)  # fmt: skip
     if not hidden:  # a linear student: least squares, closed form
         design = np.hstack([(rows - mean) / std, np.ones((len(rows), 1))])
         solution = np.linalg.lstsq(design, targets, rcond=None)[0]
         weights, biases = [solution[:-1]], [solution[-1]]
     else:
-        import warnings
-
+        student = neural.MLPRegressor(hidden_layer_sizes=hidden, max_iter=2000, tol=1e-6, n_iter_no_change=30,
+                                      random_state=SEED)  # fmt: skip
         with warnings.catch_warnings():  # max_iter reached: the fit is still what it is, and measured below
             warnings.simplefilter("ignore")
             student.fit((rows - mean) / std, targets)
