@@ -145,3 +145,23 @@ def test_distillation_trains_a_smaller_student_that_serves_with_the_teachers_lab
     assert answer is not None
     bad = cli("optimize", "digits", "-r", str(repo), "--distill", "wide")
     assert bad.returncode == 2 and "--distill" in bad.stderr
+
+
+def test_a_regression_variant_gets_a_widened_interval_that_promote_serves(demo_repo, tmp_path, monkeypatch):
+    import forwardpass.optimize as opt
+
+    shutil.copytree(demo_repo / "diabetes", tmp_path / "diabetes")
+    original = yaml.safe_load((tmp_path / "diabetes" / "model.yaml").read_text())["post"]["interval"]["conformal"]
+    monkeypatch.setattr(opt, "MIN_GAIN", 0.0)  # recommended whatever the timings: what is checked is the interval
+    report = opt.optimize(tmp_path, "diabetes", ["distill-linear"], rounds=1, promote=True)
+    assert report.promoted and report.recommended == "distill-linear"
+    base, student = report.row("original").interval, report.row("distill-linear").interval
+    assert base["half_width"] == pytest.approx(original) and base["widened_by"] == 0
+    # the student is not the teacher to the last bit: its interval is wider by what separates them
+    assert student["widened_by"] > 0 and student["half_width"] == pytest.approx(original + student["widened_by"])
+    assert 0.8 < student["coverage"] <= 1
+    recorded = json.loads((tmp_path / "diabetes" / str(report.row("distill-linear").version) / "variant.json").read_text())
+    assert recorded["interval"] == student
+    served = yaml.safe_load((tmp_path / "diabetes" / "model.yaml").read_text())
+    assert served["post"]["interval"]["conformal"] == pytest.approx(student["half_width"])
+    assert "| distill-linear |" in (report.folder / "report.md").read_text().split("Intervals")[1]

@@ -65,6 +65,7 @@ class Row:
     throughput: float = 0.0  # rows/s at batch 32
     quality: dict[str, float | str] = field(default_factory=dict)
     verdict: str = ""  # accepted, flagged, rejected, not applicable
+    interval: dict[str, float] = field(default_factory=dict)  # regression with a conformal interval: see _widened
 
 
 @dataclass
@@ -137,6 +138,8 @@ def optimize(repository: str | Path, name: str, methods: Sequence[str] = ALL, *,
     timings = measure.latency(sessions, X, rounds=rounds,
                               done=lambda r: say(f"timing {len(sessions)} models at batch 1 and 32", r, rounds))  # fmt: skip
     reference = measure.predictions(sessions["original"], X, config.task)
+    conformal = _conformal(config)
+    on_calibration = measure.predictions(sessions["original"], calibration, config.task) if conformal else None
     labels = config.labels if isinstance(config.labels, list) else []  # a file of labels: y is class indices
     for i, row in enumerate(rows):
         say(f"quality on {len(X)} rows", i, len(rows))
@@ -144,10 +147,15 @@ def optimize(repository: str | Path, name: str, methods: Sequence[str] = ALL, *,
             continue
         t = timings[row.variant]
         row.p50_ms, row.p99_ms, row.throughput = t.p50_ms, t.p99_ms, t.throughput(32)
-        q = measure.score(measure.predictions(sessions[row.variant], X, config.task), reference, y, config.task,
-                          labels)  # fmt: skip
+        pred = measure.predictions(sessions[row.variant], X, config.task)
+        q = measure.score(pred, reference, y, config.task, labels)
         row.quality = {"metric": q.metric, "value": q.value, "drop": q.drop, "low": q.low, "high": q.high}
         row.verdict = "rejected" if q.drop > max_drop else "flagged" if q.high > max_drop else "accepted"
+        if conformal is not None and on_calibration is not None:
+            mine = measure.predictions(sessions[row.variant], calibration, config.task)
+            row.interval = _widened(conformal, mine, on_calibration, pred, y)
+            if row.version is not None and row.variant != "original":
+                _record(folder / str(row.version) / "variant.json", interval=row.interval)
     say(f"quality on {len(X)} rows", len(rows), len(rows))
     rows[0].verdict = "accepted"
     accepted = [r for r in rows[1:] if r.verdict == "accepted" and r.throughput >= MIN_GAIN * rows[0].throughput]
@@ -155,7 +163,7 @@ def optimize(repository: str | Path, name: str, methods: Sequence[str] = ALL, *,
     report = OptimizeReport(name, original, source, rows, best.variant, max_drop, False, _cpu.describe(),
                             folder / "optimize")
     if promote and best.variant != "original" and best.version is not None:
-        _set_policy(folder, [best.version])
+        _set_policy(folder, [best.version], conformal=best.interval.get("half_width"))
         report.promoted = True
     elif promote:  # the original stays: nothing to change, nothing to serve anew
         _set_policy(folder, [original])
@@ -216,10 +224,41 @@ def _model_yaml(folder: Path) -> dict[str, Any]:
     return yaml.safe_load((folder / "model.yaml").read_text(encoding="utf-8"))
 
 
-def _set_policy(folder: Path, versions: list[int]) -> None:
-    """model.yaml's version_policy set to ``specific: versions`` (atomically: the watcher may be reading it)."""
+def _conformal(config: Any) -> tuple[float, float] | None:
+    """(level, half-width) of a regression model's split-conformal interval; None when it has none."""
+    interval = getattr(config.post, "interval", None) if config.task == "regression" else None
+    return None if interval is None or interval.conformal is None else (interval.level, interval.conformal)
+
+
+def _widened(conformal: tuple[float, float], mine_cal: np.ndarray, original_cal: np.ndarray, mine: np.ndarray,
+             y: np.ndarray | None) -> dict[str, float]:  # fmt: skip
+    """A variant's interval: the original's half-width h plus the 99th percentile of |variant - original| on
+    the calibration rows (never the rows it is judged on). Since |y - v| <= |y - o| + |o - v|, a value y
+    inside the original's interval around o is inside the widened one around v whenever the variant is
+    within that percentile of the original: coverage stays at about the level less 0.01 at worst. With
+    labels, the coverage measured on the validation rows says how it came out."""
+    level, h = conformal
+    widen = float(np.quantile(np.abs(mine_cal - original_cal), 0.99))
+    out = {"level": level, "original_half_width": h, "widened_by": widen, "half_width": h + widen}
+    if y is not None:
+        out["coverage"] = float((np.abs(np.asarray(y, np.float64) - mine) <= h + widen).mean())
+    return out
+
+
+def _record(path: Path, **fields: Any) -> None:
+    """Fields added to a variant's variant.json."""
+    doc = json.loads(path.read_text())
+    doc.update(fields)
+    path.write_text(json.dumps(doc, indent=1))
+
+
+def _set_policy(folder: Path, versions: list[int], conformal: float | None = None) -> None:
+    """model.yaml's version_policy set to ``specific: versions`` (atomically: the watcher may be reading it),
+    and the interval's conformal half-width to ``conformal`` when given (the served variant's, see _widened)."""
     doc = _model_yaml(folder)
     doc["version_policy"] = {"specific": versions}
+    if conformal is not None and doc.get("post", {}).get("interval", {}).get("conformal") is not None:
+        doc["post"]["interval"]["conformal"] = conformal
     tmp = folder / ".model.yaml.optimize"
     tmp.write_text(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True), encoding="utf-8")
     os.replace(tmp, folder / "model.yaml")
@@ -270,6 +309,17 @@ def _markdown(r: OptimizeReport) -> str:
     for row in r.rows[1:]:
         if row.version is not None:
             lines.append(f"- {row.variant}: {row.described}")
+    if base.interval:
+        level = base.interval["level"]
+        lines += ["", f"Intervals ({level:.0%} split-conformal): each variant's half-width is the original's plus the "
+                  "99th percentile of |variant - original| on the calibration rows; --promote writes the served "
+                  "one into model.yaml.", "", "| variant | half-width | widened by | coverage on the validation rows |",
+                  "|---|---|---|---|"]  # fmt: skip
+        for row in r.rows:
+            if row.interval:
+                i = row.interval
+                coverage = f"{i['coverage']:.3f}" if "coverage" in i else "– (no labels)"
+                lines.append(f"| {row.variant} | {i['half_width']:.4g} | {i['widened_by']:.3g} | {coverage} |")
     return "\n".join(lines) + "\n"
 
 
