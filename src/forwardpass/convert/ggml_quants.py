@@ -65,3 +65,14 @@ def q8_0_rows(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     d = blocks[:, :, 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
     q = blocks[:, :, 2:34].view(np.int8).reshape(raw.shape[0], -1)
     return np.ascontiguousarray(q), d
+
+
+def int8_blocks(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Float weights (N, K) -> 8-bit MatMulNBits inputs as Q8_0 would store them: per block of 32 a scale
+    d = max|w| / 127 and q = round(w / d), as uint8 ``q + 128`` (B (N, K/32, 32), scales (N * K/32,) f32)."""
+    n, k = w.shape
+    blocks = w.reshape(n, k // QK, QK).astype(np.float32)
+    d = np.abs(blocks).max(axis=-1) / 127
+    q = np.clip(np.rint(blocks / np.where(d == 0, 1, d)[..., None]), -127, 127)
+    return (q + 128).astype(np.uint8), d.astype(np.float32).reshape(-1)
+

@@ -12,8 +12,9 @@
    lower temperature) cost the student 1.3 points of agreement. scikit-learn's MLPClassifier cannot take soft
    targets, so the student is an ``MLPRegressor`` on them. Regression: the teacher's values.
 3. The graph is written by hand and kept lean: the input standardization is folded into the first layer's
-   weights; Gemm (+Relu, fused by ONNX Runtime at load), Softmax for the probabilities, ArgMax and a
-   Gather of the teacher's class labels. The teacher's input and output names and types stay, so model.yaml's
+   weights; Gemm (+Relu, fused by ONNX Runtime at load); the last layer a LinearClassifier (ai.onnx.ml) that
+   gives the softmax probabilities and the teacher's class labels in one node (Gemm and Softmax for a model
+   without a label output). The teacher's input and output names and types stay, so model.yaml's
    pre/post-processing and labels serve the student unchanged. ``hidden=()`` is a linear student.
 
 For a model of a few small layers, ONNX Runtime's per-node cost outweighs the arithmetic, so the lean graph
@@ -146,7 +147,10 @@ def _graph(input_: Any, outputs: Any, scores_name: str, label_name: str | None, 
     strings = any(o.name == label_name and o.type == "tensor(string)" for o in outputs)
     nodes, inits = [], []
     x = input_.name
+    labelled = task == "classification" and label_name is not None and classes is not None
     for k, (w, b) in enumerate(zip(weights, biases, strict=True)):
+        if k == len(weights) - 1 and labelled:
+            break  # the last layer is the classifier node below
         inits += [numpy_helper.from_array(np.ascontiguousarray(w, np.float32), f"student_w{k}"),
                   numpy_helper.from_array(np.ascontiguousarray(b.reshape(-1), np.float32), f"student_b{k}")]  # fmt: skip
         last = k == len(weights) - 1
@@ -155,16 +159,18 @@ def _graph(input_: Any, outputs: Any, scores_name: str, label_name: str | None, 
         if not last:
             nodes.append(helper.make_node("Relu", [out + "_pre"], [out]))
         x = out
-    if task == "classification":
+    if labelled:
+        # one LinearClassifier node gives the scores, their softmax and the label: in place of Gemm, Softmax,
+        # ArgMax and a Gather of the labels, 11.4 µs a call at batch 32 on digits instead of 16.7
+        assert classes is not None and label_name is not None
+        labels = {"classlabels_strings": [str(c) for c in classes]} if strings else {
+            "classlabels_ints": [int(c) for c in classes]}  # fmt: skip
+        nodes.append(helper.make_node("LinearClassifier", [x], [label_name, scores_name], domain="ai.onnx.ml",
+                                      coefficients=np.asarray(weights[-1], np.float32).T.reshape(-1).tolist(),
+                                      intercepts=np.asarray(biases[-1], np.float32).reshape(-1).tolist(),
+                                      post_transform="SOFTMAX", **labels))  # fmt: skip
+    elif task == "classification":
         nodes.append(helper.make_node("Softmax", ["student_logits"], [scores_name], axis=1))
-        if label_name is not None and classes is not None:
-            nodes.append(helper.make_node("ArgMax", [scores_name], ["student_class"], axis=1, keepdims=0))
-            if strings:
-                inits.append(helper.make_tensor("student_labels", TensorProto.STRING, [len(classes)],
-                                                [str(c).encode() for c in classes]))  # type: ignore[misc]  # fmt: skip
-            else:
-                inits.append(numpy_helper.from_array(classes.astype(np.int64), "student_labels"))
-            nodes.append(helper.make_node("Gather", ["student_labels", "student_class"], [label_name], axis=0))
     width = weights[-1].shape[1]
     declared = {scores_name: helper.make_tensor_value_info(scores_name, TensorProto.FLOAT, [None, width])}
     if label_name is not None:
@@ -173,6 +179,7 @@ def _graph(input_: Any, outputs: Any, scores_name: str, label_name: str | None, 
     graph = helper.make_graph(nodes, "student", [helper.make_tensor_value_info(input_.name, TensorProto.FLOAT,
                                                                                 [None, input_.shape[1]])],
                               [declared[o.name] for o in outputs], inits)  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="forwardpass distill")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 1)],
+                              producer_name="forwardpass distill")  # fmt: skip
     model.ir_version = 8
     return model

@@ -4,7 +4,8 @@
     quality = score(outputs, reference, y, task, labels)                  # accuracy / R², or agreement
 
 Latency: each round times every variant in turn (a block of batch-1 runs, then of batch-32 runs), so a
-machine that slows down part-way slows all of them alike; percentiles over every run of every round.
+machine that slows down part-way slows all of them alike; percentiles over every run of every round. A
+block is 60 runs, or as many as fit in a quarter of a second for a slow model (at least 3).
 Quality: accuracy (classification) or R² (regression) against the labels when there are labels, else
 agreement with the original model's answers (same class; R² of the original's values). The drop against
 the original comes with a 95% interval from a paired bootstrap over the validation rows (1000 resamples,
@@ -34,23 +35,28 @@ class Timing:
         return batch / (self.p50_ms[batch] / 1000)
 
 
-def latency(sessions: dict[str, Any], X: np.ndarray, rounds: int = 5, calls: int = 60,
+def latency(sessions: dict[str, Any], X: np.ndarray, rounds: int = 5, calls: int = 60, block_s: float = 0.25,
             done: Callable[[int], object] = lambda rounds: None) -> dict[str, Timing]:  # fmt: skip
     """Interleaved timing of each session's ``run(None, {input: rows})`` at batch 1 and 32; ``done(r)`` after
-    each round r (and with 0 before the first)."""
+    each round r (and with 0 before the first). A block is ``calls`` runs, fewer for a model that takes
+    longer (as many as fit in ``block_s``, at least 3): a CNN at batch 32 takes a second a call."""
     batches = {b: np.ascontiguousarray(np.resize(X, (b, *X.shape[1:])).astype(np.float32)) for b in BATCHES}
     samples: dict[str, dict[int, list[float]]] = {name: {b: [] for b in BATCHES} for name in sessions}
-    for session in sessions.values():  # first-use setup out of the timings
+    block: dict[str, dict[int, int]] = {name: {} for name in sessions}
+    for variant, session in sessions.items():  # first-use setup out of the timings, then one timed call
         name = session.get_inputs()[0].name
-        for rows in batches.values():
+        for b, rows in batches.items():
             session.run(None, {name: rows})
+            start = time.perf_counter()
+            session.run(None, {name: rows})
+            block[variant][b] = int(min(calls, max(3, block_s // (time.perf_counter() - start))))
     done(0)
     for r in range(rounds):
         for variant, session in sessions.items():
             name = session.get_inputs()[0].name
             for b, rows in batches.items():
                 feed = {name: rows}
-                for _ in range(calls):
+                for _ in range(block[variant][b]):
                     start = time.perf_counter()
                     session.run(None, feed)
                     samples[variant][b].append((time.perf_counter() - start) * 1000)
