@@ -50,6 +50,9 @@ def test_quantized_variants_are_new_versions_that_load_and_the_report_recommends
     assert (folder / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (folder / "report.md").read_text()
     assert f"**Recommended: {report.recommended}**" in text and ("avx" in text or "x86_64" in text)
+    # ONNX Runtime's floor for a call (an Identity graph), timed with them, is in the report and in the JSON
+    assert set(report.floor_ms) == {1, 32} and 0 < report.floor_ms[32] and doc["floor_ms"]["32"] == report.floor_ms[32]
+    assert "one-node graph (Identity)" in text
 
 
 def test_the_guard_rejects_a_variant_past_the_allowed_drop(repo, monkeypatch):

@@ -79,12 +79,13 @@ class OptimizeReport:
     promoted: bool
     cpu: str
     folder: Path
+    floor_ms: dict[int, float] = field(default_factory=dict)  # an Identity graph's p50 a call: ONNX Runtime's floor
 
     def row(self, variant: str) -> Row:
         return next(r for r in self.rows if r.variant == variant)
 
 
-ALL = (*QUANTIZE, "prune-50", "prune-75", "distill-48", "distill-32", "graph")
+ALL = (*QUANTIZE, "prune-50", "prune-75", "distill-48", "distill-32", "distill-linear", "graph")
 
 
 def optimize(repository: str | Path, name: str, methods: Sequence[str] = ALL, *,
@@ -135,7 +136,8 @@ def optimize(repository: str | Path, name: str, methods: Sequence[str] = ALL, *,
         rows.append(Row(method, version, described, _size(target)))
         sessions[method] = session
     say("making variants", len(methods), len(methods))
-    timings = measure.latency(sessions, X, rounds=rounds,
+    floor = _floor(sessions["original"])
+    timings = measure.latency({**sessions, _FLOOR: floor} if floor is not None else sessions, X, rounds=rounds,
                               done=lambda r: say(f"timing {len(sessions)} models at batch 1 and 32", r, rounds))  # fmt: skip
     reference = measure.predictions(sessions["original"], X, config.task)
     conformal = _conformal(config)
@@ -161,7 +163,7 @@ def optimize(repository: str | Path, name: str, methods: Sequence[str] = ALL, *,
     accepted = [r for r in rows[1:] if r.verdict == "accepted" and r.throughput >= MIN_GAIN * rows[0].throughput]
     best = max(accepted, key=lambda r: r.throughput) if accepted else rows[0]
     report = OptimizeReport(name, original, source, rows, best.variant, max_drop, False, _cpu.describe(),
-                            folder / "optimize")
+                            folder / "optimize", timings[_FLOOR].p50_ms if _FLOOR in timings else {})  # fmt: skip
     if promote and best.variant != "original" and best.version is not None:
         _set_policy(folder, [best.version], conformal=best.interval.get("half_width"))
         report.promoted = True
@@ -214,6 +216,27 @@ def _session(path: Path) -> Any:
     from forwardpass.runtime.onnx import open_session
 
     return open_session(path, path, intra_op=1, inter_op=1, what="the variant")
+
+
+_FLOOR = " floor"  # not a method name: the timings' key for the Identity graph
+
+
+def _floor(original: Any) -> Any:
+    """A one-node graph (Identity) on the original's input: what ONNX Runtime takes a call for no work at all,
+    timed with the variants. A small model's call is mostly this, and no variant can go below it."""
+    onnx = require("onnx", "optimize", "forwardpass optimize")
+    from forwardpass.runtime.onnx import open_session
+
+    spec = original.get_inputs()[0]
+    if spec.type != "tensor(float)":
+        return None
+    shape = [d if isinstance(d, int) else None for d in spec.shape]
+    value = onnx.helper.make_tensor_value_info(spec.name, onnx.TensorProto.FLOAT, shape)
+    out = onnx.helper.make_tensor_value_info("copy", onnx.TensorProto.FLOAT, shape)
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", [spec.name], ["copy"])], "floor", [value], [out])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return open_session(model.SerializeToString(), Path("floor.onnx"), intra_op=1, inter_op=1, what="the floor graph")
 
 
 def _size(folder: Path) -> int:
@@ -306,6 +329,10 @@ def _markdown(r: OptimizeReport) -> str:
     if r.recommended == "original" and not any(x.verdict == "accepted" for x in r.rows[1:]):
         lines.append("Nothing passed the guard.")
     lines.append(f"{'Promoted: it is the served version now.' if r.promoted else 'Not promoted (--promote serves it).'}")
+    if r.floor_ms:
+        lines.append(f"ONNX Runtime's floor, a one-node graph (Identity) on the same input: {r.floor_ms[1]:.3f} ms a "
+                     f"call at batch 1, {r.floor_ms[32]:.3f} ms at 32, so no variant can be more than "
+                     f"{base.p50_ms[32] / r.floor_ms[32]:.1f}x the original's rows/s at batch 32.")  # fmt: skip
     for row in r.rows[1:]:
         if row.version is not None:
             lines.append(f"- {row.variant}: {row.described}")
