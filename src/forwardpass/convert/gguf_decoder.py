@@ -20,11 +20,6 @@ logits for the first rows only (the rest are padding).
 Outputs: logits, present_key.{i} / present_value.{i}, hidden_sum (the final-normed hidden states summed
 over the positions: mean-pooled embeddings). See convert/ggml_quants.py for the
 Q4_1 mapping; accuracy_level 4 (int8 activations) is ONNX Runtime's fast CPU path.
-
-``weights`` other than the shipped ``q4_1`` are for measuring what the 4 bits cost (bench/optimize_llm.py):
-``int8`` re-quantizes the dequantized Q4_1 linears to 8-bit blocks (MatMulNBits, bits 8), ``fp32`` runs them
-as plain MatMuls and the head dequantized too. Both start from the Q4_1 values: the weights before GGUF's
-quantization are not shipped.
 """
 
 from __future__ import annotations
@@ -35,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from forwardpass._deps import require
-from forwardpass.convert.ggml_quants import block_sum_rows, int8_blocks, q4_1_to_nbits, q8_0_rows, q8_0_to_nbits
+from forwardpass.convert.ggml_quants import block_sum_rows, q4_1_to_nbits, q8_0_rows, q8_0_to_nbits
 from forwardpass.generation.gguf_file import GGUFError, GGUFFile
 
 MS = "com.microsoft"
@@ -93,21 +88,6 @@ def _q4_linear(g: _Graph, x: str, raws: list[np.ndarray], k: int, level: int, hi
     return out
 
 
-def _linear(g: _Graph, model: GGUFFile, x: str, names: list[str], k: int, level: int, hint: str,
-            weights: str) -> str:  # fmt: skip
-    """x @ W.T for the GGUF linears ``names`` fused along N, with ``weights`` as build_decoder says."""
-    if weights == "q4_1":
-        return _q4_linear(g, x, [np.asarray(model.tensor(n).data) for n in names], k, level, hint)
-    w = np.concatenate([model.dequantize(n) for n in names])  # (N, K)
-    if weights == "fp32":
-        (out,) = g.op("MatMul", [x, g.const(f"{hint}_W", np.ascontiguousarray(w.T))], hint)
-        return out
-    packed, scales = int8_blocks(w)
-    (out,) = g.op("MatMulNBits", [x, g.const(f"{hint}_B", packed), g.const(f"{hint}_scales", scales)], hint,
-                  domain=MS, K=k, N=w.shape[0], bits=8, block_size=32, accuracy_level=level)  # fmt: skip
-    return out
-
-
 def _rope_caches(hp, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
     half = hp.rope_dim // 2
     theta = hp.rope_base ** (-np.arange(half, dtype=np.float64) * 2 / hp.rope_dim)
@@ -116,7 +96,7 @@ def _rope_caches(hp, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build_decoder(model: GGUFFile, *, accuracy_level: int = 4, max_positions: int | None = None,
-                  expose_hidden: bool = False, head_accuracy_level: int | None = None, weights: str = "q4_1"):  # fmt: skip
+                  expose_hidden: bool = False, head_accuracy_level: int | None = None):  # fmt: skip
     """The ONNX decoder for a GGUF Llama-family model with Q4_1 linears and a Q8_0 (tied) head.
 
     ``expose_hidden`` adds outputs ``hidden.{i}``: the residual stream after block i, for
@@ -126,9 +106,6 @@ def build_decoder(model: GGUFFile, *, accuracy_level: int = 4, max_positions: in
     """
     require("onnx", "llm", "converting GGUF models")  # the install hint, before the import below fails bare
     from onnx import TensorProto, helper
-
-    if weights not in ("q4_1", "int8", "fp32"):
-        raise ValueError(f"weights: {weights!r}; expected q4_1, int8 or fp32")
 
     hp = model.hparams
     if hp.rope_dim != hp.head_dim:
@@ -174,7 +151,7 @@ def build_decoder(model: GGUFFile, *, accuracy_level: int = 4, max_positions: in
         else:
             h, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [pending, residual, g.const("attn_norm", norm)],
                                      f"l{i}_attn_norm", outputs=4, domain=MS, epsilon=hp.rms_eps)  # fmt: skip
-        qkv = _linear(g, model, h, [w("attn_q"), w("attn_k"), w("attn_v")], C, accuracy_level, f"l{i}_qkv", weights)
+        qkv = _q4_linear(g, h, [raw(w("attn_q")), raw(w("attn_k")), raw(w("attn_v"))], C, accuracy_level, f"l{i}_qkv")
         past_k, past_v = f"past_key.{i}", f"past_value.{i}"
         inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", Hkv, "past", D]) for n in (past_k, past_v)]
         attn, present_k, present_v = g.op(
@@ -185,17 +162,17 @@ def build_decoder(model: GGUFFile, *, accuracy_level: int = 4, max_positions: in
         for out, name in ((present_k, f"present_key.{i}"), (present_v, f"present_value.{i}")):
             g.nodes.append(helper.make_node("Identity", [out], [name], name=g.name("present")))
             outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", Hkv, "present", D]))
-        o = _linear(g, model, attn, [w("attn_output")], C, accuracy_level, f"l{i}_o", weights)
+        o = _q4_linear(g, attn, [raw(w("attn_output"))], C, accuracy_level, f"l{i}_o")
         ffn_norm = g.const("ffn_norm", model.dequantize(w("ffn_norm")))
         h, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [o, residual, ffn_norm],
                                  f"l{i}_ffn_norm", outputs=4, domain=MS, epsilon=hp.rms_eps)  # fmt: skip
-        gate_up = _linear(g, model, h, [w("ffn_gate"), w("ffn_up")], C, accuracy_level, f"l{i}_gate_up", weights)
+        gate_up = _q4_linear(g, h, [raw(w("ffn_gate")), raw(w("ffn_up"))], C, accuracy_level, f"l{i}_gate_up")
         gate, up = g.op("Split", [gate_up, g.const("split", np.array([hp.n_ff, hp.n_ff], np.int64))], f"l{i}_split",
                         outputs=2, axis=-1)  # fmt: skip
         (sig,) = g.op("Sigmoid", [gate], f"l{i}_sigmoid")
         (silu,) = g.op("Mul", [gate, sig], f"l{i}_silu")
         (act,) = g.op("Mul", [silu, up], f"l{i}_swiglu")
-        pending = _linear(g, model, act, [w("ffn_down")], hp.n_ff, accuracy_level, f"l{i}_down", weights)
+        pending = _q4_linear(g, act, [raw(w("ffn_down"))], hp.n_ff, accuracy_level, f"l{i}_down")
         if expose_hidden:
             g.nodes.append(helper.make_node("Add", [pending, residual], [f"hidden.{i}"], name=g.name("hidden")))
             outputs.append(helper.make_tensor_value_info(f"hidden.{i}", TensorProto.FLOAT, ["batch", "tokens", C]))
@@ -222,18 +199,13 @@ def build_decoder(model: GGUFFile, *, accuracy_level: int = 4, max_positions: in
     # dummy row (generation/scheduler.py, MIN_ROWS) does not pay for its logits.
     zero, batch_axis = g.const("zero", np.array([0], np.int64)), g.const("batch_axis", np.array([0], np.int64))
     (h,) = g.op("Slice", [h, zero, "logit_rows", batch_axis], "head_rows")
-    if weights == "fp32":
-        head = model.dequantize(head_name)  # (V, C)
-        g.nodes.append(helper.make_node("MatMul", [h, g.const("head_W", np.ascontiguousarray(head.T))], ["logits"],
-                                        name="head"))  # fmt: skip
-    else:
-        head_q, head_scales = q8_0_to_nbits(raw(head_name))
-        g.nodes.append(helper.make_node(
-            "MatMulNBits", [h, g.const("head_B", head_q), g.const("head_scales", head_scales)], ["logits"], name="head",
-            domain=MS, K=C, N=head_q.shape[0], bits=8, block_size=32,
-            accuracy_level=accuracy_level if head_accuracy_level is None else head_accuracy_level,
-        ))  # fmt: skip
-    outputs.insert(0, helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1, hp.n_vocab]))
+    head_q, head_scales = q8_0_to_nbits(raw(head_name))
+    g.nodes.append(helper.make_node(
+        "MatMulNBits", [h, g.const("head_B", head_q), g.const("head_scales", head_scales)], ["logits"], name="head",
+        domain=MS, K=C, N=head_q.shape[0], bits=8, block_size=32,
+        accuracy_level=accuracy_level if head_accuracy_level is None else head_accuracy_level,
+    ))  # fmt: skip
+    outputs.insert(0, helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1, head_q.shape[0]]))
     graph = helper.make_graph(g.nodes, f"{hp.arch}_decoder", inputs, outputs, g.inits)
     onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)])
     onnx_model.ir_version = 9

@@ -80,6 +80,7 @@ class OptimizeReport:
     cpu: str
     folder: Path
     floor_ms: dict[int, float] = field(default_factory=dict)  # an Identity graph's p50 a call: ONNX Runtime's floor
+    kind: str = "tabular"  # or "generation": a language model's report (optimize/llm.py)
 
     def row(self, variant: str) -> Row:
         return next(r for r in self.rows if r.variant == variant)
@@ -88,19 +89,26 @@ class OptimizeReport:
 ALL = (*QUANTIZE, "prune-50", "prune-75", "distill-48", "distill-32", "distill-linear", "graph")
 
 
-def optimize(repository: str | Path, name: str, methods: Sequence[str] = ALL, *,
+def optimize(repository: str | Path, name: str, methods: Sequence[str] | None = None, *,
              data: str | Path | None = None, max_drop: float = 0.01, promote: bool = False, rounds: int = 5,
              progress: Progress | None = None) -> OptimizeReport:  # fmt: skip
-    """Make, measure and judge ``methods``' variants of model ``name`` (see the module docstring)."""
+    """Make, measure and judge ``methods``' variants of model ``name`` (see the module docstring; None: ALL,
+    or for a language model llm.METHODS)."""
     from forwardpass.repository import Repository
 
     say = progress or (lambda stage, done, total: None)
-    for method in methods:
-        variants.check(method)
     if not 0 <= max_drop < 1:
         raise ForwardpassError(f"--max-accuracy-drop: {max_drop}; expected an absolute drop from 0 to 1 (0.01: a point)")
     repo = Repository(repository)
     config = repo.config(name)
+    if config.task == "generation" and config.runtime.kind == "onnx":
+        from forwardpass.optimize.llm import optimize_llm
+
+        return optimize_llm(repo, name, config, methods, data=data, max_drop=max_drop, promote=promote, rounds=rounds,
+                            say=say)  # fmt: skip
+    methods = ALL if methods is None else methods
+    for method in methods:
+        variants.check(method)
     if config.task not in ("classification", "regression") or config.runtime.kind != "onnx":
         raise ForwardpassError(f"model '{name}' is a {config.task} model on {config.runtime.kind}: optimize takes "
                                "classification and regression models run by ONNX Runtime")  # fmt: skip
@@ -303,6 +311,10 @@ def _write(report: OptimizeReport) -> None:
 
 
 def _markdown(r: OptimizeReport) -> str:
+    if r.kind == "generation":
+        from forwardpass.optimize.llm import markdown
+
+        return markdown(r)
     metric = next((row.quality["metric"] for row in r.rows if row.quality), "quality")
     lines = [f"# forwardpass optimize: {r.model}", "",
              f"From version {r.original}; quality on {r.data}; CPU {r.cpu}; one intra-op thread; latency medians "
@@ -358,12 +370,13 @@ def _plot(r: OptimizeReport, path: Path) -> None:
     measured = [row for row in r.rows if row.p50_ms]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     colors = {"accepted": "tab:green", "flagged": "tab:orange", "rejected": "tab:red"}
+    batch = 32 if r.kind == "tabular" else 1  # a language model's: one decode step
     for row in measured:
-        ax.scatter(row.p50_ms[32], row.quality["value"], color=colors.get(row.verdict, "gray"),
+        ax.scatter(row.p50_ms[batch], row.quality["value"], color=colors.get(row.verdict, "gray"),
                    marker="*" if row.variant == r.recommended else "o", s=160 if row.variant == r.recommended else 50)
-        ax.annotate(row.variant, (row.p50_ms[32], row.quality["value"]), textcoords="offset points", xytext=(5, 5),
+        ax.annotate(row.variant, (row.p50_ms[batch], row.quality["value"]), textcoords="offset points", xytext=(5, 5),
                     fontsize=8)  # fmt: skip
-    ax.set_xlabel("median ms per call, batch 32")
+    ax.set_xlabel("median ms per call, batch 32" if batch == 32 else "median ms per decode step")
     ax.set_ylabel(str(measured[0].quality["metric"]))
     ax.set_title(f"{r.model}: quality against latency ({r.cpu})", fontsize=9)
     ax.grid(alpha=0.3)
