@@ -261,8 +261,9 @@ def markdown(r: Any) -> str:
         "",
         f"From version {r.original}; judged on {r.data}, read one token a step by every decoder; decode timed "
         f"in interleaved rounds of {STEPS} steps; CPU {r.cpu}. Agreement: the most likely next token is the fp32 "
-        f"decoder's. Guard: a drop of at most {r.max_drop:.3g} in agreement against the original (flagged when "
-        "its 95% interval reaches past it).",
+        "decoder's, whose weights are the 4-bit ones' own values in full precision (the weights before GGUF's "
+        f"quantization do not ship). Guard: a drop of at most {r.max_drop:.3g} in agreement against the original "
+        "(flagged when its 95% interval reaches past it).",
         "",
         "| variant | version | size MiB | decode tokens/s | step p50 / p99 ms | next-token agreement with fp32 | "
         "drop (95% interval) | perplexity | vs fp32 | verdict |",
