@@ -239,7 +239,10 @@ def test_a_30_mb_prompt_is_refused_before_tokenizing_and_the_server_keeps_answer
     body = orjson.dumps({"model": "smollm2", "messages": [{"role": "user", "content": "word " * 6_000_000}]})
     reply, latencies = _small_requests_while(llm_server, body)
     assert reply.status_code == 413 and "shorten the prompt" in reply.json()["error"]["message"], reply.text
-    assert max(latencies) < 0.1, f"a small request waited {max(latencies) * 1000:.0f} ms"
+    # tokenizing the 6 million words on the loop would hold it for some 20 s (3 MB of them took 2.3 s); refused
+    # unread (the message says so), the 30 MB still cross loopback while the small requests do, on 2 cores
+    # shared with this client (waits of 100 and 112 ms seen in full CI runs): the bound is a quarter second
+    assert max(latencies) < 0.25, f"a small request waited {max(latencies) * 1000:.0f} ms"
 
 
 def test_a_prompt_longer_than_the_context_can_hold_is_refused_by_its_length_in_characters(llm_app):

@@ -66,6 +66,7 @@ class Row:
     quality: dict[str, float | str] = field(default_factory=dict)
     verdict: str = ""  # accepted, flagged, rejected, not applicable
     interval: dict[str, float] = field(default_factory=dict)  # regression with a conformal interval: see _widened
+    size_only: bool = False  # fp16 no faster than the original on this CPU: smaller on disk, that is all
 
 
 @dataclass
@@ -167,6 +168,8 @@ def optimize(repository: str | Path, name: str, methods: Sequence[str] | None = 
             if row.version is not None and row.variant != "original":
                 _record(folder / str(row.version) / "variant.json", interval=row.interval)
     say(f"quality on {len(X)} rows", len(rows), len(rows))
+    for row in rows:  # x86 CPUs without fp16 arithmetic run an fp16 graph through casts: it only saves disk
+        row.size_only = row.variant == "fp16" and row.throughput < MIN_GAIN * rows[0].throughput
     rows[0].verdict = "accepted"
     accepted = [r for r in rows[1:] if r.verdict == "accepted" and r.throughput >= MIN_GAIN * rows[0].throughput]
     best = max(accepted, key=lambda r: r.throughput) if accepted else rows[0]
@@ -330,7 +333,7 @@ def _markdown(r: OptimizeReport) -> str:
         lines.append(f"| {row.variant} | {row.version} | {row.size_bytes / 1024:.1f} | {row.p50_ms[1]:.3f} / "
                      f"{row.p99_ms[1]:.3f} | {row.p50_ms[32]:.3f} / {row.p99_ms[32]:.3f} | {row.throughput:,.0f} | "
                      f"{q['value']:.4f} | {q['drop']:+.4f} ({q['low']:+.4f}, {q['high']:+.4f}) | "
-                     f"{row.verdict} |")  # fmt: skip
+                     f"{row.verdict}{' (size only: no faster on this CPU)' if row.size_only else ''} |")  # fmt: skip
     base = r.row("original")
     best = r.row(r.recommended)
     lines += ["", f"**Recommended: {r.recommended}**"
