@@ -22,7 +22,10 @@
    at least MIN_GAIN (1.10x) the original's; else the original. ``promote`` makes it the served version
    (``version_policy: {specific: [v]}``; hot reload picks it up).
 6. The report (report.md, report.json and report.png, accuracy against latency) is written into
-   ``<model>/optimize/``.
+   ``<model>/optimize/``, with ONNX Runtime's floor (an Identity graph's call: no variant goes below it).
+7. A language model imported from GGUF takes another path with the same verdicts and report
+   (optimize/llm.py): int8 and fp32 rewrites of its 4-bit linears, judged by next-token agreement with fp32
+   and perplexity on a held-out text.
 """
 
 from __future__ import annotations
