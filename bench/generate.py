@@ -329,6 +329,8 @@ def main() -> None:
     parser.add_argument("--serve", action="store_true", help="serving mode: streaming chat at 1, 2, 4, 8 and 16 concurrent")
     parser.add_argument("--no-peer", action="store_true", help="leave out llama-bench (built from source the first time)")
     parser.add_argument("--llama-cpp-python", action="store_true", help="also llama-cpp-python, when installed")
+    parser.add_argument("--weights", choices=("q4_1", "int8"), default="q4_1",
+                        help="int8: the imported 4-bit linears rewritten as 8-bit blocks (forwardpass optimize's int8)")
     args = parser.parse_args()
     if args.serve:
         serving(args.rounds, peer=not args.no_peer, llama_cpp_python=args.llama_cpp_python)
@@ -337,12 +339,21 @@ def main() -> None:
 
     repo = Path(tempfile.mkdtemp(prefix="fp-gen-"))
     import_gguf(GGUF, "smollm2", repo, max_context=1024)
+    if args.weights == "int8":  # in place of version 1's graphs, so that everything below reads the same folder
+        from forwardpass.optimize.llm import rewrite
+
+        version, rewritten = repo / "smollm2" / "1", repo / "smollm2" / "int8"
+        rewritten.mkdir()
+        rewrite(version, rewritten, "int8")
+        shutil.rmtree(version)
+        rewritten.rename(version)
     engines: list = [Forwardpass(repo)]
     if not args.no_peer:
         engines.append(LlamaBench())  # builds llama.cpp the first time (minutes)
     if args.llama_cpp_python and importlib.util.find_spec("llama_cpp") is not None:
         engines.append(LlamaCpp())
-    print(f"CPU: {cpu_flags()}, {os.cpu_count()} cores; {GGUF.name}; medians of {args.rounds} rounds\n")
+    print(f"CPU: {cpu_flags()}, {os.cpu_count()} cores; {GGUF.name} ({args.weights} linears); medians of {args.rounds} "
+          "rounds\n")
     results = {}
     per_round: dict[str, list[dict[str, float]]] = {e.name: [] for e in engines}
     for _ in range(args.rounds):  # interleaved: one round of each engine in turn
