@@ -66,11 +66,26 @@ def _ops(path: Path) -> set[str]:
     return {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
 
 
+# ai.onnx.ml operators whose output ONNX's type inference leaves untyped, though it is always float
+_FLOAT_ML = {"Scaler", "Normalizer", "Imputer", "FeatureVectorizer"}
+
+
 def _prepared(source: Path, work: Path) -> Path:
-    """Shape inference + ONNX Runtime's basic graph optimizations, as quant_pre_process does."""
+    """Shape inference + ONNX Runtime's basic graph optimizations, as quant_pre_process does; then every
+    tensor typed. An ai.onnx.ml Scaler's output has no inferred type, nor has anything computed from it once
+    the optimizations drop skl2onnx's Cast, and ONNX Runtime's calibrators pass over untyped tensors: the
+    histogram ones then have nothing to collect ("Histogram has not been collected") and MinMax leaves the
+    activations unquantized."""
+    onnx = require("onnx", "optimize", _PURPOSE)
     shape = require("onnxruntime.quantization.shape_inference", "optimize", _PURPOSE)
     out = work / "prepared.onnx"
     shape.quant_pre_process(str(source), str(out), skip_symbolic_shape=True)
+    model = onnx.load(str(out))
+    typed = {v.name for v in (*model.graph.value_info, *model.graph.input, *model.graph.output)}
+    untyped = [o for n in model.graph.node if n.op_type in _FLOAT_ML for o in n.output if o not in typed]
+    if untyped:
+        model.graph.value_info.extend(onnx.helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in untyped)
+        onnx.save(onnx.shape_inference.infer_shapes(model), str(out))
     return out
 
 
