@@ -254,3 +254,15 @@ def test_a_continuation_carries_the_conversation_but_not_the_previous_instructio
     assert [c["id"] for c in turn.chat["messages"][-1]["tool_calls"]] == ["call_2", "call_3"]  # parallel: one turn
     assert turn.origins == [("instructions",), ("previous_response_id",), ("previous_response_id",), ("input", 0),
                             ("input", 1)]  # fmt: skip
+
+
+def test_a_response_whole_or_streamed_writes_its_request_log_line(client, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="forwardpass.requests"):
+        whole = client.responses.create(model="smollm2", input="Hi.", max_output_tokens=3, temperature=0)
+        streamed = [e for e in client.responses.create(model="smollm2", input="Hi.", max_output_tokens=3, stream=True)]
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "forwardpass.requests"]
+    assert [line["id"] for line in lines] == [whole.id, streamed[-1].response.id]  # the response's own id
+    assert all(line["model"] == "smollm2" and 0 < line["completion_tokens"] <= 3 and line["choices"] == 1
+               for line in lines)  # fmt: skip

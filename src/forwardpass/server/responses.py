@@ -40,7 +40,7 @@ from forwardpass.generation.tools import CallStream, split_calls
 from forwardpass.server.config import ServeConfig
 from forwardpass.server.errors import openai_error
 from forwardpass.server.http import Request, Response, StreamingResponse
-from forwardpass.server.openai import read_json  # the chat path's body reader and its size bounds
+from forwardpass.server.openai import log_request, read_json  # the chat path's body reader, its request log
 from forwardpass.server.response_store import ResponseStore, StoredResponse
 
 Loc = tuple[str | int, ...]
@@ -77,8 +77,14 @@ class ResponsesHandlers:
         except Exception as exc:
             return openai_error(in_responses_terms(exc, origins), self.engine.stats, label, version)
         answer = _Answer(turn, model, checked.tools is not None)
+
+        def keep(final: tuple[dict[str, Any], list[dict[str, Any]], bool], result: Generation) -> dict[str, Any]:
+            response = self._keep(final)
+            log_request({"id": response["id"], "model": model}, checked, [result])  # the request log, as chats
+            return response
+
         if checked.stream:
-            return StreamingResponse(_events(generation, answer, self._keep))
+            return StreamingResponse(_events(generation, answer, keep))
         try:
             result = await generation.result()
         except Exception as exc:
@@ -86,7 +92,7 @@ class ResponsesHandlers:
         content, calls = split_calls(result.text) if answer.tools else (result.text, [])
         items = ([answer.message(content, result.finish_reason)] if content is not None else []) \
             + [answer.function_call(call) for call in calls]  # fmt: skip
-        return Response.json(self._keep(answer.final(items, result)))
+        return Response.json(keep(answer.final(items, result), result))
 
     async def retrieve(self, request: Request, response_id: str) -> Response:
         """A stored response as it was answered; 404 when it never was (``store: false``) or was evicted."""
@@ -443,7 +449,7 @@ async def _events(generation: AsyncGeneration, answer: _Answer, keep: Any) -> As
                 if message is not None:
                     for chunk in close_message(item.finish_reason):
                         yield chunk
-                response = keep(answer.final(items, item))
+                response = keep(answer.final(items, item), item)
                 yield event(f"response.{response['status']}", response=response)
                 return
             for sent in calls.push(item) if calls is not None else [("content", item)]:
