@@ -67,3 +67,7 @@ def test_a_tabular_method_on_a_language_model_is_refused_by_name(repo, cli):
     assert sorted(p.name for p in (repo / "smollm2").iterdir() if p.name.isdigit()) == ["1"]
     bad = cli("optimize", "smollm2", "-r", str(repo), "--eval", str(repo / "rows.npz"))
     assert bad.returncode == 2 and "give a UTF-8 .txt file" in bad.stderr
+    (repo / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    unreadable = cli("optimize", "smollm2", "-r", str(repo), "--eval", str(repo / "latin1.txt"))
+    assert unreadable.returncode == 2 and "cannot be read as UTF-8 text" in unreadable.stderr
+    assert sorted(p.name for p in (repo / "smollm2").iterdir() if p.name.isdigit()) == ["1"]

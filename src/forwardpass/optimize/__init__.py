@@ -128,10 +128,7 @@ def optimize(repository: str | Path, name: str, methods: Sequence[str] | None = 
     sessions = {"original": _session(source_model)}
     for i, method in enumerate(methods):
         say(f"making variants ({method})", i, len(methods))
-        # above every numbered folder, a leftover one without a model included
-        version = max(int(p.name) for p in folder.iterdir() if p.name.isascii() and p.name.isdigit()) + 1
-        target = folder / str(version)
-        target.mkdir()
+        target = _new_version(folder)
         try:
             described = variants.make(method, source_model, target / "model.onnx", calibration, config.task)
             session = _session(target / "model.onnx")  # refuses what ONNX Runtime cannot run
@@ -143,9 +140,7 @@ def optimize(repository: str | Path, name: str, methods: Sequence[str] | None = 
             shutil.rmtree(target)
             rows.append(Row(method, None, f"failed: {type(exc).__name__}: {str(exc)[:300]}", verdict="not applicable"))
             continue
-        (target / "variant.json").write_text(json.dumps({"method": method, "from_version": original,
-                                                         "described": described}, indent=1))  # fmt: skip
-        rows.append(Row(method, version, described, _size(target)))
+        rows.append(_variant_row(target, method, original, described))
         sessions[method] = session
     say("making variants", len(methods), len(methods))
     floor = _floor(sessions["original"])
@@ -164,7 +159,7 @@ def optimize(repository: str | Path, name: str, methods: Sequence[str] | None = 
         pred = measure.predictions(sessions[row.variant], X, config.task)
         q = measure.score(pred, reference, y, config.task, labels)
         row.quality = {"metric": q.metric, "value": q.value, "drop": q.drop, "low": q.low, "high": q.high}
-        row.verdict = "rejected" if q.drop > max_drop else "flagged" if q.high > max_drop else "accepted"
+        row.verdict = verdict(q.drop, q.high, max_drop)
         if conformal is not None and on_calibration is not None:
             mine = measure.predictions(sessions[row.variant], calibration, config.task)
             row.interval = _widened(conformal, mine, on_calibration, pred, y)
@@ -173,16 +168,44 @@ def optimize(repository: str | Path, name: str, methods: Sequence[str] | None = 
     say(f"quality on {len(X)} rows", len(rows), len(rows))
     for row in rows:  # x86 CPUs without fp16 arithmetic run an fp16 graph through casts: it only saves disk
         row.size_only = row.variant == "fp16" and row.throughput < MIN_GAIN * rows[0].throughput
+    return _conclude(OptimizeReport(name, original, source, rows, "original", max_drop, False, _cpu.describe(),
+                                    folder / "optimize", timings[_FLOOR].p50_ms if _FLOOR in timings else {}),
+                     folder, promote)  # fmt: skip
+
+
+def verdict(drop: float, high: float, max_drop: float) -> str:
+    """Rejected past the allowed drop; flagged when only its 95% interval reaches past it; else accepted."""
+    return "rejected" if drop > max_drop else "flagged" if high > max_drop else "accepted"
+
+
+def _new_version(folder: Path) -> Path:
+    """A new, empty version folder numbered above every numbered folder (a leftover one without a model included)."""
+    version = max(int(p.name) for p in folder.iterdir() if p.name.isascii() and p.name.isdigit()) + 1
+    target = folder / str(version)
+    target.mkdir()
+    return target
+
+
+def _variant_row(target: Path, method: str, original: int, described: str) -> Row:
+    """The variant's variant.json written, and its row in the report."""
+    (target / "variant.json").write_text(json.dumps({"method": method, "from_version": original,
+                                                     "described": described}, indent=1))  # fmt: skip
+    return Row(method, int(target.name), described, _size(target))
+
+
+def _conclude(report: OptimizeReport, folder: Path, promote: bool) -> OptimizeReport:
+    """The recommendation (the fastest accepted variant at least MIN_GAIN faster than the original, else the
+    original), the promotion when asked, and the report written."""
+    rows = report.rows
     rows[0].verdict = "accepted"
     accepted = [r for r in rows[1:] if r.verdict == "accepted" and r.throughput >= MIN_GAIN * rows[0].throughput]
     best = max(accepted, key=lambda r: r.throughput) if accepted else rows[0]
-    report = OptimizeReport(name, original, source, rows, best.variant, max_drop, False, _cpu.describe(),
-                            folder / "optimize", timings[_FLOOR].p50_ms if _FLOOR in timings else {})  # fmt: skip
+    report.recommended = best.variant
     if promote and best.variant != "original" and best.version is not None:
         _set_policy(folder, [best.version], conformal=best.interval.get("half_width"))
         report.promoted = True
     elif promote:  # the original stays: nothing to change, nothing to serve anew
-        _set_policy(folder, [original])
+        _set_policy(folder, [report.original])
     _write(report)
     return report
 

@@ -22,7 +22,6 @@ tabular models' (optimize/__init__.py).
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -184,7 +183,7 @@ def optimize_llm(repo: Any, name: str, config: Any, methods: Sequence[str] | Non
                  max_drop: float, promote: bool, rounds: int, say: Callable[[str, int, int], object]) -> Any:  # fmt: skip
     """optimize() for a language model (see the module docstring)."""
     from forwardpass import _cpu
-    from forwardpass.optimize import MIN_GAIN, OptimizeReport, Row, _pin, _set_policy, _size, _write
+    from forwardpass.optimize import OptimizeReport, Row, _conclude, _new_version, _pin, _size, _variant_row, verdict
 
     wanted = list(methods or METHODS)
     for method in wanted:
@@ -199,28 +198,26 @@ def optimize_llm(repo: Any, name: str, config: Any, methods: Sequence[str] | Non
     original, folder = served[-1], repo.folder(name)
     if data is not None and Path(data).suffix != ".txt":
         raise ForwardpassError(f"{data}: a language model is judged on a held-out text: give a UTF-8 .txt file")
-    text = Path(data).read_text(encoding="utf-8") if data is not None else held_out_text()
+    try:
+        text = Path(data).read_text(encoding="utf-8") if data is not None else held_out_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ForwardpassError(f"{data}: cannot be read as UTF-8 text ({exc})") from None
     where = (f"{data}" if data is not None else "scikit-learn's dataset descriptions") + f" (first {TOKENS} tokens)"
     _pin(folder, served)
     rows = [Row("original", original, f"version {original} as served", _size(folder / str(original)))]
     folders = {"original": folder / str(original)}
     for i, method in enumerate(wanted):
         say(f"making variants ({method})", i, len(wanted))
-        version = max(int(p.name) for p in folder.iterdir() if p.name.isascii() and p.name.isdigit()) + 1
-        target = folder / str(version)
-        target.mkdir()
+        target = _new_version(folder)
         try:
             described = rewrite(folder / str(original), target, method)
         except BaseException:
             shutil.rmtree(target)
             raise
-        (target / "variant.json").write_text(json.dumps({"method": method, "from_version": original,
-                                                         "described": described}, indent=1))  # fmt: skip
-        rows.append(Row(method, version, described, _size(target)))
+        rows.append(_variant_row(target, method, original, described))
         folders[method] = target
     say("making variants", len(wanted), len(wanted))
-    results = evaluate({"fp32": folders["fp32"], **folders}, config.generation, folder / "tokenizer.json", text,
-                       rounds, say)  # fmt: skip
+    results = evaluate(folders, config.generation, folder / "tokenizer.json", text, rounds, say)
     reference = np.array(results["fp32"]["best"])
     rng = np.random.default_rng(0)
     draws = rng.integers(0, len(reference), (1000, len(reference)))
@@ -236,19 +233,10 @@ def optimize_llm(repo: Any, name: str, config: Any, methods: Sequence[str] | Non
         perplexity = float(np.exp(-np.mean(r["loglik"])))
         row.quality = {"metric": "next-token agreement with fp32", "value": float(same.mean()), "drop": drop,
                        "low": float(low), "high": float(high), "perplexity": perplexity}  # fmt: skip
-        row.verdict = "rejected" if drop > max_drop else "flagged" if high > max_drop else "accepted"
-    rows[0].verdict = "accepted"
-    accepted = [r for r in rows[1:] if r.verdict == "accepted" and r.throughput >= MIN_GAIN * rows[0].throughput]
-    best = max(accepted, key=lambda r: r.throughput) if accepted else rows[0]
-    report = OptimizeReport(name, original, where, rows, best.variant, max_drop, False, _cpu.describe(),
+        row.verdict = verdict(drop, float(high), max_drop)
+    report = OptimizeReport(name, original, where, rows, "original", max_drop, False, _cpu.describe(),
                             folder / "optimize", kind="generation")  # fmt: skip
-    if promote and best.variant != "original" and best.version is not None:
-        _set_policy(folder, [best.version])
-        report.promoted = True
-    elif promote:
-        _set_policy(folder, [original])
-    _write(report)
-    return report
+    return _conclude(report, folder, promote)
 
 
 def markdown(r: Any) -> str:
