@@ -12,6 +12,9 @@ core (taskset); servers are not pinned. Every point is the median of interleaved
   in-process ONNX Runtime at its best batch size, and the baseline.
 - start-up to ready and idle PSS of `forwardpass serve` on the demo repository.
 - with --soak S: server RSS sampled every 5 s over S seconds of digits at concurrency 64.
+- with --tenancy: only the cost of keys, rate limits and metering (issue 19): digits at c=1 and c=64,
+  1 and 2 workers, keys and metering off against a keyed request (a tier whose limits never refuse,
+  so every check runs) with metering on; the microseconds added per request, from the latency at c=1.
 
 Targets (issue 4): digits c=64 >= 8x baseline with p99 no worse, c=1 >= 3x; CNN c=64 >= 0.85x
 raw; RSS flat within 10% over the soak; start-up <= 2 s; idle PSS <= 200 MiB.
@@ -167,6 +170,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk point")
     parser.add_argument("--soak", type=float, default=0.0, help="seconds of c=64 load while sampling RSS")
+    parser.add_argument("--tenancy", action="store_true", help="only: what keys + limits + metering cost")
     args = parser.parse_args()
     from forwardpass import demo
 
@@ -187,6 +191,9 @@ def main() -> None:
 
     print(f"CPU: {cpu_flags()}, {os.cpu_count()} cores; wrk -t1 pinned to the last core; medians of {args.rounds} "
           f"interleaved rounds of {args.duration:g} s\n")  # fmt: skip
+    if args.tenancy:
+        tenancy(tmp, repo, digits_body, args.rounds, args.duration)
+        return
     fp = [sys.executable, "-m", "forwardpass", "serve", str(repo), "--port", "{port}", "--poll-interval", "0",
           "--log-level", "warning"]  # fmt: skip
     baseline = [sys.executable, str(HERE / "baseline_fastapi.py")]
@@ -271,6 +278,51 @@ def main() -> None:
           f"{'met' if statistics.median(starts) <= 2 else 'MISSED'}")
     print(f"idle PSS: {statistics.median(pss):.0f} MiB; target <= 200 MiB -> {'met' if statistics.median(pss) <= 200 else 'MISSED'}")
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def tenancy(tmp: Path, repo: Path, body: Path, rounds: int, duration: float) -> None:
+    """Keys + limits + metering against none of them, same run, interleaved (issue 19's hot-path cost)."""
+    from forwardpass.monitoring.keys import Tiers, create_key
+
+    tiers_file = tmp / "tiers.yaml"
+    tiers_file.write_text("tiers:\n  bench: {requests_per_second: 1.0e9, burst: 1000000000, rows_per_minute: "
+                          "1000000000000, monthly_requests: 1000000000000}\n")  # fmt: skip
+    secret, _ = create_key(tmp / "keys.yaml", "bench", key_id="bench", tiers=Tiers.load(tiers_file))
+    keyed_lua = lua(tmp / "keyed.lua", body, {"Content-Type": "application/json", "Authorization": f"Bearer {secret}"})
+    plain_lua = lua(tmp / "plain.lua", body, {"Content-Type": "application/json"})
+    fp = [sys.executable, "-m", "forwardpass", "serve", str(repo), "--port", "{port}", "--poll-interval", "0",
+          "--log-level", "warning"]  # fmt: skip
+    off = {"FORWARDPASS_METERING": "false", "FORWARDPASS_STATE_DIR": str(tmp / "state-off")}
+    on = {"FORWARDPASS_KEYS_FILE": str(tmp / "keys.yaml"), "FORWARDPASS_TIERS_FILE": str(tiers_file),
+          "FORWARDPASS_REQUIRE_API_KEY": "true", "FORWARDPASS_STATE_DIR": str(tmp / "state-on")}  # fmt: skip
+    servers = {}
+    for workers in (1, 2):
+        w = ["--workers", str(workers)]
+        servers[f"{workers} worker(s), off"] = (Proc(f"off{workers}", [*fp, *w], "/v2/health/ready", off), plain_lua)
+        servers[f"{workers} worker(s), on"] = (Proc(f"on{workers}", [*fp, *w], "/v2/health/ready", on), keyed_lua)
+    results: dict[tuple[str, int], list[dict[str, float]]] = {}
+    try:
+        for _ in range(rounds):
+            for name, (server, script) in servers.items():
+                for c in (1, 64):
+                    results.setdefault((name, c), []).append(wrk(f"{server.url}/v2/models/digits/infer", script, c, duration))
+        usage = httpx.get(f"{servers['1 worker(s), on'][0].url}/v1/usage", headers={"Authorization": f"Bearer {secret}"})
+    finally:
+        for server, _ in servers.values():
+            server.stop()
+    table = {k: medians(v) for k, v in results.items()}
+    print("digits, one row per request (V2 JSON): keys, rate limits and metering off vs on")
+    print(f"{'server':<24}{'c':>4}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'failed':>8}{'x off':>8}")
+    for (name, c), r in table.items():
+        base = table[(name.replace(", on", ", off"), c)]
+        print(f"{name:<24}{c:>4}{r['rps']:>10.0f}{r['p50'] * 1e3:>9.3f}{r['p99'] * 1e3:>9.2f}{r['failed']:>8.0f}"
+              f"{r['rps'] / base['rps']:>8.2f}")  # fmt: skip
+    for workers in (1, 2):
+        on1, off1 = table[(f"{workers} worker(s), on", 1)], table[(f"{workers} worker(s), off", 1)]
+        added = (1 / on1["rps"] - 1 / off1["rps"]) * 1e6
+        print(f"{workers} worker(s): added per request at c=1 (1/rps on - off): {added:.1f} us; target <= 50 us -> "
+              f"{'met' if added <= 50 else 'MISSED'}")  # fmt: skip
+    print(f"metered by the keyed 1-worker server: {usage.json()['totals']['requests']} requests")
 
 
 if __name__ == "__main__":

@@ -19,9 +19,10 @@ if TYPE_CHECKING:
     from fixtures.inprocess import InProcess
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def fp_home(tmp_path_factory: pytest.TempPathFactory):
-    """FORWARDPASS_HOME for the whole session (subprocesses inherit it)."""
+    """FORWARDPASS_HOME for the whole session (subprocesses inherit it), for every test: nothing a test runs
+    writes into the user's own folder (the demo, usage.sqlite, keys.yaml)."""
     home = tmp_path_factory.mktemp("fp-home")
     old = os.environ.get("FORWARDPASS_HOME")
     os.environ["FORWARDPASS_HOME"] = str(home)

@@ -23,6 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from forwardpass._deps import require
+from forwardpass.cli_tenants import add_commands as add_tenant_commands
 from forwardpass.errors import ForwardpassError
 from forwardpass.pipeline.answers import Answers
 from forwardpass.tasks import generative
@@ -58,6 +59,7 @@ import_app = _App(no_args_is_help=True, help="Import models from other framework
 app.add_typer(import_app, name="import")
 out = Console()
 err = Console(stderr=True)
+add_tenant_commands(app, _App, out, err)  # keys create/list/revoke, usage
 
 RepositoryOption = Annotated[
     Path | None,
@@ -99,6 +101,16 @@ def serve(
                                                 "or FORWARDPASS_API_KEY)")] = None,  # fmt: skip
     public_metrics: Annotated[bool, typer.Option("--public-metrics", help="/metrics without a key when keys are "
                                                  "set")] = False,  # fmt: skip
+    keys_file: Annotated[Path | None, typer.Option(help="keys.yaml: keys with tiers (forwardpass keys create) "
+                                                   "[default: $FORWARDPASS_HOME/keys.yaml if it exists; env "
+                                                   "FORWARDPASS_KEYS_FILE]")] = None,  # fmt: skip
+    tiers_file: Annotated[Path | None, typer.Option(help="tiers.yaml: each tier's limits, and prices [env "
+                                                    "FORWARDPASS_TIERS_FILE]")] = None,  # fmt: skip
+    require_api_key: Annotated[bool, typer.Option("--require-api-key", help="Refuse requests without a key (keys "
+                                                  "are optional on loopback otherwise: a request without one is "
+                                                  "'anonymous')")] = False,  # fmt: skip
+    state_dir: Annotated[Path | None, typer.Option(help="Usage (usage.sqlite) and shared rate limits [default: "
+                                                   "$FORWARDPASS_HOME/state]")] = None,  # fmt: skip
 ) -> None:
     """Serve a model repository over HTTP: Open Inference Protocol V2, the OpenAI-compatible API for language
     models (/v1/chat/completions, /v1/completions), /v1 predict, /metrics.
@@ -117,10 +129,11 @@ def serve(
                                       poll_interval=poll_interval, http=http, api_key=api_key,
                                       api_key_file=api_key_file, admin_key_file=admin_key_file,
                                       public_metrics=public_metrics or None, model_control=model_control,
-                                      load_model=load_model or None)  # fmt: skip
+                                      load_model=load_model or None, keys_file=keys_file, tiers_file=tiers_file,
+                                      require_api_key=require_api_key or None, state_dir=state_dir)  # fmt: skip
     except ValueError as exc:  # pydantic's ValidationError: a bad option value or FORWARDPASS_* variable
         raise ForwardpassError(_settings_error(exc)) from None
-    Keys.from_config(config)  # unreadable key files fail here, with one line
+    Keys.from_config(config)  # unreadable key, keys.yaml or tiers.yaml files fail here, with one line
     try:
         run_server(config, log_level)
     except OSError as exc:

@@ -9,6 +9,8 @@ HTTP status it maps to as data, so the server maps errors in one place::
      ├── WrongEndpoint (400)         a model asked through an endpoint of another kind: names the right one
      ├── Unauthorized (401)          no API key, or one the server does not know
      ├── Forbidden (403)             a known key without the right (repository control needs the admin key)
+ │    └── QuotaExceeded (403)    a key's monthly quota is used up: says when it resets
+ ├── RateLimited (429)           a key over its tier's rate: ``retry_after`` seconds and x-ratelimit-* headers
      ├── UntrustedFile (400)         a pickle/joblib file loaded without --trust
      ├── ModelNotFound (404)         no such model or version in the repository
      ├── ResponseNotFound (404)      a Responses API id not in the server's in-memory store (never, evicted, restarted)
@@ -24,6 +26,7 @@ HTTP status it maps to as data, so the server maps errors in one place::
      ├── HttpProtocolError (4xx)     a request our HTTP server cannot parse (malformed, URL or headers too long, slow)
      ├── BatchAborted (400)          a batch job with more failed rows than --max-errors allows
      ├── ModelConfigError (500)      a model.yaml that is broken: file, field, fix
+ │    └── SettingsFileError (500) the same for a server settings file (keys.yaml, tiers.yaml)
      ├── ModelLoadError (500)        the model file does not load or disagrees with model.yaml
      │    └── GGUFError (500)        a GGUF file that is not GGUF, is truncated, or lies about a size
      ├── MissingDependency (500)     an optional package is not installed: install hint
@@ -164,6 +167,28 @@ class Forbidden(ForwardpassError):
     type = "forbidden"
 
 
+class QuotaExceeded(Forbidden):
+    """A key whose monthly quota (requests or tokens) is used up until ``resets`` (an ISO date, UTC)."""
+
+    type = "insufficient_quota"
+
+    def __init__(self, message: str, resets: str):
+        super().__init__(message)
+        self.resets = resets
+
+
+class RateLimited(ForwardpassError):
+    """A key over one of its tier's rates; ``retry_after`` seconds until the request would fit, and the
+    x-ratelimit-* ``headers`` of the limit it hit."""
+
+    status = 429
+    type = "rate_limit_exceeded"
+
+    def __init__(self, message: str, retry_after: float, headers: list[tuple[bytes, bytes]] | None = None):
+        super().__init__(message)
+        self.retry_after, self.headers = retry_after, headers or []
+
+
 class UntrustedFile(ForwardpassError):
     """Refusing to unpickle a file that was not marked as trusted."""
 
@@ -251,6 +276,12 @@ class ModelConfigError(ForwardpassError):
         super().__init__(f"{where}: {msg}" + (f"; fix: {fix}" if fix else ""))
 
 
+class SettingsFileError(ModelConfigError):
+    """A broken server settings file (keys.yaml, tiers.yaml): names the file, the field and the fix."""
+
+    type = "settings_file_error"
+
+
 class ModelLoadError(ForwardpassError):
     """The model file does not load, or its inputs/outputs disagree with model.yaml.
 
@@ -323,6 +354,9 @@ __all__ = [
     "WrongEndpoint",
     "Unauthorized",
     "Forbidden",
+    "QuotaExceeded",
+    "RateLimited",
+    "SettingsFileError",
     "UntrustedFile",
     "ModelNotFound",
     "ModelNotReady",

@@ -1,5 +1,6 @@
 """The README's examples run, and its claims match what the code does."""
 
+import json
 import re
 import subprocess
 import sys
@@ -48,9 +49,36 @@ def test_error_example_is_what_the_cli_prints(demo_repo):
 def test_model_yaml_example_is_valid(tmp_path):
     from forwardpass.config import load_config
 
-    (tmp_path / "model.yaml").write_text(blocks("yaml")[0])
+    (tmp_path / "model.yaml").write_text(next(b for b in blocks("yaml") if b.startswith("task:")))
     config = load_config(tmp_path / "model.yaml")
     assert config.inputs[0].features[2].default == 4.0
+
+
+def test_tiers_and_pricing_example_is_what_forwardpass_usage_prints(tmp_path):
+    """The tiers.yaml block loads, and `forwardpass usage` prices the example's usage as the README shows."""
+    from forwardpass.monitoring.keys import Tiers
+    from forwardpass.monitoring.usage import Meter
+
+    tiers_file = tmp_path / "tiers.yaml"
+    tiers_file.write_text(next(b for b in blocks("yaml") if b.startswith("tiers:")))
+    assert Tiers.load(tiers_file).tiers["free"].monthly_tokens == 2_000_000
+    shown = re.findall(r"^ (2026-\d\d-\d\d)  (\S+)\s+(\S+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+([\d.]+)\s+(\d+)\s+([\d.]+)$",
+                       README, re.M)  # fmt: skip
+    assert len(shown) == 2
+    meter = Meter(tmp_path / "state" / "usage.sqlite", interval=3600, clock=lambda: "2026-12-01")
+    for _day, key, model, requests, rows, prompt, cached, completion, seconds, _, _ in shown:
+        for i in range(int(requests)):  # one request at a time, the rest of the counts on the first
+            first = i == 0
+            meter.record(key, model, rows=int(rows) * first, prompt_tokens=int(prompt) * first,
+                         cached_tokens=int(cached) * first, completion_tokens=int(completion) * first,
+                         seconds=float(seconds) * first)  # fmt: skip
+    meter.close()
+    done = subprocess.run([sys.executable, "-m", "forwardpass", "usage", "--key", "free-1", "--from", "2026-12-01",
+                           "--tiers-file", str(tiers_file), "--state-dir", str(tmp_path / "state"), "--json"],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    costs = {row["model"]: row["cost"] for row in json.loads(done.stdout)["data"]}
+    assert costs == {model: pytest.approx(float(cost)) for _, _, model, *_, cost in shown}
 
 
 def test_demo_table_matches_recorded_metrics(demo_repo):

@@ -24,6 +24,7 @@ from forwardpass.server.openai import OpenAIHandlers
 from forwardpass.server.openai_extras import OpenAIExtras
 from forwardpass.server.responses import ResponsesHandlers
 from forwardpass.server.routes import routes
+from forwardpass.server.tenancy import tenancy_from_config
 
 log = logging.getLogger("forwardpass.server")
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -35,9 +36,11 @@ class App:
 
     def __init__(self, engine: Engine, config: ServeConfig):
         self.engine, self.config = engine, config
-        self.keys = Keys.from_config(config)
-        self.router = routes(Handlers(engine, config), OpenAIHandlers(engine, config), OpenAIExtras(engine, config),
-                             ResponsesHandlers(engine, config), self.keys)  # fmt: skip
+        self.tenancy = tenancy_from_config(config)
+        self.keys = Keys.from_config(config, self.tenancy)
+        self.router = routes(Handlers(engine, config, self.tenancy), OpenAIHandlers(engine, config, self.tenancy),
+                             OpenAIExtras(engine, config, self.tenancy), ResponsesHandlers(engine, config, self.tenancy),
+                             self.keys, self.tenancy.usage)  # fmt: skip
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -110,8 +113,13 @@ class App:
                 status = 405 if path_exists else 404
                 return Response.json({"error": f"{method} {path}: "
                                       + ("method not allowed" if path_exists else "no such endpoint")}, status)  # fmt: skip
-            return await handler(Request(scope, receive, params, body), **params)
-        except Exception as exc:  # every error becomes a response, in the route's shape; the server keeps serving
+            request = Request(scope, receive, params, body)
+            try:
+                response = await handler(request, **params)
+            except Exception as exc:  # every error becomes a response, in the route's shape; the server keeps serving
+                response = (on_error or error_response)(exc, self.engine.stats)
+            return response if request.charge is None else self.tenancy.finish(request, response)
+        except Exception as exc:
             return (on_error or error_response)(exc, self.engine.stats)
         finally:
             stats.inflight -= 1
@@ -129,8 +137,13 @@ class App:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.engine.stop(self.config.drain_timeout)
+                await asyncio.to_thread(self.close)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    def close(self) -> None:
+        """After the engine stopped: usage written out (blocking: a thread's work)."""
+        self.tenancy.close()
 
 
 def create_app(config: ServeConfig | None = None) -> App:

@@ -31,6 +31,14 @@ class ServeConfig(BaseModel):
     admin_key: str | None = None  # the key for repository control (load, unload, index)
     admin_key_file: Path | None = None
     public_metrics: bool = False  # /metrics without a key even when keys are on
+    # Tenants (monitoring/, server/tenancy.py): keys with tiers, rate limits, quotas, metering
+    keys_file: Path | None = None  # keys.yaml (default: $FORWARDPASS_HOME/keys.yaml when it exists)
+    tiers_file: Path | None = None  # tiers.yaml: limits per tier, and prices (default: the built-in tiers)
+    require_api_key: bool = False  # refuse requests without a key (always so with --api-key-file, or keys.yaml
+    # on an address other than loopback)
+    state_dir: Path | None = None  # usage.sqlite and the shared limits (default: $FORWARDPASS_HOME/state)
+    metering: bool = True  # usage per key, model and day in state_dir/usage.sqlite
+    usage_flush_interval: float = Field(1.0, gt=0)  # seconds between usage writes: what a SIGKILL may lose
     # Triton's model control modes: poll (load all, follow the folder), explicit (load only load_model,
     # then what the repository API asks), none (load all once; the repository API refuses changes)
     model_control: Literal["poll", "explicit", "none"] = "poll"

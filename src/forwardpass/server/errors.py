@@ -14,8 +14,17 @@ occurrence is counted in ``forwardpass_requests_total{status="500"}`` by whoever
 from __future__ import annotations
 
 import logging
+import math
 
-from forwardpass.errors import ForwardpassError, InvalidInput, InvalidModelName, format_loc, shown  # noqa: F401 (shown: re-exported)
+from forwardpass.errors import (  # noqa: F401 (shown: re-exported)
+    ForwardpassError,
+    InvalidInput,
+    InvalidModelName,
+    QuotaExceeded,
+    RateLimited,
+    format_loc,
+    shown,
+)
 from forwardpass.server.http import Response
 from forwardpass.stats import Stats
 
@@ -44,7 +53,7 @@ def error_response(exc: BaseException, stats: Stats | None = None) -> Response:
 
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
-          413: "invalid_request_error", 503: "server_error"}  # fmt: skip
+          413: "invalid_request_error", 429: "rate_limit_error", 503: "server_error"}  # fmt: skip
 
 
 def openai_error(exc: BaseException, stats: Stats | None = None, model: str = "", version: str = "") -> Response:
@@ -61,7 +70,8 @@ def openai_error(exc: BaseException, stats: Stats | None = None, model: str = ""
     param = format_loc(exc.loc) if isinstance(exc, InvalidInput) else "model" if isinstance(exc, InvalidModelName) else None
     code = {"model_not_found": "model_not_found", "invalid_api_key": "invalid_api_key"}.get(exc.type, exc.type)
     headers = _retry_after(exc)
-    body = {"error": {"message": exc.message, "type": _TYPES.get(exc.status, "server_error"), "param": param, "code": code}}
+    kind = "insufficient_quota" if isinstance(exc, QuotaExceeded) else _TYPES.get(exc.status, "server_error")
+    body = {"error": {"message": exc.message, "type": kind, "param": param, "code": code}}
     return Response.json(body, exc.status, headers)
 
 
@@ -93,6 +103,8 @@ def log_unexpected(exc: BaseException) -> None:
 
 def _retry_after(exc: ForwardpassError) -> list[tuple[bytes, bytes]]:
     retry = getattr(exc, "retry_after", None)  # Overloaded; ModelNotReady while loading or draining; RemoteError
+    if isinstance(exc, RateLimited):  # whole seconds, never early: a client that waits this long is served
+        return [(b"retry-after", b"%d" % max(1, math.ceil(exc.retry_after))), *exc.headers]
     return [] if retry is None else [(b"retry-after", str(max(1, round(retry))).encode())]
 
 

@@ -17,6 +17,7 @@ from forwardpass.server import metrics
 from forwardpass.server.config import ServeConfig
 from forwardpass.server.errors import error_response, shown
 from forwardpass.server.http import Request, Response
+from forwardpass.server.tenancy import Tenancy
 from forwardpass.server.v2 import encode_response, parse_infer_off_loop
 
 EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "statistics"]
@@ -65,8 +66,9 @@ def _json_body(request: Request) -> Any:
 class Handlers:
     """One instance per app; handler methods are what routes.py lists."""
 
-    def __init__(self, engine: Engine, config: ServeConfig):
+    def __init__(self, engine: Engine, config: ServeConfig, tenancy: Tenancy | None = None):
         self.engine, self.config = engine, config
+        self.tenancy = tenancy or Tenancy.none()
 
     # -- inference ---------------------------------------------------------------------------
 
@@ -79,6 +81,7 @@ class Handlers:
             body = await request.read_body(self.config.max_body_bytes)
             header = _header_length(request.header(b"inference-header-content-length"), len(body))
             parsed = await parse_infer_off_loop(body, header, self.config.max_elements)
+            self.tenancy.rows(request, model, max((t.shape[0] for t in parsed.inputs if t.shape), default=1))
             served, outputs = await self.engine.infer(model, pinned, parsed, served)
             payload, header_length = encode_response(model, served.model.version, parsed.id, outputs)
         except ForwardpassError:
@@ -107,6 +110,8 @@ class Handlers:
             top_k = (params or {}).get("top_k")
             if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
                 raise InvalidInput(("parameters", "top_k"), "expected an integer >= 1", shown(top_k))
+            instances = doc["instances"]
+            self.tenancy.rows(request, model, len(instances) if isinstance(instances, list) else 1)
             # {"b64": ...} instances are the image and audio kinds' own to read
             served, answers = await self.engine.predict(model, pinned, doc["instances"], top_k)
             return Response.json({"model_name": model, "model_version": str(served.model.version),

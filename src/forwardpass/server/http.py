@@ -32,7 +32,7 @@ class Request:
     gzip or deflate ``Content-Encoding`` in both cases.
     """
 
-    __slots__ = ("scope", "receive", "params", "body", "_headers", "_complete", "_read")
+    __slots__ = ("scope", "receive", "params", "body", "charge", "_headers", "_complete", "_read")
 
     def __init__(
         self,
@@ -43,6 +43,7 @@ class Request:
     ):
         self.scope, self.receive, self.params = scope, receive, params
         self.body = body or b""
+        self.charge: Any = None  # the caller's usage and limits (server/tenancy.py), set by the key check
         self._complete = body is not None
         self._read = False
         self._headers: dict[str, str] | None = None

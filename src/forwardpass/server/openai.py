@@ -28,6 +28,7 @@ from forwardpass.server.config import ServeConfig
 from forwardpass.server.errors import openai_error, shown
 from forwardpass.server.http import Request, Response, StreamingResponse, json_object
 from forwardpass.server.openai_extras import OpenAIExtras
+from forwardpass.server.tenancy import Tenancy
 
 requests_log = logging.getLogger("forwardpass.requests")
 
@@ -35,8 +36,9 @@ requests_log = logging.getLogger("forwardpass.requests")
 class OpenAIHandlers:
     """The three endpoints; each returns a Response or a StreamingResponse and never raises."""
 
-    def __init__(self, engine: Engine, config: ServeConfig):
+    def __init__(self, engine: Engine, config: ServeConfig, tenancy: Tenancy | None = None):
         self.engine, self.config = engine, config
+        self.tenancy = tenancy or Tenancy.none()
 
     async def models(self, request: Request) -> Response:
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "forwardpass"}
@@ -57,11 +59,16 @@ class OpenAIHandlers:
             model = doc.get("model")
             if not isinstance(model, str) or not model:
                 raise InvalidInput(("model",), "expected a model name (GET /v1/models lists them)", shown(model))
+            self.tenancy.model(request, model)
             self.engine.generator(model)  # an unknown model is a 404 before the fields are checked
             checked = parse_generation(doc, chat)
             llm, seq = await self.engine.prepare_generation(model, checked)
             label, version = model, str(llm.version)
-            generations = self._submit(model, seq, checked.n)  # Overloaded (503) when the queue is full
+            # the tokens it may use are reserved (429 past the tier's rate), and settled when it ends
+            self.tenancy.generation(request, model, seq, checked.n, checked.prepare["max_tokens"] is not None)
+            if checked.stream:
+                self.tenancy.stream(request)  # 429 past the tier's concurrent streams
+            generations = self._submit(request, model, seq, checked.n)  # Overloaded (503) when the queue is full
         except Exception as exc:
             return openai_error(exc, self.engine.stats, label, version)
         meta = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], "created": int(time.time()),
@@ -95,7 +102,7 @@ class OpenAIHandlers:
         return Response.json({**meta, "object": "chat.completion" if chat else "text_completion", "choices": choices,
                               "usage": _usage(*results)})  # fmt: skip
 
-    def _submit(self, model: str, seq: Any, n: int) -> list[AsyncGeneration]:
+    def _submit(self, request: Request, model: str, seq: Any, n: int) -> list[AsyncGeneration]:
         """The request's ``n`` choices in the scheduler: the first reads the prompt, the others copy its KV."""
         forks = [seq.fork(index) for index in range(1, n)]  # before the first starts: its grammar state moves
         first = self.engine.generate(model, seq)
@@ -107,6 +114,7 @@ class OpenAIHandlers:
             for g in generations:
                 g.cancel()
             raise
+        self.tenancy.sequences(request, [seq, *forks])  # their tokens are charged when the request ends
         return generations
 
 

@@ -32,6 +32,7 @@ from forwardpass.inference import InferRequest, InputTensor
 from forwardpass.server.config import ServeConfig
 from forwardpass.server.errors import openai_error, shown
 from forwardpass.server.http import Request, Response, json_object
+from forwardpass.server.tenancy import Tenancy
 
 MAX_INPUTS = 2048  # OpenAI's limit on inputs per embeddings request
 INLINE_CHARACTERS = 2000  # tokenizing fewer characters costs less than a hop to a worker thread
@@ -41,8 +42,9 @@ _EMBEDDING_FIELDS = ("model", "input", "encoding_format", "dimensions", "user")
 class OpenAIExtras:
     """The handlers; each returns a Response and never raises (errors in OpenAI's shape, /health in llama-server's)."""
 
-    def __init__(self, engine: Engine, config: ServeConfig):
+    def __init__(self, engine: Engine, config: ServeConfig, tenancy: Tenancy | None = None):
         self.engine, self.config = engine, config
+        self.tenancy = tenancy or Tenancy.none()
 
     # -- /v1/embeddings ----------------------------------------------------------------------------
 
@@ -60,6 +62,7 @@ class OpenAIExtras:
             language = name in self.engine.generators()  # its own pooled hidden states (llama-server --pooling mean)
             model: Any = self.engine.generator(name).model if language else self._embedding_model(name)
             label, version = name, str(model.version)
+            self.tenancy.model(request, name)
             fmt = doc.get("encoding_format", "float")
             if fmt not in ("float", "base64"):
                 raise InvalidInput(("encoding_format",), "expected 'float' or 'base64'", shown(fmt))
@@ -82,6 +85,7 @@ class OpenAIExtras:
                 _, outputs = await self.engine.infer(name, None, InferRequest(None, tensors, None))
                 got = {o.name: o.array for o in outputs}
                 vectors, tokens = got[EMBEDDING], got[TOKENS]
+            self.tenancy.tokens(request, name, int(tokens.sum()))
         except Exception as exc:
             return openai_error(exc, self.engine.stats, label, version)
         if dims is not None:  # OpenAI's shortened embeddings: the first `dimensions` values, scaled to unit length

@@ -42,6 +42,7 @@ from forwardpass.server.errors import openai_error
 from forwardpass.server.http import Request, Response, StreamingResponse
 from forwardpass.server.openai import log_request, read_json  # the chat path's body reader, its request log
 from forwardpass.server.response_store import ResponseStore, StoredResponse
+from forwardpass.server.tenancy import Tenancy
 
 Loc = tuple[str | int, ...]
 # taken and applied (translated to chat's fields), or accepted as bookkeeping that changes no answer
@@ -55,8 +56,10 @@ ROLES = ("user", "assistant", "system", "developer")
 class ResponsesHandlers:
     """POST /v1/responses and GET /v1/responses/{response_id}; each returns a response and never raises."""
 
-    def __init__(self, engine: Engine, config: ServeConfig, store: ResponseStore | None = None):
+    def __init__(self, engine: Engine, config: ServeConfig, tenancy: Tenancy | None = None,
+                 store: ResponseStore | None = None):  # fmt: skip
         self.engine, self.config = engine, config
+        self.tenancy = tenancy or Tenancy.none()
         self.store = store if store is not None else ResponseStore()
 
     async def create(self, request: Request) -> Response | StreamingResponse:
@@ -67,13 +70,18 @@ class ResponsesHandlers:
             model = doc.get("model")
             if not isinstance(model, str) or not model:
                 raise InvalidInput(("model",), "expected a model name (GET /v1/models lists them)", shown(model))
+            self.tenancy.model(request, model)
             self.engine.generator(model)  # an unknown model is a 404 before the fields are checked
             turn = translate(doc, self.store)
             origins = turn.origins
             checked = parse_generation(turn.chat, chat=True)
             llm, seq = await self.engine.prepare_generation(model, checked)
             label, version = model, str(llm.version)
+            self.tenancy.generation(request, model, seq, 1, checked.prepare["max_tokens"] is not None)
+            if checked.stream:
+                self.tenancy.stream(request)
             generation = self.engine.generate(model, seq)  # Overloaded (503) here when the queue is full
+            self.tenancy.sequences(request, [seq])
         except Exception as exc:
             return openai_error(in_responses_terms(exc, origins), self.engine.stats, label, version)
         answer = _Answer(turn, model, checked.tools is not None)

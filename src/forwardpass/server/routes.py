@@ -17,7 +17,8 @@ PUBLIC, METRICS, INFER, ADMIN = Access.PUBLIC, Access.METRICS, Access.INFER, Acc
 Route = tuple[str, str, Handler, Access]  # method, path pattern, handler, who may call it
 
 
-def routes(h: Handlers, o: OpenAIHandlers, x: OpenAIExtras, r: ResponsesHandlers, keys: Keys) -> Router:
+def routes(h: Handlers, o: OpenAIHandlers, x: OpenAIExtras, r: ResponsesHandlers, keys: Keys,
+           usage: Handler) -> Router:  # fmt: skip
     """Every endpoint the server answers, behind its access check."""
     v2: list[Route] = [
         ("POST", "/v2/models/{model}/infer", h.infer, INFER),
@@ -35,6 +36,7 @@ def routes(h: Handlers, o: OpenAIHandlers, x: OpenAIExtras, r: ResponsesHandlers
         ("GET", "/v1/models/{model}", x.model, INFER),
         ("POST", "/tokenize", x.tokenize, INFER),  # llama-server's
         ("POST", "/detokenize", x.detokenize, INFER),
+        ("GET", "/v1/usage", usage, INFER),  # a key's own usage; every key's for an admin key (server/tenancy.py)
     ]
     rest: list[Route] = [
         ("GET", "/v2/health/ready", h.ready, PUBLIC),
@@ -59,6 +61,7 @@ def routes(h: Handlers, o: OpenAIHandlers, x: OpenAIExtras, r: ResponsesHandlers
     # each route with the wire shape of its errors (server/errors.py): OpenAI's for the OpenAI API, V2's elsewhere
     table = [(*route, error_response) for route in v2] + [(*route, openai_error) for route in openai] \
         + [(*route, error_response) for route in rest]  # fmt: skip
+    metered = {h.infer, h.predict, o.chat_completions, o.completions, x.embeddings, r.create}  # usage per key
     # a path no route takes: under /v1/ (OpenAI's API, and KServe v1's :predict) OpenAI's error shape, V2's elsewhere
-    return Router([(method, path, keys.guard(handler, access), errors) for method, path, handler, access, errors in table],
-                  unmatched=[("/v1/", x.unknown_route)])  # fmt: skip
+    return Router([(method, path, keys.guard(handler, access, handler in metered), errors)
+                   for method, path, handler, access, errors in table], unmatched=[("/v1/", x.unknown_route)])  # fmt: skip

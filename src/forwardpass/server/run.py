@@ -23,6 +23,7 @@ from typing import Any
 
 from forwardpass.server.app import create_app
 from forwardpass.server.config import ServeConfig
+from forwardpass.server.tenancy import prepare_state
 
 log = logging.getLogger("forwardpass.server")
 
@@ -30,6 +31,7 @@ log = logging.getLogger("forwardpass.server")
 def serve(config: ServeConfig, log_level: str = "info") -> None:
     """Serve until SIGINT/SIGTERM, drain, return (the process then exits 0)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    prepare_state(config)  # once, before any worker: every rate-limit bucket full, the usage file made
     if config.http == "uvicorn":
         _serve_uvicorn(config, log_level)
         return
@@ -78,6 +80,7 @@ async def _worker(config: ServeConfig, sock: socket.socket) -> None:
     if not await listener.drain(config.drain_timeout):
         log.warning("drain timeout: %d requests still in progress are dropped", listener.state.active)
     await app.engine.stop(config.drain_timeout)
+    await asyncio.to_thread(app.close)
     listener.close()
 
 
