@@ -5,6 +5,8 @@
 1. One token-bucket take shared across processes, two ways (issue 19 asked to measure both):
    forwardpass's mapped file with flock (monitoring/limits.py) against SQLite in WAL mode (one
    UPDATE transaction per check, synchronous=NORMAL), and the same buckets from 2 processes at once.
+3. Drift: what serving pays per batch (``DriftMonitor.observe``, a queue put) and how many rows a second
+   the profiler thread takes in (the target: >= 100k rows/s), for 64-row batches of 30 features.
 2. The tenancy on the request path, as App.dispatch runs it for an inference request: the key check
    (SHA-256 of the secret, lookup), the quota and request-rate check, rows taken, x-ratelimit-*
    headers, usage recorded; against the same request with keys off and metering off.
@@ -77,6 +79,31 @@ def two_processes(kind: str, path: Path, n: int) -> float:
     return statistics.mean(out.get() for _ in procs)
 
 
+def drift(n: int) -> tuple[float, float]:
+    """(us per observe on the serving thread, rows/s the profiler records)."""
+    import numpy as np
+
+    from forwardpass.monitoring.drift import PROFILER, DriftMonitor, Reference
+
+    rng = np.random.default_rng(0)
+    names = [f"f{i}" for i in range(30)]
+    reference = Reference.build(rng.normal(size=(2000, 30)), names, classes=rng.integers(0, 2, 2000), n_classes=2)
+    monitor = DriftMonitor(reference, "input", None, "probabilities", "classification")
+    batch = {"input": rng.normal(size=(64, 30)).astype(np.float32)}
+    outputs = {"probabilities": rng.random((64, 2)).astype(np.float32)}
+    batches = max(1, n // 20)
+    start = time.perf_counter()
+    for _ in range(batches):
+        monitor.record(batch["input"], outputs["probabilities"])
+    rate = batches * 64 / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for _ in range(batches):
+        monitor.observe(batch, outputs)
+    observe_us = (time.perf_counter() - start) / batches * 1e6
+    PROFILER.wait()
+    return observe_us, rate
+
+
 def tenants(root: Path) -> tuple[Path, Path, str]:
     """keys.yaml with one key of a tier whose limits never refuse (so every check runs in full), tiers.yaml."""
     keys_file, tiers_file = root / "keys.yaml", root / "tiers.yaml"
@@ -137,11 +164,16 @@ def main() -> None:
         rows.setdefault("request path, keys and metering off", []).append(off)
         rows.setdefault("request path, key + quota + rate + rows + metering", []).append(on)
         rows.setdefault("added per request by the tenancy", []).append(on - off)
+        observe_us, rate = drift(args.n)
+        rows.setdefault("drift: observe a served batch (serving thread)", []).append(observe_us)
+        rows.setdefault("drift: profiler rows per second (thousands)", []).append(rate / 1000)
     print(f"CPU: {cpu_flags()}; medians of {args.rounds} interleaved rounds, us per check or request\n")
     for name, values in rows.items():
         print(f"{name:<52}{statistics.median(values):>9.2f} us   (rounds {[round(v, 2) for v in values]})")
     added = statistics.median(rows["added per request by the tenancy"])
     print(f"\ntarget <= 50 us added per request: {added:.1f} us -> {'met' if added <= 50 else 'MISSED'}")
+    rate = statistics.median(rows["drift: profiler rows per second (thousands)"]) * 1000
+    print(f"target >= 100k rows/s of drift updates: {rate / 1000:.0f}k -> {'met' if rate >= 100_000 else 'MISSED'}")
 
 
 if __name__ == "__main__":

@@ -199,6 +199,16 @@ class Cache(_Strict):
     max_bytes: int = Field(64 * 2**20, ge=0)
 
 
+class Drift(_Strict):
+    """Drift monitoring against the version's reference.json (monitoring/drift.py): on when that file exists."""
+
+    enabled: bool = True
+    window: int = Field(2048, ge=16, le=1_000_000)  # recent rows compared with the reference
+    min_rows: int = Field(100, ge=1)  # fewer rows in the window: status 'unknown'
+    moderate: float = Field(0.1, gt=0)  # PSI thresholds
+    significant: float = Field(0.25, gt=0)
+
+
 class Threads(_Strict):
     """ONNX Runtime thread pools; 'auto' picks intra-op threads from the model's measured cost."""
 
@@ -345,6 +355,7 @@ class ModelConfig(_Strict):
     batching: Batching = Batching()
     instances: int = Field(1, ge=1)
     cache: Cache = Cache()
+    drift: Drift = Drift()
     threads: Threads = Threads()
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"], min_length=1)
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"

@@ -52,6 +52,7 @@ class ModelStats:
         self.cache_hit_ns = 0
         self.last_inference_ms = 0
         self.sequences: Any = None  # a stateful model's Sequences (engine/sequences.py): .live counts them
+        self.drift: Any = None  # the version's DriftMonitor (monitoring/drift.py), when it has a reference
         self.total = Histogram(LATENCY_BUCKETS)
         self.queue = Histogram(LATENCY_BUCKETS)
         self.compute = Histogram(LATENCY_BUCKETS)

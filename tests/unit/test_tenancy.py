@@ -267,3 +267,25 @@ def test_a_streamed_answer_is_settled_once_however_it_ends():
         return counts
 
     assert asyncio.run(run()) == [1, 1, 1, 1]
+
+
+def test_psi_and_profiles():
+    import numpy as np
+
+    from forwardpass.monitoring.drift import Reference, compare, profile, psi
+
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(5000, 2))
+    reference = Reference.build(train, ["a", "b"], classes=(train[:, 0] > 0).astype(int), n_classes=2)
+    same = compare(reference, rng.normal(size=(2000, 2)), classes=np.zeros(0))
+    assert same["status"] == "ok" and same["max_psi"] < 0.05
+    moved = rng.normal(size=(2000, 2)) + [1.0, 0.0]
+    found = compare(reference, moved, classes=(moved[:, 0] > 0).astype(int))
+    assert [f["status"] for f in found["features"]] == ["drifting", "ok"] and found["prediction"]["psi"] > 0.25
+    assert psi(np.array([0.5, 0.5]), np.array([0.5, 0.5])) == 0.0
+    images = np.stack([np.full((3, 4, 4), v, np.float32) for v in (0.2, 0.6)])  # NCHW, flat channels
+    rows, names = profile(images, (3, "NCHW"))
+    assert names[:1] == ["channel 0 mean"] and rows.shape == (2, 6) and np.allclose(rows[:, 0], [0.2, 0.6])
+    assert np.allclose(rows[:, 3:], 0)  # a flat image has no spread
+    tokens, names = profile(np.array([[5, 6, 0, 0], [1, 2, 3, 0]]))
+    assert names == ["length"] and tokens.ravel().tolist() == [2, 3]

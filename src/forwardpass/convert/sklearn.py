@@ -25,6 +25,7 @@ import yaml
 
 from forwardpass._deps import require
 from forwardpass.errors import ForwardpassError, ModelLoadError, UntrustedFile
+from forwardpass.monitoring.drift import REFERENCE_FILE, Reference, image_of, profile
 from forwardpass.repository import check_name
 
 _PURPOSE = "importing scikit-learn models"
@@ -41,6 +42,7 @@ def import_sklearn(
     level: float = 0.9,
     X_eval: Any = None,
     y_eval: Any = None,
+    X_reference: Any = None,
     description: str = "",
     pre: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
@@ -49,7 +51,8 @@ def import_sklearn(
 
     Classifiers get their labels from ``classes_``; regressors get a split-conformal interval at
     ``level`` when calibration data (held out from training) is given. With evaluation data, the
-    held-out score of the ONNX model is recorded in model.yaml's ``metrics``. Returns the folder.
+    held-out score of the ONNX model is recorded in model.yaml's ``metrics``. With reference data (the
+    training rows), the version gets a drift reference (monitoring/drift.py). Returns the folder.
     """
     sklearn_base = require("sklearn.base", "sklearn", _PURPOSE)
     skl2onnx = require("skl2onnx", "sklearn", _PURPOSE)
@@ -106,7 +109,24 @@ def import_sklearn(
         metrics["eval_rows"] = float(len(y_eval))
     config["metrics"] = metrics
     config.update(extra or {})
-    return write_model_folder(Path(repository), name, config, onnx_model.SerializeToString())
+    files = {}
+    if X_reference is not None:
+        files[REFERENCE_FILE] = _reference(session, np.asarray(X_reference, np.float32), names, config, is_classifier)
+    return write_model_folder(Path(repository), name, config, onnx_model.SerializeToString(), files)
+
+
+def _reference(session: Any, x: np.ndarray, names: list[str], config: dict[str, Any], classifier: bool) -> bytes:
+    """The drift reference of the training rows: their profile, and the model's predictions on them."""
+    image = image_of(config["pre"])
+    rows, profile_names = profile(x, image)
+    outputs = _run(session, x)
+    if classifier:
+        labels = config["labels"]
+        ref = Reference.build(rows, names if image is None else profile_names, classes=outputs[1].argmax(axis=1),
+                              n_classes=len(labels), labels=labels)  # fmt: skip
+    else:
+        ref = Reference.build(rows, names if image is None else profile_names, values=outputs[0].ravel())
+    return ref.to_bytes()
 
 
 def conformal_half_width(residuals: np.ndarray, level: float) -> float:
@@ -119,8 +139,9 @@ def conformal_half_width(residuals: np.ndarray, level: float) -> float:
     return float(np.sort(residuals)[rank - 1])
 
 
-def write_model_folder(repository: Path, name: str, config: dict[str, Any], onnx_bytes: bytes) -> Path:
-    """Write model.yaml and the next numbered version atomically (temp folder, then rename)."""
+def write_model_folder(repository: Path, name: str, config: dict[str, Any], onnx_bytes: bytes,
+                       files: dict[str, bytes] | None = None) -> Path:  # fmt: skip
+    """Write model.yaml and the next numbered version (model.onnx and ``files``) atomically (temp folder, rename)."""
     folder = repository / check_name(name)
     folder.mkdir(parents=True, exist_ok=True)
     existing = [int(p.name) for p in folder.iterdir() if p.name.isascii() and p.name.isdigit()]
@@ -128,6 +149,8 @@ def write_model_folder(repository: Path, name: str, config: dict[str, Any], onnx
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder))
     try:
         (staging / "model.onnx").write_bytes(onnx_bytes)
+        for file_name, data in (files or {}).items():
+            (staging / file_name).write_bytes(data)
         os.replace(staging, folder / str(version))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

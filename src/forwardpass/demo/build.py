@@ -22,7 +22,7 @@ import yaml
 from forwardpass._deps import require
 from forwardpass.demo import datasets
 
-DEMO_VERSION = "10"
+DEMO_VERSION = "11"
 _STAMP = ".forwardpass-demo"
 
 
@@ -138,7 +138,7 @@ def _build_into(root: Path, progress: Progress) -> None:
     b = datasets.load("breast-cancer")
     import_sklearn(
         scaled(linear.LogisticRegression(max_iter=2000)).fit(b.X_train, b.y_train), "breast-cancer", root,
-        feature_names=b.feature_names, X_eval=b.X_test, y_eval=b.y_test,
+        feature_names=b.feature_names, X_reference=b.X_train, X_eval=b.X_test, y_eval=b.y_test,
         description="Breast cancer diagnosis (malignant/benign) from 30 named cell-nucleus measurements.",
         extra=serving,
     )  # fmt: skip
@@ -146,7 +146,7 @@ def _build_into(root: Path, progress: Progress) -> None:
     r = datasets.load("diabetes")
     import_sklearn(
         scaled(linear.Ridge(alpha=1.0)).fit(r.X_train, r.y_train), "diabetes", root,
-        feature_names=r.feature_names, X_calib=r.X_calib, y_calib=r.y_calib, level=0.9,
+        feature_names=r.feature_names, X_reference=r.X_train, X_calib=r.X_calib, y_calib=r.y_calib, level=0.9,
         X_eval=r.X_test, y_eval=r.y_test,
         description="Diabetes progression one year after baseline, with a 90% split-conformal interval.",
         extra=serving,
@@ -155,7 +155,7 @@ def _build_into(root: Path, progress: Progress) -> None:
     i = datasets.load("iris")
     import_sklearn(
         scaled(linear.LogisticRegression(max_iter=2000)).fit(i.X_train, i.y_train), "iris", root,
-        feature_names=i.feature_names, X_eval=i.X_test, y_eval=i.y_test,
+        feature_names=i.feature_names, X_reference=i.X_train, X_eval=i.X_test, y_eval=i.y_test,
         description="Iris species from sepal and petal sizes.", extra=serving,
     )  # fmt: skip
     silero = _silero_onnx()
@@ -196,7 +196,7 @@ def _add_digits(root: Path, scaled: Callable[[Any], Any], serving: dict[str, obj
         warnings.simplefilter("ignore", category=exceptions.ConvergenceWarning)  # stopped at max_iter on purpose
         digits = scaled(mlp).fit(X, y)
     folder = import_sklearn(
-        digits, "digits", root, X_eval=d.X_test, y_eval=d.y_test,
+        digits, "digits", root, X_eval=d.X_test, y_eval=d.y_test, X_reference=d.X_train,
         description="Handwritten digits 0-9: an MLP on 8x8 grayscale images (white ink on black), trained to "
         "read them drawn larger, with thicker or thinner strokes or a pixel off centre.",
         pre=DIGITS_PRE, extra=serving,

@@ -27,6 +27,7 @@ from forwardpass.engine.sequences import Sequences, Step
 from forwardpass.errors import ForwardpassError, InvalidInput
 from forwardpass.inference import InferRequest, InputTensor, OutputTensor, RequestedOutput
 from forwardpass.model import Model
+from forwardpass.monitoring.drift import monitor_for
 from forwardpass.pipeline import Plan
 from forwardpass.runtime.onnx import AUTO_THREADS_THRESHOLD_MS
 from forwardpass.scheduler import DynamicBatcher, Policy, ResponseCache, cache_key
@@ -73,10 +74,19 @@ class DataPlane:
             def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
                 return seq.from_model(dict(zip(names, run_list(seq.to_model(feeds)))))
 
+        drift = monitor_for(model)  # reference.json: served batches go to the drift profiler (a queue put)
+        if drift is not None:
+            plain = run
+
+            def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+                outputs = plain(feeds)
+                drift.observe(feeds, outputs)
+                return outputs
+
         probe = model.runtime.probe_ms
         inline = config.instances == 1 and probe is not None and probe < AUTO_THREADS_THRESHOLD_MS
         stats = self.stats.stats(model.name, model.version)
-        stats.sequences = sequences
+        stats.sequences, stats.drift = sequences, drift
         policy = Policy(
             max_batch_size=config.batching.max_batch_size if batchable else 1,
             max_queue_delay=config.batching.max_queue_delay_ms / 1000,
@@ -91,7 +101,7 @@ class DataPlane:
             answered.append(sequences.config.events.name)  # the events each step completes (BYTES, JSON each)
         every = {b: [RequestedOutput(n, b) for n in answered] for b in (False, True)}
         cache = config.cache.enabled and sequences is None  # a stateful model's answer depends on its state
-        return Served(model, batcher, stats, batchable, cache, every, sequences)
+        return Served(model, batcher, stats, batchable, cache, every, sequences, drift)
 
     async def infer(self, served: Served, request: InferRequest) -> tuple[Served, list[OutputTensor]]:
         name = served.model.name

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from forwardpass.errors import ForwardpassError, ModelNotFound, ModelNotReady, ModelUnavailable, WrongEndpoint
 from forwardpass.inference import RequestedOutput
 from forwardpass.model import Model
+from forwardpass.monitoring.drift import DriftMonitor
 from forwardpass.repository import Repository
 from forwardpass.scheduler import DynamicBatcher
 from forwardpass.stats import ModelStats
@@ -37,6 +38,7 @@ class Served:
     cache_enabled: bool
     all_outputs: dict[bool, list[RequestedOutput]]  # what "no outputs listed" means, JSON and binary
     sequences: Sequences | None = None  # a stateful model's live sequences (engine/sequences.py)
+    drift: DriftMonitor | None = None  # inputs and answers against the version's reference (monitoring/drift.py)
 
 
 class Registry:

@@ -4,6 +4,7 @@ extensions), the human predict endpoint, and /metrics. Each turns a Request into
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from typing import Any
@@ -174,6 +175,19 @@ class Handlers:
             if (model is None or name == model) and (wanted is None or v == wanted)
         ]  # fmt: skip
         return Response.json({"model_stats": stats})
+
+    async def drift(self, request: Request, model: str, version: str | None = None) -> Response:
+        """The version's recent inputs and answers against its reference: PSI and KS per feature, prediction
+        drift, and the status (ok, moderate, drifting; unknown while the window holds too few rows)."""
+        served = self.engine.served(model, _version(version))
+        name, number = served.model.name, str(served.model.version)
+        monitor = served.drift
+        if monitor is None:
+            return Response.json({"model_name": name, "model_version": number, "status": "no_reference",
+                                  "reason": "this version has no reference.json (forwardpass import sklearn writes one "
+                                  "from the training rows) or model.yaml sets drift.enabled false"})  # fmt: skip
+        report = await asyncio.to_thread(monitor.report)  # a few ms of statistics: off the event loop
+        return Response.json({"model_name": name, "model_version": number, **report})
 
     async def metrics(self, request: Request) -> Response:
         return Response.text(metrics.render(self.engine.stats), content_type="text/plain; version=0.0.4; charset=utf-8")

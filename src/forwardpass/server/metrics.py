@@ -65,9 +65,40 @@ class _Collector:
             if s.sequences is not None:  # counted now: reading it frees the sequences idle past their timeout
                 live.add_metric([name, str(version)], s.sequences.live)
         yield from (requests, hits, misses, rows, *hists.values(), live)
+        yield from _drift(m)
         yield GaugeMetricFamily("forwardpass_inflight_requests", "Requests being served now", value=m.inflight)
         if m.generation:
             yield from _generation(m)
+
+
+def _drift(m: Stats) -> Iterator[Metric]:
+    """Drift against each version's reference, as the profiler last judged it (nothing computed here)."""
+    psi = GaugeMetricFamily("forwardpass_drift_psi", "Population stability index of an input feature, recent "
+                            "window vs reference", labels=["model", "version", "feature"])  # fmt: skip
+    ks = GaugeMetricFamily("forwardpass_drift_ks", "Kolmogorov-Smirnov statistic of an input feature (when last "
+                           "reported at /drift)", labels=["model", "version", "feature"])  # fmt: skip
+    prediction = GaugeMetricFamily("forwardpass_prediction_drift_psi", "PSI of the predictions", labels=["model", "version"])
+    drifting = GaugeMetricFamily("forwardpass_model_drifting", "1 when the version's drift is significant",
+                                 labels=["model", "version"])  # fmt: skip
+    window = GaugeMetricFamily("forwardpass_drift_window_rows", "Rows in the drift window", labels=["model", "version"])
+    for (name, version), s in sorted(m.models.items()):
+        monitor = s.drift
+        if monitor is None:
+            continue
+        series = [name, str(version)]
+        drifting.add_metric(series, float(monitor.status == "drifting"))
+        last = monitor.last
+        if last is None:
+            continue
+        window.add_metric(series, last["rows"])
+        for feature in last["features"]:
+            if feature["psi"] is not None:
+                psi.add_metric([*series, feature["name"]], feature["psi"])
+            if feature["ks"] is not None:
+                ks.add_metric([*series, feature["name"]], feature["ks"])
+        if last["prediction"] is not None:
+            prediction.add_metric(series, last["prediction"]["psi"])
+    yield from (psi, ks, prediction, drifting, window)
 
 
 def _generation(m: Stats) -> Iterator[Metric]:

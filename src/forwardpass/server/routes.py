@@ -51,6 +51,8 @@ def routes(h: Handlers, o: OpenAIHandlers, x: OpenAIExtras, r: ResponsesHandlers
         ("GET", "/v2/models/{model}/config", h.model_config, INFER),
         ("GET", "/v2/models/{model}/versions/{version}/config", h.model_config, INFER),
         ("GET", "/v2/models/{model}/stats", h.model_stats, INFER),
+        ("GET", "/v2/models/{model}/drift", h.drift, INFER),
+        ("GET", "/v2/models/{model}/versions/{version}/drift", h.drift, INFER),
         ("GET", "/v2/models/{model}/versions/{version}/stats", h.model_stats, INFER),
         ("POST", "/v2/repository/index", h.repository_index, ADMIN),
         ("POST", "/v2/repository/models/{model}/load", h.repository_load, ADMIN),
