@@ -313,6 +313,60 @@ def batch(
         out.print(f"errors: {summary.errors_file}")
 
 
+@app.command()
+def drift(
+    model: Annotated[str, typer.Argument(help="Model name")],
+    data: Annotated[list[str], typer.Argument(help="Files of instances: .csv, .json, .jsonl, .parquet; images")],
+    repository: RepositoryOption = None,
+    version: Annotated[int | None, typer.Option(help="Model version [default: newest]")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
+) -> None:
+    """Compare a file of inputs with the data the model was built on: PSI and KS per feature, prediction drift.
+    Exits 1 when the drift is significant (model.yaml drift.significant), so a scheduled job can alert."""
+    from forwardpass.monitoring.drift import monitor_for
+
+    repo = _repository(repository)
+    loaded = repo.load(model, version)
+    monitor = monitor_for(loaded)
+    if monitor is None:
+        raise ForwardpassError(f"{model} v{loaded.version} has no drift reference ({loaded.folder}/{loaded.version}/"
+                               "reference.json): forwardpass import sklearn writes one from the training rows; "
+                               "or model.yaml sets drift.enabled false, or the model has several inputs")  # fmt: skip
+    parquet = [p for p in data if p.lower().endswith((".parquet", ".pq"))]
+    instances, _ = _read_inputs([p for p in data if p not in parquet], loaded.config.pre.kind, text=loaded.pre.text)
+    for path in parquet:
+        instances += require("pyarrow.parquet", "batch", "reading Parquet").read_table(path).to_pylist()
+    if not instances:
+        raise ForwardpassError("no instances in " + ", ".join(data))
+
+    def batches() -> Any:  # the model's own pre-processing and forward pass, 1024 instances at a time
+        for start in range(0, len(instances), 1024):
+            feeds = loaded.prepare(instances[start : start + 1024])
+            outputs = loaded.run(feeds) if monitor.output else {}
+            yield feeds[monitor.input_name], outputs.get(monitor.output) if monitor.output else None
+
+    report = monitor.judge(batches())
+    if as_json:
+        out.print_json(json.dumps(report))
+    else:
+        table = Table("feature", "PSI", "KS", "KS p-value", "status")
+        for f in report["features"]:
+            table.add_row(f["name"], _number(f["psi"]), _number(f["ks"]), _number(f["ks_p_value"]), f["status"])
+        if report["prediction"] is not None:
+            table.add_row("(predictions)", _number(report["prediction"]["psi"]), "", "", report["prediction"]["status"])
+        out.print(table)
+        limits = report["thresholds"]
+        out.print(f"{model} v{loaded.version}: {report['rows']} rows against {report['reference_rows']} reference rows: "
+                  f"[bold]{report['status']}[/bold] (max PSI {_number(report['max_psi'])}; moderate from "
+                  f"{limits['moderate']}, significant from {limits['significant']})")  # fmt: skip
+    if report["status"] == "drifting":
+        raise typer.Exit(1)
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:.3g}"
+
+
 def _read_inputs(args: list[str], pre_kind: str, *, text: bool) -> tuple[list[Any], list[str]]:
     instances: list[Any] = []
     names: list[str] = []

@@ -17,6 +17,7 @@ from forwardpass.errors import ForwardpassError, ModelNotFound, ModelNotReady, M
 from forwardpass.inference import RequestedOutput
 from forwardpass.model import Model
 from forwardpass.monitoring.drift import DriftMonitor
+from forwardpass.monitoring.predictions import PredictionLog
 from forwardpass.repository import Repository
 from forwardpass.scheduler import DynamicBatcher
 from forwardpass.stats import ModelStats
@@ -39,6 +40,7 @@ class Served:
     all_outputs: dict[bool, list[RequestedOutput]]  # what "no outputs listed" means, JSON and binary
     sequences: Sequences | None = None  # a stateful model's live sequences (engine/sequences.py)
     drift: DriftMonitor | None = None  # inputs and answers against the version's reference (monitoring/drift.py)
+    log: PredictionLog | None = None  # sampled requests to Parquet (monitoring/predictions.py)
 
 
 class Registry:
@@ -159,6 +161,12 @@ class Registry:
                 entry: dict[str, Any] = {"name": name, "version": str(v)}
                 if v in serving:
                     entry["state"] = "READY"
+                    monitor = self._served.get(name, {}).get(v)
+                    drift = monitor.drift if monitor is not None else None
+                    if drift is not None and drift.status in ("drifting", "moderate"):  # as the profiler last judged
+                        entry["reason"] = (f"{drift.status}: its recent inputs or answers differ from its "
+                                           f"reference (max PSI {drift.max_psi}); see "
+                                           f"/v2/models/{name}/versions/{v}/drift")  # fmt: skip
                 elif reason:
                     entry.update(state="UNAVAILABLE", reason=self.redact(reason))
                 else:

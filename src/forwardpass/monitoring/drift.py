@@ -25,7 +25,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from forwardpass._deps import require
-from forwardpass.errors import ModelConfigError
+from forwardpass.errors import InvalidInput, ModelConfigError
 
 log = logging.getLogger("forwardpass.drift")
 
@@ -284,6 +284,28 @@ class DriftMonitor:
             self._judged = now
             self.last = self._compare(ks=False)
             self.status, self.max_psi = self.last["status"], self.last["max_psi"]
+
+    def judge(self, batches: Iterable[tuple[np.ndarray, np.ndarray | None]]) -> dict[str, Any]:
+        """Rows from elsewhere (``forwardpass drift MODEL DATA``: a file's batches of input tensor and output)
+        against the reference, KS included; the live window is left alone."""
+        profiles, classes, values = [], [], []
+        for array, output in batches:
+            rows, _ = profile(array, self.image)
+            profiles.append(rows)
+            if output is not None and len(output) == len(rows):
+                if self.kind == "classification" and output.ndim == 2:
+                    classes.append(output.argmax(axis=1))
+                elif self.kind == "regression":
+                    values.append(output.reshape(len(rows), -1)[:, 0])
+        n = len(self.reference.names)
+        rows = np.concatenate(profiles) if profiles else np.zeros((0, n))
+        if rows.shape[1] != n:
+            raise InvalidInput(("data",), f"profiles to {rows.shape[1]} numbers a row, the reference has {n} "
+                               f"({', '.join(self.reference.names[:5])}...): is this the model's data?")  # fmt: skip
+        found = compare(self.reference, rows, np.concatenate(classes) if classes else None,
+                        np.concatenate(values) if values else None, self.thresholds, ks=True)  # fmt: skip
+        found["reference_rows"] = self.reference.rows
+        return found
 
     def report(self) -> dict[str, Any]:
         """The window against the reference (a few milliseconds: call it off the event loop)."""
