@@ -12,9 +12,10 @@ core (taskset); servers are not pinned. Every point is the median of interleaved
   in-process ONNX Runtime at its best batch size, and the baseline.
 - start-up to ready and idle PSS of `forwardpass serve` on the demo repository.
 - with --soak S: server RSS sampled every 5 s over S seconds of digits at concurrency 64.
-- with --tenancy: only the cost of keys, rate limits and metering (issue 19): digits at c=1 and c=64,
-  1 and 2 workers, keys and metering off against a keyed request (a tier whose limits never refuse,
-  so every check runs) with metering on; the microseconds added per request, from the latency at c=1.
+- with --tenancy: only the cost of keys, rate limits, metering and drift sampling (issue 19): digits at
+  c=1 and c=64, 1 and 2 workers, all of them off (drift disabled in model.yaml) against a keyed request
+  (a tier whose limits never refuse, so every check runs) with metering and drift on; the microseconds
+  added per request, from the latency at c=1.
 
 Targets (issue 4): digits c=64 >= 8x baseline with p99 no worse, c=1 >= 3x; CNN c=64 >= 0.85x
 raw; RSS flat within 10% over the soak; start-up <= 2 s; idle PSS <= 200 MiB.
@@ -290,16 +291,24 @@ def tenancy(tmp: Path, repo: Path, body: Path, rounds: int, duration: float) -> 
     secret, _ = create_key(tmp / "keys.yaml", "bench", key_id="bench", tiers=Tiers.load(tiers_file))
     keyed_lua = lua(tmp / "keyed.lua", body, {"Content-Type": "application/json", "Authorization": f"Bearer {secret}"})
     plain_lua = lua(tmp / "plain.lua", body, {"Content-Type": "application/json"})
-    fp = [sys.executable, "-m", "forwardpass", "serve", str(repo), "--port", "{port}", "--poll-interval", "0",
+    plain = tmp / "models-no-drift"  # "off" is the server without any of issue 19: no drift sampling either
+    shutil.copytree(repo / "digits", plain / "digits")
+    config = yaml.safe_load((plain / "digits" / "model.yaml").read_text())
+    config["drift"] = {"enabled": False}
+    (plain / "digits" / "model.yaml").write_text(yaml.safe_dump(config))
+    fp = [sys.executable, "-m", "forwardpass", "serve", "{repo}", "--port", "{port}", "--poll-interval", "0",
           "--log-level", "warning"]  # fmt: skip
     off = {"FORWARDPASS_METERING": "false", "FORWARDPASS_STATE_DIR": str(tmp / "state-off")}
     on = {"FORWARDPASS_KEYS_FILE": str(tmp / "keys.yaml"), "FORWARDPASS_TIERS_FILE": str(tiers_file),
           "FORWARDPASS_REQUIRE_API_KEY": "true", "FORWARDPASS_STATE_DIR": str(tmp / "state-on")}  # fmt: skip
+    served = {False: [a.replace("{repo}", str(plain)) for a in fp], True: [a.replace("{repo}", str(repo)) for a in fp]}
     servers = {}
     for workers in (1, 2):
         w = ["--workers", str(workers)]
-        servers[f"{workers} worker(s), off"] = (Proc(f"off{workers}", [*fp, *w], "/v2/health/ready", off), plain_lua)
-        servers[f"{workers} worker(s), on"] = (Proc(f"on{workers}", [*fp, *w], "/v2/health/ready", on), keyed_lua)
+        servers[f"{workers} worker(s), off"] = (Proc(f"off{workers}", [*served[False], *w], "/v2/health/ready", off),
+                                                plain_lua)  # fmt: skip
+        servers[f"{workers} worker(s), on"] = (Proc(f"on{workers}", [*served[True], *w], "/v2/health/ready", on),
+                                               keyed_lua)  # fmt: skip
     results: dict[tuple[str, int], list[dict[str, float]]] = {}
     try:
         for _ in range(rounds):

@@ -209,6 +209,15 @@ class Drift(_Strict):
     significant: float = Field(0.25, gt=0)
 
 
+class PredictionLog(_Strict):
+    """Sampled requests and their answers written to Parquet (monitoring/predictions.py): off unless rate > 0."""
+
+    rate: float = Field(0.0, ge=0, le=1)  # the share of requests logged
+    max_mb: float = Field(256, gt=0)  # the model's log folder is kept under this: the oldest files go first
+    rows_per_file: int = Field(10_000, ge=1)  # a file is written when this many rows wait ...
+    flush_seconds: float = Field(10.0, gt=0)  # ... or when the oldest waiting row is this old
+
+
 class Threads(_Strict):
     """ONNX Runtime thread pools; 'auto' picks intra-op threads from the model's measured cost."""
 
@@ -356,6 +365,7 @@ class ModelConfig(_Strict):
     instances: int = Field(1, ge=1)
     cache: Cache = Cache()
     drift: Drift = Drift()
+    prediction_log: PredictionLog = PredictionLog()
     threads: Threads = Threads()
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"], min_length=1)
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
@@ -393,6 +403,13 @@ class ModelConfig(_Strict):
 # --- loading with errors that say file, field and fix ------------------------------
 
 
+def yaml_problem(exc: Exception) -> tuple[str, str]:
+    """(where: 'line L, column C' or '', what) of a YAML file that does not parse."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return where, str(getattr(exc, "problem", None) or exc)
+
+
 def load_config(path: Path) -> ModelConfig:
     """Read and validate a model.yaml; any mistake raises ModelConfigError (file, field, fix)."""
     try:
@@ -400,9 +417,7 @@ def load_config(path: Path) -> ModelConfig:
     except FileNotFoundError:
         raise ModelConfigError(str(path), "", "file not found", "create it (see README: model.yaml)") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
+        where, problem = yaml_problem(exc)
         raise ModelConfigError(str(path), where, f"not valid YAML: {problem}", "fix the YAML syntax there") from None
     if not isinstance(raw, dict):
         raise ModelConfigError(

@@ -40,6 +40,7 @@ class InferRequest:
     outputs: list[RequestedOutput] | None  # None: all outputs
     parameters: dict[str, Any] = field(default_factory=dict)
     binary_output: bool = False  # default for outputs not listed
+    caller: str | None = None  # the caller's key id, for the prediction log
 
 
 @dataclass

@@ -21,6 +21,7 @@ import asyncio
 import functools
 from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from forwardpass import _memory
@@ -31,6 +32,8 @@ from forwardpass.engine.watcher import CONTROL_MODES, Watcher
 from forwardpass.errors import InvalidInput
 from forwardpass.inference import InferRequest, OutputTensor
 from forwardpass.model import Model
+from forwardpass.monitoring import default_state_dir
+from forwardpass.monitoring.predictions import WRITER, Quality
 from forwardpass.repository import Repository
 from forwardpass.runtime.onnx import available_cores
 from forwardpass.scheduler import ResponseCache
@@ -56,14 +59,17 @@ class Engine:
 
     def __init__(self, repository: Repository, *, cache_bytes: int = 64 * 2**20, poll_interval: float = 2.0,
                  stats: Stats | None = None, model_control: str = "poll", load_models: Sequence[str] = (),
-                 drain_timeout: float = 30.0, pending: Callable[[], int] | None = None):  # fmt: skip
+                 drain_timeout: float = 30.0, pending: Callable[[], int] | None = None,
+                 state_dir: Path | None = None):  # fmt: skip
         _memory.tune()
         self.repository = repository
         self.stats = stats or Stats()
         self.cache = ResponseCache(cache_bytes)
         self._executor = ThreadPoolExecutor(max_workers=max(2, available_cores()), thread_name_prefix="forwardpass")
         self.registry = Registry(repository)
-        self.plane = DataPlane(self.stats, self._executor, self.cache, pending)
+        self.plane = DataPlane(self.stats, self._executor, self.cache, pending, state_dir)
+        state = state_dir or default_state_dir()
+        self.quality = Quality(state / "quality.sqlite", state / "predictions")  # labels that arrive later
         self.watcher = Watcher(repository, self.registry, self.plane.serve, stats=self.stats, executor=self._executor,
                                model_control=model_control, poll_interval=poll_interval, load_models=load_models,
                                drain_timeout=drain_timeout)  # fmt: skip
@@ -78,6 +84,8 @@ class Engine:
         """Stop hot reload, finish queued requests, release threads."""
         self.registry.ready = False
         await self.watcher.stop(timeout)
+        await asyncio.to_thread(WRITER.flush)  # the prediction log's waiting rows, to their files
+        self.quality.close()
         self._executor.shutdown(wait=False)
 
     def count_pending(self, pending: Callable[[], int]) -> None:
@@ -149,15 +157,16 @@ class Engine:
                 raise
             return await self.plane.infer(self.served(name), request)
 
-    async def predict(self, name: str, version: int | None, instances: list[Any],
-                      top_k: int | None = None) -> tuple[Served, Any]:  # fmt: skip
-        """Instances in, answers out: pre-processing, the model, post-processing (the human endpoint, CLI, batch)."""
+    async def predict(self, name: str, version: int | None, instances: list[Any], top_k: int | None = None,
+                      request_id: str | None = None, caller: str | None = None) -> tuple[Served, Any]:  # fmt: skip
+        """Instances in, answers out: pre-processing, the model, post-processing (the human endpoint, CLI, batch).
+        ``request_id`` and ``caller`` name the request in the prediction log, when the model keeps one."""
         try:
-            return await self.plane.predict(self.served(name, version), instances, top_k)
+            return await self.plane.predict(self.served(name, version), instances, top_k, request_id, caller)
         except BatcherClosed:
             if version is not None:
                 raise
-            return await self.plane.predict(self.served(name), instances, top_k)
+            return await self.plane.predict(self.served(name), instances, top_k, request_id, caller)
 
     async def prepare_generation(self, name: str, request: GenerationRequest) -> tuple[Any, TokenSequence]:
         """A checked generation request (requests.parse_generation) against the model: the prompt's length

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Callable, Hashable
 from concurrent.futures import Executor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,7 +29,9 @@ from forwardpass.engine.sequences import Sequences, Step
 from forwardpass.errors import ForwardpassError, InvalidInput
 from forwardpass.inference import InferRequest, InputTensor, OutputTensor, RequestedOutput
 from forwardpass.model import Model
+from forwardpass.monitoring import default_state_dir
 from forwardpass.monitoring.drift import monitor_for
+from forwardpass.monitoring.predictions import log_for
 from forwardpass.pipeline import Plan
 from forwardpass.runtime.onnx import AUTO_THREADS_THRESHOLD_MS
 from forwardpass.scheduler import DynamicBatcher, Policy, ResponseCache, cache_key
@@ -40,8 +44,9 @@ class DataPlane:
     """Runs requests on served versions: pre-processing plans, the response cache, dynamic batching, stats."""
 
     def __init__(self, stats: Stats, executor: Executor, cache: ResponseCache,
-                 pending: Callable[[], int] | None = None):  # fmt: skip
+                 pending: Callable[[], int] | None = None, state_dir: Path | None = None):  # fmt: skip
         self.stats, self.cache, self._executor = stats, cache, executor
+        self.state_dir = state_dir  # where prediction logs go (None: $FORWARDPASS_HOME/state)
         # requests the HTTP layer has received and not yet answered, when it can tell (its own
         # protocol can; ASGI servers cannot, and the batcher then yields once to find out)
         self._pending = pending
@@ -101,7 +106,8 @@ class DataPlane:
             answered.append(sequences.config.events.name)  # the events each step completes (BYTES, JSON each)
         every = {b: [RequestedOutput(n, b) for n in answered] for b in (False, True)}
         cache = config.cache.enabled and sequences is None  # a stateful model's answer depends on its state
-        return Served(model, batcher, stats, batchable, cache, every, sequences, drift)
+        predictions = log_for(model, self.state_dir or default_state_dir())  # model.yaml prediction_log
+        return Served(model, batcher, stats, batchable, cache, every, sequences, drift, predictions)
 
     async def infer(self, served: Served, request: InferRequest) -> tuple[Served, list[OutputTensor]]:
         name = served.model.name
@@ -121,6 +127,11 @@ class DataPlane:
             outputs, queued, cached = await self._run(served, feeds, key, request.parameters.get("timeout"))
             result = [self._output(model, o, outputs[o.name]) for o in wanted]
             rows = _rows(feeds)
+            if served.log is not None and served.log.sampled():
+                if request.id is None:  # the response returns it: feedback names the request by it
+                    request.id = uuid.uuid4().hex
+                served.log.add(request.id, request.caller, time.monotonic() - start, rows,
+                               {t.name: t.array for t in request.inputs}, outputs)  # fmt: skip
         except BatcherClosed:
             raise  # retried on the current version: not a failure of this one
         except ForwardpassError as exc:
@@ -155,8 +166,10 @@ class DataPlane:
         served.stats.request(200, time.monotonic() - start, queued, _rows(feeds))
         return served, result
 
-    async def predict(self, served: Served, instances: list[Any], top_k: int | None) -> tuple[Served, Any]:
-        """Answers as JSON-ready data: a list of answers, or {output: rows} for a model without post-processing."""
+    async def predict(self, served: Served, instances: list[Any], top_k: int | None, request_id: str | None = None,
+                      caller: str | None = None) -> tuple[Served, Any]:  # fmt: skip
+        """Answers as JSON-ready data: a list of answers, or {output: rows} for a model without post-processing.
+        ``request_id`` and ``caller`` (the key id) go to the prediction log when the model keeps one."""
         start = time.monotonic()
         try:
             if not isinstance(instances, list):
@@ -165,6 +178,8 @@ class DataPlane:
             outputs, queued, _ = await self._run(served, feeds, None, None)
             answers = served.model.postprocess(outputs, top_k)
             answers = answers.to_list() if hasattr(answers, "to_list") else {k: v.tolist() for k, v in answers.items()}
+            if served.log is not None and request_id is not None and served.log.sampled():
+                served.log.add(request_id, caller, time.monotonic() - start, len(instances), instances, outputs)
         except BatcherClosed:
             raise  # retried on the current version: not a failure of this one
         except ForwardpassError as exc:

@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from forwardpass.config import yaml_problem
 from forwardpass.errors import SettingsFileError, Unauthorized
 
 SECRET_PREFIX = "fp_"
@@ -328,10 +329,8 @@ def _read_yaml(path: Path, schema: type[_Schema], what: str) -> _Schema:
     except OSError as exc:
         raise SettingsFileError(str(path), "", f"cannot read it ({exc.strerror})", f"check the path of {what}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise SettingsFileError(str(path), where, f"not valid YAML: {getattr(exc, 'problem', None) or exc}",
-                                "fix the YAML syntax there") from None  # fmt: skip
+        where, problem = yaml_problem(exc)
+        raise SettingsFileError(str(path), where, f"not valid YAML: {problem}", "fix the YAML syntax there") from None
     raw = {} if raw is None else raw
     try:
         return schema.model_validate(raw)

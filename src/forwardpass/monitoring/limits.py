@@ -85,20 +85,14 @@ class SharedBuckets:
 
     def take(self, key: str, dim: str, amount: float, capacity: float, rate: float, now: float) -> tuple[bool, float]:
         """Take ``amount`` from a bucket if it holds that much: (taken, level after, or the level it lacked from)."""
-        with self._thread_lock:  # written out, not a helper: this is on every limited request's path
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-            try:
-                at = self._offsets.get(key) or self._offset(key)
-                at += _DIMS[dim]
-                level, stamp = _PAIR.unpack_from(self._map, at)
-                level = min(capacity, level + (now - stamp) * rate if now > stamp else level)
-                taken = level >= amount
-                if taken:
-                    level -= amount
-                    _PAIR.pack_into(self._map, at, level, now)
-                return taken, level
-            finally:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        at = _DIMS[dim]
+        with self._locked(key) as slot:
+            level = self._level(slot + at, capacity, rate, now)
+            taken = level >= amount
+            if taken:
+                level -= amount
+                _PAIR.pack_into(self._map, slot + at, level, now)
+            return taken, level
 
     def give_back(self, key: str, dim: str, amount: float, capacity: float, rate: float, now: float) -> float:
         """Return ``amount`` to a bucket (never past its capacity); the level after."""

@@ -59,8 +59,14 @@ def next_month(day: str) -> str:
 
 
 def open_usage(path: Path) -> sqlite3.Connection:
-    """The usage file, created if need be, in WAL mode. Workers starting together may find it locked while
-    one of them switches it to WAL (that ignores the busy timeout): they wait for it, up to 30 s."""
+    """The usage file, created if need be (see open_db)."""
+    return open_db(path, _SCHEMA)
+
+
+def open_db(path: Path, schema: str) -> sqlite3.Connection:
+    """A state file shared by the workers, created with ``schema`` if need be, in WAL mode. Workers starting
+    together may find it locked while one of them switches it to WAL (that ignores the busy timeout): they
+    wait for it, up to 30 s."""
     path.parent.mkdir(parents=True, exist_ok=True)
     db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
     deadline = time.monotonic() + 30
@@ -68,7 +74,7 @@ def open_usage(path: Path) -> sqlite3.Connection:
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a process crash loses nothing committed
-            db.execute(_SCHEMA)
+            db.executescript(schema)
             return db
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc) or time.monotonic() > deadline:

@@ -24,7 +24,7 @@ from forwardpass.server.openai import OpenAIHandlers
 from forwardpass.server.openai_extras import OpenAIExtras
 from forwardpass.server.responses import ResponsesHandlers
 from forwardpass.server.routes import routes
-from forwardpass.server.tenancy import tenancy_from_config
+from forwardpass.server.tenancy import state_dir, tenancy_from_config
 
 log = logging.getLogger("forwardpass.server")
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -154,7 +154,7 @@ def create_app(config: ServeConfig | None = None) -> App:
     repository = Repository(config.repository or default_repository())
     engine = Engine(repository, cache_bytes=config.cache_bytes, poll_interval=config.poll_interval,
                     model_control=config.model_control, load_models=config.load_model,
-                    drain_timeout=config.drain_timeout)  # fmt: skip
+                    drain_timeout=config.drain_timeout, state_dir=state_dir(config))  # fmt: skip
     return App(engine, config)
 
 

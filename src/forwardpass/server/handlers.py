@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+import uuid
 from typing import Any
 
 import orjson
@@ -83,6 +84,8 @@ class Handlers:
             header = _header_length(request.header(b"inference-header-content-length"), len(body))
             parsed = await parse_infer_off_loop(body, header, self.config.max_elements)
             self.tenancy.rows(request, model, max((t.shape[0] for t in parsed.inputs if t.shape), default=1))
+            if request.charge is not None:
+                parsed.caller = request.charge.caller.id
             served, outputs = await self.engine.infer(model, pinned, parsed, served)
             payload, header_length = encode_response(model, served.model.version, parsed.id, outputs)
         except ForwardpassError:
@@ -113,10 +116,19 @@ class Handlers:
                 raise InvalidInput(("parameters", "top_k"), "expected an integer >= 1", shown(top_k))
             instances = doc["instances"]
             self.tenancy.rows(request, model, len(instances) if isinstance(instances, list) else 1)
+            request_id = doc.get("id")
+            if request_id is not None and (isinstance(request_id, bool) or not isinstance(request_id, (str, int))):
+                raise InvalidInput(("id",), "expected a string", shown(request_id))
+            if request_id is None and served.log is not None:  # returned: feedback names the request by it
+                request_id = uuid.uuid4().hex
+            request_id = None if request_id is None else str(request_id)
+            caller = request.charge.caller.id if request.charge is not None else None
             # {"b64": ...} instances are the image and audio kinds' own to read
-            served, answers = await self.engine.predict(model, pinned, doc["instances"], top_k)
-            return Response.json({"model_name": model, "model_version": str(served.model.version),
-                                  "predictions": answers})  # fmt: skip
+            served, answers = await self.engine.predict(model, pinned, instances, top_k, request_id, caller)
+            answer = {"model_name": model, "model_version": str(served.model.version), "predictions": answers}
+            if request_id is not None:
+                answer["id"] = request_id
+            return Response.json(answer)
         except ForwardpassError:
             raise
         except Exception as exc:  # a bug: counted with the model's requests, answered (and logged once) here
@@ -189,8 +201,45 @@ class Handlers:
         report = await asyncio.to_thread(monitor.report)  # a few ms of statistics: off the event loop
         return Response.json({"model_name": name, "model_version": number, **report})
 
+    async def feedback(self, request: Request, model: str) -> Response:
+        """True labels for logged requests, as JSON {"ids": [...], "labels": [...]} or a Parquet file with
+        columns id and label: joined with the prediction log, kept, and answered with what matched."""
+        served = self.engine.served(model)
+        body = await request.read_body(self.config.max_body_bytes)
+        ids: Any
+        labels: Any
+        if body[:4] == b"PAR1":
+            ids, labels = await asyncio.to_thread(_parquet_feedback, body)
+        else:
+            doc = _json_body(request)
+            if not isinstance(doc, dict):
+                raise InvalidInput(("body",), 'expected {"ids": [...], "labels": [...]} or a Parquet file', shown(doc))
+            ids, labels = doc.get("ids"), doc.get("labels")
+        kind = "regression" if getattr(served.model.config.post, "kind", "") == "regression" else "classification"
+        found = await asyncio.to_thread(self.engine.quality.add, model, kind, ids, labels, served.log)
+        if served.log is None and not found["labels"]:
+            found["hint"] = (f"model '{model}' keeps no prediction log: set prediction_log: {{rate: 1.0}} (or a share) "
+                             "in its model.yaml, so that answers are kept to compare labels with")  # fmt: skip
+        return Response.json(found)
+
+    async def quality(self, request: Request, model: str) -> Response:
+        """Accuracy (classification) or mean absolute error (regression) per hour or day of the predictions
+        (?by=day), from the labels sent to /feedback."""
+        self.engine.served(model)
+        query = request.query("by=hour|day&version=N")
+        version = query.get("version")
+        series = await asyncio.to_thread(self.engine.quality.series, model, _version(version), query.get("by", "hour"))
+        labels = sum(s["labels"] for s in series)
+        judged = [(s["labels"], s["accuracy"]) for s in series if s["accuracy"] is not None]
+        errors = [(s["labels"], s["mean_absolute_error"]) for s in series if s["mean_absolute_error"] is not None]
+        return Response.json({"model_name": model, "labels": labels,
+                              "accuracy": _weighted(judged), "mean_absolute_error": _weighted(errors),
+                              "series": series})  # fmt: skip
+
     async def metrics(self, request: Request) -> Response:
-        return Response.text(metrics.render(self.engine.stats), content_type="text/plain; version=0.0.4; charset=utf-8")
+        quality = self.engine.quality.summary()  # at most a SQLite read each 5 s
+        return Response.text(metrics.render(self.engine.stats, quality),
+                             content_type="text/plain; version=0.0.4; charset=utf-8")  # fmt: skip
 
     # -- repository extension ----------------------------------------------------------------------
 
@@ -230,6 +279,28 @@ class Handlers:
             "models": {n: self.engine.versions(n) for n in self.engine.names()},
             "try": 'POST /v1/models/{model}:predict with {"instances": [...]}, or V2 at /v2/models/{model}/infer',
         })  # fmt: skip
+
+
+def _weighted(parts: list[tuple[int, float]]) -> float | None:
+    count = sum(n for n, _ in parts)
+    return sum(n * v for n, v in parts) / count if count else None
+
+
+def _parquet_feedback(body: bytes) -> tuple[list[Any], list[Any]]:
+    """(ids, labels) from a Parquet file with columns id and label."""
+    from forwardpass._deps import require
+
+    pa = require("pyarrow", "batch", "feedback as a Parquet file")
+    pq = require("pyarrow.parquet", "batch", "feedback as a Parquet file")
+    try:
+        table = pq.read_table(pa.BufferReader(body))
+    except (pa.ArrowException, OSError) as exc:
+        raise InvalidInput(("body",), f"not a readable Parquet file ({exc})") from None
+    missing = [c for c in ("id", "label") if c not in table.column_names]
+    if missing:
+        raise InvalidInput(("body", missing[0]), "a feedback Parquet file needs columns id and label",
+                           table.column_names)  # fmt: skip
+    return table["id"].to_pylist(), table["label"].to_pylist()
 
 
 def _triton_config(model: str, served: Served) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Protocol
+from urllib.parse import parse_qsl
 
 import orjson
 
@@ -61,6 +62,15 @@ class Request:
         if self._headers is None:
             self._headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in self.scope["headers"]}
         return self._headers
+
+    def query(self, expected: str) -> dict[str, str]:
+        """The query string's parameters; InvalidInput showing ``expected`` (such as 'by=hour|day') when unreadable."""
+        raw = self.scope.get("query_string", b"")
+        try:
+            pairs = parse_qsl(raw.decode("ascii"), keep_blank_values=True, strict_parsing=bool(raw), max_num_fields=16)
+        except (UnicodeDecodeError, ValueError):
+            raise InvalidInput(("query",), f"expected {expected}", shown(raw[:80])) from None
+        return dict(pairs)
 
     def header(self, name: bytes) -> str | None:
         """One header by lower-case name, without decoding all of them (the hot path reads three)."""

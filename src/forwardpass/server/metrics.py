@@ -11,16 +11,16 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from forwardpass.stats import Histogram, Stats
 
 
-def render(stats: Stats) -> bytes:
-    """Prometheus text exposition format of every model's statistics."""
+def render(stats: Stats, quality: list[dict[str, Any]] | None = None) -> bytes:
+    """Prometheus text exposition format of every model's statistics (and ``quality``: Quality.summary())."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(stats))
+    registry.register(_Collector(stats, quality or []))
     return generate_latest(registry)
 
 
 class _Collector:
-    def __init__(self, stats: Stats):
-        self.stats = stats
+    def __init__(self, stats: Stats, quality: list[dict[str, Any]]):
+        self.stats, self.quality = stats, quality
 
     def describe(self) -> list[Metric]:
         return []
@@ -66,6 +66,7 @@ class _Collector:
                 live.add_metric([name, str(version)], s.sequences.live)
         yield from (requests, hits, misses, rows, *hists.values(), live)
         yield from _drift(m)
+        yield from _quality(self.quality)
         yield GaugeMetricFamily("forwardpass_inflight_requests", "Requests being served now", value=m.inflight)
         if m.generation:
             yield from _generation(m)
@@ -99,6 +100,25 @@ def _drift(m: Stats) -> Iterator[Metric]:
         if last["prediction"] is not None:
             prediction.add_metric(series, last["prediction"]["psi"])
     yield from (psi, ks, prediction, drifting, window)
+
+
+def _quality(summary: list[dict[str, Any]]) -> Iterator[Metric]:
+    """The answers' quality against labels sent later (/feedback; monitoring/predictions.py)."""
+    labels = ["model", "version"]
+    count = CounterMetricFamily("forwardpass_feedback_labels", "True labels received for logged predictions",
+                                labels=labels)  # fmt: skip
+    accuracy = GaugeMetricFamily("forwardpass_model_accuracy", "Share of logged answers their true label "
+                                 "confirmed", labels=labels)  # fmt: skip
+    error = GaugeMetricFamily("forwardpass_model_mean_absolute_error", "Mean absolute error of logged answers "
+                              "against their true values", labels=labels)  # fmt: skip
+    for entry in summary:
+        series = [entry["model"], str(entry["version"])]
+        count.add_metric(series, entry["labels"])
+        if entry["accuracy"] is not None:
+            accuracy.add_metric(series, entry["accuracy"])
+        if entry["mean_absolute_error"] is not None:
+            error.add_metric(series, entry["mean_absolute_error"])
+    yield from (count, accuracy, error)
 
 
 def _generation(m: Stats) -> Iterator[Metric]:

@@ -53,6 +53,8 @@ def routes(h: Handlers, o: OpenAIHandlers, x: OpenAIExtras, r: ResponsesHandlers
         ("GET", "/v2/models/{model}/stats", h.model_stats, INFER),
         ("GET", "/v2/models/{model}/drift", h.drift, INFER),
         ("GET", "/v2/models/{model}/versions/{version}/drift", h.drift, INFER),
+        ("POST", "/v2/models/{model}/feedback", h.feedback, INFER),  # true labels of logged requests
+        ("GET", "/v2/models/{model}/quality", h.quality, INFER),  # accuracy over time, from the feedback
         ("GET", "/v2/models/{model}/versions/{version}/stats", h.model_stats, INFER),
         ("POST", "/v2/repository/index", h.repository_index, ADMIN),
         ("POST", "/v2/repository/models/{model}/load", h.repository_load, ADMIN),

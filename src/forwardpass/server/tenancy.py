@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
 
 from forwardpass.errors import Forbidden, InvalidInput, QuotaExceeded, shown
 from forwardpass.monitoring import default_state_dir
@@ -192,7 +191,7 @@ class Tenancy:
         or anyone on a server whose keys are off, sees every key's."""
         if self.meter is None:
             raise InvalidInput(("metering",), "this server does not meter usage (started with metering off)")
-        query = _query(request)
+        query = request.query("key=ID&from=YYYY-MM-DD&to=YYYY-MM-DD")
         unknown = sorted(set(query) - {"key", "from", "to"})
         if unknown:
             raise InvalidInput((unknown[0],), "unknown query parameter; /v1/usage takes key, from and to")
@@ -240,15 +239,6 @@ class _SettledAfter:
 
     def __del__(self) -> None:
         self._done()
-
-
-def _query(request: Request) -> dict[str, str]:
-    raw = request.scope.get("query_string", b"")
-    try:
-        pairs = parse_qsl(raw.decode("ascii"), keep_blank_values=True, strict_parsing=bool(raw), max_num_fields=16)
-    except (UnicodeDecodeError, ValueError):
-        raise InvalidInput(("query",), "expected key=ID&from=YYYY-MM-DD&to=YYYY-MM-DD", shown(raw[:80])) from None
-    return dict(pairs)
 
 
 def _day(query: dict[str, str], name: str) -> str | None:

@@ -1,0 +1,458 @@
+"""The prediction log, and a model's quality once the true answers arrive.
+
+**The log** keeps a sample of served requests with their answers in Parquet files, for evaluation and
+retraining. It is off unless model.yaml asks for it:
+
+    prediction_log: {rate: 0.05}   # 5% of requests; also max_mb (256), rows_per_file (10000), flush_seconds (10)
+
+A logged row is one instance: ``time``, ``id`` (the request's id: the server gives one to a request of a
+logged model that came without, and returns it), ``row`` (its index in the request), ``model``, ``version``,
+``key`` (the caller's key id), ``latency_ms``, ``inputs`` and ``outputs`` (JSON text), and the answer:
+``prediction`` (a class label, as text) with ``class_index``, or ``value`` (regression). Serving hands a
+request to one writer thread (a queue put); the thread turns it into rows and writes
+``<state>/predictions/<model>/<UTC time>-<pid>-<n>.parquet`` once ``rows_per_file`` rows wait or the oldest
+has waited ``flush_seconds``, and on shutdown. A file appears whole (written aside, then renamed); past
+``max_mb`` the folder's oldest files are deleted.
+
+**Feedback** (``POST /v2/models/{m}/feedback``) gives true labels for logged request ids. ``Quality.add``
+finds the logged answers, keeps each label with whether the answer was right (classification) or its
+absolute error (regression) in ``<state>/quality.sqlite``, keyed by (model, id, row) so that a label sent
+twice counts once; ``Quality.series`` gives accuracy and mean absolute error per hour or day of the
+predictions, and ``Quality.summary`` what /metrics exports.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import queue
+import random
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from forwardpass._deps import require
+from forwardpass.errors import InvalidInput, shown
+from forwardpass.monitoring.usage import open_db
+
+log = logging.getLogger("forwardpass.predictions")
+
+MAX_FEEDBACK = 100_000  # labels in one feedback request
+
+
+@dataclass(frozen=True)
+class Answer:
+    """How to read a model's answer from its outputs: the output, and the kind of post-processing."""
+
+    output: str | None
+    kind: str  # "classification", "regression", or "" (outputs logged, no answer column)
+    labels: Sequence[str] | None = None
+
+    @classmethod
+    def of(cls, model: Any) -> Answer:
+        post = model.config.post
+        kind = getattr(post, "kind", "") if post is not None else ""
+        output = getattr(post, "output", None) if post is not None else None
+        if output is None and kind in ("classification", "regression") and model.outputs:
+            output = model.outputs[-1].name
+        return cls(output, kind if kind in ("classification", "regression") else "", model.labels)
+
+    def read(self, outputs: Mapping[str, np.ndarray], rows: int) -> tuple[list[str | None], list[int | None],
+                                                                         list[float | None]]:  # fmt: skip
+        """Per row: the predicted label, its class index, and the predicted value (None where not that kind)."""
+        none: list[Any] = [None] * rows
+        scores = outputs.get(self.output) if self.output else None
+        if scores is None or len(scores) != rows:
+            return none, none, none
+        if self.kind == "classification" and scores.ndim == 2 and scores.dtype.kind in "fiu":
+            index = scores.argmax(axis=1).tolist()
+            labels = self.labels
+            return [labels[i] if labels and i < len(labels) else str(i) for i in index], index, none
+        if self.kind == "regression" and scores.dtype.kind in "fiu":
+            return none, none, scores.reshape(rows, -1)[:, 0].astype(np.float64).tolist()
+        return none, none, none
+
+
+@dataclass
+class _Pending:
+    """A logged request, as serving handed it over (turned into rows by the writer thread)."""
+
+    time: float
+    id: str
+    key: str | None
+    latency_ms: float
+    rows: int
+    inputs: Mapping[str, np.ndarray] | list[Any]  # V2 tensors by name, or :predict instances
+    outputs: Mapping[str, np.ndarray]
+
+
+@dataclass
+class PredictionLog:
+    """One model's log (see the module docstring): ``sampled()`` on the request path, ``add`` to log one."""
+
+    folder: Path
+    model: str
+    version: int
+    answer: Answer
+    rate: float
+    max_bytes: int
+    rows_per_file: int = 10_000
+    flush_seconds: float = 10.0
+    _rows: list[dict[str, Any]] = field(default_factory=list)
+    _since: float = 0.0
+    _files: int = 0
+    written: int = 0  # rows written to files
+    dropped: int = 0  # requests not logged because the writer was behind
+
+    def sampled(self) -> bool:
+        return self.rate >= 1.0 or random.random() < self.rate
+
+    def add(self, request_id: str, key: str | None, latency_s: float, rows: int,
+            inputs: Mapping[str, np.ndarray] | list[Any], outputs: Mapping[str, np.ndarray]) -> None:  # fmt: skip
+        """Log one request (a queue put: the writer thread does the rest)."""
+        WRITER.submit(self, _Pending(time.time(), request_id, key, latency_s * 1000, rows, inputs, outputs))
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Write what waits now, and return when it is on disk (feedback reads the files)."""
+        WRITER.flush(timeout)
+
+    # -- the writer thread's side ------------------------------------------------------------------
+
+    def _take(self, entry: _Pending) -> None:
+        predictions, classes, values = self.answer.read(entry.outputs, entry.rows)
+        ins = _per_row(entry.inputs, entry.rows)
+        outs = _per_row(entry.outputs, entry.rows)
+        for r in range(entry.rows):
+            self._rows.append({
+                "time": entry.time, "id": entry.id, "row": r, "model": self.model, "version": self.version,
+                "key": entry.key, "latency_ms": entry.latency_ms, "inputs": _json(ins[r]), "outputs": _json(outs[r]),
+                "prediction": predictions[r], "class_index": classes[r], "value": values[r],
+            })  # fmt: skip
+        if len(self._rows) == entry.rows:
+            self._since = time.monotonic()
+
+    def _due(self, now: float) -> bool:
+        return bool(self._rows) and (len(self._rows) >= self.rows_per_file or now - self._since >= self.flush_seconds)
+
+    def _write(self) -> None:
+        if not self._rows:
+            return
+        pa = require("pyarrow", "batch", "the prediction log's Parquet files")
+        pq = require("pyarrow.parquet", "batch", "the prediction log's Parquet files")
+        rows, self._rows = self._rows, []
+        columns = {name: [r[name] for r in rows] for name in SCHEMA_FIELDS}
+        columns["time"] = [int(t * 1_000_000) for t in columns["time"]]
+        table = pa.table(columns, schema=schema())
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._files += 1
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(rows[0]["time"]))
+        name = f"{stamp}.{int(rows[0]['time'] * 1e6) % 1_000_000:06d}Z-{os.getpid()}-{self._files}.parquet"
+        aside = self.folder / f".{name}.tmp"  # hidden: readers of the folder skip it until it is whole
+        pq.write_table(table, aside, compression="zstd")
+        os.replace(aside, self.folder / name)
+        self.written += len(rows)
+        self._bound()
+
+    def _bound(self) -> None:
+        """Delete the oldest files until the folder is under max_bytes (the newest file always stays)."""
+        files = sorted(self.folder.glob("*.parquet"))
+        sizes = []
+        for f in files:
+            try:
+                sizes.append(f.stat().st_size)
+            except FileNotFoundError:  # another worker's bound took it
+                sizes.append(0)
+        total = sum(sizes)
+        for f, size in zip(files[:-1], sizes[:-1]):
+            if total <= self.max_bytes:
+                break
+            f.unlink(missing_ok=True)
+            total -= size
+
+
+SCHEMA_FIELDS = ("time", "id", "row", "model", "version", "key", "latency_ms", "inputs", "outputs", "prediction",
+                 "class_index", "value")  # fmt: skip
+
+
+def schema() -> Any:
+    pa = require("pyarrow", "batch", "the prediction log's Parquet files")
+    return pa.schema([
+        ("time", pa.timestamp("us", tz="UTC")), ("id", pa.string()), ("row", pa.int32()), ("model", pa.string()),
+        ("version", pa.int32()), ("key", pa.string()), ("latency_ms", pa.float64()), ("inputs", pa.string()),
+        ("outputs", pa.string()), ("prediction", pa.string()), ("class_index", pa.int64()), ("value", pa.float64()),
+    ])  # fmt: skip
+
+
+def _per_row(data: Mapping[str, np.ndarray] | list[Any], rows: int) -> list[Any]:
+    """Row r of each tensor (a tensor without that many rows is kept whole on every row), or instance r."""
+    if isinstance(data, list):
+        return data
+    out: list[dict[str, Any]] = [{} for _ in range(rows)]
+    for name, array in data.items():
+        split = isinstance(array, np.ndarray) and array.ndim > 0 and len(array) == rows
+        for r in range(rows):
+            out[r][name] = array[r] if split else array
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        raw = bytes(value)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return {"b64": base64.b64encode(raw).decode()}
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(type(value).__name__)
+
+
+def _json(value: Any) -> str:
+    if isinstance(value, dict):
+        value = {k: _plain(v) if isinstance(v, (np.ndarray, np.generic)) else v for k, v in value.items()}
+    return orjson.dumps(value, default=_plain, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+
+
+class _Writer:
+    """One daemon thread writing every log of this process; a full queue drops requests (counted)."""
+
+    def __init__(self, depth: int = 4096):
+        self._queue: queue.Queue[tuple[PredictionLog, _Pending] | threading.Event] = queue.Queue(depth)
+        self._logs: dict[int, PredictionLog] = {}
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def submit(self, target: PredictionLog, entry: _Pending) -> None:
+        if self._thread is None:
+            self._start()
+        try:
+            self._queue.put_nowait((target, entry))
+        except queue.Full:
+            target.dropped += 1
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Everything submitted so far written to files, then return (at most ``timeout`` seconds)."""
+        if self._thread is None:
+            return
+        done = threading.Event()
+        self._queue.put(done, timeout=timeout)
+        done.wait(timeout)
+
+    def _start(self) -> None:
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="forwardpass-predictions", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                item = self._queue.get(timeout=0.5)
+            except queue.Empty:
+                item = None
+            if isinstance(item, threading.Event):
+                self._write(all_of_them=True)
+                item.set()
+                continue
+            if item is not None:
+                target, entry = item
+                self._logs[id(target)] = target
+                try:
+                    target._take(entry)
+                except Exception:  # a request that cannot be logged must not stop the log
+                    log.exception("prediction log: a request of %s could not be logged", target.model)
+                del item, target, entry
+            self._write(all_of_them=False)
+
+    def _write(self, all_of_them: bool) -> None:
+        now = time.monotonic()
+        for target in list(self._logs.values()):
+            if all_of_them or target._due(now):
+                try:
+                    target._write()
+                except Exception:
+                    log.exception("prediction log: writing %s's file failed", target.model)
+
+
+WRITER = _Writer()
+
+
+def log_for(model: Any, state_dir: Path) -> PredictionLog | None:
+    """The prediction log of a loaded model version, or None when model.yaml leaves it off (rate 0)."""
+    config = model.config.prediction_log
+    if config.rate <= 0:
+        return None
+    require("pyarrow", "batch", "the prediction log (model.yaml prediction_log)")
+    return PredictionLog(state_dir / "predictions" / model.name, model.name, model.version, Answer.of(model),
+                         config.rate, int(config.max_mb * 2**20), config.rows_per_file,
+                         config.flush_seconds)  # fmt: skip
+
+
+def read_log(folder: Path, ids: Sequence[str] | None = None, columns: Sequence[str] | None = None) -> Any:
+    """A model's logged rows as a pyarrow Table (only those of ``ids`` when given)."""
+    pa = require("pyarrow", "batch", "reading the prediction log")
+    pq = require("pyarrow.parquet", "batch", "reading the prediction log")
+    files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+    tables = []
+    wanted = set(ids) if ids is not None else None
+    for f in files:
+        try:
+            table = pq.read_table(f, columns=list(columns) if columns else None)
+        except FileNotFoundError:  # deleted by the disk bound since the listing
+            continue
+        if wanted is not None:
+            pc = require("pyarrow.compute", "batch", "reading the prediction log")
+            table = table.filter(pc.is_in(table["id"], value_set=pa.array(sorted(wanted), pa.string())))
+        if table.num_rows:
+            tables.append(table)
+    if not tables:
+        fields = schema()
+        return fields.empty_table() if not columns else pa.schema([fields.field(c) for c in columns]).empty_table()
+    return pa.concat_tables(tables)
+
+
+# -- quality: labels that arrive later ---------------------------------------------------------------
+
+_QUALITY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS feedback (
+    model TEXT NOT NULL, version INTEGER NOT NULL, id TEXT NOT NULL, row INTEGER NOT NULL,
+    predicted_at REAL NOT NULL, received_at REAL NOT NULL, prediction TEXT, label TEXT NOT NULL,
+    correct INTEGER, error REAL,
+    PRIMARY KEY (model, id, row)
+);
+CREATE INDEX IF NOT EXISTS feedback_time ON feedback (model, predicted_at);
+"""
+_BUCKETS = {"hour": "%Y-%m-%dT%H:00Z", "day": "%Y-%m-%d"}
+
+
+class Quality:
+    """Labels joined with the prediction log, kept in ``path`` (quality.sqlite): see the module docstring."""
+
+    def __init__(self, path: Path, predictions: Path):
+        self.path, self.predictions = path, predictions
+        self._db: Any = None
+        self._lock = threading.Lock()
+        self._summary: tuple[float, list[dict[str, Any]]] = (0.0, [])
+
+    def _connection(self) -> Any:
+        if self._db is None:
+            self._db = open_db(self.path, _QUALITY_SCHEMA)
+        return self._db
+
+    def add(self, model: str, kind: str, ids: Sequence[Any], labels: Sequence[Any],
+            flush: PredictionLog | None = None) -> dict[str, Any]:  # fmt: skip
+        """Join ``labels`` (one per id: a value, or a list of one per row of a request of several rows) with the
+        logged answers of ``ids``; keep them; return what matched and this batch's accuracy or error."""
+        ids, labels = _check_feedback(ids, labels)
+        if flush is not None:
+            flush.flush()
+        table = read_log(self.predictions / model, ids, ["time", "id", "row", "version", "prediction", "class_index",
+                                                         "value"])  # fmt: skip
+        logged: dict[tuple[str, int], dict[str, Any]] = {}
+        for entry in table.to_pylist():  # a reused id: its latest logged request counts
+            slot = (entry["id"], entry["row"])
+            if slot not in logged or entry["time"] > logged[slot]["time"]:
+                logged[slot] = entry
+        rows_of: dict[str, int] = {}
+        for request_id, row in logged:
+            rows_of[request_id] = max(rows_of.get(request_id, 0), row + 1)
+        now = time.time()
+        kept, unmatched = [], []
+        for i, (request_id, label) in enumerate(zip(ids, labels)):
+            count = rows_of.get(request_id)
+            given = label if isinstance(label, list) else [label]
+            if count is None or len(given) != count:
+                unmatched.append({"id": request_id, "reason": "not in the prediction log (not sampled, not yet "
+                                  "written by another worker, or past max_mb)" if count is None else
+                                  f"the request had {count} rows: send a list of {count} labels"})  # fmt: skip
+                continue
+            for row, value in enumerate(given):
+                entry = logged[request_id, row]
+                correct, error = _judge(kind, entry, value, i)
+                kept.append((model, entry["version"], request_id, row, entry["time"].timestamp(), now,
+                             entry["prediction"], str(value), correct, error))  # fmt: skip
+        with self._lock:
+            db = self._connection()
+            db.execute("BEGIN IMMEDIATE")
+            db.executemany("INSERT OR REPLACE INTO feedback VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", kept)
+            db.execute("COMMIT")
+        self._summary = (0.0, [])
+        judged = [k[8] for k in kept if k[8] is not None]
+        errors = [k[9] for k in kept if k[9] is not None]
+        return {"model_name": model, "received": len(ids), "matched": len(ids) - len(unmatched), "labels": len(kept),
+                "accuracy": sum(judged) / len(judged) if judged else None,
+                "mean_absolute_error": sum(errors) / len(errors) if errors else None,
+                "unmatched": unmatched[:100]}  # fmt: skip
+
+    def series(self, model: str, version: int | None = None, by: str = "hour") -> list[dict[str, Any]]:
+        """Accuracy (classification) and mean absolute error (regression) per hour or day of the predictions."""
+        if by not in _BUCKETS:
+            raise InvalidInput(("by",), f"expected one of {sorted(_BUCKETS)}", by)
+        query = (f"SELECT version, strftime('{_BUCKETS[by]}', predicted_at, 'unixepoch') AS bucket, COUNT(*), "
+                 "AVG(correct), AVG(error) FROM feedback WHERE model = ?" + (" AND version = ?" if version is not None
+                 else "") + " GROUP BY version, bucket ORDER BY bucket, version")  # fmt: skip
+        with self._lock:
+            found = self._connection().execute(query, (model,) if version is None else (model, version)).fetchall()
+        return [{"version": v, "time": b, "labels": n, "accuracy": a, "mean_absolute_error": e}
+                for v, b, n, a, e in found]  # fmt: skip
+
+    def summary(self, max_age: float = 5.0) -> list[dict[str, Any]]:
+        """Per model and version: labels, accuracy, mean absolute error (what /metrics shows; re-read every 5 s)."""
+        at, found = self._summary
+        if time.monotonic() - at < max_age:
+            return found
+        if not self.path.exists():
+            return []
+        with self._lock:
+            rows = self._connection().execute("SELECT model, version, COUNT(*), AVG(correct), AVG(error) FROM feedback "
+                                              "GROUP BY model, version").fetchall()  # fmt: skip
+        found = [{"model": m, "version": v, "labels": n, "accuracy": a, "mean_absolute_error": e}
+                 for m, v, n, a, e in rows]  # fmt: skip
+        self._summary = (time.monotonic(), found)
+        return found
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+
+def _check_feedback(ids: Any, labels: Any) -> tuple[list[str], list[Any]]:
+    if not isinstance(ids, list) or not ids:
+        raise InvalidInput(("ids",), "expected a non-empty list of request ids", shown(ids))
+    if not isinstance(labels, list) or len(labels) != len(ids):
+        raise InvalidInput(("labels",), f"expected a list of {len(ids)} labels, one per id",
+                           shown(labels) if not isinstance(labels, list) else f"{len(labels)} labels")  # fmt: skip
+    if len(ids) > MAX_FEEDBACK:
+        raise InvalidInput(("ids",), f"at most {MAX_FEEDBACK} ids a request", len(ids))
+    for i, request_id in enumerate(ids):
+        if isinstance(request_id, bool) or not isinstance(request_id, (str, int)):
+            raise InvalidInput(("ids", i), "expected a request id (a string)", shown(request_id))
+    for i, label in enumerate(labels):
+        values = label if isinstance(label, list) else [label]
+        if not values or any(isinstance(v, (dict, list)) or v is None for v in values):
+            raise InvalidInput(("labels", i), "expected a label (a string or number), or a list of one per row",
+                               shown(label))  # fmt: skip
+    return [str(i) for i in ids], labels
+
+
+def _judge(kind: str, entry: Mapping[str, Any], label: Any, i: int) -> tuple[int | None, float | None]:
+    """(right or wrong, absolute error) of a logged answer against its true label."""
+    if kind == "regression" or (entry["value"] is not None and entry["prediction"] is None):
+        if isinstance(label, bool) or not isinstance(label, (int, float)):
+            raise InvalidInput(("labels", i), "expected the true value (a number) for a regression model", shown(label))
+        return None, abs(float(label) - entry["value"]) if entry["value"] is not None else None
+    if entry["prediction"] is None:
+        return None, None
+    text = str(label)
+    return int(text == entry["prediction"] or (entry["class_index"] is not None and text == str(entry["class_index"]))), None
