@@ -110,7 +110,12 @@ def test_predict_requests_are_logged_with_their_caller_and_the_disk_use_stays_bo
         response = app.post("/v1/models/iris:predict", json={"instances": instances},
                             headers={"authorization": f"Bearer {secret}"})  # fmt: skip
         assert response.status_code == 200 and response.json()["id"], response.text
-    app.app.engine.served("iris").log.flush()
+    last = response.json()
+    labels = {"ids": [last["id"]], "labels": [[p["label"] for p in last["predictions"]]]}
+    assert app.post("/v2/models/iris/feedback", json=labels).json()["matched"] == 0  # not alice: her answers stay hers
+    mine = app.post("/v2/models/iris/feedback", json=labels, headers={"authorization": f"Bearer {secret}"}).json()
+    assert mine["matched"] == 1 and mine["accuracy"] == 1.0, mine
+    assert 'forwardpass_feedback_correct_total{model="iris",version="1"} 5.0' in app.get("/metrics").text
     files = sorted((state / "predictions" / "iris").glob("*.parquet"))
     assert 1 < len(files) < 30  # rotated, and the oldest deleted past max_mb
     assert sum(f.stat().st_size for f in files[:-1]) <= 0.02 * 2**20

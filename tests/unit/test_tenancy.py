@@ -108,6 +108,32 @@ def _take_many(path: str, n: int, out: multiprocessing.Queue) -> None:  # type: 
     out.put(taken)
 
 
+def test_fast_buckets_are_leased_per_worker_and_the_limit_still_holds_exactly(tmp_path):
+    path = tmp_path / "limits.bin"
+    clock = Clock()
+    buckets = [SharedBuckets(path) for _ in range(2)]  # two workers' maps of one file
+    taken_from_file = []
+    for b in buckets:
+        plain = b.take
+        b.take = lambda *a, plain=plain, **k: taken_from_file.append(1) or plain(*a, **k)  # type: ignore[method-assign]
+    workers = [Limiter(b, clock) for b in buckets]
+    who = caller(requests_per_second=1000, burst=1000)  # a lease: 10 ms of refill, 10 requests
+    served, locks_while_serving = 0, 0
+    for i in range(1200):  # no time passes: exactly the burst is served, whichever worker takes the request
+        try:
+            workers[i % 2].admit(who)
+            served += 1
+            locks_while_serving = len(taken_from_file)
+        except RateLimited as refused:
+            assert 0 < refused.retry_after <= 0.002
+    assert served == 1000
+    assert locks_while_serving < 200  # leased: one shared lock per 11 requests while there was room
+    clock.now += 0.5  # 500 refilled; a worker's expired lease goes back, no request is lost
+    assert sum(1 for _ in range(500) if workers[0].admit(who)) == 500
+    with pytest.raises(RateLimited):
+        workers[1].admit(who)
+
+
 def test_processes_share_the_buckets_without_losing_an_update(tmp_path):
     path = tmp_path / "limits.bin"
     SharedBuckets.reset(path)
@@ -289,3 +315,28 @@ def test_psi_and_profiles():
     assert np.allclose(rows[:, 3:], 0)  # a flat image has no spread
     tokens, names = profile(np.array([[5, 6, 0, 0], [1, 2, 3, 0]]))
     assert names == ["length"] and tokens.ravel().tolist() == [2, 3]
+
+
+def test_served_batches_wait_for_the_profiler_round_and_past_the_byte_bound_are_dropped(monkeypatch):
+    import numpy as np
+
+    from forwardpass.monitoring import drift
+    from forwardpass.monitoring.drift import DriftMonitor, Reference
+
+    rng = np.random.default_rng(1)
+    reference = Reference.build(rng.normal(size=(500, 3)), ["a", "b", "c"], classes=rng.integers(0, 2, 500),
+                                n_classes=2)  # fmt: skip
+    monitor = DriftMonitor(reference, "x", None, "p", "classification", window=64, min_rows=1)
+    with drift.PROFILER._round_lock:  # no round while the batches come in: they wait, unprofiled
+        for i in range(40):
+            monitor.observe({"x": np.full((1, 3), i, np.float32)}, {"p": np.array([[0.9, 0.1]], np.float32)})
+        monitor.observe({"x": np.zeros((2, 5), np.float32)}, {"p": np.zeros((2, 2), np.float32)})  # another shape
+        assert monitor.observed == 0 and len(monitor._pending) == 41
+    drift.PROFILER.wait()
+    assert monitor.observed == 40 and not monitor._pending  # 40 rows as one batch; the odd shape profiled apart, refused
+    assert monitor._ring.rows[:40, 0].tolist() == list(range(40)) and monitor._ring.classes[:40].sum() == 0
+    monkeypatch.setattr(drift, "PENDING_BYTES", 100)
+    with drift.PROFILER._round_lock:
+        for _ in range(20):
+            monitor.observe({"x": np.zeros((1, 3), np.float32)}, {})  # 12 bytes each: 8 fit under 100
+    assert monitor.dropped == 12

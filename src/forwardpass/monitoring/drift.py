@@ -7,11 +7,14 @@ a batch of input tensors into one row of numbers per instance: a tabular model's
 are, per channel the mean and standard deviation of an image, the length of a token sequence.
 
 Live, a ``DriftMonitor`` keeps the profiles of the last ``window`` rows served. Serving only hands
-it the batch (``observe``: a queue put); a thread profiles and stores it, so the hot path pays about
-a microsecond and no statistics. On request (/v2/models/{m}/drift, /metrics) it compares the window
-with the reference: the population stability index per feature on the reference's bins, the
-Kolmogorov-Smirnov statistic against the reference sample (scipy's ``ks_2samp``), and the PSI of the
-predictions. A PSI of 0.1 is moderate drift and 0.25 significant, by default (model.yaml ``drift:``).
+it the batch (``observe``: a list append, no thread woken); one thread wakes ten times a second,
+profiles what waits in one go (batches of the same shape concatenated) and stores it, so the hot path
+pays about a microsecond and no statistics, and never waits for the GIL behind a profiler woken per
+request. Past ``PENDING_BYTES`` waiting, batches are not profiled (counted: sampling under load).
+On request (/v2/models/{m}/drift, /metrics) it compares the window with the reference: the
+population stability index per feature on the reference's bins, the Kolmogorov-Smirnov statistic
+against the reference sample (scipy's ``ks_2samp``), and the PSI of the predictions. A PSI of 0.1
+is moderate drift and 0.25 significant, by default (model.yaml ``drift:``).
 
     reference = Reference.build(profile(x_train), names, predictions=classes, labels=labels)
     reference.save(version_folder / "reference.json")
@@ -22,9 +25,9 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +45,8 @@ BINS = 10
 SAMPLE = 500  # reference values kept per feature for the KS test
 _MAX_FILE = 16 * 2**20  # a reference file is data: read only this much
 _EPS = 1e-4  # a bin's share floor: an empty bin would make the PSI infinite
+PENDING_BYTES = 32 * 2**20  # served batches held for one monitor's profiler at most (images are large)
+TICK = 0.1  # seconds between the profiler's rounds
 
 
 def profile(array: np.ndarray, image: tuple[int, str] | None = None) -> tuple[np.ndarray, list[str]]:
@@ -225,7 +230,7 @@ class _Window:
     at: int = 0
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: the profiler keeps a weak set of monitors
 class DriftMonitor:
     """One served version's live window and its comparison with the reference (see the module docstring)."""
 
@@ -248,10 +253,40 @@ class DriftMonitor:
         self.max_psi: float | None = None
         self.last: dict[str, Any] | None = None  # the latest comparison (what /metrics shows)
         self._judged = 0.0
+        self._pending: list[tuple[np.ndarray, np.ndarray | None]] = []  # served, not yet profiled
+        self._pending_bytes = 0
+        self._pending_lock = threading.Lock()
+        PROFILER.watch(self)
 
     def observe(self, feeds: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
-        """A served batch: handed to the profiler thread (nothing computed here)."""
-        PROFILER.submit(self, feeds.get(self.input_name), outputs.get(self.output) if self.output else None)
+        """A served batch, kept for the profiler thread's next round (nothing computed here, no thread woken)."""
+        array = feeds.get(self.input_name)
+        if array is None:
+            return
+        with self._pending_lock:
+            if self._pending_bytes + array.nbytes > PENDING_BYTES:
+                self.dropped += 1
+                return
+            self._pending.append((array, outputs.get(self.output) if self.output else None))
+            self._pending_bytes += array.nbytes
+
+    def profile_pending(self) -> None:
+        """Profile every batch waiting (the profiler thread's round): runs of the same shape as one batch."""
+        with self._pending_lock:
+            pending, self._pending, self._pending_bytes = self._pending, [], 0
+        start = 0
+        while start < len(pending):
+            first = pending[start][0]
+            end = start + 1
+            while end < len(pending) and _joins(pending[end], pending[start]):
+                end += 1
+            run = pending[start:end]
+            if len(run) == 1:
+                self.record(first, run[0][1])
+            else:
+                outputs = [o for _, o in run if o is not None]  # all or none (_joins)
+                self.record(np.concatenate([a for a, _ in run]), np.concatenate(outputs) if outputs else None)
+            start = end
 
     def record(self, array: np.ndarray, output: np.ndarray | None) -> None:
         """Profile a batch and put it in the window (the profiler thread calls this)."""
@@ -327,47 +362,51 @@ class DriftMonitor:
         return found
 
 
+def _joins(a: tuple[np.ndarray, np.ndarray | None], b: tuple[np.ndarray, np.ndarray | None]) -> bool:
+    """Whether two served batches concatenate: inputs and outputs alike in dtype and all but the first axis."""
+    (x, y), (u, v) = a, b
+    if x.dtype != u.dtype or x.shape[1:] != u.shape[1:] or x.ndim == 0:
+        return False
+    if y is None or v is None:
+        return y is None and v is None
+    return y.dtype == v.dtype and y.shape[1:] == v.shape[1:]
+
+
 class _Profiler:
-    """One daemon thread profiling served batches for every monitor; a full queue drops batches (sampling)."""
+    """One daemon thread that profiles every monitor's waiting batches each ``TICK`` seconds."""
 
-    def __init__(self, depth: int = 256):
-        self._queue: queue.Queue[tuple[DriftMonitor, np.ndarray, np.ndarray | None] | None] = queue.Queue(depth)
+    def __init__(self) -> None:
+        self._monitors: weakref.WeakSet[DriftMonitor] = weakref.WeakSet()  # an unloaded version's goes with it
         self._thread: threading.Thread | None = None
-        self._start_lock = threading.Lock()
+        self._lock = threading.Lock()  # the set of monitors
+        self._round_lock = threading.Lock()  # one round at a time: the thread's, or wait()'s
 
-    def submit(self, monitor: DriftMonitor, array: np.ndarray | None, output: np.ndarray | None) -> None:
-        if array is None:
-            return
-        if self._thread is None:
-            self._start()
-        try:
-            self._queue.put_nowait((monitor, array, output))
-        except queue.Full:
-            monitor.dropped += 1
-
-    def _start(self) -> None:
-        with self._start_lock:
+    def watch(self, monitor: DriftMonitor) -> None:
+        with self._lock:
+            self._monitors.add(monitor)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="forwardpass-drift", daemon=True)
                 self._thread.start()
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            monitor, array, output = item
-            try:
-                monitor.record(array, output)
-            except Exception:  # a bad batch must not stop drift monitoring for every model
-                log.exception("drift: profiling a batch of %s failed", monitor.input_name)
-            finally:
-                del item, monitor, array, output  # a served batch must not outlive its profile while we wait
-                self._queue.task_done()
+            time.sleep(TICK)
+            self._round()
+
+    def _round(self) -> None:
+        with self._lock:
+            monitors = list(self._monitors)
+        with self._round_lock:
+            for monitor in monitors:
+                try:
+                    monitor.profile_pending()
+                except Exception:  # a bad batch must not stop drift monitoring for every model
+                    log.exception("drift: profiling the batches of %s failed", monitor.input_name)
+        del monitors
 
     def wait(self) -> None:
-        """Until every submitted batch is profiled (tests, `forwardpass drift`)."""
-        self._queue.join()
+        """Profile everything served so far, now (tests, benchmarks)."""
+        self._round()
 
 
 PROFILER = _Profiler()

@@ -83,14 +83,17 @@ class SharedBuckets:
         self._map.close()
         os.close(self._fd)
 
-    def take(self, key: str, dim: str, amount: float, capacity: float, rate: float, now: float) -> tuple[bool, float]:
-        """Take ``amount`` from a bucket if it holds that much: (taken, level after, or the level it lacked from)."""
+    def take(self, key: str, dim: str, amount: float, capacity: float, rate: float, now: float,
+             refund: float = 0.0) -> tuple[bool, float]:  # fmt: skip
+        """Take ``amount`` from a bucket if it holds that much, after giving it back ``refund`` (a lease's unused
+        part): (taken, level after, or the level it lacked from)."""
         at = _DIMS[dim]
         with self._locked(key) as slot:
-            level = self._level(slot + at, capacity, rate, now)
+            level = min(capacity, self._level(slot + at, capacity, rate, now) + refund)
             taken = level >= amount
             if taken:
                 level -= amount
+            if taken or refund:
                 _PAIR.pack_into(self._map, slot + at, level, now)
             return taken, level
 
@@ -184,11 +187,45 @@ class TokenHold:
     settled: bool = False
 
 
+LEASE_SECONDS = 0.01  # a worker may take this long's refill of a fast bucket at once ...
+LEASE_SHARE = 0.05  # ... and at most this share of its capacity
+
+
 class Limiter:
-    """A tier's limits applied to a caller, with OpenAI's x-ratelimit-* headers (and ``-rows`` for rows)."""
+    """A tier's limits applied to a caller, with OpenAI's x-ratelimit-* headers (and ``-rows`` for rows).
+
+    Requests and rows of a fast tier are taken in leases: a worker takes ``LEASE_SECONDS`` of the bucket's
+    refill at once (at most ``LEASE_SHARE`` of its capacity) and spends it without the shared lock, so that
+    workers do not queue on one flock (a worker preempted while holding it stalls the others for a time
+    slice). A lease is only taken where it holds two requests or more and the bucket has room for it; near
+    the limit every take is exact again, and an expired lease's rest goes back. So the limit is never
+    exceeded; another worker may wait up to ``LEASE_SECONDS`` of refill longer than it would have.
+    """
 
     def __init__(self, buckets: SharedBuckets, clock: Callable[[], float] = time.monotonic):
         self.buckets, self.clock = buckets, clock
+        self._leases: dict[tuple[str, str], list[float]] = {}  # (key, dim) -> [left, until, level seen]
+        self._lease_lock = threading.Lock()
+
+    def _take(self, caller: Caller, dim: str, amount: float, capacity: float, rate: float) -> tuple[bool, float]:
+        """``SharedBuckets.take`` through this worker's lease where the bucket is fast (see the class docstring)."""
+        now = self.clock()
+        lease = min(rate * LEASE_SECONDS, capacity * LEASE_SHARE)
+        if lease < 2 * amount:
+            return self.buckets.take(caller.id, dim, amount, capacity, rate, now)
+        slot = (caller.id, dim)
+        with self._lease_lock:
+            held = self._leases.get(slot)
+            if held is not None and held[1] > now and held[0] >= amount:
+                held[0] -= amount
+                return True, held[2] + held[0]  # the level when leased, with what is left of the lease
+            refund = held[0] if held is not None else 0.0
+            taken, level = self.buckets.take(caller.id, dim, amount + lease, capacity, rate, now, refund)
+            if taken:
+                self._leases[slot] = [lease, now + LEASE_SECONDS, level]
+                return True, level + lease
+            self._leases.pop(slot, None)
+        return self.buckets.take(caller.id, dim, amount, capacity, rate, now)  # no room for a lease: exact
 
     def admit(self, caller: Caller) -> Headers:
         """One request of ``caller``: its headers, or RateLimited with the wait until a request fits."""
@@ -196,7 +233,7 @@ class Limiter:
         if tier.requests_per_second is None:
             return []
         capacity, rate = tier.request_burst, tier.requests_per_second
-        taken, level = self.buckets.take(caller.id, "requests", 1, capacity, rate, self.clock())
+        taken, level = self._take(caller, "requests", 1, capacity, rate)
         headers = _headers("requests", capacity, level, rate)
         if not taken:
             wait = (1 - level) / rate
@@ -244,7 +281,7 @@ class Limiter:
         if rows > per_minute:
             raise PayloadTooLarge(f"the request has {rows} rows, more than key '{caller.id}' may send in a minute "
                                   f"({per_minute}, tier '{caller.tier_name}'); split it into smaller requests")  # fmt: skip
-        taken, level = self.buckets.take(caller.id, "rows", rows, per_minute, rate, self.clock())
+        taken, level = self._take(caller, "rows", rows, per_minute, rate)
         headers = _headers("rows", per_minute, level, rate)
         if not taken:
             wait = (rows - level) / rate

@@ -8,11 +8,11 @@ retraining. It is off unless model.yaml asks for it:
 A logged row is one instance: ``time``, ``id`` (the request's id: the server gives one to a request of a
 logged model that came without, and returns it), ``row`` (its index in the request), ``model``, ``version``,
 ``key`` (the caller's key id), ``latency_ms``, ``inputs`` and ``outputs`` (JSON text), and the answer:
-``prediction`` (a class label, as text) with ``class_index``, or ``value`` (regression). Serving hands a
-request to one writer thread (a queue put); the thread turns it into rows and writes
-``<state>/predictions/<model>/<UTC time>-<pid>-<n>.parquet`` once ``rows_per_file`` rows wait or the oldest
-has waited ``flush_seconds``, and on shutdown. A file appears whole (written aside, then renamed); past
-``max_mb`` the folder's oldest files are deleted.
+``prediction`` (a class label, as text) with ``class_index``, or ``value`` (regression). Serving
+appends a sampled request to a list; one writer thread takes the list four times a second, turns it
+into rows, and writes ``<state>/predictions/<model>/<UTC time>-<pid>-<n>.parquet`` once
+``rows_per_file`` rows wait or the oldest has waited ``flush_seconds``, and on shutdown. A file
+appears whole (written aside, then renamed); past ``max_mb`` the folder's oldest files are deleted.
 
 **Feedback** (``POST /v2/models/{m}/feedback``) gives true labels for logged request ids. ``Quality.add``
 finds the logged answers, keeps each label with whether the answer was right (classification) or its
@@ -26,7 +26,6 @@ from __future__ import annotations
 import base64
 import logging
 import os
-import queue
 import random
 import threading
 import time
@@ -116,12 +115,12 @@ class PredictionLog:
 
     def add(self, request_id: str, key: str | None, latency_s: float, rows: int,
             inputs: Mapping[str, np.ndarray] | list[Any], outputs: Mapping[str, np.ndarray]) -> None:  # fmt: skip
-        """Log one request (a queue put: the writer thread does the rest)."""
+        """Log one request (a list append: the writer thread does the rest)."""
         WRITER.submit(self, _Pending(time.time(), request_id, key, latency_s * 1000, rows, inputs, outputs))
 
-    def flush(self, timeout: float = 10.0) -> None:
+    def flush(self) -> None:
         """Write what waits now, and return when it is on disk (feedback reads the files)."""
-        WRITER.flush(timeout)
+        WRITER.flush()
 
     # -- the writer thread's side ------------------------------------------------------------------
 
@@ -223,64 +222,66 @@ def _json(value: Any) -> str:
 
 
 class _Writer:
-    """One daemon thread writing every log of this process; a full queue drops requests (counted)."""
+    """One daemon thread writing every log of this process. Serving appends to a list (no thread woken per
+    request); the thread takes the list every ``TICK`` seconds. Past ``depth`` requests waiting, requests are
+    not logged (counted in ``dropped``)."""
+
+    TICK = 0.25
 
     def __init__(self, depth: int = 4096):
-        self._queue: queue.Queue[tuple[PredictionLog, _Pending] | threading.Event] = queue.Queue(depth)
-        self._logs: dict[int, PredictionLog] = {}
+        self.depth = depth
+        self._pending: list[tuple[PredictionLog, _Pending]] = []
+        self._lock = threading.Lock()  # the pending list
+        self._round_lock = threading.Lock()  # one round at a time: the thread's, or flush()'s
+        self._logs: dict[int, PredictionLog] = {}  # logs with rows not yet in a file (held until written)
         self._thread: threading.Thread | None = None
-        self._start_lock = threading.Lock()
 
     def submit(self, target: PredictionLog, entry: _Pending) -> None:
-        if self._thread is None:
-            self._start()
-        try:
-            self._queue.put_nowait((target, entry))
-        except queue.Full:
-            target.dropped += 1
-
-    def flush(self, timeout: float = 10.0) -> None:
-        """Everything submitted so far written to files, then return (at most ``timeout`` seconds)."""
-        if self._thread is None:
-            return
-        done = threading.Event()
-        self._queue.put(done, timeout=timeout)
-        done.wait(timeout)
-
-    def _start(self) -> None:
-        with self._start_lock:
+        with self._lock:
+            if len(self._pending) >= self.depth:
+                target.dropped += 1
+                return
+            self._pending.append((target, entry))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="forwardpass-predictions", daemon=True)
                 self._thread.start()
 
+    def flush(self) -> None:
+        """Everything submitted so far written to files, now (feedback, shutdown)."""
+        self._round(every_log=True)
+
     def _run(self) -> None:
         while True:
-            try:
-                item = self._queue.get(timeout=0.5)
-            except queue.Empty:
-                item = None
-            if isinstance(item, threading.Event):
-                self._write(all_of_them=True)
-                item.set()
-                continue
-            if item is not None:
-                target, entry = item
+            time.sleep(self.TICK)
+            self._round(every_log=False)
+
+    def _round(self, every_log: bool) -> None:
+        with self._round_lock:
+            with self._lock:
+                pending, self._pending = self._pending, []
+            for target, entry in pending:
                 self._logs[id(target)] = target
                 try:
                     target._take(entry)
                 except Exception:  # a request that cannot be logged must not stop the log
                     log.exception("prediction log: a request of %s could not be logged", target.model)
-                del item, target, entry
-            self._write(all_of_them=False)
+                if len(target._rows) >= target.rows_per_file:
+                    self._write(target)
+            del pending
+            now = time.monotonic()
+            for target in list(self._logs.values()):
+                if every_log or target._due(now):
+                    self._write(target)
+            self._logs = {k: t for k, t in self._logs.items() if t._rows}
 
-    def _write(self, all_of_them: bool) -> None:
-        now = time.monotonic()
-        for target in list(self._logs.values()):
-            if all_of_them or target._due(now):
-                try:
-                    target._write()
-                except Exception:
-                    log.exception("prediction log: writing %s's file failed", target.model)
+
+    @staticmethod
+    def _write(target: PredictionLog) -> None:
+        try:
+            target._write()
+        except Exception:
+            target._rows.clear()  # dropped, not retried forever
+            log.exception("prediction log: writing %s's file failed", target.model)
 
 
 WRITER = _Writer()
@@ -349,16 +350,19 @@ class Quality:
         return self._db
 
     def add(self, model: str, kind: str, ids: Sequence[Any], labels: Sequence[Any],
-            flush: PredictionLog | None = None) -> dict[str, Any]:  # fmt: skip
+            flush: PredictionLog | None = None, key: str | None = None) -> dict[str, Any]:  # fmt: skip
         """Join ``labels`` (one per id: a value, or a list of one per row of a request of several rows) with the
-        logged answers of ``ids``; keep them; return what matched and this batch's accuracy or error."""
+        logged answers of ``ids``; keep them; return what matched and this batch's accuracy or error.
+        ``key``: only answers logged for this key id match (None: any key's, as for an admin key)."""
         ids, labels = _check_feedback(ids, labels)
         if flush is not None:
             flush.flush()
-        table = read_log(self.predictions / model, ids, ["time", "id", "row", "version", "prediction", "class_index",
-                                                         "value"])  # fmt: skip
+        table = read_log(self.predictions / model, ids, ["time", "id", "row", "version", "key", "prediction",
+                                                         "class_index", "value"])  # fmt: skip
         logged: dict[tuple[str, int], dict[str, Any]] = {}
         for entry in table.to_pylist():  # a reused id: its latest logged request counts
+            if key is not None and entry["key"] != key:  # a caller labels its own requests only
+                continue
             slot = (entry["id"], entry["row"])
             if slot not in logged or entry["time"] > logged[slot]["time"]:
                 logged[slot] = entry
@@ -372,7 +376,7 @@ class Quality:
             given = label if isinstance(label, list) else [label]
             if count is None or len(given) != count:
                 unmatched.append({"id": request_id, "reason": "not in the prediction log (not sampled, not yet "
-                                  "written by another worker, or past max_mb)" if count is None else
+                                  "written by another worker, past max_mb, or sent with another key)" if count is None else
                                   f"the request had {count} rows: send a list of {count} labels"})  # fmt: skip
                 continue
             for row, value in enumerate(given):
@@ -413,10 +417,11 @@ class Quality:
         if not self.path.exists():
             return []
         with self._lock:
-            rows = self._connection().execute("SELECT model, version, COUNT(*), AVG(correct), AVG(error) FROM feedback "
-                                              "GROUP BY model, version").fetchall()  # fmt: skip
-        found = [{"model": m, "version": v, "labels": n, "accuracy": a, "mean_absolute_error": e}
-                 for m, v, n, a, e in rows]  # fmt: skip
+            rows = self._connection().execute("SELECT model, version, COUNT(*), AVG(correct), AVG(error), "
+                                              "COALESCE(SUM(correct), 0) FROM feedback GROUP BY model, "
+                                              "version").fetchall()  # fmt: skip
+        found = [{"model": m, "version": v, "labels": n, "accuracy": a, "mean_absolute_error": e, "correct": c}
+                 for m, v, n, a, e, c in rows]  # fmt: skip
         self._summary = (time.monotonic(), found)
         return found
 

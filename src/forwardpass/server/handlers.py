@@ -216,7 +216,9 @@ class Handlers:
                 raise InvalidInput(("body",), 'expected {"ids": [...], "labels": [...]} or a Parquet file', shown(doc))
             ids, labels = doc.get("ids"), doc.get("labels")
         kind = "regression" if getattr(served.model.config.post, "kind", "") == "regression" else "classification"
-        found = await asyncio.to_thread(self.engine.quality.add, model, kind, ids, labels, served.log)
+        caller = request.charge.caller if request.charge is not None else None
+        key = None if caller is None or caller.admin else caller.id  # a key labels its own requests; admin any
+        found = await asyncio.to_thread(self.engine.quality.add, model, kind, ids, labels, served.log, key)
         if served.log is None and not found["labels"]:
             found["hint"] = (f"model '{model}' keeps no prediction log: set prediction_log: {{rate: 1.0}} (or a share) "
                              "in its model.yaml, so that answers are kept to compare labels with")  # fmt: skip

@@ -107,6 +107,9 @@ def _quality(summary: list[dict[str, Any]]) -> Iterator[Metric]:
     labels = ["model", "version"]
     count = CounterMetricFamily("forwardpass_feedback_labels", "True labels received for logged predictions",
                                 labels=labels)  # fmt: skip
+    correct = CounterMetricFamily("forwardpass_feedback_correct", "Logged answers their true label confirmed "
+                                  "(accuracy over a window: rate of this / rate of feedback_labels)",
+                                  labels=labels)  # fmt: skip
     accuracy = GaugeMetricFamily("forwardpass_model_accuracy", "Share of logged answers their true label "
                                  "confirmed", labels=labels)  # fmt: skip
     error = GaugeMetricFamily("forwardpass_model_mean_absolute_error", "Mean absolute error of logged answers "
@@ -114,11 +117,12 @@ def _quality(summary: list[dict[str, Any]]) -> Iterator[Metric]:
     for entry in summary:
         series = [entry["model"], str(entry["version"])]
         count.add_metric(series, entry["labels"])
+        correct.add_metric(series, entry["correct"])
         if entry["accuracy"] is not None:
             accuracy.add_metric(series, entry["accuracy"])
         if entry["mean_absolute_error"] is not None:
             error.add_metric(series, entry["mean_absolute_error"])
-    yield from (count, accuracy, error)
+    yield from (count, correct, accuracy, error)
 
 
 def _generation(m: Stats) -> Iterator[Metric]:
