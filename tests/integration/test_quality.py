@@ -90,6 +90,12 @@ def test_feedback_names_what_is_wrong_and_a_model_without_a_log_says_so(demo_rep
     app = serve(copy_models(demo_repo, tmp_path / "models", "iris"), state_dir=tmp_path / "state")
     bad = app.post("/v2/models/iris/feedback", json={"ids": ["a", "b"], "labels": ["setosa"]})
     assert bad.status_code == 400 and "labels" in bad.text, bad.text
+    buffer = io.BytesIO()  # a small file of many rows: refused from its footer, before it is read
+    pq.write_table(pa.table({"id": ["a"] * 100_001, "label": ["setosa"] * 100_001}), buffer)
+    big = app.post("/v2/models/iris/feedback", content=buffer.getvalue())
+    assert big.status_code == 400 and "at most 100000" in big.text, big.text
+    for body in (b"PAR1 not parquet", b"[1, 2]"):
+        assert app.post("/v2/models/iris/feedback", content=body).status_code == 400
     answer = _infer(app, datasets.load_iris().data[:1])
     assert "id" not in answer  # no log: the response is Triton's, unchanged
     found = app.post("/v2/models/iris/feedback", json={"ids": ["a"], "labels": ["setosa"]}).json()

@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
 from forwardpass.errors import InvalidInput
 from forwardpass.monitoring.predictions import Answer, PredictionLog, Quality, read_log
+from forwardpass.pipeline.answers import ClassificationAnswers, RegressionAnswers
 
 pq = pytest.importorskip("pyarrow.parquet")
+
+
+class Post:
+    """A model's post-processing, as Answer reads it: the real answer types of pipeline/answers.py."""
+
+    def __init__(self, output: str, labels: list[str] | None = None, threshold: float | None = None):
+        self.output, self.labels, self.threshold = output, labels, threshold
+
+    def postprocess(self, outputs):
+        scores = outputs[self.output]
+        if self.labels is None:
+            return RegressionAnswers(scores.reshape(-1), None, None, None)
+        return ClassificationAnswers(scores, np.array(self.labels), self.labels, 2, self.threshold)
 
 
 def _log(tmp_path, answer: Answer, **settings) -> PredictionLog:
@@ -17,7 +33,7 @@ def _log(tmp_path, answer: Answer, **settings) -> PredictionLog:
 
 
 def test_a_regression_log_keeps_values_and_feedback_gives_the_mean_absolute_error(tmp_path):
-    log = _log(tmp_path, Answer("y", "regression"))
+    log = _log(tmp_path, Answer(Post("y")))
     log.add("a", "k1", 0.002, 2, {"x": np.array([[1.0], [2.0]], np.float32)}, {"y": np.array([[10.0], [20.0]])})
     log.add("b", None, 0.001, 1, [{"x": 3}], {"y": np.array([30.0])})
     log.flush()
@@ -35,7 +51,7 @@ def test_a_regression_log_keeps_values_and_feedback_gives_the_mean_absolute_erro
 
 
 def test_a_classification_label_matches_by_name_or_class_index_and_row_counts_must_agree(tmp_path):
-    log = _log(tmp_path, Answer("p", "classification", ["cat", "dog"]))
+    log = _log(tmp_path, Answer(Post("p", ["cat", "dog"])))
     log.add("r", None, 0.0, 2, {"x": np.zeros((2, 1))}, {"p": np.array([[0.9, 0.1], [0.2, 0.8]])})
     log.flush()
     quality = Quality(tmp_path / "quality.sqlite", tmp_path / "predictions")
@@ -48,7 +64,7 @@ def test_a_classification_label_matches_by_name_or_class_index_and_row_counts_mu
 
 
 def test_files_rotate_by_rows_and_the_oldest_go_past_the_size_bound(tmp_path):
-    log = _log(tmp_path, Answer(None, ""), rows_per_file=4, max_bytes=12_000)
+    log = _log(tmp_path, Answer(object()), rows_per_file=4, max_bytes=12_000)  # no post-processing: no answer
     for i in range(60):
         log.add(f"id{i}", None, 0.0, 1, {"x": np.full((1, 64), i, np.float32)}, {"y": np.zeros((1, 2))})
     log.flush()
@@ -66,3 +82,23 @@ def test_feedback_refuses_what_it_cannot_read():
         with pytest.raises(InvalidInput) as exc:
             Quality.add(quality, "m", "classification", ids, labels)
         assert exc.value.loc == loc
+
+
+def test_a_reused_id_is_its_newest_request_a_key_labels_its_own_and_whole_floats_are_class_numbers(tmp_path):
+    log = _log(tmp_path, Answer(Post("p", ["cat", "dog"], threshold=0.3)))  # dog from 0.3: the served answer
+    log.add("x", "alice", 0.0, 3, {"x": np.zeros((3, 1))}, {"p": np.array([[0.9, 0.1]] * 3)})
+    log.flush()
+    time.sleep(0.01)
+    log.add("x", "alice", 0.0, 1, {"x": np.zeros((1, 1))}, {"p": np.array([[0.6, 0.4]])})  # the id again: 1 row
+    log.add("x", "bob", 0.0, 1, {"x": np.zeros((1, 1))}, {"p": np.array([[0.9, 0.1]])})
+    log.flush()
+    quality = Quality(tmp_path / "quality.sqlite", tmp_path / "predictions")
+    assert quality.add("m", "classification", ["x"], [[0, 0, 0]], key="alice")["matched"] == 0  # the old request
+    assert quality.add("m", "classification", ["x"], [1.0], key="alice")["accuracy"] == 1.0  # dog (0.4 >= 0.3)
+    assert quality.add("m", "classification", ["x"], ["cat"], key="bob")["accuracy"] == 1.0
+    assert sorted(r["accuracy"] for r in quality.series("m")) == [1.0]  # bob's label did not replace alice's
+    assert quality.summary(max_age=0)[0]["labels"] == 2
+    with pytest.raises(InvalidInput) as exc:
+        quality.add("m", "classification", ["x"], [float("nan")], key="alice")
+    assert exc.value.loc == ("labels", 0)
+    quality.close()

@@ -48,34 +48,25 @@ MAX_FEEDBACK = 100_000  # labels in one feedback request
 
 @dataclass(frozen=True)
 class Answer:
-    """How to read a model's answer from its outputs: the output, and the kind of post-processing."""
+    """The answer a model gave, read with its own post-processing (its output choice and threshold): what
+    the client got is what the log keeps."""
 
-    output: str | None
-    kind: str  # "classification", "regression", or "" (outputs logged, no answer column)
-    labels: Sequence[str] | None = None
-
-    @classmethod
-    def of(cls, model: Any) -> Answer:
-        post = model.config.post
-        kind = getattr(post, "kind", "") if post is not None else ""
-        output = getattr(post, "output", None) if post is not None else None
-        if output is None and kind in ("classification", "regression") and model.outputs:
-            output = model.outputs[-1].name
-        return cls(output, kind if kind in ("classification", "regression") else "", model.labels)
+    model: Any  # anything with Model's postprocess(outputs)
 
     def read(self, outputs: Mapping[str, np.ndarray], rows: int) -> tuple[list[str | None], list[int | None],
                                                                          list[float | None]]:  # fmt: skip
         """Per row: the predicted label, its class index, and the predicted value (None where not that kind)."""
         none: list[Any] = [None] * rows
-        scores = outputs.get(self.output) if self.output else None
-        if scores is None or len(scores) != rows:
+        try:
+            answers = self.model.postprocess(outputs)
+        except Exception:  # a passthrough model, or outputs its post-processing cannot read: no answer column
             return none, none, none
-        if self.kind == "classification" and scores.ndim == 2 and scores.dtype.kind in "fiu":
-            index = scores.argmax(axis=1).tolist()
-            labels = self.labels
-            return [labels[i] if labels and i < len(labels) else str(i) for i in index], index, none
-        if self.kind == "regression" and scores.dtype.kind in "fiu":
-            return none, none, scores.reshape(rows, -1)[:, 0].astype(np.float64).tolist()
+        best = getattr(answers, "best", None)
+        columns = answers.columns() if hasattr(answers, "columns") else {}
+        if best is not None and "label" in columns and len(best) == rows:
+            return [str(v) for v in columns["label"].tolist()], [int(i) for i in best.tolist()], none
+        if "value" in columns and len(columns["value"]) == rows:
+            return none, none, np.asarray(columns["value"], np.float64).reshape(rows, -1)[:, 0].tolist()
         return none, none, none
 
 
@@ -120,7 +111,7 @@ class PredictionLog:
 
     def flush(self) -> None:
         """Write what waits now, and return when it is on disk (feedback reads the files)."""
-        WRITER.flush()
+        WRITER.flush(self)
 
     # -- the writer thread's side ------------------------------------------------------------------
 
@@ -154,8 +145,11 @@ class PredictionLog:
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(rows[0]["time"]))
         name = f"{stamp}.{int(rows[0]['time'] * 1e6) % 1_000_000:06d}Z-{os.getpid()}-{self._files}.parquet"
         aside = self.folder / f".{name}.tmp"  # hidden: readers of the folder skip it until it is whole
-        pq.write_table(table, aside, compression="zstd")
-        os.replace(aside, self.folder / name)
+        try:
+            pq.write_table(table, aside, compression="zstd")
+            os.replace(aside, self.folder / name)
+        finally:
+            aside.unlink(missing_ok=True)
         self.written += len(rows)
         self._bound()
 
@@ -187,6 +181,12 @@ def schema() -> Any:
         ("version", pa.int32()), ("key", pa.string()), ("latency_ms", pa.float64()), ("inputs", pa.string()),
         ("outputs", pa.string()), ("prediction", pa.string()), ("class_index", pa.int64()), ("value", pa.float64()),
     ])  # fmt: skip
+
+
+def _nbytes(data: Mapping[str, np.ndarray] | list[Any]) -> int:
+    if isinstance(data, list):
+        return 64 * len(data)  # instances: JSON already in memory; counted by number
+    return sum(a.nbytes for a in data.values() if isinstance(a, np.ndarray))
 
 
 def _per_row(data: Mapping[str, np.ndarray] | list[Any], rows: int) -> list[Any]:
@@ -227,38 +227,42 @@ class _Writer:
     not logged (counted in ``dropped``)."""
 
     TICK = 0.25
+    MAX_BYTES = 64 * 2**20  # the arrays of requests waiting, at most (an image model's are large)
 
     def __init__(self, depth: int = 4096):
         self.depth = depth
         self._pending: list[tuple[PredictionLog, _Pending]] = []
+        self._pending_bytes = 0
         self._lock = threading.Lock()  # the pending list
         self._round_lock = threading.Lock()  # one round at a time: the thread's, or flush()'s
         self._logs: dict[int, PredictionLog] = {}  # logs with rows not yet in a file (held until written)
         self._thread: threading.Thread | None = None
 
     def submit(self, target: PredictionLog, entry: _Pending) -> None:
+        size = _nbytes(entry.inputs) + _nbytes(entry.outputs)
         with self._lock:
-            if len(self._pending) >= self.depth:
+            if len(self._pending) >= self.depth or self._pending_bytes + size > self.MAX_BYTES:
                 target.dropped += 1
                 return
             self._pending.append((target, entry))
+            self._pending_bytes += size
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="forwardpass-predictions", daemon=True)
                 self._thread.start()
 
-    def flush(self) -> None:
-        """Everything submitted so far written to files, now (feedback, shutdown)."""
-        self._round(every_log=True)
+    def flush(self, only: PredictionLog | None = None) -> None:
+        """Everything submitted so far written to files, now: every log's (shutdown), or ``only``'s (feedback)."""
+        self._round(every_log=only is None, also=only)
 
     def _run(self) -> None:
         while True:
             time.sleep(self.TICK)
             self._round(every_log=False)
 
-    def _round(self, every_log: bool) -> None:
+    def _round(self, every_log: bool, also: PredictionLog | None = None) -> None:
         with self._round_lock:
             with self._lock:
-                pending, self._pending = self._pending, []
+                pending, self._pending, self._pending_bytes = self._pending, [], 0
             for target, entry in pending:
                 self._logs[id(target)] = target
                 try:
@@ -270,7 +274,7 @@ class _Writer:
             del pending
             now = time.monotonic()
             for target in list(self._logs.values()):
-                if every_log or target._due(now):
+                if every_log or target is also or target._due(now):
                     self._write(target)
             self._logs = {k: t for k, t in self._logs.items() if t._rows}
 
@@ -293,7 +297,7 @@ def log_for(model: Any, state_dir: Path) -> PredictionLog | None:
     if config.rate <= 0:
         return None
     require("pyarrow", "batch", "the prediction log (model.yaml prediction_log)")
-    return PredictionLog(state_dir / "predictions" / model.name, model.name, model.version, Answer.of(model),
+    return PredictionLog(state_dir / "predictions" / model.name, model.name, model.version, Answer(model),
                          config.rate, int(config.max_mb * 2**20), config.rows_per_file,
                          config.flush_seconds)  # fmt: skip
 
@@ -325,10 +329,10 @@ def read_log(folder: Path, ids: Sequence[str] | None = None, columns: Sequence[s
 
 _QUALITY_SCHEMA = """
 CREATE TABLE IF NOT EXISTS feedback (
-    model TEXT NOT NULL, version INTEGER NOT NULL, id TEXT NOT NULL, row INTEGER NOT NULL,
+    model TEXT NOT NULL, version INTEGER NOT NULL, key TEXT NOT NULL, id TEXT NOT NULL, row INTEGER NOT NULL,
     predicted_at REAL NOT NULL, received_at REAL NOT NULL, prediction TEXT, label TEXT NOT NULL,
     correct INTEGER, error REAL,
-    PRIMARY KEY (model, id, row)
+    PRIMARY KEY (model, key, id, predicted_at, row)
 );
 CREATE INDEX IF NOT EXISTS feedback_time ON feedback (model, predicted_at);
 """
@@ -359,39 +363,38 @@ class Quality:
             flush.flush()
         table = read_log(self.predictions / model, ids, ["time", "id", "row", "version", "key", "prediction",
                                                          "class_index", "value"])  # fmt: skip
-        logged: dict[tuple[str, int], dict[str, Any]] = {}
-        for entry in table.to_pylist():  # a reused id: its latest logged request counts
+        newest: dict[str, list[dict[str, Any]]] = {}  # id -> the rows of its newest logged request, in order
+        for entry in table.to_pylist():
             if key is not None and entry["key"] != key:  # a caller labels its own requests only
                 continue
-            slot = (entry["id"], entry["row"])
-            if slot not in logged or entry["time"] > logged[slot]["time"]:
-                logged[slot] = entry
-        rows_of: dict[str, int] = {}
-        for request_id, row in logged:
-            rows_of[request_id] = max(rows_of.get(request_id, 0), row + 1)
+            rows = newest.get(entry["id"])
+            if rows is None or entry["time"] > rows[0]["time"]:  # a reused id: its latest request counts
+                newest[entry["id"]] = [entry]
+            elif entry["time"] == rows[0]["time"]:
+                rows.append(entry)
         now = time.time()
         kept, unmatched = [], []
         for i, (request_id, label) in enumerate(zip(ids, labels)):
-            count = rows_of.get(request_id)
+            logged = sorted(newest.get(request_id, []), key=lambda e: e["row"])
+            count = len(logged) if logged else None
             given = label if isinstance(label, list) else [label]
             if count is None or len(given) != count:
                 unmatched.append({"id": request_id, "reason": "not in the prediction log (not sampled, not yet "
                                   "written by another worker, past max_mb, or sent with another key)" if count is None else
                                   f"the request had {count} rows: send a list of {count} labels"})  # fmt: skip
                 continue
-            for row, value in enumerate(given):
-                entry = logged[request_id, row]
+            for entry, value in zip(logged, given):
                 correct, error = _judge(kind, entry, value, i)
-                kept.append((model, entry["version"], request_id, row, entry["time"].timestamp(), now,
-                             entry["prediction"], str(value), correct, error))  # fmt: skip
+                kept.append((model, entry["version"], entry["key"] or "", request_id, entry["row"],
+                             entry["time"].timestamp(), now, entry["prediction"], str(value), correct, error))  # fmt: skip
         with self._lock:
             db = self._connection()
             db.execute("BEGIN IMMEDIATE")
-            db.executemany("INSERT OR REPLACE INTO feedback VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", kept)
+            db.executemany("INSERT OR REPLACE INTO feedback VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", kept)
             db.execute("COMMIT")
         self._summary = (0.0, [])
-        judged = [k[8] for k in kept if k[8] is not None]
-        errors = [k[9] for k in kept if k[9] is not None]
+        judged = [k[9] for k in kept if k[9] is not None]  # correct, then error: the table's last two columns
+        errors = [k[10] for k in kept if k[10] is not None]
         return {"model_name": model, "received": len(ids), "matched": len(ids) - len(unmatched), "labels": len(kept),
                 "accuracy": sum(judged) / len(judged) if judged else None,
                 "mean_absolute_error": sum(errors) / len(errors) if errors else None,
@@ -443,12 +446,25 @@ def _check_feedback(ids: Any, labels: Any) -> tuple[list[str], list[Any]]:
     for i, request_id in enumerate(ids):
         if isinstance(request_id, bool) or not isinstance(request_id, (str, int)):
             raise InvalidInput(("ids", i), "expected a request id (a string)", shown(request_id))
+    checked: list[Any] = []
     for i, label in enumerate(labels):
         values = label if isinstance(label, list) else [label]
         if not values or any(isinstance(v, (dict, list)) or v is None for v in values):
             raise InvalidInput(("labels", i), "expected a label (a string or number), or a list of one per row",
                                shown(label))  # fmt: skip
-    return [str(i) for i in ids], labels
+        plain = [_plain_label(v, i) for v in values]
+        checked.append(plain if isinstance(label, list) else plain[0])
+    return [str(i) for i in ids], checked
+
+
+def _plain_label(value: Any, i: int) -> Any:
+    """A label as the answer would read it: 1.0 is class 1 (Parquet and pandas write whole numbers as floats)."""
+    if isinstance(value, float):
+        if not np.isfinite(value):
+            raise InvalidInput(("labels", i), "expected a finite number or a class name", shown(value))
+        if value.is_integer():
+            return int(value)
+    return value
 
 
 def _judge(kind: str, entry: Mapping[str, Any], label: Any, i: int) -> tuple[int | None, float | None]:

@@ -239,7 +239,7 @@ class Handlers:
                               "series": series})  # fmt: skip
 
     async def metrics(self, request: Request) -> Response:
-        quality = self.engine.quality.summary()  # at most a SQLite read each 5 s
+        quality = await asyncio.to_thread(self.engine.quality.summary)  # a SQLite read each 5 s, off the loop
         return Response.text(metrics.render(self.engine.stats, quality),
                              content_type="text/plain; version=0.0.4; charset=utf-8")  # fmt: skip
 
@@ -294,14 +294,19 @@ def _parquet_feedback(body: bytes) -> tuple[list[Any], list[Any]]:
 
     pa = require("pyarrow", "batch", "feedback as a Parquet file")
     pq = require("pyarrow.parquet", "batch", "feedback as a Parquet file")
+    from forwardpass.monitoring.predictions import MAX_FEEDBACK
+
     try:
-        table = pq.read_table(pa.BufferReader(body))
+        file = pq.ParquetFile(pa.BufferReader(body))
+        names = file.schema_arrow.names
+        missing = [c for c in ("id", "label") if c not in names]
+        if missing:
+            raise InvalidInput(("body", missing[0]), "a feedback Parquet file needs columns id and label", names)
+        if file.metadata.num_rows > MAX_FEEDBACK:  # before reading: a small file may hold millions of rows
+            raise InvalidInput(("body",), f"at most {MAX_FEEDBACK} labels a request", file.metadata.num_rows)
+        table = file.read(columns=["id", "label"])
     except (pa.ArrowException, OSError) as exc:
         raise InvalidInput(("body",), f"not a readable Parquet file ({exc})") from None
-    missing = [c for c in ("id", "label") if c not in table.column_names]
-    if missing:
-        raise InvalidInput(("body", missing[0]), "a feedback Parquet file needs columns id and label",
-                           table.column_names)  # fmt: skip
     return table["id"].to_pylist(), table["label"].to_pylist()
 
 

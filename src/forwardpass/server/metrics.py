@@ -107,8 +107,8 @@ def _quality(summary: list[dict[str, Any]]) -> Iterator[Metric]:
     labels = ["model", "version"]
     count = CounterMetricFamily("forwardpass_feedback_labels", "True labels received for logged predictions",
                                 labels=labels)  # fmt: skip
-    correct = CounterMetricFamily("forwardpass_feedback_correct", "Logged answers their true label confirmed "
-                                  "(accuracy over a window: rate of this / rate of feedback_labels)",
+    correct = CounterMetricFamily("forwardpass_feedback_correct", "Logged answers their true label confirmed (a "
+                                  "classifier's accuracy over a window: rate of this / rate of feedback_labels)",
                                   labels=labels)  # fmt: skip
     accuracy = GaugeMetricFamily("forwardpass_model_accuracy", "Share of logged answers their true label "
                                  "confirmed", labels=labels)  # fmt: skip
