@@ -6,9 +6,10 @@ Hot routes first: the router tries them in order.
 from __future__ import annotations
 
 from forwardpass.server.auth import Access, Handler, Keys
+from forwardpass.server.dashboard import Dashboard, wants_page
 from forwardpass.server.errors import error_response, openai_error
 from forwardpass.server.handlers import Handlers
-from forwardpass.server.http import Router
+from forwardpass.server.http import Request, Response, Router
 from forwardpass.server.openai import OpenAIHandlers
 from forwardpass.server.openai_extras import OpenAIExtras
 from forwardpass.server.responses import ResponsesHandlers
@@ -20,6 +21,12 @@ Route = tuple[str, str, Handler, Access]  # method, path pattern, handler, who m
 def routes(h: Handlers, o: OpenAIHandlers, x: OpenAIExtras, r: ResponsesHandlers, keys: Keys,
            usage: Handler) -> Router:  # fmt: skip
     """Every endpoint the server answers, behind its access check."""
+    d = Dashboard(h.engine)
+    home = keys.guard(h.home, INFER)
+
+    async def root(request: Request) -> Response:  # a browser gets the dashboard, an API client the JSON
+        return await (d.page(request) if wants_page(request) else home(request))
+
     v2: list[Route] = [
         ("POST", "/v2/models/{model}/infer", h.infer, INFER),
         ("POST", "/v2/models/{model}/versions/{version}/infer", h.infer, INFER),
@@ -60,7 +67,10 @@ def routes(h: Handlers, o: OpenAIHandlers, x: OpenAIExtras, r: ResponsesHandlers
         ("POST", "/v2/repository/models/{model}/load", h.repository_load, ADMIN),
         ("POST", "/v2/repository/models/{model}/unload", h.repository_unload, ADMIN),
         ("GET", "/metrics", h.metrics, METRICS),
-        ("GET", "/", h.home, INFER),
+        ("GET", "/", root, PUBLIC),  # the JSON part checks the key itself (home)
+        ("GET", "/ui/api/models", d.models, INFER),  # the dashboard's start: every model, its state and inputs
+        ("GET", "/ui/", d.page, PUBLIC),  # the page and its files: static, shipped in the package
+        ("GET", "/ui/{name}", d.asset, PUBLIC),
     ]
     # each route with the wire shape of its errors (server/errors.py): OpenAI's for the OpenAI API, V2's elsewhere
     table = [(*route, error_response) for route in v2] + [(*route, openai_error) for route in openai] \
