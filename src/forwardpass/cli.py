@@ -80,16 +80,19 @@ def serve(
                                                       "repository, built on first use]")] = None,  # fmt: skip
     repository_option: Annotated[Path | None, typer.Option("--repository", "-r", envvar="FORWARDPASS_REPOSITORY",
                                                            help="The same as REPOSITORY")] = None,  # fmt: skip
-    host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port")] = 8000,
-    workers: Annotated[int, typer.Option(help="Processes sharing the port")] = 1,
-    poll_interval: Annotated[float, typer.Option(help="Seconds between repository scans (0: no hot reload)")] = 2.0,
-    model_control: Annotated[str, typer.Option(help="poll: load every model and follow the folder; explicit: load "
+    host: Annotated[str, typer.Option(envvar="FORWARDPASS_HOST", help="Address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="FORWARDPASS_PORT", help="Port")] = 8000,
+    workers: Annotated[int, typer.Option(envvar="FORWARDPASS_WORKERS", help="Processes sharing the port")] = 1,
+    poll_interval: Annotated[float, typer.Option(envvar="FORWARDPASS_POLL_INTERVAL", help="Seconds between "
+                                                 "repository scans (0: no hot reload)")] = 2.0,  # fmt: skip
+    model_control: Annotated[str, typer.Option(envvar="FORWARDPASS_MODEL_CONTROL",
+                                               help="poll: load every model and follow the folder; explicit: load "
                                                "only --load-model, then what the repository API asks; none: load "
                                                "every model once, refuse repository changes")] = "poll",  # fmt: skip
     load_model: Annotated[list[str] | None, typer.Option(help="With --model-control explicit: a model to load at "
                                                          "start (repeatable; '*' for all)")] = None,  # fmt: skip
-    http: Annotated[str, typer.Option(help="HTTP implementation: forwardpass (fastest) or uvicorn")] = "forwardpass",
+    http: Annotated[str, typer.Option(envvar="FORWARDPASS_HTTP", help="HTTP implementation: forwardpass (fastest) "
+                                      "or uvicorn")] = "forwardpass",  # fmt: skip
     log_level: Annotated[str, typer.Option(help="Log level")] = "info",
     api_key_file: Annotated[Path | None, typer.Option(help="Inference keys, one per line: with any key set, every "
                                                       "route but /v2/health/* needs 'Authorization: Bearer KEY' or "
