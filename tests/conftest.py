@@ -26,7 +26,10 @@ def fp_home(tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("fp-home")
     old = os.environ.get("FORWARDPASS_HOME")
     os.environ["FORWARDPASS_HOME"] = str(home)
-    os.environ.pop("FORWARDPASS_REPOSITORY", None)
+    from forwardpass.server.config import ServeConfig
+
+    for name in ServeConfig.model_fields:  # a developer's exported serve settings must not reach test servers
+        os.environ.pop(f"FORWARDPASS_{name.upper()}", None)
     yield home
     if old is None:
         os.environ.pop("FORWARDPASS_HOME", None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import errno
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -78,10 +79,10 @@ def _repository(path: Path | None):
 def serve(
     repository: Annotated[Path | None, typer.Argument(help="Model repository [default: the built-in demo "
                                                       "repository, built on first use]")] = None,  # fmt: skip
-    repository_option: Annotated[Path | None, typer.Option("--repository", "-r", envvar="FORWARDPASS_REPOSITORY",
-                                                           help="The same as REPOSITORY")] = None,  # fmt: skip
+    repository_option: Annotated[Path | None, typer.Option("--repository", "-r", help="The same as REPOSITORY "
+                                                           "[env FORWARDPASS_REPOSITORY, when neither is given]")] = None,
     host: Annotated[str, typer.Option(envvar="FORWARDPASS_HOST", help="Address to listen on")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(envvar="FORWARDPASS_PORT", help="Port")] = 8000,
+    port: Annotated[int, typer.Option(help="Port")] = 8000,  # no envvar: Kubernetes sets FORWARDPASS_PORT=tcp://...
     workers: Annotated[int, typer.Option(envvar="FORWARDPASS_WORKERS", help="Processes sharing the port")] = 1,
     poll_interval: Annotated[float, typer.Option(envvar="FORWARDPASS_POLL_INTERVAL", help="Seconds between "
                                                  "repository scans (0: no hot reload)")] = 2.0,  # fmt: skip
@@ -126,7 +127,9 @@ def serve(
 
     if repository is not None and repository_option is not None and repository != repository_option:
         raise ForwardpassError(f"two repositories given ({repository} and --repository {repository_option}); pass one")
-    repo = repository or repository_option or _demo_repository()
+    # FORWARDPASS_REPOSITORY (a container image's default) yields to a repository given on the command line
+    from_env = os.environ.get("FORWARDPASS_REPOSITORY")
+    repo = repository or repository_option or (Path(from_env) if from_env else None) or _demo_repository()
     try:
         config = ServeConfig.from_env(repository=repo, host=host, port=port, workers=workers,
                                       poll_interval=poll_interval, http=http, api_key=api_key,

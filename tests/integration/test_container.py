@@ -47,7 +47,7 @@ def test_the_image_runs_unprivileged_with_the_demo_built_in_and_a_volume_for_the
     assert any("/models" in v for v in _instruction(final, "VOLUME"))
     env = " ".join(_instruction(final, "ENV"))
     assert "FORWARDPASS_REPOSITORY=/models" in env and "FORWARDPASS_HOST=0.0.0.0" in env
-    assert json.loads(_instruction(final, "CMD")[0]) == ["forwardpass", "serve"]
+    assert json.loads(_instruction(final, "CMD")[0]) == ["forwardpass", "serve", "--port", "8000"]
 
 
 def test_the_images_command_and_health_check_work_as_its_settings_say(demo_repo, tmp_path):
@@ -58,10 +58,12 @@ def test_the_images_command_and_health_check_work_as_its_settings_say(demo_repo,
     command = json.loads(health.strip())
     port = free_port()
     env = {**os.environ, "FORWARDPASS_HOME": str(tmp_path / "home"), "FORWARDPASS_HOST": "127.0.0.1",
-           "FORWARDPASS_PORT": str(port), "FORWARDPASS_POLL_INTERVAL": "0",
+           "FORWARDPASS_POLL_INTERVAL": "0", "FORWARDPASS_PORT": "tcp://10.0.0.1:8000",  # Kubernetes' link: ignored
            "FORWARDPASS_REPOSITORY": str(copy_models(demo_repo, tmp_path / "models", "iris", "digits"))}  # fmt: skip
-    server = subprocess.Popen([sys.executable, "-m", "forwardpass", "serve"], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE)  # fmt: skip
+    command_line = json.loads(_instruction(final, "CMD")[0])
+    assert command_line[-2:] == ["--port", "8000"]
+    server = subprocess.Popen([sys.executable, "-m", *command_line[:-1], str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     try:
         check = [sys.executable if command[0] == "python" else command[0], *command[1:]]
         check[-1] = check[-1].replace("8000", str(port))

@@ -60,7 +60,7 @@ class ServeConfig(BaseModel):
         values: dict[str, object] = {}
         for name in cls.model_fields:
             env = os.environ.get(f"FORWARDPASS_{name.upper()}")
-            if env is not None:
+            if env is not None and not env.startswith("tcp://"):  # Kubernetes' service links, not our settings
                 values[name] = env
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls.model_validate(values)

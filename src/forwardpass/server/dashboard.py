@@ -29,9 +29,12 @@ _POLICY = (b"default-src 'self'; img-src 'self' data: blob:; media-src 'self' bl
 
 
 def wants_page(request: Request) -> bool:
-    """A browser asking for a page (curl and API clients ask for */* or JSON, and get JSON)."""
+    """A browser navigating to a page; curl and API clients (*/*, JSON, or a list with text/html somewhere in
+    it, as Java's default) get the JSON they always got."""
+    if request.header(b"sec-fetch-dest") == "document":  # every current browser says so when it navigates
+        return True
     accept = request.header(b"accept") or ""
-    return "text/html" in accept
+    return accept.startswith("text/html") and "application/json" not in accept
 
 
 def _read(name: str) -> bytes:
@@ -46,12 +49,16 @@ class Dashboard:
 
     async def page(self, request: Request) -> Response:
         return Response(200, _read("index.html"), ASSETS["index.html"],
-                        [(b"content-security-policy", _POLICY), (b"cache-control", b"no-cache")])  # fmt: skip
+                        [(b"content-security-policy", _POLICY), (b"cache-control", b"no-cache"), (b"vary", b"accept"),
+                         (b"x-content-type-options", b"nosniff")])  # fmt: skip
 
     async def asset(self, request: Request, name: str) -> Response:
+        if name == "index.html":
+            return await self.page(request)
         if name not in ASSETS:
             raise ModelNotFound(f"/ui/{name[:60]}: no such file; the dashboard is at /ui/")
-        return Response(200, _read(name), ASSETS[name], [(b"cache-control", b"no-cache")])
+        return Response(200, _read(name), ASSETS[name], [(b"cache-control", b"no-cache"),
+                                                         (b"x-content-type-options", b"nosniff")])  # fmt: skip
 
     async def models(self, request: Request) -> Response:
         """Every model on disk with its state, and for served ones what the page needs to try it."""

@@ -25,7 +25,11 @@ def routes(h: Handlers, o: OpenAIHandlers, x: OpenAIExtras, r: ResponsesHandlers
     home = keys.guard(h.home, INFER)
 
     async def root(request: Request) -> Response:  # a browser gets the dashboard, an API client the JSON
-        return await (d.page(request) if wants_page(request) else home(request))
+        if wants_page(request):
+            return await d.page(request)
+        response: Response = await home(request)
+        response.headers.append((b"vary", b"accept"))
+        return response
 
     v2: list[Route] = [
         ("POST", "/v2/models/{model}/infer", h.infer, INFER),

@@ -9,6 +9,8 @@ const main = $("#main");
 const status = $("#status");
 let models = [];
 let leaving = () => {}; // the current page's clean-up (timers, a stream in flight)
+let visit = 0; // which navigation is current: a page whose awaits end after the next one began draws nothing
+const gone = (mine) => mine !== visit;
 
 // -- the API -----------------------------------------------------------------------------------------
 
@@ -34,6 +36,7 @@ async function api(path, body, options = {}) {
 }
 
 function say(message, error = false) {
+  status.setAttribute("role", error ? "alert" : "status");
   status.textContent = message;
   status.classList.toggle("error", error);
   if (!error) setTimeout(() => { if (status.textContent === message) status.textContent = ""; }, 4000);
@@ -71,16 +74,18 @@ function bars(rows) { // [[label, share 0..1, text]]
 async function route() {
   leaving();
   leaving = () => {};
+  const mine = ++visit;
   const path = location.hash.replace(/^#/, "") || "/";
   for (const link of document.querySelectorAll("nav a")) {
     const current = (link.dataset.nav === "metrics") === path.startsWith("/metrics");
     if (current) link.setAttribute("aria-current", "page"); else link.removeAttribute("aria-current");
   }
   try {
-    if (path.startsWith("/model/")) await modelPage(decodeURIComponent(path.slice(7)));
-    else if (path.startsWith("/metrics")) metricsPage();
-    else await modelsPage();
+    if (path.startsWith("/model/")) await modelPage(decodeURIComponent(path.slice(7)), mine);
+    else if (path.startsWith("/metrics")) metricsPage(mine);
+    else await modelsPage(mine);
   } catch (error) {
+    if (gone(mine)) return;
     main.replaceChildren(el("h1", {}, "Could not load this page"), el("p", { class: "error" }, error.message),
       el("p", { class: "muted" }, "A server that requires a key needs it above."));
   }
@@ -91,15 +96,17 @@ async function loadModels() {
   return models;
 }
 
-async function modelsPage() {
+async function modelsPage(mine) {
   await loadModels();
+  if (gone(mine)) return;
   const rows = models.map((m) => {
     const states = m.versions.map((v) => el("div", {}, `v${v.version} `, badge(v.state),
       v.reason ? el("div", { class: "muted" }, v.reason) : null));
     const scores = Object.entries(m.metrics || {}).filter(([k]) => k !== "eval_rows")
       .map(([k, v]) => `${k} ${number(v)}`).join(", ");
+    const size = m.image && m.image.size;
     const inputs = m.kind === "tabular" ? `${m.features.length} features` : m.kind === "image" ?
-      `image${m.image && m.image.size ? ` ${m.image.size.join("x")}` : ""}` : m.kind;
+      `image${size ? ` ${Array.isArray(size) ? size.join("x") : size}` : ""}` : m.kind;
     return el("tr", {},
       el("td", {}, el("a", { href: `#/model/${encodeURIComponent(m.name)}` }, m.name)),
       el("td", {}, states), el("td", {}, m.task || "-"), el("td", {}, inputs),
@@ -111,8 +118,9 @@ async function modelsPage() {
         el("th", { scope: "col" }, h)))), el("tbody", {}, rows))));
 }
 
-async function modelPage(name) {
+async function modelPage(name, mine) {
   if (!models.length) await loadModels();
+  if (gone(mine)) return;
   const model = models.find((m) => m.name === name);
   if (!model) throw new Error(`no model named '${name}'`);
   const scores = Object.entries(model.metrics || {}).filter(([k]) => k !== "eval_rows")
@@ -123,13 +131,15 @@ async function modelPage(name) {
     audio: audioTry, stream: audioTry }[model.kind];
   const panel = el("section", { class: "card", "aria-label": "Try it" });
   main.replaceChildren(...head.filter(Boolean), panel);
-  if (body) body(model, panel);
+  if (model.error) panel.append(el("p", { class: "error" }, model.error));
+  else if (body) body(model, panel);
   else panel.append(el("p", {}, `This model takes tensors (${model.kind}); try it with V2 at `,
     el("code", {}, `/v2/models/${model.name}/infer`), "."));
   if (model.drift) {
     const drift = el("section", { class: "card" }, el("h2", {}, "Drift"), el("p", { class: "muted" }, "Loading..."));
     main.append(drift);
     api(`/v2/models/${encodeURIComponent(name)}/drift`).then((report) => {
+      if (gone(mine)) return;
       const features = (report.features || []).map((f) => [f.name, Math.min(1, (f.psi || 0) / 0.5),
         `${number(f.psi)}`]);
       drift.replaceChildren(el("h2", {}, "Drift ", badge(report.status)),
@@ -189,13 +199,8 @@ function imageTry(model, panel) {
   predictFile.addEventListener("click", async () => {
     const file = upload.files[0];
     if (!file) { say("Choose an image file first", true); return; }
-    const b64 = await new Promise((resolve, reject) => {
-      const reader = new FileReader();
-      reader.onload = () => resolve(String(reader.result).split(",")[1]);
-      reader.onerror = () => reject(reader.error);
-      reader.readAsDataURL(file);
-    });
-    predict(model, [{ b64 }], out, predictFile);
+    try { predict(model, [{ b64: await base64(file) }], out, predictFile); }
+    catch (error) { out.replaceChildren(el("p", { class: "error" }, `${file.name}: ${error.message}`)); }
   });
   // a drawing: white ink on black, as the digits model reads; mouse, pen or touch
   const canvas = el("canvas", { class: "draw", width: 192, height: 192, "aria-label": "Drawing area: draw with a " +
@@ -223,6 +228,15 @@ function imageTry(model, panel) {
     el("p", { class: "muted" }, "Or draw one:"), canvas,
     el("div", { class: "row" }, predictDrawing, el("button", { type: "button", class: "plain", onclick: clear }, "Clear")),
     out);
+}
+
+function base64(file) { // a file's bytes as base64 (a data URL's tail: no size limit of String.fromCharCode)
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(String(reader.result).split(",")[1] || "");
+    reader.onerror = () => reject(reader.error || new Error("the file could not be read"));
+    reader.readAsDataURL(file);
+  });
 }
 
 function textTry(model, panel) {
@@ -278,6 +292,7 @@ function chatTry(model, panel) {
     for (const input of settings.querySelectorAll("input")) if (input.value !== "") body[input.name] = Number(input.value);
     controller = new AbortController();
     send.disabled = true; stop.disabled = false;
+    log.setAttribute("aria-busy", "true"); // read the reply once it is whole, not token by token
     const start = performance.now();
     let first = null, chunks = 0, usage = null, text = "";
     try {
@@ -325,6 +340,7 @@ function chatTry(model, panel) {
       messages.pop();
     } finally {
       send.disabled = false; stop.disabled = true; controller = null;
+      log.removeAttribute("aria-busy");
     }
   } }, prompt, el("div", { class: "row" }, send, stop), settings);
   panel.append(el("h2", {}, "Chat"), log, form, info);
@@ -337,13 +353,11 @@ function audioTry(model, panel) {
   button.addEventListener("click", async () => {
     const file = upload.files[0];
     if (!file) { say("Choose a WAV file first", true); return; }
-    if (model.kind !== "stream") {
-      const b64 = await file.arrayBuffer().then((b) => btoa(String.fromCharCode(...new Uint8Array(b))));
-      predict(model, [{ b64 }], out, button);
-      return;
-    }
     button.disabled = true;
-    try { await streamAudio(model, await file.arrayBuffer(), out); }
+    try {
+      if (model.kind !== "stream") await predict(model, [{ b64: await base64(file) }], out, button);
+      else await streamAudio(model, await file.arrayBuffer(), out);
+    }
     catch (error) { out.replaceChildren(el("p", { class: "error" }, error.message)); }
     finally { button.disabled = false; }
   });
@@ -362,16 +376,31 @@ async function streamAudio(model, bytes, out) {
   const frames = Math.floor(samples.length / 512);
   const url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/v2/models/${encodeURIComponent(model.name)}/stream`;
   const socket = new WebSocket(url);
+  const closeIt = leaving;
+  leaving = () => { socket.close(); closeIt(); };
+  let found;
+  try { found = await exchange(socket, samples, frames); }
+  finally { socket.onclose = null; socket.close(); }
+  const { probabilities, events } = found;
+  const chart = el("canvas", { class: "chart", "aria-label": "Speech probability per 32 ms window" });
+  out.replaceChildren(el("p", {}, `${frames} windows of 32 ms; ${events.length} speech events`), chart,
+    el("pre", {}, events.map((e) => `${e.event} at ${number(e.time)} s`).join("\n")));
+  drawChart(chart, [{ name: "speech", values: probabilities }], 1);
+}
+
+function exchange(socket, samples, frames) { // every frame sent, every answer read: {probabilities, events}
   const probabilities = [];
   const events = [];
-  await new Promise((resolve, reject) => {
-    socket.onerror = () => reject(new Error("the stream could not be opened"));
+  return new Promise((resolve, reject) => {
+    socket.onerror = () => reject(new Error("the stream failed (a server that requires keys takes streams from " +
+      "clients that can send them: a browser cannot)"));
+    socket.onclose = (event) => reject(new Error(`the stream closed (${event.code}${event.reason ? `: ${event.reason}` : ""})`));
     socket.onopen = () => {
       for (let i = 0; i < frames; i++) {
         const data = Array.from(samples.subarray(i * 512, (i + 1) * 512));
         socket.send(JSON.stringify({ inputs: [{ name: "input", datatype: "FP32", shape: [1, 512], data }] }));
       }
-      if (!frames) resolve();
+      if (!frames) resolve({ probabilities, events });
     };
     socket.onmessage = (message) => {
       const doc = JSON.parse(message.data);
@@ -380,14 +409,9 @@ async function streamAudio(model, bytes, out) {
         if (output.datatype === "FP32") probabilities.push(output.data[0]);
         if (output.datatype === "BYTES") for (const e of output.data) events.push(typeof e === "string" ? JSON.parse(e) : e);
       }
-      if (probabilities.length >= frames) resolve();
+      if (probabilities.length >= frames) resolve({ probabilities, events });
     };
   });
-  socket.close();
-  const chart = el("canvas", { class: "chart", "aria-label": "Speech probability per 32 ms window" });
-  out.replaceChildren(el("p", {}, `${frames} windows of 32 ms; ${events.length} speech events`), chart,
-    el("pre", {}, events.map((e) => `${e.event} at ${number(e.time)} s`).join("\n")));
-  drawChart(chart, [{ name: "speech", values: probabilities }], 1);
 }
 
 // -- metrics -------------------------------------------------------------------------------------------
@@ -465,9 +489,11 @@ function drawChart(canvas, series, fixedMax = null) {
   });
 }
 
+const ms = (seconds) => (seconds === null ? null : seconds * 1000);
+
 const CHARTS = [
   ["requests", "Requests / s", (d) => ({ all: d.rate("forwardpass_requests_total") })],
-  ["latency", "Latency, ms (p50, p99)", (d) => ({ p50: d.quantile(0.5) * 1000, p99: d.quantile(0.99) * 1000 })],
+  ["latency", "Latency, ms (p50, p99)", (d) => ({ p50: ms(d.quantile(0.5)), p99: ms(d.quantile(0.99)) })],
   ["batch", "Rows per batch", (d) => ({ mean: d.ratio("forwardpass_batch_size_sum", "forwardpass_batch_size_count") })],
   ["cache", "Cache hit rate, %", (d) => ({ hits: d.share("forwardpass_cache_hits_total", "forwardpass_cache_misses_total") })],
   ["tokens", "Tokens / s generated", (d) => ({ all: d.gauge("forwardpass_generation_tokens_per_second") })],
@@ -476,7 +502,7 @@ const CHARTS = [
   ["drift", "Drift: largest PSI per model", (d) => d.driftByModel()],
 ];
 
-function metricsPage() {
+function metricsPage(mine) {
   const POINTS = 60, EVERY = 2000;
   const history = Object.fromEntries(CHARTS.map(([id]) => [id, {}]));
   const cards = CHARTS.map(([id, title]) => el("section", { class: "card" },
@@ -486,7 +512,7 @@ function metricsPage() {
   const usage = el("section", { class: "card", id: "usage" }, el("h2", {}, "Usage per key (this month)"),
     el("p", { class: "muted" }, "Loading..."));
   main.replaceChildren(el("h1", {}, "Metrics"), el("p", { class: "muted" }, `From /metrics every ${EVERY / 1000} s; ` +
-    "the charts keep the last two minutes."), el("div", { class: "grid" }, cards), usage);
+    "the charts keep the last two minutes. With several workers, each scrape is one worker's."), el("div", { class: "grid" }, cards), usage);
   let before = null, beforeAt = 0, polls = 0;
 
   async function poll() {
@@ -495,15 +521,20 @@ function metricsPage() {
       const response = await fetch("/metrics", { headers: headers() });
       if (!response.ok) throw new Error(`/metrics: ${response.status}`);
       samples = parseMetrics(await response.text());
-    } catch (error) { say(error.message, true); return; }
+    } catch (error) { if (!gone(mine)) say(error.message, true); return; }
+    if (gone(mine)) return;
     const at = performance.now();
     const seconds = before ? (at - beforeAt) / 1000 : 0;
-    const delta = (name) => before ? sum(samples, name) - sum(before, name) : null;
+    const delta = (name) => { // a counter that went back (a restart, another worker answered): no value
+      if (!before) return null;
+      const d = sum(samples, name) - sum(before, name);
+      return d < 0 ? null : d;
+    };
     const view = {
-      rate: (name) => (seconds > 0 ? delta(name) / seconds : null),
+      rate: (name) => { const d = delta(name); return seconds > 0 && d !== null ? d / seconds : null; },
       gauge: (name) => sum(samples, name),
-      ratio: (a, b) => { const n = delta(b); return n ? delta(a) / n : null; },
-      share: (a, b) => { const x = delta(a), y = delta(b); return x + y > 0 ? (100 * x) / (x + y) : null; },
+      ratio: (a, b) => { const n = delta(b), x = delta(a); return n && x !== null ? x / n : null; },
+      share: (a, b) => { const x = delta(a), y = delta(b); return x !== null && y !== null && x + y > 0 ? (100 * x) / (x + y) : null; },
       quantile: (q) => before ? quantile(buckets(samples, "forwardpass_request_duration_seconds_bucket"),
         buckets(before, "forwardpass_request_duration_seconds_bucket"), q) : null,
       driftByModel: () => {
