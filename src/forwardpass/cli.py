@@ -115,6 +115,9 @@ def serve(
                                                   "'anonymous')")] = False,  # fmt: skip
     state_dir: Annotated[Path | None, typer.Option(help="Usage (usage.sqlite) and shared rate limits [default: "
                                                    "$FORWARDPASS_HOME/state]")] = None,  # fmt: skip
+    ray: Annotated[bool, typer.Option("--ray", help="Serve on Ray Serve: a deployment per model, scaled as its "
+                                      "model.yaml's scale: section says (a local Ray cluster by default)")] = False,
+    ray_address: Annotated[str | None, typer.Option(help="With --ray: an existing Ray cluster's address")] = None,
 ) -> None:
     """Serve a model repository over HTTP: Open Inference Protocol V2, the OpenAI-compatible API for language
     models (/v1/chat/completions, /v1/completions), /v1 predict, /metrics.
@@ -140,6 +143,11 @@ def serve(
     except ValueError as exc:  # pydantic's ValidationError: a bad option value or FORWARDPASS_* variable
         raise ForwardpassError(_settings_error(exc)) from None
     Keys.from_config(config)  # unreadable key, keys.yaml or tiers.yaml files fail here, with one line
+    if ray or ray_address:
+        from forwardpass.server import ray_serve
+
+        ray_serve.run(config, ray_address)
+        return
     try:
         run_server(config, log_level)
     except OSError as exc:

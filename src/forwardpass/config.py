@@ -218,6 +218,23 @@ class PredictionLog(_Strict):
     flush_seconds: float = Field(10.0, gt=0)  # ... or when the oldest waiting row is this old
 
 
+class Scale(_Strict):
+    """Replicas on Ray Serve (forwardpass serve --ray; server/ray_serve.py): autoscaled between the bounds on
+    the requests each replica has in flight."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(8, gt=0)
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Scale:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is more than max_replicas ({self.max_replicas})")
+        return self
+
+
 class Threads(_Strict):
     """ONNX Runtime thread pools; 'auto' picks intra-op threads from the model's measured cost."""
 
@@ -366,6 +383,7 @@ class ModelConfig(_Strict):
     cache: Cache = Cache()
     drift: Drift = Drift()
     prediction_log: PredictionLog = PredictionLog()
+    scale: Scale = Scale()  # replicas on Ray Serve
     threads: Threads = Threads()
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"], min_length=1)
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"

@@ -23,7 +23,8 @@ class Server:
     """A running `forwardpass serve` process."""
 
     def __init__(
-        self, repository: Path, env: dict[str, str] | None = None, poll_interval: float = 0.0, args: tuple[str, ...] = ()
+        self, repository: Path, env: dict[str, str] | None = None, poll_interval: float = 0.0, args: tuple[str, ...] = (),
+        ready_timeout: float = 30.0,
     ):
         self.repository = repository
         self.port = free_port()
@@ -33,7 +34,7 @@ class Server:
                "--poll-interval", str(poll_interval), "--log-level", "warning", *args]  # fmt: skip
         self.proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=self.log.open("wb"),
                                      stderr=subprocess.STDOUT)  # fmt: skip
-        self.wait_ready()
+        self.wait_ready(ready_timeout)
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout

