@@ -77,6 +77,14 @@ def test_v2_and_predict_are_answered_by_two_replicas(ray_server):
     assert len(replicas) == 2, replicas
     missing = _post(ray_server, "/v2/models/nope/infer", v2)
     assert missing.status_code == 404 and "nope" in missing.text  # the ingress's own answer, in V2's shape
+    # the dashboard's listing and OpenAI's, gathered from every deployment (each loads its own model only)
+    models = {m["name"]: m for m in httpx.get(ray_server.url + "/ui/api/models", timeout=60).json()["models"]}
+    assert models["iris"]["kind"] == "tabular" and models["iris"]["versions"][0]["state"] == "READY"
+    assert models["smollm2"]["kind"] == "generation" and models["digits"]["kind"] == "image"
+    listed = [m["id"] for m in httpx.get(ray_server.url + "/v1/models", timeout=60).json()["data"]]
+    assert "smollm2" in listed
+    page = httpx.get(ray_server.url + "/", headers={"accept": "text/html"})
+    assert page.status_code == 200 and "/ui/app.js" in page.text
 
 
 def test_a_streamed_chat_goes_through_and_a_session_stays_on_its_replica(ray_server):

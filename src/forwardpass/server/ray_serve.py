@@ -162,6 +162,8 @@ class Ingress:
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()]
         message = {"method": request.method, "path": path, "query": request.url.query.encode("latin-1"),
                    "headers": headers, "body": body}  # fmt: skip
+        if request.method == "GET" and path in _GATHERED:  # a listing of every model: each deployment's own part
+            return await self._gather(path, message)
         model, streamed = model_of(path, body)
         handle = self.handles.get(model) if model is not None else None
         if handle is None:  # no model, or one not in the repository: this app's own answer (a 404 names it)
@@ -174,6 +176,30 @@ class Ingress:
             parts = handle.options(stream=True, multiplexed_model_id=session, method_name="stream").remote(message)
         start = await parts.__anext__()
         return _starlette(start, _bytes(parts))
+
+
+    async def _gather(self, path: str, message: dict[str, Any]) -> Any:
+        """/ui/api/models and /v1/models over every deployment: each describes its own model (it loads no other)."""
+        from starlette.responses import Response
+
+        names = list(self.handles)
+        answers = await asyncio.gather(*(self.handles[n].remote(message) for n in names), return_exceptions=True)
+        local = [part async for part in _local(self.app, message)]
+        doc = orjson.loads(local[1])
+        if path == "/v1/models":
+            listed = [m for a in answers if isinstance(a, dict) and a["status"] == 200
+                      for m in orjson.loads(a["body"])["data"]]  # fmt: skip
+            doc["data"] = sorted({m["id"]: m for m in listed}.values(), key=lambda m: m["id"])
+        else:
+            own = {}
+            for name, answer in zip(names, answers):
+                if isinstance(answer, dict) and answer["status"] == 200:
+                    own.update({m["name"]: m for m in orjson.loads(answer["body"])["models"] if m["name"] == name})
+            doc["models"] = [own.get(m["name"], m) for m in doc["models"]]
+        return Response(orjson.dumps(doc), media_type="application/json")
+
+
+_GATHERED = {"/ui/api/models", "/v1/models"}
 
 
 def _starlette(head: dict[str, Any], body: Any) -> Any:
