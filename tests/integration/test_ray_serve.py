@@ -83,6 +83,10 @@ def test_v2_and_predict_are_answered_by_two_replicas(ray_server):
     assert models["smollm2"]["kind"] == "generation" and models["digits"]["kind"] == "image"
     listed = [m["id"] for m in httpx.get(ray_server.url + "/v1/models", timeout=60).json()["data"]]
     assert "smollm2" in listed
+    metrics = httpx.get(ray_server.url + "/metrics", timeout=60).text  # every deployment's, as one exposition
+    assert 'forwardpass_requests_total{model="iris",status="200",version="1"}' in metrics
+    types = [line for line in metrics.splitlines() if line.startswith("# TYPE")]
+    assert len(types) == len(set(types))  # one family each, whatever the number of deployments
     page = httpx.get(ray_server.url + "/", headers={"accept": "text/html"})
     assert page.status_code == 200 and "/ui/app.js" in page.text
 

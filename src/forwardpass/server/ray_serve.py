@@ -185,6 +185,9 @@ class Ingress:
         names = list(self.handles)
         answers = await asyncio.gather(*(self.handles[n].remote(message) for n in names), return_exceptions=True)
         local = [part async for part in _local(self.app, message)]
+        if path == "/metrics":  # each deployment's (one replica's) metrics, one exposition
+            texts = [a["body"] for a in answers if isinstance(a, dict) and a["status"] == 200]
+            return Response(merge_metrics([local[1], *texts]), media_type="text/plain; version=0.0.4; charset=utf-8")
         doc = orjson.loads(local[1])
         if path == "/v1/models":
             listed = [m for a in answers if isinstance(a, dict) and a["status"] == 200
@@ -199,7 +202,34 @@ class Ingress:
         return Response(orjson.dumps(doc), media_type="application/json")
 
 
-_GATHERED = {"/ui/api/models", "/v1/models"}
+_GATHERED = {"/ui/api/models", "/v1/models", "/metrics"}
+
+
+def merge_metrics(texts: list[bytes]) -> bytes:
+    """Prometheus expositions of several processes as one: samples with the same labels are summed (counts
+    and gauges of the process, such as requests in flight), others kept side by side (each model's own)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import Metric
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families: dict[str, Metric] = {}
+    sums: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text.decode()):
+            families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+            for sample in family.samples:
+                key = (family.name, sample.name, tuple(sorted(sample.labels.items())))
+                sums[key] = sums.get(key, 0.0) + sample.value
+    for (family_name, sample_name, labels), value in sums.items():
+        families[family_name].add_sample(sample_name, dict(labels), value)
+
+    class Merged:
+        def collect(self) -> list[Metric]:
+            return list(families.values())
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Merged())
+    return bytes(generate_latest(registry))
 
 
 def _starlette(head: dict[str, Any], body: Any) -> Any:
