@@ -85,7 +85,7 @@ class Dashboard:
         inputs = model.inputs
         features = [f.name for f in (inputs[0].features or [])] if len(inputs) == 1 else []
         pre = model.pre_kind
-        kind = {"tabular": "tabular", "image": "image", "text": "text", "audio": "audio"}.get(pre, "tensor")
+        kind = pre if pre in ("tabular", "image", "text", "audio") else "tensor"
         if served.sequences is not None:
             kind = "stream"  # a stateful model: served by /v2/models/{m}/stream and forwardpass stream
         if kind == "tensor" and config.task == "embedding":

@@ -27,7 +27,7 @@ import os
 import re
 import signal
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import orjson
@@ -93,42 +93,25 @@ class ModelReplica:
         loader in _replica_class)."""
         return session
 
-    async def _dispatch(self, request: dict[str, Any]) -> Any:
+    async def _parts(self, request: dict[str, Any]) -> AsyncIterator[Any]:
         from ray import serve
 
         await self._ready()
         session = serve.get_multiplexed_model_id()
         if session:
             await self.remember(session)
-        scope = {"type": "http", "method": request["method"], "path": request["path"],
-                 "query_string": request["query"], "headers": request["headers"]}  # fmt: skip
-        return await self.app.dispatch(scope, None, request["body"])
-
-    def _head(self, response: Any) -> dict[str, Any]:
-        headers = response.asgi_headers() + [(b"x-forwardpass-replica", str(os.getpid()).encode())]
-        return {"status": response.status, "headers": headers}
+        async for part in _parts(self.app, request, [(b"x-forwardpass-replica", str(os.getpid()).encode())]):
+            yield part
 
     async def __call__(self, request: dict[str, Any]) -> dict[str, Any]:
         """The whole answer to one HTTP request: {status, headers, body} (one Ray call: the cheap path)."""
-        from forwardpass.server.http import StreamingResponse
-
-        response = await self._dispatch(request)
-        if isinstance(response, StreamingResponse):  # asked whole, answered streamed: gathered here
-            body = b"".join([chunk async for chunk in response.chunks])
-            return {**self._head(response), "body": body}
-        return {**self._head(response), "body": response.body}
+        parts = [part async for part in self._parts(request)]  # a streamed answer asked for whole: gathered
+        return {**parts[0], "body": b"".join(parts[1:])}
 
     async def stream(self, request: dict[str, Any]) -> AsyncIterator[Any]:
         """A streamed answer (server-sent events): first {status, headers}, then the body, a piece at a time."""
-        from forwardpass.server.http import StreamingResponse
-
-        response = await self._dispatch(request)
-        yield self._head(response)
-        if isinstance(response, StreamingResponse):
-            async for chunk in response.chunks:
-                yield chunk
-        else:
-            yield response.body
+        async for part in self._parts(request):
+            yield part
 
     def check_health(self) -> None:
         if self._started is not None and self._started.done() and self._started.exception() is not None:
@@ -167,7 +150,7 @@ class Ingress:
         model, streamed = model_of(path, body)
         handle = self.handles.get(model) if model is not None else None
         if handle is None:  # no model, or one not in the repository: this app's own answer (a 404 names it)
-            parts: AsyncIterator[Any] = _local(self.app, message)
+            parts: AsyncIterator[Any] = _parts(self.app, message)
         else:
             session = request.headers.get(SESSION, "")[:200]
             if not streamed:
@@ -184,7 +167,7 @@ class Ingress:
 
         names = list(self.handles)
         answers = await asyncio.gather(*(self.handles[n].remote(message) for n in names), return_exceptions=True)
-        local = [part async for part in _local(self.app, message)]
+        local = [part async for part in _parts(self.app, message)]
         if path == "/metrics":  # each deployment's (one replica's) metrics, one exposition
             texts = [a["body"] for a in answers if isinstance(a, dict) and a["status"] == 200]
             return Response(merge_metrics([local[1], *texts]), media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -249,13 +232,14 @@ async def _bytes(parts: AsyncIterator[Any]) -> AsyncIterator[bytes]:
         yield part
 
 
-async def _local(app: Any, message: dict[str, Any]) -> AsyncIterator[Any]:
+async def _parts(app: Any, message: dict[str, Any], extra: Sequence[tuple[bytes, bytes]] = ()) -> AsyncIterator[Any]:
+    """An HTTP request (as the ingress hands it over) through ``app``: {status, headers}, then the body's pieces."""
     from forwardpass.server.http import StreamingResponse
 
     scope = {"type": "http", "method": message["method"], "path": message["path"], "query_string": message["query"],
              "headers": message["headers"]}  # fmt: skip
     response = await app.dispatch(scope, None, message["body"])
-    yield {"status": response.status, "headers": response.asgi_headers()}
+    yield {"status": response.status, "headers": response.asgi_headers() + list(extra)}
     if isinstance(response, StreamingResponse):
         async for chunk in response.chunks:
             yield chunk
