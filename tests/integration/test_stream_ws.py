@@ -73,6 +73,12 @@ class Uvicorn:
         self.server.should_exit = True
         self.thread.join(30)
 
+    def __enter__(self) -> Uvicorn:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 @pytest.fixture(params=["own", "uvicorn"])
 def server(request, repo) -> Iterator[tuple[str, Path]]:
@@ -200,6 +206,23 @@ def test_streams_need_the_api_key_as_every_inference_route(repo, tmp_path):
         assert refused.value.response.status_code == 401
         with connect(f"ws://127.0.0.1:{own.port}/v2/models/echo/stream",
                      additional_headers={"Authorization": "Bearer s3cret"}) as ws:  # fmt: skip
+            ws.send(frame(1))
+            assert output(ws.recv(timeout=10), "output") == [2.0] * 4
+
+
+@pytest.mark.parametrize("stack", ["own", "uvicorn"])
+def test_a_browser_sends_its_key_as_a_subprotocol_and_gets_ours_back(repo, tmp_path, stack):
+    """A browser's WebSocket can send no header: the dashboard offers ["forwardpass", "bearer.<key>"]."""
+    key = tmp_path / "key"
+    key.write_text("s3cret\n")
+    config = ServeConfig(repository=repo, poll_interval=0, api_key_file=key)
+    with SocketServer(config) if stack == "own" else Uvicorn(config) as own:
+        url = f"ws://127.0.0.1:{own.port}/v2/models/echo/stream"
+        with pytest.raises(InvalidStatus) as refused:
+            connect(url, subprotocols=["forwardpass", "bearer.wrong"])
+        assert refused.value.response.status_code == (401 if stack == "own" else 403)  # ASGI's refusal is a 403
+        with connect(url, subprotocols=["forwardpass", "bearer.s3cret"]) as ws:
+            assert ws.subprotocol == "forwardpass"  # the key is never echoed back
             ws.send(frame(1))
             assert output(ws.recv(timeout=10), "output") == [2.0] * 4
 

@@ -83,7 +83,7 @@ class App:
         except ForwardpassError as exc:
             await send({"type": "websocket.close", "code": stream.POLICY, "reason": stream._reason(exc.message)})
             return
-        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.accept", "subprotocol": stream.subprotocol(scope.get("subprotocols", []))})
         await stream.serve_stream(self.engine, model, version, _AsgiChannel(receive, send), drop,
                                   self.config.max_elements)  # fmt: skip
 

@@ -13,7 +13,8 @@ than loopback:
                                               (the ``anonymous`` tier)
     ADMIN    /v2/repository/*                 an admin key once any is set (403 for an inference key)
 
-Keys come in ``Authorization: Bearer <key>`` or ``x-api-key: <key>``; the server keeps only their
+Keys come in ``Authorization: Bearer <key>`` or ``x-api-key: <key>`` (or, from a browser's WebSocket, which
+can send no header, as the subprotocol ``bearer.<key>``); the server keeps only their
 SHA-256 digests, so comparing them leaks nothing about a key's prefix.
 
     keys = Keys.from_config(config, tenancy)
@@ -156,4 +157,12 @@ def _presented_key(request: Request) -> str | None:
     given = request.header(b"authorization")
     if given is not None and given[:7].lower() == "bearer ":
         return given[7:].strip() or None
-    return request.header(b"x-api-key") or None
+    key = request.header(b"x-api-key")
+    if key:
+        return key
+    offered = request.header(b"sec-websocket-protocol")  # a browser's WebSocket: server/stream.py's SUBPROTOCOL
+    if offered:
+        for protocol in offered.split(","):
+            if protocol.strip().startswith("bearer."):
+                return protocol.strip()[7:] or None
+    return None

@@ -23,6 +23,7 @@ import asyncio
 import logging
 import socket
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import unquote
 
@@ -319,8 +320,13 @@ class HttpProtocol(asyncio.Protocol):
             return
         from websockets.http11 import Request as Handshake
         from websockets.server import ServerProtocol
+        from websockets.typing import Subprotocol
 
-        ws = ServerProtocol(max_size=self.state.max_body_bytes)
+        def select(_: ServerProtocol, offered: Sequence[Subprotocol]) -> Subprotocol | None:
+            chosen = stream.subprotocol(offered)
+            return None if chosen is None else Subprotocol(chosen)
+
+        ws = ServerProtocol(max_size=self.state.max_body_bytes, select_subprotocol=select)
         # websockets parses the handshake itself: the request as it came (httptools has read it already)
         ws.receive_data(b"GET " + scope["url"] + b" HTTP/1.1\r\n"
                         + b"".join(n + b": " + v + b"\r\n" for n, v in scope["headers"]) + b"\r\n")  # fmt: skip

@@ -14,6 +14,9 @@ Back-pressure: at most ``max_pending`` frames wait per connection; past that the
 reading (``drop=none``, the default), or with ``drop=oldest`` only the newest waiting frame is kept and
 its answer says how many were skipped (``parameters.skipped``): a video feed wants the newest frame.
 
+A client that cannot send headers (a browser) sends its key as a subprotocol, ``bearer.<key>``, beside
+``forwardpass`` (see SUBPROTOCOL).
+
 Close codes: 1007 (with the reason) for a frame that is not a V2 request, 1008 for a refused key or
 an unknown model, 1011 for a server failure; a frame the model refuses (InvalidInput) is answered with
 an error message in its place and the stream goes on.
@@ -43,6 +46,14 @@ log = logging.getLogger("forwardpass.server")
 PATH = re.compile(r"/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[0-9]+))?/stream")
 MAX_PENDING = 32  # frames waiting per connection before it stops reading (or drops, with drop=oldest)
 INVALID_DATA, POLICY, INTERNAL = 1007, 1008, 1011  # RFC 6455 close codes
+# A browser's WebSocket cannot send headers, only subprotocols: it offers ["forwardpass", "bearer.<key>"] and
+# the server checks the key as if it came in Authorization, and answers with the "forwardpass" subprotocol.
+SUBPROTOCOL, KEY_PREFIX = "forwardpass", "bearer."
+
+
+def subprotocol(offered: Any) -> str | None:
+    """The subprotocol to accept among those a client offered: ours, or none (a client that offered none)."""
+    return SUBPROTOCOL if SUBPROTOCOL in offered else None
 
 
 class Channel(Protocol):

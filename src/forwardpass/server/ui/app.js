@@ -375,7 +375,9 @@ async function streamAudio(model, bytes, out) {
   const samples = (await offline.startRendering()).getChannelData(0);
   const frames = Math.floor(samples.length / 512);
   const url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/v2/models/${encodeURIComponent(model.name)}/stream`;
-  const socket = new WebSocket(url);
+  // a browser's WebSocket sends no headers: the key goes as a subprotocol, beside "forwardpass"
+  const key = localStorage.getItem("forwardpass-key");
+  const socket = new WebSocket(url, key ? ["forwardpass", `bearer.${key}`] : []);
   const closeIt = leaving;
   leaving = () => { socket.close(); closeIt(); };
   let found;
@@ -392,8 +394,7 @@ function exchange(socket, samples, frames) { // every frame sent, every answer r
   const probabilities = [];
   const events = [];
   return new Promise((resolve, reject) => {
-    socket.onerror = () => reject(new Error("the stream failed (a server that requires keys takes streams from " +
-      "clients that can send them: a browser cannot)"));
+    socket.onerror = () => reject(new Error("the stream failed (is the key set above the one this server expects?)"));
     socket.onclose = (event) => reject(new Error(`the stream closed (${event.code}${event.reason ? `: ${event.reason}` : ""})`));
     socket.onopen = () => {
       for (let i = 0; i < frames; i++) {
