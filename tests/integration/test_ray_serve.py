@@ -1,4 +1,5 @@
-"""forwardpass serve --ray: the same app on a local Ray cluster, a deployment per model, replicas as model.yaml says.
+"""forwardpass serve --ray: the same app on a local Ray cluster, a deployment per model, replicas as model.yaml says,
+behind forwardpass's own HTTP server (no Ray Serve proxy).
 
 Which replica answered is in each response's x-forwardpass-replica header (its process id)."""
 
@@ -89,6 +90,12 @@ def test_v2_and_predict_are_answered_by_two_replicas(ray_server):
     assert len(types) == len(set(types))  # one family each, whatever the number of deployments
     page = httpx.get(ray_server.url + "/", headers={"accept": "text/html"})
     assert page.status_code == 200 and "/ui/app.js" in page.text
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    with pytest.raises(InvalidStatus) as refused:  # streams are not carried through Ray: a 400 that says so
+        connect(ray_server.url.replace("http", "ws") + "/v2/models/digits/stream")
+    assert refused.value.response.status_code == 400 and b"Ray Serve" in refused.value.response.body
 
 
 def test_a_streamed_chat_goes_through_and_a_session_stays_on_its_replica(ray_server):

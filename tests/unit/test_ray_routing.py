@@ -44,3 +44,114 @@ def test_metrics_of_several_replicas_merge_into_one_exposition():
     assert samples[("forwardpass_inflight_requests", None)] == 3  # a process-wide gauge: summed
     types = [line for line in merged.splitlines() if line.startswith(b"# TYPE")]
     assert len(types) == len(set(types)) == 2  # one family each, whatever the number of replicas
+
+
+class _Handle:
+    """A Ray deployment handle's surface as RayIngress uses it, answering as a replica would."""
+
+    def __init__(self, answer=None, pieces=(), fail: Exception | None = None):
+        self.answer, self.pieces, self.fail = answer, list(pieces), fail
+        self.calls: list[tuple[dict, dict]] = []
+        self.cancelled = False
+
+    def options(self, **options):
+        handle = _Handle(self.answer, self.pieces, self.fail)
+        handle.calls, handle.options_given = self.calls, options
+        handle.parent = self
+        return handle
+
+    def remote(self, message):
+        self.calls.append((getattr(self, "options_given", {}), message))
+        if getattr(self, "options_given", {}).get("stream"):
+            return self._stream()
+
+        async def whole():
+            if self.fail is not None:
+                raise self.fail
+            return self.answer
+
+        return whole()
+
+    def _stream(self):
+        pieces, parent = self.pieces, self.parent
+
+        class Stream:
+            def __aiter__(self):
+                return self
+
+            async def __anext__(self):
+                if not pieces:
+                    raise StopAsyncIteration
+                return pieces.pop(0)
+
+            def cancel(self):
+                parent.cancelled = True
+
+        return Stream()
+
+
+def _ingress(tmp_path, handles):
+    from forwardpass.server.config import ServeConfig
+    from forwardpass.server.ray_serve import RayIngress
+
+    repo = tmp_path / "models"
+    (repo / "iris").mkdir(parents=True)
+    return RayIngress.create(ServeConfig(repository=repo, state_dir=tmp_path / "state"), handles)
+
+
+def _dispatch(app, method, path, body=b"", headers=()):
+    import asyncio
+
+    async def go():
+        await app.engine.start()
+        try:
+            response = await app.dispatch({"method": method, "path": path, "query_string": b"a=1",
+                                           "headers": list(headers)}, None, body)  # fmt: skip
+            chunks = [c async for c in response.chunks] if hasattr(response, "chunks") else None
+            return response, chunks
+        finally:
+            await app.engine.stop(1)
+
+    return asyncio.run(go())
+
+
+def test_the_ingress_hands_a_models_request_to_its_deployment_and_keeps_the_replicas_headers(tmp_path):
+    head = [(b"content-type", b"application/json"), (b"content-length", b"11"), (b"x-forwardpass-replica", b"42")]
+    iris = _Handle({"status": 200, "headers": head, "body": b'{"ok":true}'})
+    app = _ingress(tmp_path, {"iris": iris})
+    response, _ = _dispatch(app, "POST", "/v2/models/iris/infer", b"{}", [(b"x-session-id", b"s1")])
+    assert (response.status, response.body, response.content_type) == (200, b'{"ok":true}', "application/json")
+    assert response.headers == [(b"x-forwardpass-replica", b"42")]  # length and type are this server's to write
+    options, message = iris.calls[0]
+    assert options == {"multiplexed_model_id": "s1"}
+    assert message == {"method": "POST", "path": "/v2/models/iris/infer", "query": b"a=1",
+                       "headers": [(b"x-session-id", b"s1")], "body": b"{}"}  # fmt: skip
+
+
+def test_a_streamed_chat_is_streamed_through_and_the_ray_stream_cancelled_at_its_end(tmp_path):
+    head = {"status": 200, "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]}
+    llm = _Handle(pieces=[head, b"data: 1\n\n", b"data: [DONE]\n\n"])
+    app = _ingress(tmp_path, {"smollm2": llm})
+    response, chunks = _dispatch(app, "POST", "/v1/chat/completions", b'{"model": "smollm2", "stream": true}')
+    assert response.status == 200 and response.content_type == "text/event-stream"
+    assert chunks == [b"data: 1\n\n", b"data: [DONE]\n\n"]
+    assert response.headers == [(b"cache-control", b"no-cache")]  # once, not the replica's copy as well
+    assert llm.calls[0][0] == {"stream": True, "multiplexed_model_id": "", "method_name": "stream"}
+    assert llm.cancelled
+
+
+def test_a_failed_deployment_is_a_503_naming_the_model_and_unknown_models_get_the_apps_own_404(tmp_path):
+    app = _ingress(tmp_path, {"iris": _Handle(fail=RuntimeError("actor died"))})
+    response, _ = _dispatch(app, "POST", "/v2/models/iris/infer", b"{}")
+    assert response.status == 503 and b"iris" in response.body and b"RuntimeError" in response.body
+    missing, _ = _dispatch(app, "POST", "/v2/models/nope/infer", b"{}")
+    assert missing.status == 404 and b"nope" in missing.body
+
+
+def test_websocket_streams_are_refused_saying_where_they_are_served(tmp_path):
+    from forwardpass.errors import ForwardpassError
+
+    app = _ingress(tmp_path, {})
+    with pytest.raises(ForwardpassError, match="not served through Ray Serve") as refused:
+        app.accept_stream({"path": "/v2/models/digits/stream", "headers": []})
+    assert refused.value.status == 400

@@ -18,10 +18,10 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from forwardpass.server.app import create_app
+from forwardpass.server.app import App, create_app
 from forwardpass.server.config import ServeConfig
 from forwardpass.server.tenancy import prepare_state
 
@@ -35,14 +35,14 @@ def serve(config: ServeConfig, log_level: str = "info") -> None:
     if config.http == "uvicorn":
         _serve_uvicorn(config, log_level)
         return
-    sock = _listen(config.host, config.port)
+    sock = listen(config.host, config.port)
     if config.workers == 1:
-        _run_worker(config, sock)
+        run_worker(config, sock)
         return
     _supervise(config, sock)
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def listen(host: str, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
@@ -51,20 +51,21 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _run_worker(config: ServeConfig, sock: socket.socket) -> None:
+def run_worker(config: ServeConfig, sock: socket.socket, make_app: Callable[[ServeConfig], App] = create_app) -> None:
+    """Serve ``make_app(config)`` on ``sock`` with our own HTTP server until SIGINT or SIGTERM, then drain."""
     if importlib.util.find_spec("uvloop") is not None:
         import uvloop
 
-        uvloop.run(_worker(config, sock))
+        uvloop.run(_worker(config, sock, make_app))
     else:
-        asyncio.run(_worker(config, sock))
+        asyncio.run(_worker(config, sock, make_app))
 
 
-async def _worker(config: ServeConfig, sock: socket.socket) -> None:
+async def _worker(config: ServeConfig, sock: socket.socket, make_app: Callable[[ServeConfig], App]) -> None:
     from forwardpass.server.protocol import Listener
 
     started = time.monotonic()
-    app = create_app(config)
+    app = make_app(config)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -92,7 +93,7 @@ def _supervise(config: ServeConfig, sock: socket.socket) -> None:
         if pid == 0:  # the child serves, then leaves without running the parent's cleanup
             code = 0
             try:
-                _run_worker(config, sock)
+                run_worker(config, sock)
             except BaseException:
                 log.exception("worker failed")
                 code = 1
