@@ -5,7 +5,8 @@
 Needs wrk and ray[serve]. One plain server for the whole run; a Ray Serve deployment of digits with 1 replica,
 then with 2 (model.yaml scale: min = max), each measured in rounds interleaved with the plain server, at
 concurrency 1 and 16. Prints req/s, p50 and p99, what Ray adds per request at c=1 (1/rps ray - 1/rps plain),
-and what the second replica gains at c=16.
+and what the second replica gains at c=16. Then Ray's own floor, in a fresh cluster: an echo deployment called
+through a handle from the driver, as forwardpass's ingress calls a model's (``--floor`` runs that part alone).
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import yaml
@@ -30,7 +33,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--floor", action="store_true", help="only Ray's own handle round trip")
     args = parser.parse_args()
+    if args.floor:
+        floor()
+        return
     from forwardpass import demo
 
     tmp = Path(tempfile.mkdtemp(prefix="fp-ray-"))
@@ -79,6 +86,46 @@ def main() -> None:
               "(Ray's own routing: about 5 ms in its issues)")  # fmt: skip
     one, two = table[("Ray Serve, 1 replica(s)", 16)]["rps"], table[("Ray Serve, 2 replica(s)", 16)]["rps"]
     print(f"the second replica: {two / one:.2f}x the requests/s of one at c=16")
+    subprocess.run([sys.executable, __file__, "--floor"], env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}, check=True)
+
+
+def floor(calls: int = 1000) -> None:
+    """Ray's own cost of one call: an echo deployment, called from the driver with the settings forwardpass uses."""
+    from forwardpass.server import ray_serve
+
+    for name, value in ray_serve._RAY_SETTINGS.items():
+        os.environ.setdefault(name, value)
+    import ray
+    import uvloop
+    from ray import serve
+
+    ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False,
+             runtime_env={"env_vars": dict(ray_serve._RAY_SETTINGS)})  # fmt: skip
+    serve.start(proxy_location="Disabled")
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=16)
+    class Echo:
+        async def __call__(self, message: dict) -> dict:
+            return message
+
+    handle = serve.run(Echo.bind(), name="echo", route_prefix=None)
+    message = {"method": "POST", "path": "/v2/models/digits/infer", "query": b"", "headers": [], "body": b"x" * 600}
+
+    async def measure() -> list[float]:
+        for _ in range(100):
+            await handle.remote(message)
+        times = []
+        for _ in range(calls):
+            started = time.perf_counter()
+            await handle.remote(message)
+            times.append(time.perf_counter() - started)
+        await serve.shutdown_async()  # the handle routes on this loop: taken down before it closes
+        return sorted(times)
+
+    times = uvloop.run(measure())
+    print(f"Ray's floor: a handle call to an echo deployment takes {times[len(times) // 2] * 1e3:.2f} ms "
+          f"(p99 {times[int(len(times) * 0.99)] * 1e3:.2f} ms), median of {calls}")
+    ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -53,7 +53,8 @@ def ray_server(demo_repo, tmp_path_factory):
                "the iris deployment answering")  # fmt: skip
         yield server
     finally:
-        server.stop(60)
+        code = server.stop(60)
+    assert code == 0, server.log.read_text()[-3000:]  # SIGTERM: drained, the deployments taken down, a clean exit
 
 
 def _post(server: Server, path: str, body: dict, **headers: str) -> httpx.Response:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import os
 import re
@@ -328,7 +329,7 @@ def run(config: ServeConfig, address: str | None) -> None:
         os.environ.setdefault(name, value)
     ray = require("ray", "ray", "forwardpass serve --ray")
     serve = require("ray.serve", "ray", "forwardpass serve --ray")
-    from forwardpass.server.run import listen, run_worker
+    from forwardpass.server.run import listen, worker
     from forwardpass.server.tenancy import prepare_state
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -339,16 +340,25 @@ def run(config: ServeConfig, address: str | None) -> None:
     prepare_state(config)  # the shared limits reset, usage.sqlite created, before any replica opens them
     serve.start(proxy_location="Disabled")  # this process is the HTTP server: no proxy hop in between
     bound = applications(config)
-    try:
-        handles = serve.run_many([serve.RunTarget(target=b, name=deployment_name(n), route_prefix=None)
-                                  for n, b in bound.items()]) if bound else []  # fmt: skip
-        log.info("ray: deployed %s", ", ".join(deployment_name(n) for n in bound) or "no model")
-        run_worker(config, sock, lambda c: RayIngress.create(c, dict(zip(bound, handles))))
-    finally:
-        if address is None:  # the cluster is this process's own
-            serve.shutdown()
-        else:  # someone else's cluster: only what was deployed here goes
-            for name in bound:
-                with contextlib.suppress(Exception):
-                    serve.delete(deployment_name(name))
-        ray.shutdown()
+    handles = serve.run_many([serve.RunTarget(target=b, name=deployment_name(n), route_prefix=None)
+                              for n, b in bound.items()]) if bound else []  # fmt: skip
+    log.info("ray: deployed %s", ", ".join(deployment_name(n) for n in bound) or "no model")
+
+    async def serve_here() -> None:  # the handles route on this loop: they are taken down on it, before it closes
+        try:
+            await worker(config, sock, lambda c: RayIngress.create(c, dict(zip(bound, handles))))
+        finally:
+            if address is None:  # the cluster is this process's own
+                await serve.shutdown_async()
+            else:  # someone else's cluster: only what was deployed here goes
+                for name in bound:
+                    with contextlib.suppress(Exception):
+                        serve.delete(deployment_name(name))
+
+    if importlib.util.find_spec("uvloop") is not None:
+        import uvloop
+
+        uvloop.run(serve_here())
+    else:
+        asyncio.run(serve_here())
+    ray.shutdown()

@@ -51,17 +51,18 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run_worker(config: ServeConfig, sock: socket.socket, make_app: Callable[[ServeConfig], App] = create_app) -> None:
-    """Serve ``make_app(config)`` on ``sock`` with our own HTTP server until SIGINT or SIGTERM, then drain."""
+def run_worker(config: ServeConfig, sock: socket.socket) -> None:
+    """Serve the app on ``sock`` with our own HTTP server until SIGINT or SIGTERM, then drain."""
     if importlib.util.find_spec("uvloop") is not None:
         import uvloop
 
-        uvloop.run(_worker(config, sock, make_app))
+        uvloop.run(worker(config, sock))
     else:
-        asyncio.run(_worker(config, sock, make_app))
+        asyncio.run(worker(config, sock))
 
 
-async def _worker(config: ServeConfig, sock: socket.socket, make_app: Callable[[ServeConfig], App]) -> None:
+async def worker(config: ServeConfig, sock: socket.socket, make_app: Callable[[ServeConfig], App] = create_app) -> None:
+    """One worker's life on the running loop: ``make_app(config)`` served on ``sock`` until SIGINT or SIGTERM."""
     from forwardpass.server.protocol import Listener
 
     started = time.monotonic()
