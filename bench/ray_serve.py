@@ -64,7 +64,8 @@ def main() -> None:
             ray = Proc(f"ray{replicas}", [*(a.replace("{repo}", str(repos[replicas])) for a in fp), "--ray"],
                        "/v2/models/digits/ready", env)  # fmt: skip
             try:
-                for _ in range(args.rounds):
+                wrk(f"{ray.url}/v2/models/digits/infer", script, 16, args.duration)  # warm-up, not counted: a new
+                for _ in range(args.rounds):  # cluster's own start-up work settles first
                     for name, server in (("forwardpass serve", plain), (f"Ray Serve, {replicas} replica(s)", ray)):
                         for c in (1, 16):
                             results.setdefault((name, c), []).append(
