@@ -17,6 +17,7 @@ import pytest
 webdriver = pytest.importorskip("selenium.webdriver")
 datasets = pytest.importorskip("sklearn.datasets")
 Image = pytest.importorskip("PIL.Image")
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -47,7 +48,9 @@ def browser() -> Iterator[webdriver.Chrome]:
 
 
 def _wait(driver, condition, timeout: float = 30.0):
-    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition)
+    # an element found by the condition may be redrawn before it is read: that poll is tried again
+    return WebDriverWait(driver, timeout, poll_frequency=0.1, ignored_exceptions=(StaleElementReferenceException,)
+                         ).until(condition)  # fmt: skip
 
 
 def _errors(driver) -> list[dict]:
@@ -178,3 +181,33 @@ def test_api_clients_still_get_json_at_the_root_and_ui_files_are_whitelisted(ser
     summary = httpx.get(server.url + "/ui/api/models").json()["models"]
     digits = next(m for m in summary if m["name"] == "digits")
     assert digits["kind"] == "image" and digits["labels"][:2] == ["0", "1"] and digits["metrics"]["accuracy"] > 0.9
+
+
+def test_on_a_server_that_requires_keys_the_key_typed_in_carries_the_wav_stream(browser, demo_repo, tmp_path):
+    """A browser's WebSocket sends no header: the dashboard offers the key as the subprotocol bearer.<key>."""
+    from fixtures import copy_models
+    from serverproc import Server
+
+    key = tmp_path / "key"
+    key.write_text("s3cret-key\n")
+    guarded = Server(copy_models(demo_repo, tmp_path / "models", "silero-vad"), args=("--api-key-file", str(key)))
+    try:
+        browser.get(guarded.url + "/#/")
+        browser.execute_script("localStorage.removeItem('forwardpass-key')")
+        browser.get_log("browser")  # the 401s of a page without its key are expected here, not counted
+        field = _wait(browser, lambda d: d.find_elements(By.ID, "key"))[0]
+        field.clear()
+        field.send_keys("s3cret-key", Keys.ENTER)  # the key form, as a user saves a key
+        _wait(browser, lambda d: "Key saved" in d.find_element(By.TAG_NAME, "body").text)
+        wav = tmp_path / "tone.wav"
+        t = np.arange(16000) / 16000
+        __import__("soundfile").write(wav, (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 16000)
+        browser.get(guarded.url + "/#/model/silero-vad")
+        browser.get_log("browser")
+        _wait(browser, lambda d: d.find_elements(By.ID, "audio-file"))[0].send_keys(str(wav))
+        browser.find_element(By.XPATH, "//button[text()='Stream it']").click()
+        _wait(browser, lambda d: "31 windows of 32 ms" in d.find_element(By.ID, "main").text)
+        assert _errors(browser) == []
+    finally:
+        browser.execute_script("localStorage.removeItem('forwardpass-key')")
+        guarded.stop()
