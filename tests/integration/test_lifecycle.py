@@ -146,3 +146,31 @@ def test_other_server_modes_serve_and_exit_0(demo_repo, tmp_path, args):
         assert httpx.get(f"{srv.url}/metrics").status_code == 200
     finally:
         assert srv.stop() == 0
+
+
+def _iris_requests(text: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith('forwardpass_requests_total{model="iris"'))  # fmt: skip
+
+
+def test_with_two_workers_each_scrape_counts_the_requests_of_both(demo_repo, tmp_path):
+    """Each worker publishes its statistics to the state folder every second; /metrics merges the others'."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    state = tmp_path / "state"
+    srv = Server(copy_models(demo_repo, tmp_path / "models", "iris"), args=("--workers", "2", "--state-dir", str(state)))
+    folder = state / f"metrics-{srv.port}"
+    try:
+        with ThreadPoolExecutor(8) as pool:  # new connections, at once: both workers take some
+            codes = list(pool.map(lambda _: httpx.post(f"{srv.url}/v2/models/iris/infer", json=ROW).status_code,
+                                  range(48)))  # fmt: skip
+        assert codes == [200] * 48
+        _wait(lambda: len(list(folder.glob("*.prom"))) == 2, 10, "both workers publishing")
+        time.sleep(2.5)  # a published file is at most a second old
+        per_worker = [_iris_requests(f.read_text()) for f in folder.glob("*.prom")]
+        assert sum(per_worker) == 48, per_worker
+        for _ in range(8):  # whichever worker a scrape reaches, on a new connection each
+            assert _iris_requests(httpx.get(f"{srv.url}/metrics").text) == 48
+    finally:
+        assert srv.stop() == 0
+    assert not list(folder.glob("*.prom"))  # each worker took its file with it

@@ -29,7 +29,7 @@ def test_the_model_comes_from_the_path_or_the_body(path, body, found):
 def test_metrics_of_several_replicas_merge_into_one_exposition():
     from prometheus_client.parser import text_string_to_metric_families
 
-    from forwardpass.server.ray_serve import merge_metrics
+    from forwardpass.server.metrics import merge
 
     def exposition(model: str, requests: float, inflight: float) -> bytes:
         return (f'# HELP forwardpass_requests_total Inference requests\n# TYPE forwardpass_requests_total counter\n'
@@ -37,13 +37,29 @@ def test_metrics_of_several_replicas_merge_into_one_exposition():
                 f'# HELP forwardpass_inflight_requests In flight\n# TYPE forwardpass_inflight_requests gauge\n'
                 f'forwardpass_inflight_requests {inflight}\n').encode()  # fmt: skip
 
-    merged = merge_metrics([exposition("iris", 3, 1), exposition("digits", 5, 2)])
+    merged = merge([exposition("iris", 3, 1), exposition("digits", 5, 2)])
     samples = {(s.name, s.labels.get("model")): s.value for f in text_string_to_metric_families(merged.decode())
                for s in f.samples}  # fmt: skip
     assert samples[("forwardpass_requests_total", "iris")] == 3 and samples[("forwardpass_requests_total", "digits")] == 5
     assert samples[("forwardpass_inflight_requests", None)] == 3  # a process-wide gauge: summed
     types = [line for line in merged.splitlines() if line.startswith(b"# TYPE")]
     assert len(types) == len(set(types)) == 2  # one family each, whatever the number of replicas
+
+
+def test_merged_drift_is_the_worst_process_and_shared_feedback_is_counted_once():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from forwardpass.server.metrics import merge
+
+    def exposition(psi: float, labels: int) -> bytes:
+        return (f'# HELP forwardpass_drift_psi PSI\n# TYPE forwardpass_drift_psi gauge\n'
+                f'forwardpass_drift_psi{{model="iris",feature="a"}} {psi}\n'
+                f'# HELP forwardpass_feedback_labels_total Labels\n# TYPE forwardpass_feedback_labels_total counter\n'
+                f'forwardpass_feedback_labels_total{{model="iris"}} {labels}\n').encode()  # fmt: skip
+
+    merged = merge([exposition(0.1, 7), exposition(0.4, 7), exposition(0.2, 7)])  # one database, three readers
+    samples = {s.name: s.value for f in text_string_to_metric_families(merged.decode()) for s in f.samples}
+    assert samples == {"forwardpass_drift_psi": 0.4, "forwardpass_feedback_labels_total": 7}
 
 
 class _Handle:

@@ -38,7 +38,9 @@ class App:
         self.engine, self.config = engine, config
         self.tenancy = tenancy_from_config(config)
         self.keys = Keys.from_config(config, self.tenancy)
-        self.router = routes(Handlers(engine, config, self.tenancy), OpenAIHandlers(engine, config, self.tenancy),
+        self.handlers = Handlers(engine, config, self.tenancy)
+        self._publishing: asyncio.Task[None] | None = None
+        self.router = routes(self.handlers, OpenAIHandlers(engine, config, self.tenancy),
                              OpenAIExtras(engine, config, self.tenancy), ResponsesHandlers(engine, config, self.tenancy),
                              self.keys, self.tenancy.usage)  # fmt: skip
 
@@ -124,6 +126,18 @@ class App:
         finally:
             stats.inflight -= 1
 
+    def start_publishing(self) -> None:
+        """With several workers: this one's statistics published for the others' /metrics (server/metrics.py)."""
+        peers = self.handlers.peers
+        if peers is not None and self._publishing is None:
+            self._publishing = asyncio.ensure_future(peers.run(self.engine.stats))
+
+    async def stop_publishing(self) -> None:
+        if self._publishing is not None:
+            self._publishing.cancel()
+            await asyncio.gather(self._publishing, return_exceptions=True)
+            self._publishing = None
+
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
@@ -134,8 +148,10 @@ class App:
                     log.exception("start-up failed")
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
+                self.start_publishing()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                await self.stop_publishing()
                 await self.engine.stop(self.config.drain_timeout)
                 await asyncio.to_thread(self.close)
                 await send({"type": "lifespan.shutdown.complete"})

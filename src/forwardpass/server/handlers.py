@@ -71,6 +71,7 @@ class Handlers:
     def __init__(self, engine: Engine, config: ServeConfig, tenancy: Tenancy | None = None):
         self.engine, self.config = engine, config
         self.tenancy = tenancy or Tenancy.none()
+        self.peers = metrics.peers_of(config)  # --workers N: every worker's statistics in each /metrics
 
     # -- inference ---------------------------------------------------------------------------
 
@@ -239,8 +240,14 @@ class Handlers:
                               "series": series})  # fmt: skip
 
     async def metrics(self, request: Request) -> Response:
-        quality = await asyncio.to_thread(self.engine.quality.summary)  # a SQLite read each 5 s, off the loop
-        return Response.text(metrics.render(self.engine.stats, quality),
+        peers = self.peers
+
+        def shared() -> tuple[list[dict[str, Any]], list[bytes]]:  # files: off the loop
+            return self.engine.quality.summary(), peers.others() if peers is not None else []  # SQLite each 5 s
+
+        quality, others = await asyncio.to_thread(shared)
+        text = metrics.render(self.engine.stats, quality)
+        return Response.text(metrics.merge([text, *others]) if others else text,
                              content_type="text/plain; version=0.0.4; charset=utf-8")  # fmt: skip
 
     # -- repository extension ----------------------------------------------------------------------

@@ -1,8 +1,19 @@
-"""Prometheus text for /metrics, formatted from forwardpass.stats only when scraped."""
+"""Prometheus text for /metrics, formatted from forwardpass.stats only when scraped.
+
+Several processes serve one endpoint when ``forwardpass serve --workers N`` forks workers, or Ray Serve runs
+replicas: ``merge`` makes their expositions one, and ``Peers`` lets each worker see the others' (each writes
+its own to the state folder every second), so a scrape, or the dashboard's charts, count every request
+whichever worker answers it.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -167,3 +178,104 @@ def _generation(m: Stats) -> Iterator[Metric]:
         for reason, count in sorted(g.finish_reasons.items()):
             finished.add_metric([model, str(version), reason], count)
     yield finished
+
+
+# Read from the one feedback database every process shares: taken from the first exposition only.
+SHARED = {"forwardpass_feedback_labels", "forwardpass_feedback_correct", "forwardpass_model_accuracy",
+          "forwardpass_model_mean_absolute_error"}  # fmt: skip
+# Each process's own judgement of its own rows: the worst one stands (summing statistics means nothing).
+WORST = {"forwardpass_drift_psi", "forwardpass_drift_ks", "forwardpass_prediction_drift_psi", "forwardpass_model_drifting"}
+
+
+def merge(texts: list[bytes]) -> bytes:
+    """Prometheus expositions of several processes as one: samples with the same labels are summed (counts,
+    histograms, gauges such as requests in flight), other labels kept side by side (each model's own); drift
+    statistics take the worst process's value, and the shared feedback figures come from the first text."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families: dict[str, Metric] = {}
+    values: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
+    for index, text in enumerate(texts):
+        for family in text_string_to_metric_families(text.decode()):
+            if family.name in SHARED and index > 0:
+                continue
+            families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+            combine = max if family.name in WORST else _sum
+            for sample in family.samples:
+                key = (family.name, sample.name, tuple(sorted(sample.labels.items())))
+                values[key] = combine(values[key], sample.value) if key in values else sample.value
+    for (family_name, sample_name, labels), value in values.items():
+        families[family_name].add_sample(sample_name, dict(labels), value)
+
+    class Merged:
+        def collect(self) -> list[Metric]:
+            return list(families.values())
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Merged())
+    return bytes(generate_latest(registry))
+
+
+def _sum(a: float, b: float) -> float:
+    return a + b
+
+
+class Peers:
+    """The workers of one server (``--workers N``) publish their expositions to a folder they share, so that
+    whichever worker a scrape reaches answers for all of them.
+
+        peers = Peers(state / "metrics-8000")
+        peers.publish(render(stats))        # every second, by each worker (atomic: written, then renamed)
+        merge([render(stats), *peers.others()])
+    """
+
+    EVERY = 1.0  # seconds between a worker's publications: how stale a peer's figures can be
+    FRESH = 5.0  # a file older than this is a worker that is gone
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.own = folder / f"{os.getpid()}.prom"
+
+    @staticmethod
+    def reset(folder: Path) -> None:
+        """Before the workers start: the files of an earlier run removed."""
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob("*.prom"):
+            stale.unlink(missing_ok=True)
+
+    def publish(self, text: bytes) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        partial = self.own.with_suffix(".tmp")
+        partial.write_bytes(text)
+        os.replace(partial, self.own)
+
+    def others(self) -> list[bytes]:
+        """The other live workers' last expositions."""
+        found, now = [], time.time()
+        for path in self.folder.glob("*.prom"):
+            if path == self.own:
+                continue
+            with contextlib.suppress(OSError):  # a worker that just left
+                if now - path.stat().st_mtime < self.FRESH:
+                    found.append(path.read_bytes())
+        return found
+
+    def withdraw(self) -> None:
+        self.own.unlink(missing_ok=True)
+
+    async def run(self, stats: Stats) -> None:
+        """Publish this worker's statistics every EVERY seconds until cancelled; the file goes with it."""
+        try:
+            while True:
+                text = render(stats)  # on the loop: the statistics are the loop's (a few ms)
+                await asyncio.to_thread(self.publish, text)
+                await asyncio.sleep(self.EVERY)
+        finally:
+            self.withdraw()
+
+
+def peers_of(config: Any) -> Peers | None:
+    """A server's workers' shared metrics folder (in its state folder, by port), when it has several workers."""
+    from forwardpass.server.tenancy import state_dir
+
+    return Peers(state_dir(config) / f"metrics-{config.port}") if config.workers > 1 else None

@@ -39,6 +39,7 @@ import orjson
 from forwardpass._deps import require
 from forwardpass.errors import ForwardpassError, ModelNotReady, WrongEndpoint
 from forwardpass.repository import Repository
+from forwardpass.server import metrics
 from forwardpass.server.app import App
 from forwardpass.server.config import ServeConfig
 from forwardpass.server.errors import error_response
@@ -140,7 +141,8 @@ class RayIngress(App):
         """Over the repository with no model loaded here: each is its deployment's."""
         from forwardpass.server.app import create_app
 
-        local = create_app(config.model_copy(update={"model_control": "explicit", "load_model": [], "poll_interval": 0}))
+        local = create_app(config.model_copy(update={"model_control": "explicit", "load_model": [], "poll_interval": 0,
+                                                     "workers": 1}))
         return cls(local.engine, local.config, handles)
 
     async def dispatch(self, scope: dict[str, Any], receive: Any, body: bytes | None) -> Response | StreamingResponse:
@@ -180,7 +182,7 @@ class RayIngress(App):
             return local  # type: ignore[return-value]
         ok = [a for a in answers if isinstance(a, dict) and a["status"] == 200]
         if path == "/metrics":  # each deployment's (one replica's) metrics, one exposition
-            return Response(200, merge_metrics([local.body, *(a["body"] for a in ok)]), local.content_type)
+            return Response(200, metrics.merge([local.body, *(a["body"] for a in ok)]), local.content_type)
         doc = orjson.loads(local.body)
         if path == "/v1/models":
             listed = [m for a in ok for m in orjson.loads(a["body"])["data"]]
@@ -195,33 +197,6 @@ class RayIngress(App):
 
 
 _GATHERED = {"/ui/api/models", "/v1/models", "/metrics"}
-
-
-def merge_metrics(texts: list[bytes]) -> bytes:
-    """Prometheus expositions of several processes as one: samples with the same labels are summed (counts
-    and gauges of the process, such as requests in flight), others kept side by side (each model's own)."""
-    from prometheus_client import CollectorRegistry, generate_latest
-    from prometheus_client.core import Metric
-    from prometheus_client.parser import text_string_to_metric_families
-
-    families: dict[str, Metric] = {}
-    sums: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
-    for text in texts:
-        for family in text_string_to_metric_families(text.decode()):
-            families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
-            for sample in family.samples:
-                key = (family.name, sample.name, tuple(sorted(sample.labels.items())))
-                sums[key] = sums.get(key, 0.0) + sample.value
-    for (family_name, sample_name, labels), value in sums.items():
-        families[family_name].add_sample(sample_name, dict(labels), value)
-
-    class Merged:
-        def collect(self) -> list[Metric]:
-            return list(families.values())
-
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(Merged())
-    return bytes(generate_latest(registry))
 
 
 def _message(scope: dict[str, Any], body: bytes) -> dict[str, Any]:

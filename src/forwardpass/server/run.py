@@ -73,6 +73,7 @@ async def worker(config: ServeConfig, sock: socket.socket, make_app: Callable[[S
         loop.add_signal_handler(sig, stop.set)
     listener = Listener(app)
     await app.engine.start()
+    app.start_publishing()
     await listener.serve(sock)
     host, port = sock.getsockname()[:2]
     log.info("forwardpass serving %s on http://%s:%d (pid %d; models loaded and warm in %.2f s)",
@@ -81,6 +82,7 @@ async def worker(config: ServeConfig, sock: socket.socket, make_app: Callable[[S
     log.info("shutting down: draining %d requests in progress", listener.state.active)
     if not await listener.drain(config.drain_timeout):
         log.warning("drain timeout: %d requests still in progress are dropped", listener.state.active)
+    await app.stop_publishing()
     await app.engine.stop(config.drain_timeout)
     await asyncio.to_thread(app.close)
     listener.close()

@@ -25,6 +25,7 @@ from forwardpass.monitoring import default_state_dir
 from forwardpass.monitoring.keys import ANONYMOUS, Caller, Tiers
 from forwardpass.monitoring.limits import Headers, Limiter, SharedBuckets, TokenHold
 from forwardpass.monitoring.usage import Meter, next_month, open_usage, today, totals
+from forwardpass.server import metrics
 from forwardpass.server.config import ServeConfig
 from forwardpass.server.http import Request, Response, StreamingResponse
 
@@ -257,12 +258,16 @@ def state_dir(config: ServeConfig) -> Path:
 
 
 def prepare_state(config: ServeConfig) -> None:
-    """Before the workers start (``serve`` calls it once): a fresh limits file, and the usage file made."""
+    """Before the workers start (``serve`` calls it once): a fresh limits file, the usage file made, the
+    workers' metrics folder emptied."""
     path = state_dir(config) / "limits.bin"
     if path.exists():
         SharedBuckets.reset(path)
     if config.metering:
         open_usage(state_dir(config) / "usage.sqlite").close()
+    peers = metrics.peers_of(config)
+    if peers is not None:  # the metrics files of an earlier run's workers
+        metrics.Peers.reset(peers.folder)
 
 
 def tenancy_from_config(config: ServeConfig) -> Tenancy:
