@@ -189,7 +189,7 @@ def test_on_a_server_that_requires_keys_the_key_typed_in_carries_the_wav_stream(
     from serverproc import Server
 
     key = tmp_path / "key"
-    key.write_text("s3cret-key\n")
+    key.write_text("s3cret/key+=\n")  # not an HTTP token: sent in base64url
     guarded = Server(copy_models(demo_repo, tmp_path / "models", "silero-vad"), args=("--api-key-file", str(key)))
     try:
         browser.get(guarded.url + "/#/")
@@ -197,7 +197,7 @@ def test_on_a_server_that_requires_keys_the_key_typed_in_carries_the_wav_stream(
         browser.get_log("browser")  # the 401s of a page without its key are expected here, not counted
         field = _wait(browser, lambda d: d.find_elements(By.ID, "key"))[0]
         field.clear()
-        field.send_keys("s3cret-key", Keys.ENTER)  # the key form, as a user saves a key
+        field.send_keys("s3cret/key+=", Keys.ENTER)  # the key form, as a user saves a key
         _wait(browser, lambda d: "Key saved" in d.find_element(By.TAG_NAME, "body").text)
         wav = tmp_path / "tone.wav"
         t = np.arange(16000) / 16000

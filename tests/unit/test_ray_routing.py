@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 from forwardpass.server.ray_serve import model_of
@@ -63,23 +65,25 @@ def test_merged_drift_is_the_worst_process_and_shared_feedback_is_counted_once()
 
 
 class _Handle:
-    """A Ray deployment handle's surface as RayIngress uses it, answering as a replica would."""
+    """A Ray deployment handle's surface as RayIngress uses it, answering as a replica would: ``answer`` whole, or
+    ``pieces`` streamed; ``fail`` raised by a whole call, or by a stream once its pieces are out."""
 
     def __init__(self, answer=None, pieces=(), fail: Exception | None = None):
         self.answer, self.pieces, self.fail = answer, list(pieces), fail
         self.calls: list[tuple[dict, dict]] = []
+        self.given: dict = {}
         self.cancelled = False
+        self.root = self
 
     def options(self, **options):
-        handle = _Handle(self.answer, self.pieces, self.fail)
-        handle.calls, handle.options_given = self.calls, options
-        handle.parent = self
-        return handle
+        view = copy.copy(self)  # shares calls and pieces, as a handle's options share its deployment
+        view.given = options
+        return view
 
     def remote(self, message):
-        self.calls.append((getattr(self, "options_given", {}), message))
-        if getattr(self, "options_given", {}).get("stream"):
-            return self._stream()
+        self.calls.append((self.given, message))
+        if self.given.get("stream"):
+            return _Stream(self)
 
         async def whole():
             if self.fail is not None:
@@ -88,22 +92,23 @@ class _Handle:
 
         return whole()
 
-    def _stream(self):
-        pieces, parent = self.pieces, self.parent
 
-        class Stream:
-            def __aiter__(self):
-                return self
+class _Stream:
+    def __init__(self, handle: _Handle):
+        self.handle = handle
 
-            async def __anext__(self):
-                if not pieces:
-                    raise StopAsyncIteration
-                return pieces.pop(0)
+    def __aiter__(self):
+        return self
 
-            def cancel(self):
-                parent.cancelled = True
+    async def __anext__(self):
+        if self.handle.pieces:
+            return self.handle.pieces.pop(0)
+        if self.handle.fail is not None:
+            raise self.handle.fail
+        raise StopAsyncIteration
 
-        return Stream()
+    def cancel(self):
+        self.handle.root.cancelled = True
 
 
 def _ingress(tmp_path, handles):
@@ -111,7 +116,7 @@ def _ingress(tmp_path, handles):
     from forwardpass.server.ray_serve import RayIngress
 
     repo = tmp_path / "models"
-    (repo / "iris").mkdir(parents=True)
+    (repo / "iris").mkdir(parents=True, exist_ok=True)
     return RayIngress.create(ServeConfig(repository=repo, state_dir=tmp_path / "state"), handles)
 
 
@@ -153,7 +158,53 @@ def test_a_streamed_chat_is_streamed_through_and_the_ray_stream_cancelled_at_its
     assert chunks == [b"data: 1\n\n", b"data: [DONE]\n\n"]
     assert response.headers == [(b"cache-control", b"no-cache")]  # once, not the replica's copy as well
     assert llm.calls[0][0] == {"stream": True, "multiplexed_model_id": "", "method_name": "stream"}
+    assert not llm.cancelled  # it ended: nothing to cancel
+
+
+def test_a_client_that_leaves_before_reading_cancels_the_ray_stream(tmp_path):
+    import asyncio
+
+    head = {"status": 200, "headers": [(b"content-type", b"text/event-stream")]}
+    llm = _Handle(pieces=[head, b"data: 1\n\n"])
+    app = _ingress(tmp_path, {"smollm2": llm})
+
+    async def go():
+        await app.engine.start()
+        scope = {"method": "POST", "path": "/v1/chat/completions", "query_string": b"", "headers": []}
+        response = await app.dispatch(scope, None, b'{"model": "smollm2", "stream": true}')
+        await response.chunks.aclose()  # what the server does with an answer it can no longer send
+        await app.engine.stop(1)
+
+    asyncio.run(go())
     assert llm.cancelled
+
+
+def test_a_stream_that_breaks_midway_ends_with_an_error_event(tmp_path):
+    head = {"status": 200, "headers": [(b"content-type", b"text/event-stream")]}
+
+    app = _ingress(tmp_path, {"smollm2": _Handle(pieces=[head, b"data: 1\n\n"], fail=RuntimeError("actor died"))})
+    response, chunks = _dispatch(app, "POST", "/v1/chat/completions", b'{"model": "smollm2", "stream": true}')
+    assert chunks[0] == b"data: 1\n\n" and b"smollm2" in chunks[1] and chunks[1].endswith(b"data: [DONE]\n\n")
+
+
+def test_a_gzip_body_is_routed_by_the_model_inside_it(tmp_path):
+    import gzip
+
+    answer = {"status": 200, "headers": [(b"content-type", b"application/json")], "body": b"{}"}
+    llm = _Handle(answer)
+    app = _ingress(tmp_path, {"smollm2": llm})
+    body = gzip.compress(b'{"model": "smollm2", "messages": []}')
+    response, _ = _dispatch(app, "POST", "/v1/chat/completions", body, [(b"content-encoding", b"gzip")])
+    assert response.status == 200 and llm.calls[0][1]["body"] == body  # routed, and handed over as it came
+
+
+def test_the_server_is_ready_when_every_deployment_is(tmp_path):
+    ready = {"status": 200, "headers": [(b"content-type", b"application/json")], "body": b"{}"}
+    app = _ingress(tmp_path, {"iris": _Handle(ready), "digits": _Handle(fail=RuntimeError("starting"))})
+    response, _ = _dispatch(app, "GET", "/v2/health/ready")
+    assert response.status == 503 and b"digits" in response.body and b"iris" not in response.body
+    app = _ingress(tmp_path, {"iris": _Handle(ready)})
+    assert _dispatch(app, "GET", "/v2/health/ready")[0].status == 200
 
 
 def test_a_failed_deployment_is_a_503_naming_the_model_and_unknown_models_get_the_apps_own_404(tmp_path):

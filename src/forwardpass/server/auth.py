@@ -14,7 +14,7 @@ than loopback:
     ADMIN    /v2/repository/*                 an admin key once any is set (403 for an inference key)
 
 Keys come in ``Authorization: Bearer <key>`` or ``x-api-key: <key>`` (or, from a browser's WebSocket, which
-can send no header, as the subprotocol ``bearer.<key>``); the server keeps only their
+can send no header, as the subprotocol ``bearer.<base64url of the key>``); the server keeps only their
 SHA-256 digests, so comparing them leaks nothing about a key's prefix.
 
     keys = Keys.from_config(config, tenancy)
@@ -23,6 +23,7 @@ SHA-256 digests, so comparing them leaks nothing about a key's prefix.
 
 from __future__ import annotations
 
+import base64
 import enum
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -161,8 +162,17 @@ def _presented_key(request: Request) -> str | None:
     if key:
         return key
     offered = request.header(b"sec-websocket-protocol")  # a browser's WebSocket: server/stream.py's SUBPROTOCOL
-    if offered:
-        for protocol in offered.split(","):
-            if protocol.strip().startswith("bearer."):
-                return protocol.strip()[7:] or None
+    return _subprotocol_key(offered) if offered else None
+
+
+def _subprotocol_key(offered: str) -> str | None:
+    """The key in ``bearer.<key, base64url>`` (base64url: a subprotocol is an HTTP token, a key may be anything)."""
+    for protocol in offered.split(","):
+        protocol = protocol.strip()
+        if protocol.startswith("bearer."):
+            encoded = protocol[7:]
+            try:
+                return base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode() or None
+            except (ValueError, UnicodeDecodeError):  # not base64url: no key given
+                return None
     return None

@@ -381,10 +381,12 @@ class HttpProtocol(asyncio.Protocol):
                         response = INTERNAL_ERROR
                 body = None  # a large body is freed before the answer is written
                 if self.transport is None:
+                    await _discard(response)
                     return
                 if self.write_paused:
                     await self.drained.wait()
                     if self.transport is None:
+                        await _discard(response)
                         return
                 keep_alive = keep_alive and not self.state.closing and not self.client_eof
                 writer = Http11Writer(self, keep_alive, head=scope is not None and scope["method"] == "HEAD")
@@ -415,6 +417,17 @@ class HttpProtocol(asyncio.Protocol):
                 self._close()
             if self.continue_due:
                 self._send_continue()
+
+
+async def _discard(response: Response | StreamingResponse) -> None:
+    """An answer never sent (the client left while it was made): a streamed one's producer is closed, so that
+    it stops (a generation frees its slot, a Ray stream is cancelled)."""
+    close = getattr(response.chunks, "aclose", None) if isinstance(response, StreamingResponse) else None
+    if close is not None:
+        try:
+            await close()
+        except Exception:
+            log.exception("closing an answer nobody reads failed")
 
 
 def _http_0_9(data: bytes) -> bool:

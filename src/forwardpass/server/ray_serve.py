@@ -42,8 +42,8 @@ from forwardpass.repository import Repository
 from forwardpass.server import metrics
 from forwardpass.server.app import App
 from forwardpass.server.config import ServeConfig
-from forwardpass.server.errors import error_response
-from forwardpass.server.http import Response, StreamingResponse
+from forwardpass.server.errors import error_response, openai_error
+from forwardpass.server.http import Response, StreamingResponse, decode_body
 
 log = logging.getLogger("forwardpass.ray")
 
@@ -148,10 +148,12 @@ class RayIngress(App):
     async def dispatch(self, scope: dict[str, Any], receive: Any, body: bytes | None) -> Response | StreamingResponse:
         body = body or b""
         path = scope["path"]
-        if scope["method"] == "GET" and path in _GATHERED:  # a listing of every model: each deployment's own part
-            return await self._gather(scope, body)
-        # a large OpenAI body is parsed off the event loop, which other requests share
-        model, streamed = model_of(path, body) if len(body) < 65536 else await asyncio.to_thread(model_of, path, body)
+        if scope["method"] == "GET" and path in _GATHERED:  # about every model: each deployment's own part
+            try:
+                return await self._gather(scope, body)
+            except Exception as exc:  # a malformed answer, say: an error in the usual shape, never a raise
+                return error_response(exc, self.engine.stats)
+        model, streamed = await self._route(path, scope["headers"], body)
         if model is None or model not in self.handles:  # no model, or none of the repository's: our own answer
             return await super().dispatch(scope, receive, body)  # (a 404 naming it, an error in the API's shape)
         handle = self.handles[model]
@@ -162,41 +164,77 @@ class RayIngress(App):
                 whole = await handle.options(multiplexed_model_id=session).remote(message)
                 return _response(whole, whole["body"])
             parts = handle.options(stream=True, multiplexed_model_id=session, method_name="stream").remote(message)
-            return _response(await parts.__anext__(), _rest(parts))
+            chunks = _RayChunks(parts, model)
+            try:
+                head = await parts.__anext__()
+            except BaseException:
+                await chunks.aclose()
+                raise
+            return _response(head, chunks)
         except Exception as exc:  # the deployment failed or went away: the client hears which, not a 500
             log.warning("ray: %s: %s", deployment_name(model), exc)
-            return error_response(ModelNotReady(f"model {model!r} did not answer through Ray Serve "
-                                                f"({type(exc).__name__}); retry, or see the Ray logs"))  # fmt: skip
+            failed = ModelNotReady(f"model {model!r} did not answer through Ray Serve ({type(exc).__name__}); "
+                                   "retry, or see the Ray logs")  # fmt: skip
+            return openai_error(failed) if path.startswith("/v1/") and path in _BY_BODY else error_response(failed)
+
+    async def _route(self, path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> tuple[str | None, bool]:
+        """model_of, on the body as the model's app will read it (a compressed one undone first, for routing only);
+        a large body is parsed off the event loop, which other requests share."""
+        if path not in _BY_BODY:
+            return model_of(path, b"")
+        encoding = next((v for k, v in headers if k == b"content-encoding"), b"").decode("latin-1").strip()
+        if not encoding and len(body) < 65536:
+            return model_of(path, body)
+
+        def parse() -> tuple[str | None, bool]:
+            try:
+                plain = decode_body(body, encoding, self.config.max_body_bytes) if encoding else body
+            except ForwardpassError:
+                return None, False  # our own app answers, with the error that names the encoding
+            return model_of(path, plain)
+
+        return await asyncio.to_thread(parse)
 
     def accept_stream(self, scope: dict[str, Any]) -> tuple[str, int | None, str]:
         raise WrongEndpoint(f"{scope['path']}: WebSocket streams are not served through Ray Serve; run "
                             "`forwardpass serve` (without --ray) or `forwardpass stream` for them")  # fmt: skip
 
     async def _gather(self, scope: dict[str, Any], body: bytes) -> Response:
-        """/ui/api/models and /v1/models over every deployment: each describes its own model (it loads no other)."""
+        """Readiness, /ui/api/models, /v1/models and /metrics over every deployment: each knows its own model (it
+        loads no other). The key is checked here first; a deployment that does not answer in GATHER_SECONDS (one
+        scaled to zero, starting) is left out, and the server is not ready until every one is."""
+        local = await super().dispatch(scope, None, body)
+        if local.status != 200 or isinstance(local, StreamingResponse):  # a key refused, say: that answer alone
+            return local  # type: ignore[return-value]
         path, message = scope["path"], _message(scope, body)
         names = list(self.handles)
-        answers = await asyncio.gather(*(self.handles[n].remote(message) for n in names), return_exceptions=True)
-        local = await super().dispatch(scope, None, body)
-        if local.status != 200 or isinstance(local, StreamingResponse):  # a key refused, say: that answer
-            return local  # type: ignore[return-value]
-        ok = [a for a in answers if isinstance(a, dict) and a["status"] == 200]
+
+        async def ask(name: str) -> Any:
+            return await asyncio.wait_for(self.handles[name].remote(message), GATHER_SECONDS)
+
+        answers = await asyncio.gather(*(ask(n) for n in names), return_exceptions=True)
+        ok = {n: a for n, a in zip(names, answers) if isinstance(a, dict) and a["status"] == 200}
+        if path == "/v2/health/ready":
+            if len(ok) == len(names):
+                return local
+            return Response.json({"error": "not ready: " + ", ".join(sorted(set(names) - set(ok)))}, 503)
         if path == "/metrics":  # each deployment's (one replica's) metrics, one exposition
-            return Response(200, metrics.merge([local.body, *(a["body"] for a in ok)]), local.content_type)
+            merged = await asyncio.to_thread(metrics.merge, [local.body, *(a["body"] for a in ok.values())])
+            return Response(200, merged, local.content_type)
         doc = orjson.loads(local.body)
         if path == "/v1/models":
-            listed = [m for a in ok for m in orjson.loads(a["body"])["data"]]
+            listed = [m for a in ok.values() for m in orjson.loads(a["body"])["data"]]
             doc["data"] = sorted({m["id"]: m for m in listed}.values(), key=lambda m: m["id"])
         else:
             own = {}
-            for name, answer in zip(names, answers):
-                if isinstance(answer, dict) and answer["status"] == 200:
-                    own.update({m["name"]: m for m in orjson.loads(answer["body"])["models"] if m["name"] == name})
+            for name, answer in ok.items():
+                own.update({m["name"]: m for m in orjson.loads(answer["body"])["models"] if m["name"] == name})
             doc["models"] = [own.get(m["name"], m) for m in doc["models"]]
         return Response.json(doc, headers=local.headers)
 
 
-_GATHERED = {"/ui/api/models", "/v1/models", "/metrics"}
+GATHER_SECONDS = 10.0
+_GATHERED = {"/v2/health/ready", "/ui/api/models", "/v1/models", "/metrics"}
 
 
 def _message(scope: dict[str, Any], body: bytes) -> dict[str, Any]:
@@ -218,13 +256,39 @@ def _response(head: dict[str, Any], body: bytes | AsyncIterator[bytes]) -> Respo
     return StreamingResponse(body, head["status"], kind, kept)
 
 
-async def _rest(parts: Any) -> AsyncIterator[bytes]:
-    """The body's pieces after the head; the Ray stream is cancelled when the client goes away."""
-    try:
-        async for part in parts:
-            yield part
-    finally:
-        parts.cancel()
+class _RayChunks:
+    """A streamed answer's body after its head, from a deployment's stream. If the client goes away (the
+    server's task is cancelled, or it closes this before reading it), the Ray stream is cancelled, so the
+    replica stops generating; a deployment that fails midway ends the stream with an error event."""
+
+    def __init__(self, parts: Any, model: str):
+        self.parts, self.model, self.done = parts, model, False
+
+    def __aiter__(self) -> _RayChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self.done:
+            raise StopAsyncIteration
+        try:
+            return bytes(await self.parts.__anext__())
+        except StopAsyncIteration:
+            self.done = True
+            raise
+        except Exception as exc:  # the replica died or was taken down: say so in the stream, then end it
+            self.done = True
+            log.warning("ray: %s: the stream broke: %s", deployment_name(self.model), exc)
+            return b"data: " + orjson.dumps({"error": {"message": f"model {self.model!r} stopped answering through "
+                                                       f"Ray Serve ({type(exc).__name__})", "type": "server_error"}}
+                                             ) + b"\n\ndata: [DONE]\n\n"  # fmt: skip
+        except BaseException:  # cancelled: the client left
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        if not self.done:
+            self.done = True
+            self.parts.cancel()
 
 
 async def _parts(app: Any, message: dict[str, Any], extra: Sequence[tuple[bytes, bytes]] = ()) -> AsyncIterator[Any]:
@@ -309,7 +373,7 @@ def run(config: ServeConfig, address: str | None) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sock = listen(config.host, config.port)  # taken first: a port in use fails before the cluster starts
-    ray.init(address=address, include_dashboard=False, configure_logging=False,
+    ray.init(address=address or "local", include_dashboard=False, configure_logging=False,
              runtime_env={"env_vars": {k: v for k, v in os.environ.items()
                                        if k.startswith("FORWARDPASS_") or k in _RAY_SETTINGS}})  # fmt: skip
     prepare_state(config)  # the shared limits reset, usage.sqlite created, before any replica opens them
@@ -326,9 +390,13 @@ def run(config: ServeConfig, address: str | None) -> None:
             if address is None:  # the cluster is this process's own
                 await serve.shutdown_async()
             else:  # someone else's cluster: only what was deployed here goes
-                for name in bound:
-                    with contextlib.suppress(Exception):
-                        serve.delete(deployment_name(name))
+
+                def delete() -> None:
+                    for name in bound:
+                        with contextlib.suppress(Exception):
+                            serve.delete(deployment_name(name), _blocking=False)
+
+                await asyncio.to_thread(delete)
 
     if importlib.util.find_spec("uvloop") is not None:
         import uvloop

@@ -14,7 +14,7 @@ Back-pressure: at most ``max_pending`` frames wait per connection; past that the
 reading (``drop=none``, the default), or with ``drop=oldest`` only the newest waiting frame is kept and
 its answer says how many were skipped (``parameters.skipped``): a video feed wants the newest frame.
 
-A client that cannot send headers (a browser) sends its key as a subprotocol, ``bearer.<key>``, beside
+A client that cannot send headers (a browser) sends its key as a subprotocol, ``bearer.<key in base64url>``, beside
 ``forwardpass`` (see SUBPROTOCOL).
 
 Close codes: 1007 (with the reason) for a frame that is not a V2 request, 1008 for a refused key or
@@ -46,7 +46,8 @@ log = logging.getLogger("forwardpass.server")
 PATH = re.compile(r"/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[0-9]+))?/stream")
 MAX_PENDING = 32  # frames waiting per connection before it stops reading (or drops, with drop=oldest)
 INVALID_DATA, POLICY, INTERNAL = 1007, 1008, 1011  # RFC 6455 close codes
-# A browser's WebSocket cannot send headers, only subprotocols: it offers ["forwardpass", "bearer.<key>"] and
+# A browser's WebSocket cannot send headers, only subprotocols: it offers ["forwardpass", "bearer.<key>"] (the
+# key in base64url without padding: a subprotocol is an HTTP token) and
 # the server checks the key as if it came in Authorization, and answers with the "forwardpass" subprotocol.
 SUBPROTOCOL, KEY_PREFIX = "forwardpass", "bearer."
 

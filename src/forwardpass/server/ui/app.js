@@ -377,7 +377,8 @@ async function streamAudio(model, bytes, out) {
   const url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/v2/models/${encodeURIComponent(model.name)}/stream`;
   // a browser's WebSocket sends no headers: the key goes as a subprotocol, beside "forwardpass"
   const key = localStorage.getItem("forwardpass-key");
-  const socket = new WebSocket(url, key ? ["forwardpass", `bearer.${key}`] : []);
+  const encoded = key && btoa(key).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, ""); // base64url: a token
+  const socket = new WebSocket(url, key ? ["forwardpass", `bearer.${encoded}`] : []);
   const closeIt = leaving;
   leaving = () => { socket.close(); closeIt(); };
   let found;
