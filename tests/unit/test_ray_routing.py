@@ -77,10 +77,10 @@ class _Handle:
 
     def options(self, **options):
         view = copy.copy(self)  # shares calls and pieces, as a handle's options share its deployment
-        view.given = options
+        view.given = {**self.given, **options}  # as Ray merges them
         return view
 
-    def remote(self, message):
+    def remote(self, message, *more):
         self.calls.append((self.given, message))
         if self.given.get("stream"):
             return _Stream(self)
@@ -149,7 +149,7 @@ def test_the_ingress_hands_a_models_request_to_its_deployment_and_keeps_the_repl
                        "headers": [(b"x-session-id", b"s1")], "body": b"{}"}  # fmt: skip
 
 
-def test_a_streamed_chat_is_streamed_through_and_the_ray_stream_cancelled_at_its_end(tmp_path):
+def test_a_streamed_chat_is_streamed_through_with_its_headers_once(tmp_path):
     head = {"status": 200, "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]}
     llm = _Handle(pieces=[head, b"data: 1\n\n", b"data: [DONE]\n\n"])
     app = _ingress(tmp_path, {"smollm2": llm})
@@ -215,10 +215,28 @@ def test_a_failed_deployment_is_a_503_naming_the_model_and_unknown_models_get_th
     assert missing.status == 404 and b"nope" in missing.body
 
 
-def test_websocket_streams_are_refused_saying_where_they_are_served(tmp_path):
+def test_a_stream_is_accepted_here_and_its_frames_go_to_one_replica_of_the_model(tmp_path):
+    import asyncio
+
     from forwardpass.errors import ForwardpassError
 
-    app = _ingress(tmp_path, {})
-    with pytest.raises(ForwardpassError, match="not served through Ray Serve") as refused:
-        app.accept_stream({"path": "/v2/models/digits/stream", "headers": []})
-    assert refused.value.status == 400
+    vad = _Handle('{"outputs": []}')
+    app = _ingress(tmp_path, {"silero-vad": vad, "smollm2": _Handle()})
+    app.language_models = {"smollm2"}
+    assert app.accept_stream({"path": "/v2/models/silero-vad/stream", "headers": [], "query_string": b""}) == (
+        "silero-vad", None, "none")
+    for path, status in (("/v2/models/nope/stream", 404), ("/v2/models/smollm2/stream", 400)):
+        with pytest.raises(ForwardpassError) as refused:
+            app.accept_stream({"path": path, "headers": [], "query_string": b""})
+        assert refused.value.status == status
+
+    async def go():
+        frames = app.frames("silero-vad", None)
+        answers = [await frames.answer({"frame": i}, 0) for i in range(2)]
+        await frames.end()
+        return frames.key, answers
+
+    key, answers = asyncio.run(go())
+    assert answers == ['{"outputs": []}'] * 2
+    assert [(c[0]["method_name"], c[0]["multiplexed_model_id"], c[1]) for c in vad.calls] == [
+        ("frame", key, key), ("frame", key, key), ("end_stream", key, key)]  # one connection: one replica

@@ -86,7 +86,7 @@ class App:
             await send({"type": "websocket.close", "code": stream.POLICY, "reason": stream._reason(exc.message)})
             return
         await send({"type": "websocket.accept", "subprotocol": stream.subprotocol(scope.get("subprotocols", []))})
-        await stream.serve_stream(self.engine, model, version, _AsgiChannel(receive, send), drop,
+        await stream.serve_frames(self.frames(model, version), _AsgiChannel(receive, send), drop,
                                   self.config.max_elements)  # fmt: skip
 
     def accept_stream(self, scope: dict[str, Any]) -> tuple[str, int | None, str]:
@@ -99,6 +99,10 @@ class App:
         drop = stream.drop_policy(scope.get("query_string", b""))
         self.engine.served(*found)  # unknown, unready or a language model: refused before accepting
         return found[0], found[1], drop
+
+    def frames(self, model: str, version: int | None) -> stream.Frames:
+        """Who answers an accepted stream's frames: this process's engine (Ray's ingress: the model's deployment)."""
+        return stream.EngineFrames(self.engine, model, version)
 
     async def dispatch(self, scope: dict[str, Any], receive: Receive | None,
                        body: bytes | None) -> Response | StreamingResponse:  # fmt: skip

@@ -347,7 +347,8 @@ class HttpProtocol(asyncio.Protocol):
 
     async def _serve_stream(self, channel: WebSocketChannel, model: str, version: int | None, drop: str) -> None:
         try:
-            await stream.serve_stream(self.state.app.engine, model, version, channel, drop, self.state.max_elements)
+            frames = self.state.app.frames(model, version)
+            await stream.serve_frames(frames, channel, drop, self.state.max_elements)
         finally:
             self.state.streams -= 1
             await channel.close(1000, "")

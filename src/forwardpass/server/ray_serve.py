@@ -19,8 +19,11 @@ Replicas scale between model.yaml's ``scale.min_replicas`` and ``max_replicas``,
 with an ``x-session-id`` header goes to the replica that served that session before, where its prefix
 cache is: Ray Serve's multiplexed-model routing, keyed by the session.
 
-Not carried over: WebSocket streams (``/v2/models/{m}/stream``; refused with a 400 that says so), and
-``/metrics`` holds one replica of each deployment, the one that answered.
+WebSocket streams (``/v2/models/{m}/stream``) are accepted here (the key checked here) and each frame is one
+Ray call to the model's deployment, every frame of a connection to one replica (where a stateful model's
+sequence lives). Not carried over: ``/metrics`` holds one replica of each deployment, the one that answered;
+stored responses (``GET /v1/responses/{id}``) live in the replica that made them, which that request cannot
+name.
 """
 
 from __future__ import annotations
@@ -37,13 +40,16 @@ from typing import Any
 import orjson
 
 from forwardpass._deps import require
-from forwardpass.errors import ForwardpassError, ModelNotReady, WrongEndpoint
+from forwardpass.engine.registry import language_model_elsewhere
+from forwardpass.errors import ForwardpassError, ModelNotFound, ModelNotReady
 from forwardpass.repository import Repository
-from forwardpass.server import metrics
+from forwardpass.server import metrics, stream
 from forwardpass.server.app import App
+from forwardpass.server.auth import Access
 from forwardpass.server.config import ServeConfig
 from forwardpass.server.errors import error_response, openai_error
-from forwardpass.server.http import Response, StreamingResponse, decode_body
+from forwardpass.server.http import Request, Response, StreamingResponse, decode_body
+from forwardpass.tasks import TASKS
 
 log = logging.getLogger("forwardpass.ray")
 
@@ -84,6 +90,7 @@ class ModelReplica:
                                              "poll_interval": 0})  # fmt: skip
         self.model = model
         self.app = create_app(config)
+        self._streams: dict[str, Any] = {}  # WebSocket connections' frames (EngineFrames), by the ingress's key
         self._started: asyncio.Task[None] | None = None
         try:  # load the model now when the replica's loop runs already, not on its first request
             asyncio.get_running_loop()
@@ -121,6 +128,47 @@ class ModelReplica:
         async for part in self._parts(request):
             yield part
 
+    async def frame(self, key: str, version: int | None, request: Any, skipped: int) -> str | bytes:
+        """One frame of a WebSocket stream the ingress accepted: answered by this replica's engine, in the
+        connection's sequence (every frame of a connection comes here: its key is the multiplexed id)."""
+        from ray import serve
+
+        from forwardpass.server.stream import EngineFrames
+
+        await self._ready()
+        await self.remember(serve.get_multiplexed_model_id())
+        frames = self._streams.get(key)
+        if frames is None:
+            try:
+                frames = self._streams[key] = EngineFrames(self.app.engine, self.model, version)
+            except ForwardpassError as exc:  # unloaded, say: this frame's answer says so
+                return orjson.dumps({"error": exc.message, "type": exc.type}).decode()
+        return await frames.answer(request, skipped)
+
+    async def sequence(self, key: str, version: int | None, mailbox: Any) -> AsyncIterator[str | bytes]:
+        """A stateful model's WebSocket connection, whole: its frames taken from the mailbox one at a time (until
+        None), each answered in this one sequence."""
+        from forwardpass.server.stream import EngineFrames
+
+        await self._ready()
+        try:
+            frames = EngineFrames(self.app.engine, self.model, version)
+        except ForwardpassError as exc:
+            error = orjson.dumps({"error": exc.message, "type": exc.type}).decode()
+            while await mailbox.get.remote(key) is not None:
+                yield error
+            return
+        try:
+            while (item := await mailbox.get.remote(key)) is not None:
+                yield await frames.answer(*item)
+        finally:
+            await frames.end()
+
+    async def end_stream(self, key: str) -> None:
+        frames = self._streams.pop(key, None)
+        if frames is not None:
+            await frames.end()
+
     def check_health(self) -> None:
         if self._started is not None and self._started.done() and self._started.exception() is not None:
             raise RuntimeError(f"{self.model} did not start: {self._started.exception()}")
@@ -132,18 +180,29 @@ class RayIngress(App):
     Serve's HTTP proxy, a second hop, is not started), and answers the rest itself: the dashboard's page and
     files, health, listings gathered from every deployment, errors in each API's shape."""
 
-    def __init__(self, engine: Any, config: ServeConfig, handles: dict[str, Any]):
+    def __init__(self, engine: Any, config: ServeConfig, handles: dict[str, Any], mailbox: Any = None):
         super().__init__(engine, config)
-        self.handles = handles
+        self.handles, self.mailbox = handles, mailbox
+        self.language_models: set[str] = set()  # no frames for these: refused a stream, as on one machine
+        self.stateful: set[str] = set()  # a connection is one sequence: all its frames on one replica
+        for name in handles:
+            try:
+                found = engine.repository.config(name)
+            except ForwardpassError:
+                continue  # its deployment answers for it
+            if TASKS[found.task].generative:
+                self.language_models.add(name)
+            if found.sequence is not None:
+                self.stateful.add(name)
 
     @classmethod
-    def create(cls, config: ServeConfig, handles: dict[str, Any]) -> RayIngress:
+    def create(cls, config: ServeConfig, handles: dict[str, Any], mailbox: Any = None) -> RayIngress:
         """Over the repository with no model loaded here: each is its deployment's."""
         from forwardpass.server.app import create_app
 
         local = create_app(config.model_copy(update={"model_control": "explicit", "load_model": [], "poll_interval": 0,
                                                      "workers": 1}))
-        return cls(local.engine, local.config, handles)
+        return cls(local.engine, local.config, handles, mailbox)
 
     async def dispatch(self, scope: dict[str, Any], receive: Any, body: bytes | None) -> Response | StreamingResponse:
         body = body or b""
@@ -196,8 +255,23 @@ class RayIngress(App):
         return await asyncio.to_thread(parse)
 
     def accept_stream(self, scope: dict[str, Any]) -> tuple[str, int | None, str]:
-        raise WrongEndpoint(f"{scope['path']}: WebSocket streams are not served through Ray Serve; run "
-                            "`forwardpass serve` (without --ray) or `forwardpass stream` for them")  # fmt: skip
+        """A WebSocket stream: the key checked here, the model's deployment answers its frames (_RayFrames)."""
+        found = stream.match(scope["path"])
+        if found is None:
+            raise ModelNotFound(f"{scope['path']}: no such stream endpoint; streams are at /v2/models/{{model}}/stream")
+        self.keys.check(Request(scope, None, {}), Access.INFER)
+        drop = stream.drop_policy(scope.get("query_string", b""))
+        model = found[0]
+        if model not in self.handles:
+            raise ModelNotFound(f"model '{model}' is not in the repository")
+        if model in self.language_models:
+            raise language_model_elsewhere(model)
+        return model, found[1], drop
+
+    def frames(self, model: str, version: int | None) -> stream.Frames:
+        if model in self.stateful and self.mailbox is not None:
+            return _RaySequence(self.handles[model], self.mailbox, model, version)
+        return _RayFrames(self.handles[model], model, version)
 
     async def _gather(self, scope: dict[str, Any], body: bytes) -> Response:
         """Readiness, /ui/api/models, /v1/models and /metrics over every deployment: each knows its own model (it
@@ -254,6 +328,98 @@ def _response(head: dict[str, Any], body: bytes | AsyncIterator[bytes]) -> Respo
     if isinstance(body, bytes):
         return Response(head["status"], body, kind, kept)
     return StreamingResponse(body, head["status"], kind, kept)
+
+
+class _RayFrames:
+    """A WebSocket connection's frames, each one Ray call to the model's deployment; all of them go to one
+    replica (the connection's key is the multiplexed id), where a stateful model's sequence lives."""
+
+    _count = 0
+
+    def __init__(self, handle: Any, model: str, version: int | None):
+        _RayFrames._count += 1
+        self.key = f"stream-{os.getpid()}-{_RayFrames._count}"
+        self.handle, self.model, self.version = handle.options(multiplexed_model_id=self.key), model, version
+
+    async def answer(self, request: Any, skipped: int) -> str | bytes:
+        try:
+            answer: str | bytes = await self.handle.options(method_name="frame").remote(self.key, self.version,
+                                                                                       request, skipped)  # fmt: skip
+        except Exception as exc:  # the deployment failed: this frame's answer says so, the stream goes on
+            log.warning("ray: %s: a stream frame failed: %s", deployment_name(self.model), exc)
+            return orjson.dumps({"error": f"model {self.model!r} did not answer through Ray Serve "
+                                 f"({type(exc).__name__})", "type": "unavailable"}).decode()  # fmt: skip
+        return answer
+
+    async def end(self) -> None:
+        try:
+            await self.handle.options(method_name="end_stream").remote(self.key)
+        except Exception as exc:  # a replica gone takes its sequences with it
+            log.warning("ray: %s: ending a stream failed: %s", deployment_name(self.model), exc)
+
+
+class _RaySequence:
+    """A stateful model's connection: one sequence, so every frame must reach the one replica that keeps its
+    state. Ray Serve pins a call, not a series of calls (a multiplexed id is routed by what replicas reported,
+    which lags), so the connection is one streaming call to the deployment, ``sequence``, fed its frames through
+    the Mailbox actor: a frame goes in (put), the replica takes it (get), its answer comes back on the stream."""
+
+    def __init__(self, handle: Any, mailbox: Any, model: str, version: int | None):
+        _RayFrames._count += 1
+        self.key = f"sequence-{os.getpid()}-{_RayFrames._count}"
+        self.handle, self.mailbox, self.model, self.version = handle, mailbox, model, version
+        self.answers: Any = None
+
+    async def answer(self, request: Any, skipped: int) -> str | bytes:
+        try:
+            if self.answers is None:
+                self.answers = self.handle.options(stream=True, method_name="sequence").remote(self.key, self.version,
+                                                                                               self.mailbox)  # fmt: skip
+            await self.mailbox.put.remote(self.key, (request, skipped))
+            answer: str | bytes = await self.answers.__anext__()
+            return answer
+        except Exception as exc:  # the replica went away, and the sequence with it: each frame says so
+            log.warning("ray: %s: a sequence frame failed: %s", deployment_name(self.model), exc)
+            return orjson.dumps({"error": f"model {self.model!r} did not answer through Ray Serve "
+                                 f"({type(exc).__name__}); reconnect to start a new sequence",
+                                 "type": "unavailable"}).decode()  # fmt: skip
+
+    async def end(self) -> None:
+        if self.answers is None:
+            return
+        try:
+            await self.mailbox.put.remote(self.key, None)  # the replica's call ends, freeing the sequence
+            async for _ in self.answers:
+                pass
+        except Exception as exc:
+            log.warning("ray: %s: ending a sequence failed: %s", deployment_name(self.model), exc)
+            self.answers.cancel()
+        finally:
+            with contextlib.suppress(Exception):
+                await self.mailbox.drop.remote(self.key)
+
+
+class Mailbox:
+    """Frames on their way to the replica that holds their connection's sequence (a Ray actor, one per
+    server): put by the ingress, got by the replica's ``sequence`` call, by connection key."""
+
+    def __init__(self) -> None:
+        self.boxes: dict[str, asyncio.Queue[Any]] = {}
+
+    def _box(self, key: str) -> asyncio.Queue[Any]:
+        box = self.boxes.get(key)
+        if box is None:
+            box = self.boxes[key] = asyncio.Queue()
+        return box
+
+    async def put(self, key: str, item: Any) -> None:
+        self._box(key).put_nowait(item)
+
+    async def get(self, key: str) -> Any:
+        return await self._box(key).get()
+
+    async def drop(self, key: str) -> None:
+        self.boxes.pop(key, None)
 
 
 class _RayChunks:
@@ -379,13 +545,14 @@ def run(config: ServeConfig, address: str | None) -> None:
     prepare_state(config)  # the shared limits reset, usage.sqlite created, before any replica opens them
     serve.start(proxy_location="Disabled")  # this process is the HTTP server: no proxy hop in between
     bound = applications(config)
+    mailbox = ray.remote(num_cpus=0, max_concurrency=10000)(Mailbox).remote()  # stateful streams' frames
     handles = serve.run_many([serve.RunTarget(target=b, name=deployment_name(n), route_prefix=None)
                               for n, b in bound.items()]) if bound else []  # fmt: skip
     log.info("ray: deployed %s", ", ".join(deployment_name(n) for n in bound) or "no model")
 
     async def serve_here() -> None:  # the handles route on this loop: they are taken down on it, before it closes
         try:
-            await worker(config, sock, lambda c: RayIngress.create(c, dict(zip(bound, handles))))
+            await worker(config, sock, lambda c: RayIngress.create(c, dict(zip(bound, handles)), mailbox))
         finally:
             if address is None:  # the cluster is this process's own
                 await serve.shutdown_async()

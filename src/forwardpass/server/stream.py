@@ -21,7 +21,7 @@ Close codes: 1007 (with the reason) for a frame that is not a V2 request, 1008 f
 an unknown model, 1011 for a server failure; a frame the model refuses (InvalidInput) is answered with
 an error message in its place and the stream goes on.
 
-Both HTTP stacks run ``serve_stream`` over a ``Channel``: app.py's for ASGI servers, protocol.py's for
+Both HTTP stacks run ``serve_frames`` over a ``Channel``: app.py's for ASGI servers, protocol.py's for
 our own HTTP/1.1.
 """
 
@@ -90,14 +90,52 @@ def drop_policy(query: bytes | str) -> str:
 _connections = 0
 
 
+class Frames(Protocol):
+    """Where one connection's frames are answered: the engine in this process (EngineFrames), or a model's
+    deployment elsewhere (server/ray_serve.py)."""
+
+    async def answer(self, request: Any, skipped: int) -> str | bytes:
+        """The frame's answer: a V2 response (a binary frame when an output is binary) or an error, as text."""
+        ...
+
+    async def end(self) -> None:
+        """The connection is over: a stateful model's sequence is freed."""
+        ...
+
+
+class EngineFrames:
+    """A connection's frames answered by this process's engine; for a stateful model, the connection is one
+    sequence (its state kept between frames, freed at the end)."""
+
+    def __init__(self, engine: Any, model: str, version: int | None):
+        global _connections
+        _connections += 1
+        self.engine, self.model, self.version = engine, model, version
+        self.served = engine.served(model, version)
+        # a key no V2 request can name (its CORRID value, for a model that takes one, is an integer)
+        self.sequence = StreamId(_connections) if self.served.sequences is not None else None
+        self.first = True
+
+    async def answer(self, request: Any, skipped: int) -> str | bytes:
+        if self.sequence is not None:
+            request.parameters.update(sequence_id=self.sequence, sequence_start=self.first)
+        self.first = False
+        return await _answer(self.engine, self.model, self.version, request, skipped)
+
+    async def end(self) -> None:
+        if self.sequence is not None and self.served.sequences is not None:
+            self.served.sequences.free(self.sequence)
+
+
 async def serve_stream(engine: Any, model: str, version: int | None, channel: Channel, drop: str,
                        max_elements: int, max_pending: int = MAX_PENDING) -> None:  # fmt: skip
-    """Answer a connection's frames in order until it closes; frees its sequence's state at the end."""
-    global _connections
-    _connections += 1
-    served = engine.served(model, version)
-    # a key no V2 request can name (its CORRID value, for a model that takes one, is an integer)
-    sequence = StreamId(_connections) if served.sequences is not None else None
+    """Answer a connection's frames with this process's engine, in order, until it closes."""
+    await serve_frames(EngineFrames(engine, model, version), channel, drop, max_elements, max_pending)
+
+
+async def serve_frames(frames: Frames, channel: Channel, drop: str, max_elements: int,
+                       max_pending: int = MAX_PENDING) -> None:  # fmt: skip
+    """Answer a connection's frames in order until it closes; ``frames.end()`` at the end."""
     pending: deque[str | bytes] = deque()
     skipped = 0
     ready = asyncio.Event()  # pending has a frame, or the client left
@@ -125,7 +163,6 @@ async def serve_stream(engine: Any, model: str, version: int | None, channel: Ch
             ready.set()
 
     reader = asyncio.create_task(read())
-    first = True
     try:
         while True:
             await ready.wait()
@@ -142,17 +179,16 @@ async def serve_stream(engine: Any, model: str, version: int | None, channel: Ch
             except InvalidInput as exc:
                 await channel.close(INVALID_DATA, _reason(exc.message))
                 return
-            if sequence is not None:
-                request.parameters.update(sequence_id=sequence, sequence_start=first)
-            first = False
-            await channel.send(await _answer(engine, model, version, request, dropped))
+            await channel.send(await frames.answer(request, dropped))
     except Exception as exc:  # a bug: the client gets 1011, the server keeps serving
         log_unexpected(exc)
         await channel.close(INTERNAL, "internal error")
     finally:
         reader.cancel()
-        if sequence is not None and served.sequences is not None:
-            served.sequences.free(sequence)
+        try:
+            await frames.end()
+        except Exception as exc:
+            log_unexpected(exc)
 
 
 async def _parse(frame: str | bytes, max_elements: int) -> Any:
