@@ -7,6 +7,7 @@ whose socket the openai client talks to and whose ASGI transport the validation 
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import gc
 import re
@@ -142,6 +143,30 @@ def test_client_disconnect_frees_the_slot(llm_app):
         time.sleep(0.02)  # bounded polling of the metric
     assert metric(llm_app, "forwardpass_generation_active_sequences") == 0
     assert metric(llm_app, "forwardpass_generation_cancelled_total") == cancelled + 1
+
+
+def test_a_stream_never_sent_frees_its_slot(llm_app):
+    """The client left while the answer was being made: the server closes the streamed answer unread (its
+    generator never started), and the generation stops, queued or running."""
+    generated = metric(llm_app, "forwardpass_generation_generated_tokens_total")
+    body = {"model": "smollm2", "messages": HELLO, "max_tokens": 400, "temperature": 0, "stream": True, "ignore_eos": True}
+
+    async def made_then_dropped() -> None:
+        import json as json_module
+
+        scope = {"method": "POST", "path": "/v1/chat/completions", "query_string": b"",
+                 "headers": [(b"content-type", b"application/json")]}  # fmt: skip
+        response = await llm_app.app.dispatch(scope, None, json_module.dumps(body).encode())
+        assert response.status == 200
+        await asyncio.sleep(0.3)  # a few tokens in: it runs
+        await response.chunks.aclose()  # what server/protocol.py's _discard does with it
+
+    llm_app.run(made_then_dropped(), 30)
+    deadline = time.monotonic() + 5  # 400 tokens would take far longer: only the close ends it
+    while time.monotonic() < deadline and metric(llm_app, "forwardpass_generation_active_sequences") != 0:
+        time.sleep(0.02)  # bounded polling of the metric
+    assert metric(llm_app, "forwardpass_generation_active_sequences") == 0
+    assert metric(llm_app, "forwardpass_generation_generated_tokens_total") - generated < 200
 
 
 @pytest.mark.parametrize(("body", "status", "param"), [

@@ -249,7 +249,7 @@ def test_a_streamed_answer_is_settled_once_however_it_ends():
     import asyncio
     import gc
 
-    from forwardpass.server.tenancy import _SettledAfter
+    from forwardpass.server.http import Finally
 
     async def chunks():
         yield b"a"
@@ -259,7 +259,7 @@ def test_a_streamed_answer_is_settled_once_however_it_ends():
         counts = []
         for how in ("read to the end", "closed before the first chunk", "dropped unsent", "cancelled mid-way"):
             settled = []
-            wrapped = _SettledAfter(chunks(), lambda s=settled: s.append(1))
+            wrapped = Finally(chunks(), lambda s=settled: s.append(1))
             if how == "read to the end":
                 assert [c async for c in wrapped] == [b"a", b"b"]
                 await wrapped.aclose()
@@ -278,9 +278,9 @@ def test_a_streamed_answer_is_settled_once_however_it_ends():
                     await asyncio.sleep(10)
                     yield b"b"
 
-                wrapped = _SettledAfter(slow(), lambda s=settled: s.append(1))
+                wrapped = Finally(slow(), lambda s=settled: s.append(1))
 
-                async def read(it: _SettledAfter) -> None:
+                async def read(it: Finally) -> None:
                     async for _ in it:
                         pass
 

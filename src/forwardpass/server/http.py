@@ -255,6 +255,40 @@ class StreamingResponse:
         return [(b"content-type", self.content_type.encode()), *self.headers]
 
 
+class Finally:
+    """A streamed answer's chunks with a clean-up that runs once when they end, fail, are closed (the client
+    left, even before the first chunk) or are dropped unsent: a generator's ``finally`` would not run in the
+    last two cases. The tenancy settles a stream's charge so; a generation frees its slot."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], cleanup: Callable[[], None]):
+        self._chunks = chunks
+        self._cleanup: Callable[[], None] | None = cleanup
+
+    def __aiter__(self) -> Finally:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self._chunks.__anext__()
+        except BaseException:  # StopAsyncIteration (the end), an error, or a cancellation
+            self._done()
+            raise
+
+    async def aclose(self) -> None:
+        self._done()
+        aclose = getattr(self._chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+    def _done(self) -> None:
+        cleanup, self._cleanup = self._cleanup, None
+        if cleanup is not None:
+            cleanup()
+
+    def __del__(self) -> None:
+        self._done()
+
+
 class ClientGone(Exception):
     """A writer's client went away while a streamed answer was being written: stop producing it."""
 

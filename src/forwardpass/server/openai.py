@@ -26,7 +26,7 @@ from forwardpass.generation.sequence import Generation
 from forwardpass.generation.tools import CallStream, split_calls
 from forwardpass.server.config import ServeConfig
 from forwardpass.server.errors import openai_error, shown
-from forwardpass.server.http import Request, Response, StreamingResponse, json_object
+from forwardpass.server.http import Finally, Request, Response, StreamingResponse, json_object
 from forwardpass.server.openai_extras import OpenAIExtras
 from forwardpass.server.tenancy import Tenancy
 
@@ -74,8 +74,14 @@ class OpenAIHandlers:
         meta = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], "created": int(time.time()),
                 "model": model}  # fmt: skip
         if checked.stream:
-            return StreamingResponse(_events(generations, meta, chat, checked.include_usage, checked.tools is not None,
-                                             lambda results: log_request(meta, checked, results)))  # fmt: skip
+            events = _events(generations, meta, chat, checked.include_usage, checked.tools is not None,
+                             lambda results: log_request(meta, checked, results))  # fmt: skip
+            # never read (the client left before the head went out): the generations stop, their slots free
+            def stop() -> None:
+                for g in generations:
+                    g.cancel()
+
+            return StreamingResponse(Finally(events, stop))
         try:
             results = await asyncio.gather(*(g.result() for g in generations))
         except Exception as exc:

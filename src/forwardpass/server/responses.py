@@ -39,7 +39,7 @@ from forwardpass.generation.sequence import Generation
 from forwardpass.generation.tools import CallStream, split_calls
 from forwardpass.server.config import ServeConfig
 from forwardpass.server.errors import openai_error
-from forwardpass.server.http import Request, Response, StreamingResponse
+from forwardpass.server.http import Finally, Request, Response, StreamingResponse
 from forwardpass.server.openai import log_request, read_json  # the chat path's body reader, its request log
 from forwardpass.server.response_store import ResponseStore, StoredResponse
 from forwardpass.server.tenancy import Tenancy
@@ -92,7 +92,7 @@ class ResponsesHandlers:
             return response
 
         if checked.stream:
-            return StreamingResponse(_events(generation, answer, keep))
+            return StreamingResponse(Finally(_events(generation, answer, keep), generation.cancel))
         try:
             result = await generation.result()
         except Exception as exc:

@@ -15,7 +15,7 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from forwardpass.monitoring.limits import Headers, Limiter, SharedBuckets, Token
 from forwardpass.monitoring.usage import Meter, next_month, open_usage, today, totals
 from forwardpass.server import metrics
 from forwardpass.server.config import ServeConfig
-from forwardpass.server.http import Request, Response, StreamingResponse
+from forwardpass.server.http import Finally, Request, Response, StreamingResponse
 
 log = logging.getLogger("forwardpass.server")
 
@@ -157,7 +157,7 @@ class Tenancy:
         if charge.headers:
             response.headers.extend(charge.headers)
         if isinstance(response, StreamingResponse) and response.status < 400:
-            response.chunks = _SettledAfter(response.chunks, lambda: self._settle(charge, 200))
+            response.chunks = Finally(response.chunks, lambda: self._settle(charge, 200))
         else:
             self._settle(charge, response.status)
         return response
@@ -207,39 +207,6 @@ class Tenancy:
         cost = self.tiers.add_costs(rows)
         return Response.json({"object": "list", "data": rows, "totals": {**totals(rows), "cost": cost},
                               "flush_interval_seconds": self.meter.interval})  # fmt: skip
-
-
-class _SettledAfter:
-    """A streamed answer's chunks, settled once when they end, fail, are closed (the client left, even before
-    the first chunk) or are dropped unsent: a generator's ``finally`` would not run in the last two cases."""
-
-    def __init__(self, chunks: AsyncIterator[bytes], settle: Callable[[], None]):
-        self._chunks = chunks
-        self._settle: Callable[[], None] | None = settle
-
-    def __aiter__(self) -> _SettledAfter:
-        return self
-
-    async def __anext__(self) -> bytes:
-        try:
-            return await self._chunks.__anext__()
-        except BaseException:  # StopAsyncIteration (the end), an error, or a cancellation
-            self._done()
-            raise
-
-    async def aclose(self) -> None:
-        self._done()
-        aclose = getattr(self._chunks, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-    def _done(self) -> None:
-        settle, self._settle = self._settle, None
-        if settle is not None:
-            settle()
-
-    def __del__(self) -> None:
-        self._done()
 
 
 def _day(query: dict[str, str], name: str) -> str | None:
