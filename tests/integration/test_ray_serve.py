@@ -68,7 +68,8 @@ def _post(server: Server, path: str, body: dict, **headers: str) -> httpx.Respon
 def test_v2_and_predict_are_answered_by_two_replicas(ray_server):
     v2 = {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": list(FLOWER.values())}]}
     replicas = set()
-    for _ in range(30):
+    deadline = time.monotonic() + 60  # the handle's router learns of the second replica when Ray tells it
+    while time.monotonic() < deadline:
         infer = _post(ray_server, "/v2/models/iris/infer", v2)
         assert infer.status_code == 200, infer.text
         assert infer.json()["model_name"] == "iris" and len(infer.json()["outputs"]) == 2
@@ -77,6 +78,7 @@ def test_v2_and_predict_are_answered_by_two_replicas(ray_server):
         replicas |= {infer.headers["x-forwardpass-replica"], predict.headers["x-forwardpass-replica"]}
         if len(replicas) == 2:
             break
+        time.sleep(0.05)
     assert len(replicas) == 2, replicas
     missing = _post(ray_server, "/v2/models/nope/infer", v2)
     assert missing.status_code == 404 and "nope" in missing.text  # the ingress's own answer, in V2's shape
