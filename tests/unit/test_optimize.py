@@ -179,16 +179,14 @@ def test_a_regression_variant_gets_a_widened_interval_that_promote_serves(demo_r
 
 
 def test_fp16_that_runs_no_faster_is_labelled_size_only(repo):
-    import platform
-
+    """The label follows the measured throughput (whether fp16 is faster here is a timing, for bench/: on a
+    model this small one round can go either way, and a CI run once did)."""
     from forwardpass.optimize import MIN_GAIN, optimize
 
     report = optimize(repo, "digits", ["fp16"], rounds=1)
     row = report.row("fp16")
     assert row.size_bytes < report.row("original").size_bytes and row.quality["drop"] < 0.01
     assert row.size_only == (row.throughput < MIN_GAIN * report.row("original").throughput)
-    if platform.machine() in ("x86_64", "AMD64"):  # no fp16 arithmetic in ONNX Runtime's x86 CPU kernels: casts
-        assert row.size_only
     text = (repo / "digits" / "optimize" / "report.md").read_text()
     assert ("(size only: no faster on this CPU)" in text) == row.size_only
 
