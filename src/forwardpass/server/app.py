@@ -97,8 +97,12 @@ class App:
             raise ModelNotFound(f"{scope['path']}: no such stream endpoint; streams are at /v2/models/{{model}}/stream")
         self.keys.check(Request(scope, None, {}), Access.INFER)
         drop = stream.drop_policy(scope.get("query_string", b""))
-        self.engine.served(*found)  # unknown, unready or a language model: refused before accepting
+        self.check_streamable(*found)
         return found[0], found[1], drop
+
+    def check_streamable(self, model: str, version: int | None) -> None:
+        """An unknown, unready or language model is refused a stream before it is accepted."""
+        self.engine.served(model, version)
 
     def frames(self, model: str, version: int | None) -> stream.Frames:
         """Who answers an accepted stream's frames: this process's engine (Ray's ingress: the model's deployment)."""

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import logging
 import os
 import re
@@ -45,10 +44,9 @@ from forwardpass.errors import ForwardpassError, ModelNotFound, ModelNotReady
 from forwardpass.repository import Repository
 from forwardpass.server import metrics, stream
 from forwardpass.server.app import App
-from forwardpass.server.auth import Access
 from forwardpass.server.config import ServeConfig
 from forwardpass.server.errors import error_response, openai_error
-from forwardpass.server.http import Request, Response, StreamingResponse, decode_body
+from forwardpass.server.http import Response, StreamingResponse, decode_body
 from forwardpass.tasks import TASKS
 
 log = logging.getLogger("forwardpass.ray")
@@ -142,7 +140,7 @@ class ModelReplica:
             try:
                 frames = self._streams[key] = EngineFrames(self.app.engine, self.model, version)
             except ForwardpassError as exc:  # unloaded, say: this frame's answer says so
-                return orjson.dumps({"error": exc.message, "type": exc.type}).decode()
+                return stream.error_frame(exc)
         return await frames.answer(request, skipped)
 
     async def sequence(self, key: str, version: int | None, mailbox: Any) -> AsyncIterator[str | bytes]:
@@ -154,7 +152,7 @@ class ModelReplica:
         try:
             frames = EngineFrames(self.app.engine, self.model, version)
         except ForwardpassError as exc:
-            error = orjson.dumps({"error": exc.message, "type": exc.type}).decode()
+            error = stream.error_frame(exc)
             while await mailbox.get.remote(key) is not None:
                 yield error
             return
@@ -254,19 +252,12 @@ class RayIngress(App):
 
         return await asyncio.to_thread(parse)
 
-    def accept_stream(self, scope: dict[str, Any]) -> tuple[str, int | None, str]:
-        """A WebSocket stream: the key checked here, the model's deployment answers its frames (_RayFrames)."""
-        found = stream.match(scope["path"])
-        if found is None:
-            raise ModelNotFound(f"{scope['path']}: no such stream endpoint; streams are at /v2/models/{{model}}/stream")
-        self.keys.check(Request(scope, None, {}), Access.INFER)
-        drop = stream.drop_policy(scope.get("query_string", b""))
-        model = found[0]
+    def check_streamable(self, model: str, version: int | None) -> None:
+        """Known from the repository here (the model is loaded by its deployment, which answers the frames)."""
         if model not in self.handles:
             raise ModelNotFound(f"model '{model}' is not in the repository")
         if model in self.language_models:
             raise language_model_elsewhere(model)
-        return model, found[1], drop
 
     def frames(self, model: str, version: int | None) -> stream.Frames:
         if model in self.stateful and self.mailbox is not None:
@@ -347,8 +338,7 @@ class _RayFrames:
                                                                                        request, skipped)  # fmt: skip
         except Exception as exc:  # the deployment failed: this frame's answer says so, the stream goes on
             log.warning("ray: %s: a stream frame failed: %s", deployment_name(self.model), exc)
-            return orjson.dumps({"error": f"model {self.model!r} did not answer through Ray Serve "
-                                 f"({type(exc).__name__})", "type": "unavailable"}).decode()  # fmt: skip
+            return _unanswered(self.model, exc)
         return answer
 
     async def end(self) -> None:
@@ -356,6 +346,12 @@ class _RayFrames:
             await self.handle.options(method_name="end_stream").remote(self.key)
         except Exception as exc:  # a replica gone takes its sequences with it
             log.warning("ray: %s: ending a stream failed: %s", deployment_name(self.model), exc)
+
+
+def _unanswered(model: str, exc: Exception, hint: str = "") -> str:
+    """A stream frame's answer when the deployment failed to give one."""
+    return orjson.dumps({"error": f"model {model!r} did not answer through Ray Serve ({type(exc).__name__}){hint}",
+                         "type": "unavailable"}).decode()  # fmt: skip
 
 
 class _RaySequence:
@@ -380,9 +376,7 @@ class _RaySequence:
             return answer
         except Exception as exc:  # the replica went away, and the sequence with it: each frame says so
             log.warning("ray: %s: a sequence frame failed: %s", deployment_name(self.model), exc)
-            return orjson.dumps({"error": f"model {self.model!r} did not answer through Ray Serve "
-                                 f"({type(exc).__name__}); reconnect to start a new sequence",
-                                 "type": "unavailable"}).decode()  # fmt: skip
+            return _unanswered(self.model, exc, "; reconnect to start a new sequence")
 
     async def end(self) -> None:
         if self.answers is None:
@@ -534,7 +528,7 @@ def run(config: ServeConfig, address: str | None) -> None:
         os.environ.setdefault(name, value)
     ray = require("ray", "ray", "forwardpass serve --ray")
     serve = require("ray.serve", "ray", "forwardpass serve --ray")
-    from forwardpass.server.run import listen, worker
+    from forwardpass.server.run import listen, run_loop, worker
     from forwardpass.server.tenancy import prepare_state
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -565,10 +559,5 @@ def run(config: ServeConfig, address: str | None) -> None:
 
                 await asyncio.to_thread(delete)
 
-    if importlib.util.find_spec("uvloop") is not None:
-        import uvloop
-
-        uvloop.run(serve_here())
-    else:
-        asyncio.run(serve_here())
+    run_loop(serve_here())
     ray.shutdown()

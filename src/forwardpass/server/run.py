@@ -18,7 +18,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 from forwardpass.server.app import App, create_app
@@ -53,12 +53,17 @@ def listen(host: str, port: int) -> socket.socket:
 
 def run_worker(config: ServeConfig, sock: socket.socket) -> None:
     """Serve the app on ``sock`` with our own HTTP server until SIGINT or SIGTERM, then drain."""
+    run_loop(worker(config, sock))
+
+
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """``main`` on a new event loop: uvloop's where it is installed."""
     if importlib.util.find_spec("uvloop") is not None:
         import uvloop
 
-        uvloop.run(worker(config, sock))
+        uvloop.run(main)
     else:
-        asyncio.run(worker(config, sock))
+        asyncio.run(main)
 
 
 async def worker(config: ServeConfig, sock: socket.socket, make_app: Callable[[ServeConfig], App] = create_app) -> None:

@@ -205,15 +205,20 @@ async def _answer(engine: Any, model: str, version: int | None, request: Any, sk
     try:
         served, outputs = await engine.infer(model, version, request)
     except ForwardpassError as exc:
-        body: dict[str, Any] = {"error": exc.message, "type": exc.type}
-        if isinstance(exc, InvalidInput):
-            body["detail"] = [exc.to_dict()]
-        return orjson.dumps(body).decode()
+        return error_frame(exc)
     parameters = {"skipped": skipped} if skipped else None
     payload, header_length = encode_response(model, served.model.version, request.id, outputs, parameters)
     if header_length is None:
         return payload.decode()
     return header_length.to_bytes(4, "little") + payload
+
+
+def error_frame(exc: ForwardpassError) -> str:
+    """A frame's error, answered in its place (the stream goes on): {"error", "type"[, "detail"]} as text."""
+    body: dict[str, Any] = {"error": exc.message, "type": exc.type}
+    if isinstance(exc, InvalidInput):
+        body["detail"] = [exc.to_dict()]
+    return orjson.dumps(body).decode()
 
 
 def _reason(message: str) -> str:
