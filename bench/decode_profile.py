@@ -1,13 +1,15 @@
 """Where a decode step's time goes: ONNX Runtime's profiler over the converted SmolLM2, per kind of node.
 
-    python bench/decode_profile.py [--rows 1 8] [--steps 60] [--context 128]
+    python bench/decode_profile.py [--rows 1 8] [--steps 60] [--context 128] [--linears forwardpass onnxruntime]
 
 For each row count, ``steps`` decode steps (every row one token, at position ``context`` onward) through
 the decoder graph bound to its KV buffers as the engine binds them; the profiler's kernel times summed per
 op type (the 4-bit linears, the 8-bit head and the Q4_1 block-sum correction's nodes apart), per step, with
 the median whole-run time. Profiling adds a few microseconds to every node (about 700 of them), so the
 whole-run time here is above the unprofiled step; compare kinds with each other and the same kind between
-row counts. The first 10 steps are left out of the median (allocation, first-use setup).
+row counts. The first 10 steps are left out of the median (allocation, first-use setup). ``--linears`` picks
+the graphs to profile: the Q4_1 linears as forwardpass's own kernel (one Q4_1MatMul node each, the default
+import) and as ONNX Runtime's operators only (MatMulNBits and three correction nodes each).
 """
 
 from __future__ import annotations
@@ -40,13 +42,19 @@ def kind(name: str, op: str) -> str:
         return "MatMulNBits (8-bit head)"
     if op == "MatMulNBits":
         return "MatMulNBits (4-bit linears)"
+    if op == "Q4_1MatMul":
+        return "Q4_1MatMul (forwardpass, linears)"
     if CORRECTION.fullmatch(name):
         return f"{op} (Q4_1 correction)"
     return op
 
 
 def profile(model: Path, rows: int, steps: int, context: int) -> tuple[float, dict[str, tuple[float, int]]]:
+    from forwardpass import kernels
+
     options = ort.SessionOptions()
+    if kernels.used_by(model):
+        options.register_custom_ops_library(str(kernels.library()))
     options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = 2, 0, 4
     options.enable_profiling = True
     options.profile_file_prefix = str(Path(tempfile.gettempdir()) / "fp-decode-profile")
@@ -97,21 +105,25 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--context", type=int, default=128, help="positions already in each row's cache")
+    parser.add_argument("--linears", nargs="+", choices=("forwardpass", "onnxruntime"),
+                        default=["forwardpass", "onnxruntime"])  # fmt: skip
     args = parser.parse_args()
     from forwardpass.convert.gguf import import_gguf
 
     repo = Path(tempfile.mkdtemp(prefix="fp-profile-"))
     try:
-        import_gguf(GGUF, "smollm2", repo, max_context=1024)
-        model = repo / "smollm2" / "1" / "model.onnx"
         print(f"CPU: {cpu_flags()}, {os.cpu_count()} cores; {GGUF.name}; 2 threads; decode at position {args.context}+")
-        for rows in args.rows:
-            run, table = profile(model, rows, args.steps, args.context)
-            kernels = sum(ms for ms, _ in table.values())
-            print(f"\n{rows} row{'s' if rows > 1 else ''}: whole run {run:.2f} ms a step (profiled), kernels {kernels:.2f} ms")
-            for k, (ms, n) in sorted(table.items(), key=lambda item: -item[1][0]):
-                if ms >= 0.05:
-                    print(f"  {k:<36}{ms:7.2f} ms {ms / kernels:6.1%}  {n:4d} nodes")
+        for linears in args.linears:
+            import_gguf(GGUF, linears, repo, max_context=1024, linears=linears)
+            model = repo / linears / "1" / "model.onnx"
+            for rows in args.rows:
+                run, table = profile(model, rows, args.steps, args.context)
+                kernels = sum(ms for ms, _ in table.values())
+                print(f"\n{linears} linears, {rows} row{'s' if rows > 1 else ''}: whole run {run:.2f} ms a step "
+                      f"(profiled), kernels {kernels:.2f} ms")  # fmt: skip
+                for k, (ms, n) in sorted(table.items(), key=lambda item: -item[1][0]):
+                    if ms >= 0.05:
+                        print(f"  {k:<36}{ms:7.2f} ms {ms / kernels:6.1%}  {n:4d} nodes")
     finally:
         shutil.rmtree(repo, ignore_errors=True)
 

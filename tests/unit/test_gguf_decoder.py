@@ -91,20 +91,58 @@ def test_unsupported_quantization_is_named(tmp_path):
         build_decoder(model)
 
 
+def kernels_library():
+    from forwardpass import kernels
+
+    try:
+        return kernels.library()
+    except kernels.KernelUnavailable as exc:
+        pytest.skip(f"forwardpass's kernels do not build here: {exc}")
+
 
 @needs_model
-def test_the_int8_and_fp32_rewrites_compute_what_the_reference_does(tmp_path):
-    """forwardpass optimize's variants of an imported decoder (optimize/llm.py): the 4-bit weights read back to
-    floats exactly, so the fp32 rewrite is the reference to float rounding; the int8 one (8-bit blocks) is near
-    it, with the same best token."""
+def test_forwardpass_linears_compute_what_the_reference_does(tmp_path):
+    """The decoder with forwardpass's Q4_1MatMul (int8 activations, as llama.cpp's Q8_1): near the float
+    reference through a prompt and decode steps, the same best token, and one node a linear."""
+    import onnx
+
+    model = GGUFFile.open(smollm2_path())
+    graph = build_decoder(model, max_positions=CACHE, linears="forwardpass")
+    assert sum(n.op_type == "Q4_1MatMul" for n in graph.graph.node) == 4 * model.hparams.n_layer
+    assert not any(n.op_type in ("MatMul", "Add") for n in graph.graph.node)  # no block-sum correction left
+    onnx.save(graph, str(tmp_path / "decoder.onnx"), save_as_external_data=True, location="decoder.data")
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(kernels_library()))
+    session = ort.InferenceSession(str(tmp_path / "decoder.onnx"), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    past, position = empty_cache(model.hparams), 0
+    reference = ReferenceDecoder(model)
+    for tokens in ([1, 4093, 198, 1780, 314, 216, 34, 27, 34, 47, 2, 198], [504], [3575]):
+        result = dict(zip(names, session.run(None, feeds_for(tokens, position, past))))
+        for i in range(model.hparams.n_layer):
+            past[f"past_key.{i}"], past[f"past_value.{i}"] = result[f"present_key.{i}"], result[f"present_value.{i}"]
+        expected, got = reference.forward(tokens)[-1], result["logits"][0, -1]
+        assert np.abs(got - expected).max() <= 0.05 * np.abs(expected).max()
+        assert got.argmax() == expected.argmax()
+        position += len(tokens)
+
+
+@needs_model
+@pytest.mark.parametrize("linears", ["onnxruntime", "forwardpass"])
+def test_the_int8_and_fp32_rewrites_compute_what_the_reference_does(tmp_path, linears):
+    """forwardpass optimize's variants of an imported decoder (optimize/llm.py), from either form of its Q4_1
+    linears: the 4-bit weights read back to floats exactly, so the fp32 rewrite is the reference to float
+    rounding; the int8 one (8-bit blocks) is near it, with the same best token."""
     import onnx
 
     from forwardpass.optimize.llm import rewrite
 
+    if linears == "forwardpass":
+        kernels_library()
     model = GGUFFile.open(smollm2_path())
     (tmp_path / "1").mkdir()
-    onnx.save(build_decoder(model, accuracy_level=0, max_positions=CACHE), str(tmp_path / "1" / "model.onnx"),
-              save_as_external_data=True, location="model.onnx.data")  # fmt: skip
+    onnx.save(build_decoder(model, accuracy_level=0, max_positions=CACHE, linears=linears),
+              str(tmp_path / "1" / "model.onnx"), save_as_external_data=True, location="model.onnx.data")  # fmt: skip
     tokens = [1, 4093, 198, 1780, 314, 216, 34, 27, 34, 47]
     expected = ReferenceDecoder(model).forward(tokens)[-1]
     for weights, tolerance in (("fp32", 1e-4), ("int8", 0.05)):

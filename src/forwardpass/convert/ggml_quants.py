@@ -43,6 +43,22 @@ def q4_1_to_nbits(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return packed, d.reshape(-1), np.ascontiguousarray(correction)
 
 
+def q4_1_split(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_1 rows -> forwardpass's Q4_1MatMul inputs, GGUF's own bytes regrouped: (qs (N, K/32, 16) uint8 nibbles,
+    d (N, K/32) fp16, m (K/32, N) fp16: transposed, so that the kernel reads the minimums of 16 outputs at once)."""
+    blocks = _blocks(raw, 20)
+    d = blocks[:, :, 0:2].copy().view(np.float16)[..., 0]
+    m = blocks[:, :, 2:4].copy().view(np.float16)[..., 0]
+    return np.ascontiguousarray(blocks[:, :, 4:20]), d, np.ascontiguousarray(m.T)
+
+
+def q4_1_join(qs: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """q4_1_split's arrays -> the float weights (N, K): q * d + m."""
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.float32)  # (N, K/32, 32) in element order
+    w = q * d.astype(np.float32)[..., None] + m.T.astype(np.float32)[..., None]
+    return w.reshape(qs.shape[0], -1)
+
+
 def block_sum_rows(k: int) -> tuple[np.ndarray, np.ndarray]:
     """K/32 extra 4-bit weight rows whose outputs are the per-block sums of the input, exactly."""
     nb = k // QK

@@ -6,7 +6,8 @@ Graph (B batch rows, T new tokens, S cache length, C = n_embd, V = vocab):
 
     input_ids (B, T) int64 -> embedding rows gathered from the Q8_0 table, dequantized in-graph
     per layer:  SkipSimplifiedLayerNormalization (residual + RMSNorm in one kernel)
-                qkv = MatMulNBits(4-bit, q/k/v fused) + block-sum correction
+                qkv = Q4_1MatMul (forwardpass's kernel, q/k/v fused), or without it
+                      MatMulNBits(4-bit) + block-sum correction
                 GroupQueryAttention (packed qkv, interleaved rotary from cos/sin caches,
                                      past/present KV buffers that can be one shared buffer)
                 o = MatMulNBits + correction
@@ -20,6 +21,10 @@ logits for the first rows only (the rest are padding).
 Outputs: logits, present_key.{i} / present_value.{i}, hidden_sum (the final-normed hidden states summed
 over the positions: mean-pooled embeddings). See convert/ggml_quants.py for the
 Q4_1 mapping; accuracy_level 4 (int8 activations) is ONNX Runtime's fast CPU path.
+
+``linears="forwardpass"`` computes each Q4_1 linear in one node of forwardpass's own kernel
+(forwardpass/kernels: GGUF's bytes as they are, int8 activations as llama.cpp's Q8_1, one pass, the same
+result for a row alone or beside others); ``"onnxruntime"`` uses only ONNX Runtime's own ops, four a linear.
 """
 
 from __future__ import annotations
@@ -30,10 +35,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from forwardpass._deps import require
-from forwardpass.convert.ggml_quants import block_sum_rows, q4_1_to_nbits, q8_0_rows, q8_0_to_nbits
+from forwardpass.convert.ggml_quants import block_sum_rows, q4_1_split, q4_1_to_nbits, q8_0_rows, q8_0_to_nbits
 from forwardpass.generation.gguf_file import GGUFError, GGUFFile
 
 MS = "com.microsoft"
+FP = "forwardpass"  # forwardpass.kernels.DOMAIN (not imported here: building a graph needs no compiler)
+LINEARS = ("forwardpass", "onnxruntime")
 
 
 @dataclass
@@ -44,6 +51,7 @@ class _Graph:
     inits: list = field(default_factory=list)
     count: int = 0
     shared: dict = field(default_factory=dict)  # constants used by many nodes, stored once
+    linears: str = "onnxruntime"  # how Q4_1 linears are computed (LINEARS)
 
     def name(self, hint: str) -> str:
         self.count += 1
@@ -70,7 +78,14 @@ class _Graph:
 
 
 def _q4_linear(g: _Graph, x: str, raws: list[np.ndarray], k: int, level: int, hint: str) -> str:
-    """x (.., K) @ W.T for Q4_1 weights (several fused along N): MatMulNBits + block-sum correction."""
+    """x (.., K) @ W.T for Q4_1 weights (several fused along N): Q4_1MatMul, or MatMulNBits + block-sum correction."""
+    if g.linears == "forwardpass":
+        parts4 = [q4_1_split(r) for r in raws]
+        qs, d = np.concatenate([p[0] for p in parts4]), np.concatenate([p[1] for p in parts4])
+        m = np.concatenate([p[2] for p in parts4], axis=1)  # (K/32, N): the minimums, transposed
+        (out,) = g.op("Q4_1MatMul", [x, g.const(f"{hint}_qs", qs), g.const(f"{hint}_d", d), g.const(f"{hint}_m", m)],
+                      hint, domain=FP)  # fmt: skip
+        return out
     parts = [q4_1_to_nbits(r) for r in raws]
     sum_rows, sum_scales = block_sum_rows(k)
     packed = np.concatenate([p[0] for p in parts] + [sum_rows])  # (N + K/32, K/32, 16)
@@ -96,13 +111,14 @@ def _rope_caches(hp, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build_decoder(model: GGUFFile, *, accuracy_level: int = 4, max_positions: int | None = None,
-                  expose_hidden: bool = False, head_accuracy_level: int | None = None):  # fmt: skip
+                  expose_hidden: bool = False, head_accuracy_level: int | None = None,
+                  linears: str = "onnxruntime"):  # fmt: skip
     """The ONNX decoder for a GGUF Llama-family model with Q4_1 linears and a Q8_0 (tied) head.
 
     ``expose_hidden`` adds outputs ``hidden.{i}``: the residual stream after block i, for
     layer-by-layer checks against the numpy reference. ``head_accuracy_level`` (default: the same)
     lets a prefill graph use fp32 linears while its one-row head keeps the int8 path, whose 8-bit
-    fp32 fallback is far slower.
+    fp32 fallback is far slower. ``linears``: see the module's doc (LINEARS).
     """
     require("onnx", "llm", "converting GGUF models")  # the install hint, before the import below fails bare
     from onnx import TensorProto, helper
@@ -118,8 +134,10 @@ def build_decoder(model: GGUFFile, *, accuracy_level: int = 4, max_positions: in
     for name in ("token_embd.weight", head_name):
         if model.tensor(name).tensor_type.name != "Q8_0":
             raise GGUFError(f"{model.path}: {name} is {model.tensor(name).tensor_type.name}; Q8_0 is supported")
+    if linears not in LINEARS:
+        raise ValueError(f"linears is {linears!r}; expected one of {', '.join(LINEARS)}")
     raw = lambda name: np.asarray(model.tensor(name).data)  # noqa: E731
-    g = _Graph()
+    g = _Graph(linears=linears)
     C, D, H, Hkv = hp.n_embd, hp.head_dim, hp.n_head, hp.n_head_kv
 
     # embedding: gather int8 rows and their block scales, dequantize only the T rows needed
@@ -207,6 +225,9 @@ def build_decoder(model: GGUFFile, *, accuracy_level: int = 4, max_positions: in
     ))  # fmt: skip
     outputs.insert(0, helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1, head_q.shape[0]]))
     graph = helper.make_graph(g.nodes, f"{hp.arch}_decoder", inputs, outputs, g.inits)
-    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)]
+    if linears == "forwardpass":
+        opsets.append(helper.make_opsetid(FP, 1))
+    onnx_model = helper.make_model(graph, opset_imports=opsets)
     onnx_model.ir_version = 9
     return onnx_model

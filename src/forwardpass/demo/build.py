@@ -22,7 +22,7 @@ import yaml
 from forwardpass._deps import require
 from forwardpass.demo import datasets
 
-DEMO_VERSION = "11"
+DEMO_VERSION = "12"  # 12: smollm2's Q4_1 linears on forwardpass's own kernel where it builds
 _STAMP = ".forwardpass-demo"
 
 

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from forwardpass import _memory
-from forwardpass.errors import InvalidInput
+from forwardpass import _memory, kernels
+from forwardpass.errors import InvalidInput, ModelLoadError
 from forwardpass.runtime.onnx import available_cores, open_session
 
 
@@ -52,8 +52,17 @@ class DecoderSession:
 
     @staticmethod
     def _load(path: str | Path, threads: int | None) -> ort.InferenceSession:
+        library = None
+        if kernels.used_by(path):  # its Q4_1 linears are forwardpass's own kernel
+            try:
+                library = kernels.library()
+            except kernels.KernelUnavailable as exc:
+                raise ModelLoadError(f"{path}: the decoder uses forwardpass's Q4_1 kernel, which cannot be built here "
+                                     f"({exc}); import the GGUF again with `forwardpass import gguf --linears "
+                                     f"onnxruntime` to use ONNX Runtime's own operators") from None  # fmt: skip
         # ONNX Runtime's defaults otherwise (threads spin, the arena stays): a decode step is one long run
-        return open_session(path, Path(path), intra_op=threads or available_cores(), inter_op=0, what="the decoder")
+        return open_session(path, Path(path), intra_op=threads or available_cores(), inter_op=0, what="the decoder",
+                            custom_ops=library)  # fmt: skip
 
     def _binding(self, graph: str, first: int, rows: int, logit_rows: int) -> tuple[Any, np.ndarray, np.ndarray | None]:
         """IO binding of KV rows first..first+rows-1 (contiguous views), a logits buffer and (when the graph

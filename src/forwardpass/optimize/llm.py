@@ -78,9 +78,11 @@ def _attrs(node: Any) -> dict[str, Any]:
 def _rewrite_graph(model: Any, weights: str) -> int:
     from onnx import helper, numpy_helper
 
-    from forwardpass.convert.ggml_quants import int8_blocks
+    from forwardpass.convert.ggml_quants import q4_1_join
 
     graph = model.graph
+    # the int8 variant's accuracy level: the original head's (int8 activations where the original has them)
+    level = next((_attrs(n).get("accuracy_level", 0) for n in graph.node if n.op_type == "MatMulNBits"), 4)
     inits = {t.name: t for t in graph.initializer}
     users: dict[str, list[Any]] = {}
     for node in graph.node:
@@ -91,6 +93,11 @@ def _rewrite_graph(model: Any, weights: str) -> int:
     count = 0
     for node in graph.node:
         attrs = _attrs(node)
+        if node.op_type == "Q4_1MatMul":  # forwardpass's kernel: GGUF's Q4_1 bytes (convert/ggml_quants.q4_1_split)
+            qs, d4, m4 = (numpy_helper.to_array(inits[name]) for name in node.input[1:4])
+            replace[id(node)] = _linear(graph, node, q4_1_join(qs, d4, m4), weights, list(node.output), level)
+            count += 1
+            continue
         if node.op_type != "MatMulNBits" or node.domain != MS:
             continue
         if attrs.get("bits") == 8 and weights == "fp32":  # the head: (q - 128) * d
@@ -112,27 +119,36 @@ def _rewrite_graph(model: Any, weights: str) -> int:
         q = np.empty((n, blocks, 32), np.float32)
         q[..., 0::2], q[..., 1::2] = packed & 0x0F, packed >> 4  # byte i holds elements 2i (low), 2i+1
         w = ((q - 8) * d + correction.T[..., None]).reshape(n, -1)  # Q4_1: q d + m
-        hint = node.name
-        if weights == "fp32":
-            new = helper.make_node("MatMul", [node.input[0], _const(graph, f"{hint}_W", w.T)], list(add.output),
-                                   name=hint)  # fmt: skip
-        else:
-            b8, s8 = int8_blocks(w)
-            new = helper.make_node("MatMulNBits", [node.input[0], _const(graph, f"{hint}_B8", b8),
-                                                   _const(graph, f"{hint}_S8", s8)], list(add.output), name=hint,
-                                   domain=MS, K=attrs["K"], N=n, bits=8, block_size=32,
-                                   accuracy_level=attrs.get("accuracy_level", 0))  # fmt: skip
-        replace[id(node)] = new
+        replace[id(node)] = _linear(graph, node, w, weights, list(add.output), attrs.get("accuracy_level", 0))
         drop.update({id(split), id(corr), id(add)})
         count += 1
     nodes = [replace.get(id(n), n) for n in graph.node if id(n) not in drop]
     del graph.node[:]
     graph.node.extend(nodes)
+    if not any(n.op_type == "Q4_1MatMul" for n in graph.node):  # every one rewritten: the domain is not needed
+        kept_sets = [o for o in model.opset_import if o.domain != "forwardpass"]
+        del model.opset_import[:]
+        model.opset_import.extend(kept_sets)
     used = {name for n in graph.node for name in n.input}
     kept = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
     return count
+
+
+def _linear(graph: Any, node: Any, w: np.ndarray, weights: str, outputs: list[str], level: int) -> Any:
+    """The node computing x @ w.T (w (N, K) float) as ``weights``: fp32 MatMul or 8-bit MatMulNBits."""
+    from onnx import helper
+
+    from forwardpass.convert.ggml_quants import int8_blocks
+
+    hint = node.name
+    if weights == "fp32":
+        return helper.make_node("MatMul", [node.input[0], _const(graph, f"{hint}_W", w.T)], outputs, name=hint)
+    b8, s8 = int8_blocks(w)
+    return helper.make_node("MatMulNBits", [node.input[0], _const(graph, f"{hint}_B8", b8),
+                                            _const(graph, f"{hint}_S8", s8)], outputs, name=hint, domain=MS,
+                            K=w.shape[1], N=w.shape[0], bits=8, block_size=32, accuracy_level=level)  # fmt: skip
 
 
 def _const(graph: Any, name: str, array: np.ndarray) -> str:

@@ -204,12 +204,14 @@ def from_config(config: ModelConfig, folder: Path, version: int) -> OnnxRuntime:
 
 def open_session(source: str | bytes | Path, path: Path, *, intra_op: int, inter_op: int = 1,
                  graph_optimization: str = "all", spinning: bool = True, arena: bool = True,
-                 providers: Sequence[str] = ("CPUExecutionProvider",), what: str = "the model") -> ort.InferenceSession:
+                 providers: Sequence[str] = ("CPUExecutionProvider",), what: str = "the model",
+                 custom_ops: Path | None = None) -> ort.InferenceSession:
     """An InferenceSession with forwardpass's settings; ModelLoadError naming ``path`` when ONNX Runtime refuses it.
 
     ``spinning=False`` stops a multi-threaded pool's threads after each run; ``arena=False`` serves tensors
-    from malloc instead of ONNX Runtime's CPU arena (see OnnxRuntime._open for when each pays). Every
-    session a served model runs on (models, the language models' decoder) comes from here.
+    from malloc instead of ONNX Runtime's CPU arena (see OnnxRuntime._open for when each pays); ``custom_ops``
+    is a custom-op library to register (forwardpass.kernels). Every session a served model runs on (models, the
+    language models' decoder) comes from here.
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = _OPT_LEVELS[graph_optimization]
@@ -219,6 +221,8 @@ def open_session(source: str | bytes | Path, path: Path, *, intra_op: int, inter
         options.add_session_config_entry("session.force_spinning_stop", "1")
     options.enable_cpu_mem_arena = arena
     options.log_severity_level = 4  # fatal only: we raise every error with its message; the log repeats it
+    if custom_ops is not None:
+        options.register_custom_ops_library(str(custom_ops))
     try:
         return ort.InferenceSession(source if isinstance(source, bytes) else str(source), sess_options=options,
                                     providers=list(providers))  # fmt: skip

@@ -1,0 +1,104 @@
+"""forwardpass's own CPU kernels: C compiled on the machine that runs them, loaded into ONNX Runtime as custom ops.
+
+    path = library()          # builds once per source, compiler and CPU (-O3 -march=native), cached
+    options.register_custom_ops_library(str(path))
+
+ONNX Runtime's CPU kernels have no exact form for some of the layouts a GGUF model ships in (Q4_1's float
+minimum takes MatMulNBits plus three correction nodes a linear, bench/decode_profile.py). These ops compute
+them in one pass, as llama.cpp does. The library is plain C against ONNX Runtime's stable C ABI (``ort_ops.c``
+declares the few entries it calls), built with the system compiler (``$CC``, else ``cc``) into
+``$FORWARDPASS_HOME/kernels/<key>/``. Where no compiler works, :func:`library` raises KernelUnavailable and the
+GGUF importer builds the plain ONNX Runtime graph instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+SOURCES = ("q4_1.c", "ort_ops.c")
+DOMAIN = "forwardpass"  # the custom ops' ONNX domain
+FLAGS = ("-O3", "-march=native", "-std=c11", "-shared", "-fPIC", "-fvisibility=hidden", "-Wall")
+_HERE = Path(__file__).resolve().parent
+
+
+class KernelUnavailable(RuntimeError):
+    """The kernels library could not be built or loaded here (no compiler, or it failed)."""
+
+
+def _compiler() -> str:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise KernelUnavailable("no C compiler found (set CC, or install gcc) to build forwardpass's kernels")
+    return cc
+
+
+def _cpu() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return ""
+    return next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
+
+
+def _key(cc: str) -> str:
+    digest = hashlib.sha256()
+    for name in SOURCES:
+        digest.update((_HERE / name).read_bytes())
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise KernelUnavailable(f"the C compiler {cc} does not run: {exc}") from None
+    digest.update("\0".join([*FLAGS, version, _cpu()]).encode())
+    return digest.hexdigest()[:16]
+
+
+@cache
+def library() -> Path:
+    """The built kernels library (built now if this source, compiler and CPU have none yet)."""
+    from forwardpass.demo.build import home
+
+    cc = _compiler()
+    folder = home() / "kernels" / _key(cc)
+    path = folder / "libforwardpass_kernels.so"
+    if path.exists():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    # built beside its final name and renamed: workers starting together never load a half-written file
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".so.tmp")
+    os.close(fd)
+    command = [cc, *FLAGS, "-o", tmp, *(str(_HERE / name) for name in SOURCES), "-lm"]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise KernelUnavailable(f"building forwardpass's kernels failed ({' '.join(command)}):\n"
+                                    f"{done.stderr[-2000:]}")  # fmt: skip
+        os.replace(tmp, path)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise KernelUnavailable(f"building forwardpass's kernels failed: {exc}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def used_by(path: str | Path) -> bool:
+    """Whether the ONNX graph at ``path`` uses these kernels (imports the forwardpass domain)."""
+    from forwardpass._deps import require
+
+    onnx = require("onnx", "llm", "reading a graph's operator sets")
+    return any(o.domain == DOMAIN for o in onnx.load(str(path), load_external_data=False).opset_import)
+
+
+def available() -> bool:
+    """Whether the kernels library builds (or is built) here."""
+    try:
+        library()
+    except KernelUnavailable:
+        return False
+    return True

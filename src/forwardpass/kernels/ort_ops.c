@@ -1,0 +1,218 @@
+/* forwardpass's kernels as ONNX Runtime custom ops (domain "forwardpass"), over ONNX Runtime's C ABI.
+ *
+ *   Q4_1MatMul(X float (..., K), qs uint8 (N, K/32, 16), d float16 (N, K/32), m float16 (K/32, N)) -> Y (..., N)
+ *
+ * ONNX Runtime's Python wheel ships no headers, so this file declares what it uses: the C API is a table of
+ * function pointers that only ever grows (a function's slot never moves), handed over to RegisterCustomOps,
+ * and a custom op is a struct of callbacks whose `version` says how many of its fields ONNX Runtime reads.
+ * The slot numbers below are those of the C API's `OrtApi` table (onnxruntime_c_api.h); ParallelFor, the
+ * newest used, exists since ONNX Runtime 1.17.
+ */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#define EXPORT __attribute__((visibility("default")))
+
+int64_t fp_q8_1_scratch_bytes(int64_t M, int64_t K);
+void fp_quantize_q8_1(const float *x, int64_t r0, int64_t r1, int64_t M, int64_t K, void *scratch);
+void fp_q4_1_matmul(const void *scratch, int64_t M, int64_t K, const uint8_t *qs, const uint16_t *wd,
+                    const uint16_t *wm, int64_t n0, int64_t n1, int64_t N, float *y);
+
+typedef struct OrtStatus OrtStatus; /* ONNX Runtime's opaque types */
+typedef struct OrtValue OrtValue;
+typedef struct OrtKernelContext OrtKernelContext;
+typedef struct OrtKernelInfo OrtKernelInfo;
+typedef struct OrtSessionOptions OrtSessionOptions;
+typedef struct OrtCustomOpDomain OrtCustomOpDomain;
+typedef struct OrtShape OrtShape; /* OrtTensorTypeAndShapeInfo */
+typedef struct {
+    const void *(*GetApi)(uint32_t version);
+    const char *(*GetVersionString)(void);
+} OrtApiBase;
+
+enum { API_VERSION = 17 };                  /* the oldest table with every slot below */
+enum { ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2 }; /* OrtErrorCode */
+enum { FLOAT = 1, UINT8 = 2, FLOAT16 = 10 }; /* ONNXTensorElementDataType */
+
+/* OrtApi slots */
+enum {
+    CREATE_STATUS = 0, CREATE_CUSTOM_OP_DOMAIN = 26, CUSTOM_OP_DOMAIN_ADD = 27, ADD_CUSTOM_OP_DOMAIN = 28,
+    GET_TENSOR_MUTABLE_DATA = 51, GET_TENSOR_ELEMENT_TYPE = 60, GET_DIMENSIONS_COUNT = 61, GET_DIMENSIONS = 62,
+    GET_TENSOR_TYPE_AND_SHAPE = 65, KERNEL_CONTEXT_GET_INPUT = 90, KERNEL_CONTEXT_GET_OUTPUT = 91,
+    RELEASE_TENSOR_TYPE_AND_SHAPE_INFO = 99, KERNEL_CONTEXT_PARALLEL_FOR = 274,
+};
+
+static const void *const *api; /* the table, from RegisterCustomOps */
+#define CALL(slot, type) ((type)api[slot])
+
+static OrtStatus *error(int code, const char *message) {
+    return CALL(CREATE_STATUS, OrtStatus *(*)(int, const char *))(code, message);
+}
+
+/* The custom op: the fields ONNX Runtime reads for version 16 (V2 kernels returning a status). */
+typedef struct Op Op;
+struct Op {
+    uint32_t version;
+    void *(*CreateKernel)(const Op *, const void *, const OrtKernelInfo *);
+    const char *(*GetName)(const Op *);
+    const char *(*GetExecutionProviderType)(const Op *);
+    int (*GetInputType)(const Op *, size_t);
+    size_t (*GetInputTypeCount)(const Op *);
+    int (*GetOutputType)(const Op *, size_t);
+    size_t (*GetOutputTypeCount)(const Op *);
+    void (*KernelCompute)(void *, OrtKernelContext *);
+    void (*KernelDestroy)(void *);
+    int (*GetInputCharacteristic)(const Op *, size_t);
+    int (*GetOutputCharacteristic)(const Op *, size_t);
+    int (*GetInputMemoryType)(const Op *, size_t);
+    int (*GetVariadicInputMinArity)(const Op *);
+    int (*GetVariadicInputHomogeneity)(const Op *);
+    int (*GetVariadicOutputMinArity)(const Op *);
+    int (*GetVariadicOutputHomogeneity)(const Op *);
+    OrtStatus *(*CreateKernelV2)(const Op *, const void *, const OrtKernelInfo *, void **);
+    OrtStatus *(*KernelComputeV2)(void *, OrtKernelContext *);
+};
+
+/* An input tensor: its data, element type and shape (up to 8 dimensions). */
+typedef struct {
+    void *data;
+    int type;
+    size_t rank;
+    int64_t dims[8];
+} Tensor;
+
+static OrtStatus *input(OrtKernelContext *context, size_t index, Tensor *t) {
+    const OrtValue *value = NULL;
+    OrtShape *shape = NULL;
+    OrtStatus *status = CALL(KERNEL_CONTEXT_GET_INPUT, OrtStatus *(*)(const OrtKernelContext *, size_t,
+                                                                      const OrtValue **))(context, index, &value);
+    if (status) return status;
+    if (!value) return error(ORT_INVALID_ARGUMENT, "Q4_1MatMul: an input is missing");
+    if ((status = CALL(GET_TENSOR_TYPE_AND_SHAPE, OrtStatus *(*)(const OrtValue *, OrtShape **))(value, &shape)))
+        return status;
+    status = CALL(GET_DIMENSIONS_COUNT, OrtStatus *(*)(const OrtShape *, size_t *))(shape, &t->rank);
+    if (!status && t->rank > 8) status = error(ORT_INVALID_ARGUMENT, "Q4_1MatMul: more than 8 dimensions");
+    if (!status) status = CALL(GET_DIMENSIONS, OrtStatus *(*)(const OrtShape *, int64_t *, size_t))(shape, t->dims, t->rank);
+    if (!status) status = CALL(GET_TENSOR_ELEMENT_TYPE, OrtStatus *(*)(const OrtShape *, int *))(shape, &t->type);
+    CALL(RELEASE_TENSOR_TYPE_AND_SHAPE_INFO, void (*)(OrtShape *))(shape);
+    if (!status) status = CALL(GET_TENSOR_MUTABLE_DATA, OrtStatus *(*)(OrtValue *, void **))((OrtValue *)value, &t->data);
+    return status;
+}
+
+typedef struct {
+    const float *x;
+    void *scratch;
+    const uint8_t *qs;
+    const uint16_t *d, *m;
+    int64_t M, K, N;
+    float *y;
+} Work;
+
+enum { OUTPUTS_PER_TASK = 16, ROWS_PER_TASK = 4 };
+
+static void quantize_task(void *arg, size_t i) {
+    const Work *w = arg;
+    const int64_t r0 = (int64_t)i * ROWS_PER_TASK, r1 = r0 + ROWS_PER_TASK < w->M ? r0 + ROWS_PER_TASK : w->M;
+    fp_quantize_q8_1(w->x, r0, r1, w->M, w->K, w->scratch);
+}
+
+static void matmul_task(void *arg, size_t i) {
+    const Work *w = arg;
+    const int64_t n0 = (int64_t)i * OUTPUTS_PER_TASK, n1 = n0 + OUTPUTS_PER_TASK < w->N ? n0 + OUTPUTS_PER_TASK : w->N;
+    fp_q4_1_matmul(w->scratch, w->M, w->K, w->qs, w->d, w->m, n0, n1, w->N, w->y);
+}
+
+static OrtStatus *parallel(OrtKernelContext *context, void (*task)(void *, size_t), size_t total, Work *w) {
+    return CALL(KERNEL_CONTEXT_PARALLEL_FOR, OrtStatus *(*)(const OrtKernelContext *, void (*)(void *, size_t),
+                                                             size_t, size_t, void *))(context, task, total, 0, w);
+}
+
+static OrtStatus *q4_1_compute(void *kernel, OrtKernelContext *context) {
+    (void)kernel;
+    Tensor x, qs, d, m;
+    OrtStatus *status;
+    if ((status = input(context, 0, &x)) || (status = input(context, 1, &qs)) || (status = input(context, 2, &d)) ||
+        (status = input(context, 3, &m)))
+        return status;
+    char message[256];
+    const int64_t K = x.rank ? x.dims[x.rank - 1] : 0, N = qs.rank == 3 ? qs.dims[0] : 0, nb = K / 32;
+    if (x.type != FLOAT || x.rank < 1 || K % 32 || qs.type != UINT8 || qs.rank != 3 || qs.dims[1] != nb ||
+        qs.dims[2] != 16 || d.type != FLOAT16 || d.rank != 2 || d.dims[0] != N || d.dims[1] != nb ||
+        m.type != FLOAT16 || m.rank != 2 || m.dims[0] != nb || m.dims[1] != N) {
+        snprintf(message, sizeof message, "Q4_1MatMul: expected X float (..., K) with K a multiple of 32, qs uint8 "
+                 "(N, K/32, 16), d float16 (N, K/32), m float16 (K/32, N); got K = %lld, qs of rank %zu",
+                 (long long)K, qs.rank);
+        return error(ORT_INVALID_ARGUMENT, message);
+    }
+    int64_t dims[8], M = 1;
+    for (size_t i = 0; i + 1 < x.rank; i++) M *= (dims[i] = x.dims[i]);
+    dims[x.rank - 1] = N;
+    OrtValue *out = NULL;
+    if ((status = CALL(KERNEL_CONTEXT_GET_OUTPUT, OrtStatus *(*)(OrtKernelContext *, size_t, const int64_t *, size_t,
+                                                                OrtValue **))(context, 0, dims, x.rank, &out)))
+        return status;
+    Work w = {x.data, NULL, qs.data, d.data, m.data, M, K, N, NULL};
+    if ((status = CALL(GET_TENSOR_MUTABLE_DATA, OrtStatus *(*)(OrtValue *, void **))(out, (void **)&w.y))) return status;
+    if (M == 0 || N == 0) return NULL;
+    /* the quantized activations: a buffer kept per calling thread, grown as needed */
+    static _Thread_local void *buffer;
+    static _Thread_local int64_t capacity;
+    const int64_t need = fp_q8_1_scratch_bytes(M, K);
+    if (need > capacity) {
+        free(buffer);
+        capacity = 0;
+        if (!(buffer = malloc((size_t)need))) return error(ORT_FAIL, "Q4_1MatMul: out of memory");
+        capacity = need;
+    }
+    w.scratch = buffer;
+    if (M <= ROWS_PER_TASK) {
+        fp_quantize_q8_1(w.x, 0, M, M, K, w.scratch);
+    } else if ((status = parallel(context, quantize_task, (size_t)((M + ROWS_PER_TASK - 1) / ROWS_PER_TASK), &w))) {
+        return status;
+    }
+    return parallel(context, matmul_task, (size_t)((N + OUTPUTS_PER_TASK - 1) / OUTPUTS_PER_TASK), &w);
+}
+
+static const char *q4_1_name(const Op *op) { (void)op; return "Q4_1MatMul"; }
+static const char *cpu(const Op *op) { (void)op; return NULL; } /* NULL: the CPU execution provider */
+static int q4_1_input_type(const Op *op, size_t i) { (void)op; return i == 0 ? FLOAT : i == 1 ? UINT8 : FLOAT16; }
+static size_t four(const Op *op) { (void)op; return 4; }
+static int float_type(const Op *op, size_t i) { (void)op; (void)i; return FLOAT; }
+static size_t one(const Op *op) { (void)op; return 1; }
+static int required(const Op *op, size_t i) { (void)op; (void)i; return 0; } /* INPUT_OUTPUT_REQUIRED */
+static int default_memory(const Op *op, size_t i) { (void)op; (void)i; return 0; } /* OrtMemTypeDefault */
+static int zero(const Op *op) { (void)op; return 0; }
+
+static char kernel_object; /* the kernels keep no state: every kernel is this address */
+static OrtStatus *create_kernel(const Op *op, const void *table, const OrtKernelInfo *info, void **kernel) {
+    (void)op; (void)table; (void)info;
+    *kernel = &kernel_object;
+    return NULL;
+}
+static void destroy_kernel(void *kernel) { (void)kernel; }
+
+static const Op q4_1_op = {
+    .version = 16, .GetName = q4_1_name, .GetExecutionProviderType = cpu, .GetInputType = q4_1_input_type,
+    .GetInputTypeCount = four, .GetOutputType = float_type, .GetOutputTypeCount = one,
+    .KernelDestroy = destroy_kernel, .GetInputCharacteristic = required, .GetOutputCharacteristic = required,
+    .GetInputMemoryType = default_memory, .GetVariadicInputMinArity = zero, .GetVariadicInputHomogeneity = zero,
+    .GetVariadicOutputMinArity = zero, .GetVariadicOutputHomogeneity = zero, .CreateKernelV2 = create_kernel,
+    .KernelComputeV2 = q4_1_compute,
+};
+
+EXPORT OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
+    if (!api) api = base->GetApi(API_VERSION);
+    if (!api) return NULL; /* an ONNX Runtime older than 1.17: the session then reports the unknown op */
+    /* one domain for the process: sessions keep using it, so it is never released */
+    static OrtCustomOpDomain *domain;
+    OrtStatus *status;
+    if (!domain) {
+        if ((status = CALL(CREATE_CUSTOM_OP_DOMAIN, OrtStatus *(*)(const char *, OrtCustomOpDomain **))("forwardpass",
+                                                                                                        &domain)))
+            return status;
+        if ((status = CALL(CUSTOM_OP_DOMAIN_ADD, OrtStatus *(*)(OrtCustomOpDomain *, const void *))(domain, &q4_1_op)))
+            return status;
+    }
+    return CALL(ADD_CUSTOM_OP_DOMAIN, OrtStatus *(*)(OrtSessionOptions *, OrtCustomOpDomain *))(options, domain);
+}

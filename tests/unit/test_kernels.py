@@ -1,0 +1,133 @@
+"""forwardpass's own kernels (forwardpass/kernels): built here, run inside ONNX Runtime as custom ops.
+
+Q4_1MatMul against the float product of the dequantized weights (within what int8 activations allow), against
+the plain-C reference in the same library (the vector paths' own sums), and for the property the scheduler
+relies on: a row's result does not depend on the rows beside it or on how the outputs are split over threads.
+"""
+
+import ctypes
+
+import numpy as np
+import pytest
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+from forwardpass import kernels  # noqa: E402
+from forwardpass.convert.ggml_quants import q4_1_join, q4_1_split  # noqa: E402
+
+try:
+    LIBRARY = kernels.library()
+except kernels.KernelUnavailable as exc:  # no C compiler: the importer falls back to ONNX Runtime's operators
+    pytest.skip(f"forwardpass's kernels do not build here: {exc}", allow_module_level=True)
+
+
+def q4_1_bytes(n: int, k: int, seed: int = 0) -> np.ndarray:
+    """Random GGUF Q4_1 rows (N, K/32 * 20): fp16 d > 0, fp16 m <= 0, 16 bytes of nibbles a block."""
+    rng = np.random.default_rng(seed)
+    blocks = np.empty((n, k // 32, 20), np.uint8)
+    blocks[:, :, 0:2] = rng.uniform(0.001, 0.02, (n, k // 32)).astype(np.float16)[..., None].view(np.uint8)
+    blocks[:, :, 2:4] = rng.uniform(-0.15, 0.0, (n, k // 32)).astype(np.float16)[..., None].view(np.uint8)
+    blocks[:, :, 4:20] = rng.integers(0, 256, (n, k // 32, 16), dtype=np.uint8)
+    return blocks.reshape(n, -1)
+
+
+def session(n: int, k: int, raw: np.ndarray, threads: int = 2) -> ort.InferenceSession:
+    from onnx import TensorProto, helper, numpy_helper
+
+    qs, d, m = q4_1_split(raw)
+    node = helper.make_node("Q4_1MatMul", ["x", "qs", "d", "m"], ["y"], domain=kernels.DOMAIN)
+    graph = helper.make_graph([node], "q4_1", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "t", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "t", n])],
+                              [numpy_helper.from_array(qs, "qs"), numpy_helper.from_array(d, "d"),
+                               numpy_helper.from_array(m, "m")])  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(kernels.DOMAIN, 1)])
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(LIBRARY))
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def reference(x: np.ndarray, raw: np.ndarray) -> np.ndarray:
+    """The library's plain-C loop over the natural element order (no vector code), for rows of x."""
+    lib = ctypes.CDLL(str(LIBRARY))
+    qs, d, m = (np.ascontiguousarray(a) for a in q4_1_split(raw))
+    rows = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), np.float32)
+    y = np.empty((rows.shape[0], qs.shape[0]), np.float32)
+    p, i = ctypes.c_void_p, ctypes.c_int64
+    lib.fp_q4_1_reference.argtypes = [p, i, i, p, p, p, i, p]
+    lib.fp_q4_1_reference(rows.ctypes.data, rows.shape[0], rows.shape[1], qs.ctypes.data, d.ctypes.data,
+                          m.ctypes.data, qs.shape[0], y.ctypes.data)  # fmt: skip
+    return y.reshape(*x.shape[:-1], -1)
+
+
+# shapes: the model's (K 576 = four-block groups and a pair left over, 1536 = groups only), an odd leftover
+# block (K 96, 160) and outputs that are no multiple of 16
+@pytest.mark.parametrize(("n", "k"), [(64, 576), (40, 1536), (37, 96), (19, 160)])
+@pytest.mark.parametrize("rows", [(1, 1), (2, 1), (3, 5), (1, 64)])
+def test_q4_1_matmul_is_the_quantized_product(n, k, rows):
+    raw = q4_1_bytes(n, k)
+    x = np.random.default_rng(1).standard_normal((*rows, k)).astype(np.float32)
+    y = session(n, k, raw).run(None, {"x": x})[0]
+    assert y.shape == (*rows, n)
+    exact = x @ q4_1_join(*q4_1_split(raw)).T  # float weights, float activations
+    assert np.abs(y - exact).max() <= 2e-2 * np.abs(exact).max()  # int8 activations: ~1/254 of a block's max
+    expected = reference(x, raw)
+    assert np.abs(y - expected).max() <= 1e-5 * np.abs(expected).max()  # the same sums, in another order
+
+
+def test_a_row_gives_the_same_bits_alone_beside_others_and_on_one_thread():
+    n, k = 200, 576
+    raw = q4_1_bytes(n, k, seed=2)
+    x = np.random.default_rng(3).standard_normal((1, 11, k)).astype(np.float32)
+    together = session(n, k, raw).run(None, {"x": x})[0]
+    alone = np.concatenate([session(n, k, raw).run(None, {"x": x[:, i : i + 1]})[0] for i in range(11)], axis=1)
+    one_thread = session(n, k, raw, threads=1).run(None, {"x": x})[0]
+    assert np.array_equal(together, alone) and np.array_equal(together, one_thread)
+
+
+def test_weights_read_back_exactly():
+    raw = q4_1_bytes(8, 64, seed=4)
+    blocks = raw.reshape(8, 2, 20)
+    d = blocks[:, :, 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    m = blocks[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    qs = blocks[:, :, 4:20]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # ggml: byte j holds elements j and j + 16
+    assert np.array_equal(q4_1_join(*q4_1_split(raw)), (q * d[..., None] + m[..., None]).reshape(8, 64))
+
+
+def test_wrong_shapes_are_an_error_naming_the_op():
+    from onnx import TensorProto, helper, numpy_helper
+
+    raw = q4_1_bytes(16, 64)
+    qs, d, m = q4_1_split(raw)
+    node = helper.make_node("Q4_1MatMul", ["x", "qs", "d", "m"], ["y"], domain=kernels.DOMAIN)
+    graph = helper.make_graph([node], "bad", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "k"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(qs, "qs"), numpy_helper.from_array(d, "d"),
+                               numpy_helper.from_array(m, "m")])  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(kernels.DOMAIN, 1)])
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(LIBRARY))
+    s = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    assert s.run(None, {"x": np.ones((2, 64), np.float32)})[0].shape == (2, 16)
+    with pytest.raises(Exception, match="Q4_1MatMul: expected X float"):
+        s.run(None, {"x": np.ones((2, 96), np.float32)})
+
+
+def test_the_library_is_built_once_per_source_and_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("FORWARDPASS_HOME", str(tmp_path))
+    kernels.library.cache_clear()
+    try:
+        first = kernels.library()
+        assert first.is_relative_to(tmp_path / "kernels") and first.exists()
+        stamp = first.stat().st_mtime_ns
+        kernels.library.cache_clear()
+        assert kernels.library() == first and first.stat().st_mtime_ns == stamp  # found, not rebuilt
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+        kernels.library.cache_clear()
+        with pytest.raises(kernels.KernelUnavailable, match="no-such-compiler"):
+            kernels.library()
+        assert not kernels.available()
+    finally:
+        kernels.library.cache_clear()
