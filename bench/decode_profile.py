@@ -1,15 +1,16 @@
 """Where a decode step's time goes: ONNX Runtime's profiler over the converted SmolLM2, per kind of node.
 
-    python bench/decode_profile.py [--rows 1 8] [--steps 60] [--context 128] [--linears forwardpass onnxruntime]
+    python bench/decode_profile.py [--rows 1 8] [--steps 60] [--context 128] [--kernels forwardpass onnxruntime]
 
 For each row count, ``steps`` decode steps (every row one token, at position ``context`` onward) through
 the decoder graph bound to its KV buffers as the engine binds them; the profiler's kernel times summed per
 op type (the 4-bit linears, the 8-bit head and the Q4_1 block-sum correction's nodes apart), per step, with
 the median whole-run time. Profiling adds a few microseconds to every node (about 700 of them), so the
 whole-run time here is above the unprofiled step; compare kinds with each other and the same kind between
-row counts. The first 10 steps are left out of the median (allocation, first-use setup). ``--linears`` picks
-the graphs to profile: the Q4_1 linears as forwardpass's own kernel (one Q4_1MatMul node each, the default
-import) and as ONNX Runtime's operators only (MatMulNBits and three correction nodes each).
+row counts. The first 10 steps are left out of the median (allocation, first-use setup). ``--kernels`` picks
+the graphs to profile: on forwardpass's own kernels (one Q4_1MatMul node a linear, its Attention; the default
+import) and on ONNX Runtime's operators only (MatMulNBits and three correction nodes a linear,
+GroupQueryAttention).
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--context", type=int, default=128, help="positions already in each row's cache")
-    parser.add_argument("--linears", nargs="+", choices=("forwardpass", "onnxruntime"),
+    parser.add_argument("--kernels", nargs="+", choices=("forwardpass", "onnxruntime"),
                         default=["forwardpass", "onnxruntime"])  # fmt: skip
     args = parser.parse_args()
     from forwardpass.convert.gguf import import_gguf
@@ -113,13 +114,13 @@ def main() -> None:
     repo = Path(tempfile.mkdtemp(prefix="fp-profile-"))
     try:
         print(f"CPU: {cpu_flags()}, {os.cpu_count()} cores; {GGUF.name}; 2 threads; decode at position {args.context}+")
-        for linears in args.linears:
-            import_gguf(GGUF, linears, repo, max_context=1024, linears=linears)
-            model = repo / linears / "1" / "model.onnx"
+        for which in args.kernels:
+            import_gguf(GGUF, which, repo, max_context=1024, kernels=which)
+            model = repo / which / "1" / "model.onnx"
             for rows in args.rows:
                 run, table = profile(model, rows, args.steps, args.context)
                 kernels = sum(ms for ms, _ in table.values())
-                print(f"\n{linears} linears, {rows} row{'s' if rows > 1 else ''}: whole run {run:.2f} ms a step "
+                print(f"\n{which} kernels, {rows} row{'s' if rows > 1 else ''}: whole run {run:.2f} ms a step "
                       f"(profiled), kernels {kernels:.2f} ms")  # fmt: skip
                 for k, (ms, n) in sorted(table.items(), key=lambda item: -item[1][0]):
                     if ms >= 0.05:

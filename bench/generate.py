@@ -41,10 +41,11 @@ TEXT = ("The history of the printing press begins in the fifteenth century, when
 class Forwardpass:
     name = "forwardpass"
 
-    def __init__(self, repo: Path):
+    def __init__(self, repo: Path, model: str = "smollm2", name: str = "forwardpass"):
         import forwardpass
 
-        self.llm = forwardpass.load("smollm2", repository=repo)
+        self.llm = forwardpass.load(model, repository=repo)
+        self.model, self.name = model, name
 
     def tokens(self, n: int) -> list[int]:
         return self.llm.encode(TEXT)[:n]
@@ -133,10 +134,10 @@ def measure(engine, rounds: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in out.items()}
 
 
-def rss_child(which: str, repo: Path) -> float:
-    """Peak RSS (MiB) of a child process that loads one engine and generates."""
+def rss_child(which: str, repo: Path, model: str = "smollm2") -> float:
+    """Peak RSS (MiB) of a child process that loads one engine (``which``: forwardpass or llama.cpp) and generates."""
     code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import generate as g; from pathlib import Path; "
-            f"e = g.Forwardpass(Path({str(repo)!r})) if {which!r} == 'forwardpass' else g.LlamaCpp(); "
+            f"e = g.Forwardpass(Path({str(repo)!r}), {model!r}) if {which!r} == 'forwardpass' else g.LlamaCpp(); "
             "e.decode(e.prefill(e.tokens(512)), 64); "
             # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so it would report this parent's peak
             "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")  # fmt: skip
@@ -231,13 +232,13 @@ def _memory_mib(pid: int) -> tuple[float, float]:
     return rss, pss
 
 
-def serving(rounds: int, peer: bool = True, llama_cpp_python: bool = False) -> None:
+def serving(rounds: int, peer: bool = True, llama_cpp_python: bool = False, kernels: str = "auto") -> None:
     import httpx
 
     from forwardpass.convert.gguf import import_gguf
 
     repo = Path(tempfile.mkdtemp(prefix="fp-serve-"))
-    import_gguf(GGUF, "smollm2", repo, max_context=1024)
+    import_gguf(GGUF, "smollm2", repo, max_context=1024, kernels=kernels)
     servers = []
     started = {}
     port = _free_port()
@@ -331,14 +332,19 @@ def main() -> None:
     parser.add_argument("--llama-cpp-python", action="store_true", help="also llama-cpp-python, when installed")
     parser.add_argument("--weights", choices=("q4_1", "int8"), default="q4_1",
                         help="int8: the imported 4-bit linears rewritten as 8-bit blocks (forwardpass optimize's int8)")
+    parser.add_argument("--kernels", choices=("auto", "forwardpass", "onnxruntime", "both"), default="auto",
+                        help="the linears and attention on forwardpass's own kernels (auto: where they build) or "
+                             "on ONNX Runtime's operators only (forwardpass import gguf --kernels); both: the two, "
+                             "interleaved, the second as 'fp-onnxruntime'")  # fmt: skip
     args = parser.parse_args()
     if args.serve:
-        serving(args.rounds, peer=not args.no_peer, llama_cpp_python=args.llama_cpp_python)
+        serving(args.rounds, peer=not args.no_peer, llama_cpp_python=args.llama_cpp_python, kernels=args.kernels)
         return
+    from forwardpass import kernels
     from forwardpass.convert.gguf import import_gguf
 
     repo = Path(tempfile.mkdtemp(prefix="fp-gen-"))
-    import_gguf(GGUF, "smollm2", repo, max_context=1024)
+    import_gguf(GGUF, "smollm2", repo, max_context=1024, kernels="auto" if args.kernels == "both" else args.kernels)
     if args.weights == "int8":  # in place of version 1's graphs, so that everything below reads the same folder
         from forwardpass.optimize.llm import rewrite
 
@@ -348,12 +354,16 @@ def main() -> None:
         shutil.rmtree(version)
         rewritten.rename(version)
     engines: list = [Forwardpass(repo)]
+    if args.kernels == "both":
+        import_gguf(GGUF, "smollm2-ort", repo, max_context=1024, kernels="onnxruntime")
+        engines.append(Forwardpass(repo, "smollm2-ort", "fp-onnxruntime"))
     if not args.no_peer:
         engines.append(LlamaBench())  # builds llama.cpp the first time (minutes)
     if args.llama_cpp_python and importlib.util.find_spec("llama_cpp") is not None:
         engines.append(LlamaCpp())
-    print(f"CPU: {cpu_flags()}, {os.cpu_count()} cores; {GGUF.name} ({args.weights} linears); medians of {args.rounds} "
-          "rounds\n")
+    graph = "forwardpass's kernels" if kernels.used_by(repo / "smollm2" / "1" / "model.onnx") else "MatMulNBits"
+    print(f"CPU: {cpu_flags()}, {os.cpu_count()} cores; {GGUF.name} ({args.weights} linears, {graph}); medians of "
+          f"{args.rounds} rounds\n")  # fmt: skip
     results = {}
     per_round: dict[str, list[dict[str, float]]] = {e.name: [] for e in engines}
     for _ in range(args.rounds):  # interleaved: one round of each engine in turn
@@ -362,7 +372,9 @@ def main() -> None:
     for e in engines:
         rows = per_round[e.name]
         results[e.name] = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-        results[e.name]["rss_mib"] = e.rss_mib() if isinstance(e, LlamaBench) else rss_child(e.name, repo)
+        results[e.name]["rss_mib"] = (e.rss_mib() if isinstance(e, LlamaBench) else
+                                      rss_child("llama.cpp", repo) if isinstance(e, LlamaCpp) else
+                                      rss_child("forwardpass", repo, e.model))  # fmt: skip
     print(f"{'engine':<13}{'prefill 128':>13}{'prefill 512':>13}{'TTFT 512 ms':>13}{'decode tok/s':>14}{'RSS MiB':>9}")
     for name, r in results.items():
         print(f"{name:<13}{r['prefill128']:>13.0f}{r['prefill512']:>13.0f}{r['ttft512'] * 1000:>13.0f}{r['decode']:>14.1f}"
@@ -375,6 +387,11 @@ def main() -> None:
         print(f"\nagainst {peer}: decode {fp['decode'] / lc['decode']:.2f}x (target >= 1.0, goal 1.2); TTFT(512) "
               f"{fp['ttft512'] / lc['ttft512']:.2f}x (target <= 0.5); prefill 128 / 512 {fp['prefill128'] / lc['prefill128']:.2f}x"
               f" / {fp['prefill512'] / lc['prefill512']:.2f}x (target >= 1.5); RSS {fp['rss_mib'] / lc['rss_mib']:.1f}x")
+    if "fp-onnxruntime" in results:
+        ort_ = results["fp-onnxruntime"]
+        print(f"forwardpass's kernel against ONNX Runtime's operators (same run): decode "
+              f"{fp['decode'] / ort_['decode']:.2f}x, prefill 512 {fp['prefill512'] / ort_['prefill512']:.2f}x, "
+              f"RSS {fp['rss_mib']:.0f} vs {ort_['rss_mib']:.0f} MiB")  # fmt: skip
     print(f"RSS {fp['rss_mib']:.0f} MiB (target <= 300)")
     # every weight of the decode graph but the embedding table (one row read per token) is read once per
     # decoded token

@@ -473,18 +473,18 @@ def import_gguf(
     prefill_accuracy_level: Annotated[int | None, typer.Option(help="A second graph for prompts: 1 = fp32 activations "
                                                                "(faster for many rows on AVX2-only CPUs, a second copy "
                                                                "of the weights); default: none")] = None,  # fmt: skip
-    linears: Annotated[str, typer.Option(help="Q4_1 linears: forwardpass (its own kernel, built here with the C "
-                                         "compiler), onnxruntime (ONNX Runtime's operators only), or auto: "
-                                         "forwardpass where its kernel builds")] = "auto",  # fmt: skip
+    kernels: Annotated[str, typer.Option(help="The Q4_1 linears and attention: forwardpass (its own kernels, built "
+                                         "here with the C compiler), onnxruntime (ONNX Runtime's operators only), "
+                                         "or auto: forwardpass where they build")] = "auto",  # fmt: skip
 ) -> None:
     """Convert a GGUF language model into an ONNX decoder model folder (no code runs from the file)."""
     from forwardpass.convert.gguf import import_gguf as convert
-    from forwardpass.convert.gguf_decoder import LINEARS
+    from forwardpass.convert.gguf_decoder import KERNELS
 
-    if linears not in ("auto", *LINEARS):
-        raise typer.BadParameter(f"{linears!r}; expected auto, {', '.join(LINEARS)}", param_hint="--linears")
+    if kernels not in ("auto", *KERNELS):
+        raise typer.BadParameter(f"{kernels!r}; expected auto, {', '.join(KERNELS)}", param_hint="--kernels")
     folder = convert(file, name, repository or _default_path(), accuracy_level=accuracy_level, max_context=max_context,
-                     prefill_accuracy_level=prefill_accuracy_level, linears=linears)  # fmt: skip
+                     prefill_accuracy_level=prefill_accuracy_level, kernels=kernels)  # fmt: skip
     out.print(f"imported {file} as {folder}")
 
 

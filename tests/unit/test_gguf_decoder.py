@@ -101,15 +101,17 @@ def kernels_library():
 
 
 @needs_model
-def test_forwardpass_linears_compute_what_the_reference_does(tmp_path):
+def test_forwardpass_kernels_compute_what_the_reference_does(tmp_path):
     """The decoder with forwardpass's Q4_1MatMul (int8 activations, as llama.cpp's Q8_1): near the float
     reference through a prompt and decode steps, the same best token, and one node a linear."""
     import onnx
 
     model = GGUFFile.open(smollm2_path())
-    graph = build_decoder(model, max_positions=CACHE, linears="forwardpass")
+    graph = build_decoder(model, max_positions=CACHE, kernels="forwardpass")
     assert sum(n.op_type == "Q4_1MatMul" for n in graph.graph.node) == 4 * model.hparams.n_layer
     assert not any(n.op_type in ("MatMul", "Add") for n in graph.graph.node)  # no block-sum correction left
+    assert sum(n.op_type == "Attention" and n.domain == "forwardpass" for n in graph.graph.node) == model.hparams.n_layer
+    assert not any(n.op_type in ("GroupQueryAttention", "Identity") for n in graph.graph.node)
     onnx.save(graph, str(tmp_path / "decoder.onnx"), save_as_external_data=True, location="decoder.data")
     options = ort.SessionOptions()
     options.register_custom_ops_library(str(kernels_library()))
@@ -128,8 +130,8 @@ def test_forwardpass_linears_compute_what_the_reference_does(tmp_path):
 
 
 @needs_model
-@pytest.mark.parametrize("linears", ["onnxruntime", "forwardpass"])
-def test_the_int8_and_fp32_rewrites_compute_what_the_reference_does(tmp_path, linears):
+@pytest.mark.parametrize("kernels", ["onnxruntime", "forwardpass"])
+def test_the_int8_and_fp32_rewrites_compute_what_the_reference_does(tmp_path, kernels):
     """forwardpass optimize's variants of an imported decoder (optimize/llm.py), from either form of its Q4_1
     linears: the 4-bit weights read back to floats exactly, so the fp32 rewrite is the reference to float
     rounding; the int8 one (8-bit blocks) is near it, with the same best token."""
@@ -137,18 +139,21 @@ def test_the_int8_and_fp32_rewrites_compute_what_the_reference_does(tmp_path, li
 
     from forwardpass.optimize.llm import rewrite
 
-    if linears == "forwardpass":
+    if kernels == "forwardpass":
         kernels_library()
     model = GGUFFile.open(smollm2_path())
     (tmp_path / "1").mkdir()
-    onnx.save(build_decoder(model, accuracy_level=0, max_positions=CACHE, linears=linears),
+    onnx.save(build_decoder(model, accuracy_level=0, max_positions=CACHE, kernels=kernels),
               str(tmp_path / "1" / "model.onnx"), save_as_external_data=True, location="model.onnx.data")  # fmt: skip
     tokens = [1, 4093, 198, 1780, 314, 216, 34, 27, 34, 47]
     expected = ReferenceDecoder(model).forward(tokens)[-1]
     for weights, tolerance in (("fp32", 1e-4), ("int8", 0.05)):
         (tmp_path / weights).mkdir()
         rewrite(tmp_path / "1", tmp_path / weights, weights)
-        session = ort.InferenceSession(str(tmp_path / weights / "model.onnx"), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        if kernels == "forwardpass":  # the variants keep forwardpass's attention
+            options.register_custom_ops_library(str(kernels_library()))
+        session = ort.InferenceSession(str(tmp_path / weights / "model.onnx"), options, providers=["CPUExecutionProvider"])
         got = session.run(["logits"], feeds_for(tokens, 0, empty_cache(model.hparams)))[0][0, -1]
         assert np.abs(got - expected).max() <= tolerance * np.abs(expected).max(), weights
         assert got.argmax() == expected.argmax(), weights

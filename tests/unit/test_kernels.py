@@ -131,3 +131,78 @@ def test_the_library_is_built_once_per_source_and_cpu(tmp_path, monkeypatch):
         assert not kernels.available()
     finally:
         kernels.library.cache_clear()
+
+
+# -- Attention ---------------------------------------------------------------------------------------------------
+
+H, HKV, D, S, P = 9, 3, 64, 96, 128  # SmolLM2's heads; a short cache
+
+
+def attention_session(kind: str) -> ort.InferenceSession:
+    from onnx import TensorProto, helper, numpy_helper
+
+    angles = np.arange(P)[:, None] * 10000.0 ** (-np.arange(D // 2) * 2 / D)[None]
+    inputs = [helper.make_tensor_value_info("qkv", TensorProto.FLOAT, ["b", "t", (H + 2 * HKV) * D]),
+              helper.make_tensor_value_info("past_key", TensorProto.FLOAT, ["b", HKV, S, D]),
+              helper.make_tensor_value_info("past_value", TensorProto.FLOAT, ["b", HKV, S, D]),
+              helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["b"]),
+              helper.make_tensor_value_info("total", TensorProto.INT32, [])]  # fmt: skip
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("out", "key", "value")]
+    caches = [numpy_helper.from_array(np.cos(angles).astype(np.float32), "cos"),
+              numpy_helper.from_array(np.sin(angles).astype(np.float32), "sin")]  # fmt: skip
+    if kind == "onnxruntime":
+        node = helper.make_node("GroupQueryAttention", ["qkv", "", "", "past_key", "past_value", "seqlens_k", "total",
+                                                        "cos", "sin"], ["out", "key", "value"], domain="com.microsoft",
+                                num_heads=H, kv_num_heads=HKV, do_rotary=1, rotary_interleaved=1)  # fmt: skip
+    else:
+        node = helper.make_node("Attention", ["qkv", "past_key", "past_value", "seqlens_k", "total", "cos", "sin"],
+                                ["out", "key", "value"], domain=kernels.DOMAIN, num_heads=H, kv_num_heads=HKV)  # fmt: skip
+    model = helper.make_model(helper.make_graph([node], "attention", inputs, outputs, caches),
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
+                                             helper.make_opsetid(kernels.DOMAIN, 1)])  # fmt: skip
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(LIBRARY))
+    options.intra_op_num_threads = 2
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def attention_feeds(rows: int, tokens: int, ends: list[int], seed: int = 5) -> dict:
+    rng = np.random.default_rng(seed)
+    return {"qkv": rng.standard_normal((rows, tokens, (H + 2 * HKV) * D)).astype(np.float32),
+            "past_key": rng.standard_normal((rows, HKV, S, D)).astype(np.float32),
+            "past_value": rng.standard_normal((rows, HKV, S, D)).astype(np.float32),
+            "seqlens_k": np.array(ends, np.int32), "total": np.array(max(ends) + 1, np.int32)}  # fmt: skip
+
+
+@pytest.mark.parametrize(("rows", "tokens", "ends"), [(1, 1, [0]), (1, 1, [40]), (3, 1, [5, 90, 37]), (1, 7, [20]),
+                                                      (1, 64, [63])])  # fmt: skip
+def test_attention_computes_what_group_query_attention_does(rows, tokens, ends):
+    feeds = attention_feeds(rows, tokens, ends)
+    theirs, ours = attention_session("onnxruntime").run(None, feeds), attention_session("forwardpass").run(None, feeds)
+    assert np.abs(ours[0] - theirs[0]).max() <= 1e-5 * np.abs(theirs[0]).max()
+    for r, end in enumerate(ends):  # the cache up to each row's end: the new keys rotated, the new values as given
+        for got, expected in zip(ours[1:], theirs[1:]):
+            assert np.abs(got[r, :, : end + 1] - expected[r, :, : end + 1]).max() <= 1e-5
+
+
+def test_attention_reads_prompts_of_several_rows_at_once_and_updates_a_bound_cache_in_place():
+    """GroupQueryAttention refuses several rows with several new tokens each after a cached prefix; this one takes
+    them, each row giving what it gives alone, and writes the cache in place when present is bound to past."""
+    feeds = attention_feeds(2, 4, [10, 30])
+    session = attention_session("forwardpass")
+    alone = [session.run(None, {**{k: v[r : r + 1] for k, v in feeds.items() if k != "total"}, "total": feeds["total"]})
+             for r in range(2)]  # fmt: skip
+    io = session.io_binding()
+    values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in feeds.items()}
+    for name, value in values.items():
+        io.bind_ortvalue_input(name, value)
+    io.bind_output("out")  # outputs come back in the order bound
+    io.bind_ortvalue_output("key", values["past_key"])
+    io.bind_ortvalue_output("value", values["past_value"])
+    session.run_with_iobinding(io)
+    together = io.copy_outputs_to_cpu()[0]
+    for r in range(2):
+        assert np.array_equal(together[r], alone[r][0][0])
+        assert np.array_equal(feeds["past_key"][r], alone[r][1][0])  # the caller's buffer now holds the new keys
+    with pytest.raises(Exception, match="Attention: row 1 ends at position 30 with 40 new tokens"):
+        session.run(None, attention_feeds(2, 40, [50, 30]))

@@ -29,18 +29,18 @@ from forwardpass.repository import check_name
 
 def import_gguf(path: str | Path, name: str, repository: str | Path, *, accuracy_level: int = 4,
                 max_context: int = 2048, prefill_accuracy_level: int | None = None,
-                linears: str = "auto") -> Path:  # fmt: skip
+                kernels: str = "auto") -> Path:  # fmt: skip
     """Convert ``path`` into ``repository/name`` (a new version if the model exists); returns the folder.
 
-    ``linears``: "forwardpass" (forwardpass's own Q4_1 kernel, built here with the C compiler), "onnxruntime"
-    (ONNX Runtime's operators only) or "auto": forwardpass's where its kernel builds.
+    ``kernels``: "forwardpass" (forwardpass's own Q4_1 linears and attention, built here with the C compiler),
+    "onnxruntime" (ONNX Runtime's operators only) or "auto": forwardpass's where they build.
     """
     onnx = require("onnx", "llm", "converting GGUF models")
     check_name(name)
-    if linears == "auto":
-        from forwardpass import kernels
+    if kernels == "auto":
+        from forwardpass import kernels as own
 
-        linears = "forwardpass" if kernels.available() else "onnxruntime"
+        kernels = "forwardpass" if own.available() else "onnxruntime"
     source = GGUFFile.open(path)  # bounded by the file's size; hyper-parameters checked against the tensors
     hp = source.hparams
     context = min(max_context, hp.n_ctx)
@@ -75,7 +75,7 @@ def import_gguf(path: str | Path, name: str, repository: str | Path, *, accuracy
     version = max(versions, default=0) + 1
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder))
     try:
-        decoder = build_decoder(source, accuracy_level=accuracy_level, max_positions=context, linears=linears)
+        decoder = build_decoder(source, accuracy_level=accuracy_level, max_positions=context, kernels=kernels)
         onnx.save(decoder, str(staging / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
         if prefill_accuracy_level is not None and prefill_accuracy_level != accuracy_level:
             prefill = build_decoder(source, accuracy_level=prefill_accuracy_level, max_positions=context,

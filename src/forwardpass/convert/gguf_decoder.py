@@ -8,8 +8,8 @@ Graph (B batch rows, T new tokens, S cache length, C = n_embd, V = vocab):
     per layer:  SkipSimplifiedLayerNormalization (residual + RMSNorm in one kernel)
                 qkv = Q4_1MatMul (forwardpass's kernel, q/k/v fused), or without it
                       MatMulNBits(4-bit) + block-sum correction
-                GroupQueryAttention (packed qkv, interleaved rotary from cos/sin caches,
-                                     past/present KV buffers that can be one shared buffer)
+                Attention (forwardpass's) or GroupQueryAttention (packed qkv, interleaved rotary from cos/sin
+                                     caches, past/present KV buffers that can be one shared buffer)
                 o = MatMulNBits + correction
                 SkipSimplifiedLayerNormalization
                 gate|up = MatMulNBits (fused) + correction; SiLU(gate) * up; down = MatMulNBits + correction
@@ -22,9 +22,11 @@ Outputs: logits, present_key.{i} / present_value.{i}, hidden_sum (the final-norm
 over the positions: mean-pooled embeddings). See convert/ggml_quants.py for the
 Q4_1 mapping; accuracy_level 4 (int8 activations) is ONNX Runtime's fast CPU path.
 
-``linears="forwardpass"`` computes each Q4_1 linear in one node of forwardpass's own kernel
-(forwardpass/kernels: GGUF's bytes as they are, int8 activations as llama.cpp's Q8_1, one pass, the same
-result for a row alone or beside others); ``"onnxruntime"`` uses only ONNX Runtime's own ops, four a linear.
+``kernels="forwardpass"`` uses forwardpass's own kernels (forwardpass/kernels), each computing a row's
+result alone, in one fixed order, whatever rows run beside it: each Q4_1 linear is one Q4_1MatMul node
+(GGUF's bytes as they are, int8 activations as llama.cpp's Q8_1, one pass) and attention is forwardpass's
+Attention (GroupQueryAttention's inputs, per row and head, several new tokens for any number of rows);
+``"onnxruntime"`` uses ONNX Runtime's own operators only: four a linear and GroupQueryAttention.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from forwardpass.generation.gguf_file import GGUFError, GGUFFile
 
 MS = "com.microsoft"
 FP = "forwardpass"  # forwardpass.kernels.DOMAIN (not imported here: building a graph needs no compiler)
-LINEARS = ("forwardpass", "onnxruntime")
+KERNELS = ("forwardpass", "onnxruntime")
 
 
 @dataclass
@@ -51,7 +53,7 @@ class _Graph:
     inits: list = field(default_factory=list)
     count: int = 0
     shared: dict = field(default_factory=dict)  # constants used by many nodes, stored once
-    linears: str = "onnxruntime"  # how Q4_1 linears are computed (LINEARS)
+    kernels: str = "onnxruntime"  # whose kernels compute the linears and attention (KERNELS)
 
     def name(self, hint: str) -> str:
         self.count += 1
@@ -79,7 +81,7 @@ class _Graph:
 
 def _q4_linear(g: _Graph, x: str, raws: list[np.ndarray], k: int, level: int, hint: str) -> str:
     """x (.., K) @ W.T for Q4_1 weights (several fused along N): Q4_1MatMul, or MatMulNBits + block-sum correction."""
-    if g.linears == "forwardpass":
+    if g.kernels == "forwardpass":
         parts4 = [q4_1_split(r) for r in raws]
         qs, d = np.concatenate([p[0] for p in parts4]), np.concatenate([p[1] for p in parts4])
         m = np.concatenate([p[2] for p in parts4], axis=1)  # (K/32, N): the minimums, transposed
@@ -112,13 +114,13 @@ def _rope_caches(hp, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
 
 def build_decoder(model: GGUFFile, *, accuracy_level: int = 4, max_positions: int | None = None,
                   expose_hidden: bool = False, head_accuracy_level: int | None = None,
-                  linears: str = "onnxruntime"):  # fmt: skip
+                  kernels: str = "onnxruntime"):  # fmt: skip
     """The ONNX decoder for a GGUF Llama-family model with Q4_1 linears and a Q8_0 (tied) head.
 
     ``expose_hidden`` adds outputs ``hidden.{i}``: the residual stream after block i, for
     layer-by-layer checks against the numpy reference. ``head_accuracy_level`` (default: the same)
     lets a prefill graph use fp32 linears while its one-row head keeps the int8 path, whose 8-bit
-    fp32 fallback is far slower. ``linears``: see the module's doc (LINEARS).
+    fp32 fallback is far slower. ``kernels``: see the module's doc (KERNELS).
     """
     require("onnx", "llm", "converting GGUF models")  # the install hint, before the import below fails bare
     from onnx import TensorProto, helper
@@ -134,10 +136,10 @@ def build_decoder(model: GGUFFile, *, accuracy_level: int = 4, max_positions: in
     for name in ("token_embd.weight", head_name):
         if model.tensor(name).tensor_type.name != "Q8_0":
             raise GGUFError(f"{model.path}: {name} is {model.tensor(name).tensor_type.name}; Q8_0 is supported")
-    if linears not in LINEARS:
-        raise ValueError(f"linears is {linears!r}; expected one of {', '.join(LINEARS)}")
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels is {kernels!r}; expected one of {', '.join(KERNELS)}")
     raw = lambda name: np.asarray(model.tensor(name).data)  # noqa: E731
-    g = _Graph(linears=linears)
+    g = _Graph(kernels=kernels)
     C, D, H, Hkv = hp.n_embd, hp.head_dim, hp.n_head, hp.n_head_kv
 
     # embedding: gather int8 rows and their block scales, dequantize only the T rows needed
@@ -172,13 +174,20 @@ def build_decoder(model: GGUFFile, *, accuracy_level: int = 4, max_positions: in
         qkv = _q4_linear(g, h, [raw(w("attn_q")), raw(w("attn_k")), raw(w("attn_v"))], C, accuracy_level, f"l{i}_qkv")
         past_k, past_v = f"past_key.{i}", f"past_value.{i}"
         inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", Hkv, "past", D]) for n in (past_k, past_v)]
-        attn, present_k, present_v = g.op(
-            "GroupQueryAttention", [qkv, "", "", past_k, past_v, "seqlens_k", "total_sequence_length", cos_name, sin_name],
-            f"l{i}_attn", outputs=3, domain=MS, num_heads=H, kv_num_heads=Hkv, do_rotary=1, rotary_interleaved=1,
-            local_window_size=-1,
-        )  # fmt: skip
-        for out, name in ((present_k, f"present_key.{i}"), (present_v, f"present_value.{i}")):
-            g.nodes.append(helper.make_node("Identity", [out], [name], name=g.name("present")))
+        if g.kernels == "forwardpass":  # the cache written in place when present_* are bound to past_*'s memory
+            (attn,) = g.op("Attention", [qkv, past_k, past_v, "seqlens_k", "total_sequence_length", cos_name, sin_name],
+                           f"l{i}_attn", domain=FP, num_heads=H, kv_num_heads=Hkv)  # fmt: skip
+            g.nodes[-1].output.extend([f"present_key.{i}", f"present_value.{i}"])
+        else:
+            attn, present_k, present_v = g.op(
+                "GroupQueryAttention", [qkv, "", "", past_k, past_v, "seqlens_k", "total_sequence_length", cos_name,
+                                        sin_name],
+                f"l{i}_attn", outputs=3, domain=MS, num_heads=H, kv_num_heads=Hkv, do_rotary=1, rotary_interleaved=1,
+                local_window_size=-1,
+            )  # fmt: skip
+            for out, name in ((present_k, f"present_key.{i}"), (present_v, f"present_value.{i}")):
+                g.nodes.append(helper.make_node("Identity", [out], [name], name=g.name("present")))
+        for name in (f"present_key.{i}", f"present_value.{i}"):
             outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", Hkv, "present", D]))
         o = _q4_linear(g, attn, [raw(w("attn_output"))], C, accuracy_level, f"l{i}_o")
         ffn_norm = g.const("ffn_norm", model.dequantize(w("ffn_norm")))
@@ -226,7 +235,7 @@ def build_decoder(model: GGUFFile, *, accuracy_level: int = 4, max_positions: in
     outputs.insert(0, helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1, head_q.shape[0]]))
     graph = helper.make_graph(g.nodes, f"{hp.arch}_decoder", inputs, outputs, g.inits)
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)]
-    if linears == "forwardpass":
+    if kernels == "forwardpass":
         opsets.append(helper.make_opsetid(FP, 1))
     onnx_model = helper.make_model(graph, opset_imports=opsets)
     onnx_model.ir_version = 9

@@ -58,7 +58,7 @@ class DecoderSession:
                 library = kernels.library()
             except kernels.KernelUnavailable as exc:
                 raise ModelLoadError(f"{path}: the decoder uses forwardpass's Q4_1 kernel, which cannot be built here "
-                                     f"({exc}); import the GGUF again with `forwardpass import gguf --linears "
+                                     f"({exc}); import the GGUF again with `forwardpass import gguf --kernels "
                                      f"onnxruntime` to use ONNX Runtime's own operators") from None  # fmt: skip
         # ONNX Runtime's defaults otherwise (threads spin, the arena stays): a decode step is one long run
         return open_session(path, Path(path), intra_op=threads or available_cores(), inter_op=0, what="the decoder",

@@ -21,7 +21,7 @@ import tempfile
 from functools import cache
 from pathlib import Path
 
-SOURCES = ("q4_1.c", "ort_ops.c")
+SOURCES = ("q4_1.c", "attention.c", "ort_ops.c")
 DOMAIN = "forwardpass"  # the custom ops' ONNX domain
 FLAGS = ("-O3", "-march=native", "-std=c11", "-shared", "-fPIC", "-fvisibility=hidden", "-Wall")
 _HERE = Path(__file__).resolve().parent

@@ -1,6 +1,9 @@
 /* forwardpass's kernels as ONNX Runtime custom ops (domain "forwardpass"), over ONNX Runtime's C ABI.
  *
  *   Q4_1MatMul(X float (..., K), qs uint8 (N, K/32, 16), d float16 (N, K/32), m float16 (K/32, N)) -> Y (..., N)
+ *   Attention(qkv, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, sin_cache)
+ *       -> output, present_key, present_value       (GroupQueryAttention's inputs, outputs and attributes
+ *          num_heads / kv_num_heads; present_* may be the same memory as past_*: the cache is then updated in place)
  *
  * ONNX Runtime's Python wheel ships no headers, so this file declares what it uses: the C API is a table of
  * function pointers that only ever grows (a function's slot never moves), handed over to RegisterCustomOps,
@@ -8,9 +11,11 @@
  * The slot numbers below are those of the C API's `OrtApi` table (onnxruntime_c_api.h); ParallelFor, the
  * newest used, exists since ONNX Runtime 1.17.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define EXPORT __attribute__((visibility("default")))
 
@@ -18,6 +23,16 @@ int64_t fp_q8_1_scratch_bytes(int64_t M, int64_t K);
 void fp_quantize_q8_1(const float *x, int64_t r0, int64_t r1, int64_t M, int64_t K, void *scratch);
 void fp_q4_1_matmul(const void *scratch, int64_t M, int64_t K, const uint8_t *qs, const uint16_t *wd,
                     const uint16_t *wm, int64_t n0, int64_t n1, int64_t N, float *y);
+typedef struct {
+    const float *qkv;
+    float *keys, *values;
+    const int32_t *seqlens;
+    const float *cos, *sin;
+    float *out;
+    int64_t B, T, H, Hkv, S, D, P;
+} fp_attention;
+void fp_attention_store(const fp_attention *a, int64_t i);
+void fp_attention_group(const fp_attention *a, int64_t i, float *scores);
 
 typedef struct OrtStatus OrtStatus; /* ONNX Runtime's opaque types */
 typedef struct OrtValue OrtValue;
@@ -33,13 +48,14 @@ typedef struct {
 
 enum { API_VERSION = 17 };                  /* the oldest table with every slot below */
 enum { ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2 }; /* OrtErrorCode */
-enum { FLOAT = 1, UINT8 = 2, FLOAT16 = 10 }; /* ONNXTensorElementDataType */
+enum { FLOAT = 1, UINT8 = 2, INT32 = 6, FLOAT16 = 10 }; /* ONNXTensorElementDataType */
 
 /* OrtApi slots */
 enum {
     CREATE_STATUS = 0, CREATE_CUSTOM_OP_DOMAIN = 26, CUSTOM_OP_DOMAIN_ADD = 27, ADD_CUSTOM_OP_DOMAIN = 28,
     GET_TENSOR_MUTABLE_DATA = 51, GET_TENSOR_ELEMENT_TYPE = 60, GET_DIMENSIONS_COUNT = 61, GET_DIMENSIONS = 62,
-    GET_TENSOR_TYPE_AND_SHAPE = 65, KERNEL_CONTEXT_GET_INPUT = 90, KERNEL_CONTEXT_GET_OUTPUT = 91,
+    GET_TENSOR_TYPE_AND_SHAPE = 65, KERNEL_INFO_GET_ATTRIBUTE_INT64 = 86, KERNEL_CONTEXT_GET_INPUT = 90,
+    KERNEL_CONTEXT_GET_OUTPUT = 91,
     RELEASE_TENSOR_TYPE_AND_SHAPE_INFO = 99, KERNEL_CONTEXT_PARALLEL_FOR = 274,
 };
 
@@ -88,11 +104,11 @@ static OrtStatus *input(OrtKernelContext *context, size_t index, Tensor *t) {
     OrtStatus *status = CALL(KERNEL_CONTEXT_GET_INPUT, OrtStatus *(*)(const OrtKernelContext *, size_t,
                                                                       const OrtValue **))(context, index, &value);
     if (status) return status;
-    if (!value) return error(ORT_INVALID_ARGUMENT, "Q4_1MatMul: an input is missing");
+    if (!value) return error(ORT_INVALID_ARGUMENT, "forwardpass kernel: an input is missing");
     if ((status = CALL(GET_TENSOR_TYPE_AND_SHAPE, OrtStatus *(*)(const OrtValue *, OrtShape **))(value, &shape)))
         return status;
     status = CALL(GET_DIMENSIONS_COUNT, OrtStatus *(*)(const OrtShape *, size_t *))(shape, &t->rank);
-    if (!status && t->rank > 8) status = error(ORT_INVALID_ARGUMENT, "Q4_1MatMul: more than 8 dimensions");
+    if (!status && t->rank > 8) status = error(ORT_INVALID_ARGUMENT, "forwardpass kernel: more than 8 dimensions");
     if (!status) status = CALL(GET_DIMENSIONS, OrtStatus *(*)(const OrtShape *, int64_t *, size_t))(shape, t->dims, t->rank);
     if (!status) status = CALL(GET_TENSOR_ELEMENT_TYPE, OrtStatus *(*)(const OrtShape *, int *))(shape, &t->type);
     CALL(RELEASE_TENSOR_TYPE_AND_SHAPE_INFO, void (*)(OrtShape *))(shape);
@@ -201,6 +217,126 @@ static const Op q4_1_op = {
     .KernelComputeV2 = q4_1_compute,
 };
 
+/* -- Attention ------------------------------------------------------------------------------------------------ */
+
+typedef struct {
+    int64_t heads, kv_heads;
+} AttentionKernel;
+
+static OrtStatus *create_attention(const Op *op, const void *table, const OrtKernelInfo *info, void **kernel) {
+    (void)op; (void)table;
+    AttentionKernel *k = malloc(sizeof *k);
+    if (!k) return error(ORT_FAIL, "Attention: out of memory");
+    OrtStatus *status;
+    typedef OrtStatus *(*attribute)(const OrtKernelInfo *, const char *, int64_t *);
+    if ((status = CALL(KERNEL_INFO_GET_ATTRIBUTE_INT64, attribute)(info, "num_heads", &k->heads)) ||
+        (status = CALL(KERNEL_INFO_GET_ATTRIBUTE_INT64, attribute)(info, "kv_num_heads", &k->kv_heads))) {
+        free(k);
+        return status;
+    }
+    if (k->heads <= 0 || k->kv_heads <= 0 || k->heads % k->kv_heads) {
+        free(k);
+        return error(ORT_INVALID_ARGUMENT, "Attention: num_heads must be a positive multiple of kv_num_heads");
+    }
+    *kernel = k;
+    return NULL;
+}
+
+static void destroy_attention(void *kernel) { free(kernel); }
+
+static void store_task(void *arg, size_t i) { fp_attention_store(arg, (int64_t)i); }
+
+static void group_task(void *arg, size_t i) {
+    const fp_attention *a = arg;
+    const int64_t G = a->H / a->Hkv, room = G * a->S;
+    float local[16384]; /* the group's attention weights: on the stack up to 16384 (3 heads x 5461 positions) */
+    float *scores = room <= 16384 ? local : malloc((size_t)room * sizeof(float));
+    if (!scores) { /* out of memory: the group's output becomes NaN, which the decoder's callers refuse */
+        const int64_t g = (int64_t)i % a->Hkv, row = (int64_t)i / a->Hkv;
+        for (int64_t d = 0; d < G * a->D; d++) a->out[row * a->H * a->D + g * G * a->D + d] = NAN;
+        return;
+    }
+    fp_attention_group(a, (int64_t)i, scores);
+    if (scores != local) free(scores);
+}
+
+/* present = past's memory when they are bound to one buffer; otherwise a copy of past, then updated */
+static OrtStatus *cache_output(OrtKernelContext *context, size_t index, const Tensor *past, float **cache) {
+    OrtValue *value = NULL;
+    OrtStatus *status = CALL(KERNEL_CONTEXT_GET_OUTPUT, OrtStatus *(*)(OrtKernelContext *, size_t, const int64_t *,
+                                                                      size_t, OrtValue **))(context, index, past->dims,
+                                                                                            past->rank, &value);
+    if (status || (status = CALL(GET_TENSOR_MUTABLE_DATA, OrtStatus *(*)(OrtValue *, void **))(value, (void **)cache)))
+        return status;
+    if (*cache != past->data) {
+        size_t count = 1;
+        for (size_t i = 0; i < past->rank; i++) count *= (size_t)past->dims[i];
+        memcpy(*cache, past->data, count * sizeof(float));
+    }
+    return NULL;
+}
+
+static OrtStatus *attention_compute(void *kernel, OrtKernelContext *context) {
+    const AttentionKernel *k = kernel;
+    Tensor qkv, pk, pv, seqlens, total, cos, sin;
+    OrtStatus *status;
+    if ((status = input(context, 0, &qkv)) || (status = input(context, 1, &pk)) || (status = input(context, 2, &pv)) ||
+        (status = input(context, 3, &seqlens)) || (status = input(context, 4, &total)) ||
+        (status = input(context, 5, &cos)) || (status = input(context, 6, &sin)))
+        return status;
+    char message[320];
+    const int64_t H = k->heads, Hkv = k->kv_heads;
+    const int shapes = qkv.type == FLOAT && qkv.rank == 3 && pk.type == FLOAT && pk.rank == 4 && pv.type == FLOAT &&
+                       pv.rank == 4 && seqlens.type == INT32 && seqlens.rank == 1 && cos.type == FLOAT && cos.rank == 2 &&
+                       sin.type == FLOAT && sin.rank == 2;
+    const int64_t B = shapes ? qkv.dims[0] : 0, T = shapes ? qkv.dims[1] : 0, D = shapes ? pk.dims[3] : 0;
+    if (!shapes || pk.dims[0] != B || pk.dims[1] != Hkv || D % 2 || D > 256 || D <= 0 || H / Hkv * D > 16 * 256 ||
+        qkv.dims[2] != (H + 2 * Hkv) * D || seqlens.dims[0] != B || cos.dims[1] != D / 2 || sin.dims[0] != cos.dims[0] ||
+        sin.dims[1] != D / 2 || pv.dims[0] != B || pv.dims[1] != Hkv || pv.dims[2] != pk.dims[2] || pv.dims[3] != D) {
+        snprintf(message, sizeof message, "Attention: expected qkv float (B, T, (%lld + 2 x %lld) D), past key/value "
+                 "float (B, %lld, S, D) with D even and at most 256 (and at most 4096 query values a group), seqlens_k int32 (B), cos/sin caches (P, D/2)",
+                 (long long)H, (long long)Hkv, (long long)Hkv);
+        return error(ORT_INVALID_ARGUMENT, message);
+    }
+    fp_attention a = {qkv.data, NULL, NULL, seqlens.data, cos.data, sin.data, NULL, B, T, H, Hkv, pk.dims[2], D,
+                      cos.dims[0]};
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t last = a.seqlens[b];
+        if (last + 1 - T < 0 || last >= a.S || last >= a.P) {
+            snprintf(message, sizeof message, "Attention: row %lld ends at position %lld with %lld new tokens; the "
+                     "cache holds %lld positions and the rotary caches %lld", (long long)b, (long long)last,
+                     (long long)T, (long long)a.S, (long long)a.P);
+            return error(ORT_INVALID_ARGUMENT, message);
+        }
+    }
+    const int64_t out_dims[3] = {B, T, H * D};
+    OrtValue *out = NULL;
+    if ((status = CALL(KERNEL_CONTEXT_GET_OUTPUT, OrtStatus *(*)(OrtKernelContext *, size_t, const int64_t *, size_t,
+                                                                OrtValue **))(context, 0, out_dims, 3, &out)) ||
+        (status = CALL(GET_TENSOR_MUTABLE_DATA, OrtStatus *(*)(OrtValue *, void **))(out, (void **)&a.out)) ||
+        (status = cache_output(context, 1, &pk, &a.keys)) || (status = cache_output(context, 2, &pv, &a.values)))
+        return status;
+    if (B == 0 || T == 0) return NULL;
+    typedef OrtStatus *(*parallel_for)(const OrtKernelContext *, void (*)(void *, size_t), size_t, size_t, void *);
+    if ((status = CALL(KERNEL_CONTEXT_PARALLEL_FOR, parallel_for)(context, store_task, (size_t)(B * T * Hkv), 0, &a)))
+        return status;
+    return CALL(KERNEL_CONTEXT_PARALLEL_FOR, parallel_for)(context, group_task, (size_t)(B * T * Hkv), 0, &a);
+}
+
+static const char *attention_name(const Op *op) { (void)op; return "Attention"; }
+static int attention_input_type(const Op *op, size_t i) { (void)op; return i == 3 || i == 4 ? INT32 : FLOAT; }
+static size_t seven(const Op *op) { (void)op; return 7; }
+static size_t three(const Op *op) { (void)op; return 3; }
+
+static const Op attention_op = {
+    .version = 16, .GetName = attention_name, .GetExecutionProviderType = cpu, .GetInputType = attention_input_type,
+    .GetInputTypeCount = seven, .GetOutputType = float_type, .GetOutputTypeCount = three,
+    .KernelDestroy = destroy_attention, .GetInputCharacteristic = required, .GetOutputCharacteristic = required,
+    .GetInputMemoryType = default_memory, .GetVariadicInputMinArity = zero, .GetVariadicInputHomogeneity = zero,
+    .GetVariadicOutputMinArity = zero, .GetVariadicOutputHomogeneity = zero, .CreateKernelV2 = create_attention,
+    .KernelComputeV2 = attention_compute,
+};
+
 EXPORT OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
     if (!api) api = base->GetApi(API_VERSION);
     if (!api) return NULL; /* an ONNX Runtime older than 1.17: the session then reports the unknown op */
@@ -211,7 +347,9 @@ EXPORT OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase
         if ((status = CALL(CREATE_CUSTOM_OP_DOMAIN, OrtStatus *(*)(const char *, OrtCustomOpDomain **))("forwardpass",
                                                                                                         &domain)))
             return status;
-        if ((status = CALL(CUSTOM_OP_DOMAIN_ADD, OrtStatus *(*)(OrtCustomOpDomain *, const void *))(domain, &q4_1_op)))
+        typedef OrtStatus *(*add)(OrtCustomOpDomain *, const void *);
+        if ((status = CALL(CUSTOM_OP_DOMAIN_ADD, add)(domain, &q4_1_op)) ||
+            (status = CALL(CUSTOM_OP_DOMAIN_ADD, add)(domain, &attention_op)))
             return status;
     }
     return CALL(ADD_CUSTOM_OP_DOMAIN, OrtStatus *(*)(OrtSessionOptions *, OrtCustomOpDomain *))(options, domain);

@@ -125,7 +125,7 @@ def _rewrite_graph(model: Any, weights: str) -> int:
     nodes = [replace.get(id(n), n) for n in graph.node if id(n) not in drop]
     del graph.node[:]
     graph.node.extend(nodes)
-    if not any(n.op_type == "Q4_1MatMul" for n in graph.node):  # every one rewritten: the domain is not needed
+    if not any(n.domain == "forwardpass" for n in graph.node):  # no forwardpass kernel left: nor its domain
         kept_sets = [o for o in model.opset_import if o.domain != "forwardpass"]
         del model.opset_import[:]
         model.opset_import.extend(kept_sets)

@@ -1,0 +1,160 @@
+/* Attention with rotary positions over a KV cache that is one buffer per layer, as the decoder's
+ * GroupQueryAttention node computes it (num_heads query heads sharing kv_num_heads key/value heads,
+ * interleaved rotary from cos/sin caches, softmax(q k / sqrt(D)) v), with two differences that matter here:
+ * every (row, query head, position) is computed on its own, in one fixed order, so a row's result does not
+ * depend on the rows beside it; and rows may be at different positions with several new tokens each.
+ *
+ * Per row b with T new tokens, seqlens[b] + 1 is the row's length after this call: its new tokens take
+ * positions seqlens[b] + 1 - T ... seqlens[b]; new token t attends to positions 0 .. its own.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
+typedef struct {
+    const float *qkv;     /* (B, T, (H + 2 Hkv) D) */
+    float *keys, *values; /* (B, Hkv, S, D) */
+    const int32_t *seqlens;
+    const float *cos, *sin; /* (P, D / 2) */
+    float *out;             /* (B, T, H D) */
+    int64_t B, T, H, Hkv, S, D, P;
+} fp_attention;
+
+static inline int64_t first_position(const fp_attention *a, int64_t b) { return a->seqlens[b] + 1 - a->T; }
+
+/* The interleaved rotation of one head's vector at position p: (x0, x1) pairs turned by angle i at p. */
+static void rotate(const fp_attention *a, const float *x, int64_t p, float *y) {
+    const float *c = a->cos + p * (a->D / 2), *s = a->sin + p * (a->D / 2);
+    for (int64_t i = 0; i < a->D / 2; i++) {
+        const float x0 = x[2 * i], x1 = x[2 * i + 1];
+        y[2 * i] = x0 * c[i] - x1 * s[i];
+        y[2 * i + 1] = x0 * s[i] + x1 * c[i];
+    }
+}
+
+/* Task i of B * T * Hkv: one new token's key (rotated) and value into the cache. */
+void fp_attention_store(const fp_attention *a, int64_t i) {
+    const int64_t g = i % a->Hkv, t = (i / a->Hkv) % a->T, b = i / (a->Hkv * a->T);
+    const int64_t p = first_position(a, b) + t, width = (a->H + 2 * a->Hkv) * a->D;
+    const float *token = a->qkv + (b * a->T + t) * width;
+    const int64_t at = ((b * a->Hkv + g) * a->S + p) * a->D;
+    rotate(a, token + (a->H + g) * a->D, p, a->keys + at);
+    memcpy(a->values + at, token + (a->H + a->Hkv + g) * a->D, (size_t)a->D * sizeof(float));
+}
+
+#if defined(__AVX512F__)
+static inline __m512 exp16(__m512 x) {
+    /* e^x = 2^n e^r, n = round(x / ln 2), |r| <= ln 2 / 2; e^r by its Taylor polynomial to r^7 (error < 1e-7) */
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+    __m512 p = _mm512_set1_ps(1.98412698e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.38888889e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.33333333e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.16666667e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.66666667e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+/* softmax of s[0..n-1] in place */
+static void softmax(float *s, int64_t n) {
+#if defined(__AVX512F__)
+    __m512 vmax = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 k = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+        vmax = _mm512_mask_max_ps(vmax, k, vmax, _mm512_maskz_loadu_ps(k, s + j));
+    }
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+    __m512 vsum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 k = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + j), m));
+        _mm512_mask_storeu_ps(s + j, k, e);
+        vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(k, e));
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
+    for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 k = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+        _mm512_mask_storeu_ps(s + j, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + j), inv));
+    }
+#else
+    float m = -INFINITY, sum = 0.0f;
+    for (int64_t j = 0; j < n; j++) m = fmaxf(m, s[j]);
+    for (int64_t j = 0; j < n; j++) sum += (s[j] = expf(s[j] - m));
+    for (int64_t j = 0; j < n; j++) s[j] /= sum;
+#endif
+}
+
+/* Task i of B * T * Hkv: one new token's outputs for the query heads sharing key/value head g, in one pass over
+ * that head's keys and values (read once for the group: at many rows the cache is as many bytes as the weights).
+ * scores: room for (H / Hkv) * S floats. */
+void fp_attention_group(const fp_attention *a, int64_t i, float *scores) {
+    const int64_t g = i % a->Hkv, t = (i / a->Hkv) % a->T, b = i / (a->Hkv * a->T), D = a->D;
+    const int64_t G = a->H / a->Hkv, p = first_position(a, b) + t, n = p + 1;
+    const int64_t width = (a->H + 2 * a->Hkv) * D;
+    float q[16 * 256]; /* the group's rotated queries, scaled by 1/sqrt(D) */
+    const float scale = 1.0f / sqrtf((float)D);
+    for (int64_t h = 0; h < G; h++) {
+        rotate(a, a->qkv + (b * a->T + t) * width + (g * G + h) * D, p, q + h * D);
+        for (int64_t d = 0; d < D; d++) q[h * D + d] *= scale;
+    }
+    const float *K = a->keys + (b * a->Hkv + g) * a->S * D, *V = a->values + (b * a->Hkv + g) * a->S * D;
+    float *o = a->out + (b * a->T + t) * a->H * D + g * G * D;
+#if defined(__AVX512F__)
+    if (D == 64 && G <= 8) {
+        for (int64_t j = 0; j < n; j++) {
+            const float *k = K + j * 64;
+            const __m512 k0 = _mm512_loadu_ps(k), k1 = _mm512_loadu_ps(k + 16), k2 = _mm512_loadu_ps(k + 32),
+                         k3 = _mm512_loadu_ps(k + 48);
+            for (int64_t h = 0; h < G; h++) {
+                const float *qh = q + h * 64;
+                __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qh), k0);
+                acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16), k1, acc);
+                acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 32), k2, acc);
+                acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 48), k3, acc);
+                scores[h * n + j] = _mm512_reduce_add_ps(acc);
+            }
+        }
+        for (int64_t h = 0; h < G; h++) softmax(scores + h * n, n);
+        __m512 acc[8][4];
+        for (int64_t h = 0; h < G; h++)
+            for (int v = 0; v < 4; v++) acc[h][v] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < n; j++) {
+            const float *vj = V + j * 64;
+            const __m512 v0 = _mm512_loadu_ps(vj), v1 = _mm512_loadu_ps(vj + 16), v2 = _mm512_loadu_ps(vj + 32),
+                         v3 = _mm512_loadu_ps(vj + 48);
+            for (int64_t h = 0; h < G; h++) {
+                const __m512 w = _mm512_set1_ps(scores[h * n + j]);
+                acc[h][0] = _mm512_fmadd_ps(w, v0, acc[h][0]);
+                acc[h][1] = _mm512_fmadd_ps(w, v1, acc[h][1]);
+                acc[h][2] = _mm512_fmadd_ps(w, v2, acc[h][2]);
+                acc[h][3] = _mm512_fmadd_ps(w, v3, acc[h][3]);
+            }
+        }
+        for (int64_t h = 0; h < G; h++)
+            for (int v = 0; v < 4; v++) _mm512_storeu_ps(o + h * 64 + 16 * v, acc[h][v]);
+        return;
+    }
+#endif
+    for (int64_t h = 0; h < G; h++) {
+        float *s = scores + h * n;
+        for (int64_t j = 0; j < n; j++) {
+            float dot = 0.0f;
+            for (int64_t d = 0; d < D; d++) dot += q[h * D + d] * K[j * D + d];
+            s[j] = dot;
+        }
+        softmax(s, n);
+        for (int64_t d = 0; d < D; d++) o[h * D + d] = 0.0f;
+        for (int64_t j = 0; j < n; j++)
+            for (int64_t d = 0; d < D; d++) o[h * D + d] += s[j] * V[j * D + d];
+    }
+}
