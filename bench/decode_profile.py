@@ -65,7 +65,9 @@ def profile(model: Path, rows: int, steps: int, context: int) -> tuple[float, di
     layers = sum(name.startswith("past_key.") for name in shapes)
     io = session.io_binding()
     # the engine's buffers: every row max_context (1024 here) positions long
-    cache = [np.zeros((rows, heads, 1024, dim), np.float32) for _ in range(2 * layers)]
+    kinds = {i.name: i.type for i in session.get_inputs()}
+    dtype = np.float16 if kinds["past_key.0"] == "tensor(float16)" else np.float32  # forwardpass's attention: fp16
+    cache = [np.zeros((rows, heads, 1024, dim), dtype) for _ in range(2 * layers)]
     for i in range(layers):
         for j, which in enumerate(("key", "value")):
             buffer = ort.OrtValue.ortvalue_from_numpy(cache[2 * i + j])

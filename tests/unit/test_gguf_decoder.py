@@ -33,8 +33,8 @@ def pair(tmp_path_factory):
     return model, session, ReferenceDecoder(model)
 
 
-def empty_cache(hp) -> dict:
-    return {f"past_{kv}.{i}": np.zeros((1, hp.n_head_kv, CACHE, hp.head_dim), np.float32)
+def empty_cache(hp, dtype=np.float32) -> dict:
+    return {f"past_{kv}.{i}": np.zeros((1, hp.n_head_kv, CACHE, hp.head_dim), dtype)
             for i in range(hp.n_layer) for kv in ("key", "value")}  # fmt: skip
 
 
@@ -117,7 +117,7 @@ def test_forwardpass_kernels_compute_what_the_reference_does(tmp_path):
     options.register_custom_ops_library(str(kernels_library()))
     session = ort.InferenceSession(str(tmp_path / "decoder.onnx"), options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    past, position = empty_cache(model.hparams), 0
+    past, position = empty_cache(model.hparams, np.float16), 0  # forwardpass's attention keeps the cache in fp16
     reference = ReferenceDecoder(model)
     for tokens in ([1, 4093, 198, 1780, 314, 216, 34, 27, 34, 47, 2, 198], [504], [3575]):
         result = dict(zip(names, session.run(None, feeds_for(tokens, position, past))))
@@ -147,13 +147,15 @@ def test_the_int8_and_fp32_rewrites_compute_what_the_reference_does(tmp_path, ke
               str(tmp_path / "1" / "model.onnx"), save_as_external_data=True, location="model.onnx.data")  # fmt: skip
     tokens = [1, 4093, 198, 1780, 314, 216, 34, 27, 34, 47]
     expected = ReferenceDecoder(model).forward(tokens)[-1]
-    for weights, tolerance in (("fp32", 1e-4), ("int8", 0.05)):
+    # the fp32 rewrite is exact but for float rounding, and for the fp16 cache with forwardpass's attention
+    for weights, tolerance in (("fp32", 1e-4 if kernels == "onnxruntime" else 5e-3), ("int8", 0.05)):
         (tmp_path / weights).mkdir()
         rewrite(tmp_path / "1", tmp_path / weights, weights)
         options = ort.SessionOptions()
         if kernels == "forwardpass":  # the variants keep forwardpass's attention
             options.register_custom_ops_library(str(kernels_library()))
         session = ort.InferenceSession(str(tmp_path / weights / "model.onnx"), options, providers=["CPUExecutionProvider"])
-        got = session.run(["logits"], feeds_for(tokens, 0, empty_cache(model.hparams)))[0][0, -1]
-        assert np.abs(got - expected).max() <= tolerance * np.abs(expected).max(), weights
+        cache = empty_cache(model.hparams, np.float16 if kernels == "forwardpass" else np.float32)
+        got = session.run(["logits"], feeds_for(tokens, 0, cache))[0][0, -1]
+        assert np.abs(got - expected).max() <= tolerance * np.abs(expected).max(), (weights, np.abs(got - expected).max())
         assert got.argmax() == expected.argmax(), weights

@@ -138,16 +138,18 @@ def test_the_library_is_built_once_per_source_and_cpu(tmp_path, monkeypatch):
 H, HKV, D, S, P = 9, 3, 64, 96, 128  # SmolLM2's heads; a short cache
 
 
-def attention_session(kind: str) -> ort.InferenceSession:
+def attention_session(kind: str, cache: int | None = None) -> ort.InferenceSession:
     from onnx import TensorProto, helper, numpy_helper
 
+    cache = TensorProto.FLOAT if cache is None else cache
     angles = np.arange(P)[:, None] * 10000.0 ** (-np.arange(D // 2) * 2 / D)[None]
     inputs = [helper.make_tensor_value_info("qkv", TensorProto.FLOAT, ["b", "t", (H + 2 * HKV) * D]),
-              helper.make_tensor_value_info("past_key", TensorProto.FLOAT, ["b", HKV, S, D]),
-              helper.make_tensor_value_info("past_value", TensorProto.FLOAT, ["b", HKV, S, D]),
+              helper.make_tensor_value_info("past_key", cache, ["b", HKV, S, D]),
+              helper.make_tensor_value_info("past_value", cache, ["b", HKV, S, D]),
               helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["b"]),
               helper.make_tensor_value_info("total", TensorProto.INT32, [])]  # fmt: skip
-    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("out", "key", "value")]
+    outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, None),
+               *(helper.make_tensor_value_info(n, cache, None) for n in ("key", "value"))]
     caches = [numpy_helper.from_array(np.cos(angles).astype(np.float32), "cos"),
               numpy_helper.from_array(np.sin(angles).astype(np.float32), "sin")]  # fmt: skip
     if kind == "onnxruntime":
@@ -206,3 +208,19 @@ def test_attention_reads_prompts_of_several_rows_at_once_and_updates_a_bound_cac
         assert np.array_equal(feeds["past_key"][r], alone[r][1][0])  # the caller's buffer now holds the new keys
     with pytest.raises(Exception, match="Attention: row 1 ends at position 30 with 40 new tokens"):
         session.run(None, attention_feeds(2, 40, [50, 30]))
+
+
+def test_attention_keeps_a_half_precision_cache():
+    """The decoder's cache is fp16 (as llama.cpp keeps it): the new keys and values are stored as the fp32 cache's
+    rounded to fp16 (nearest even), and the outputs stay within fp16's rounding of the fp32 cache's."""
+    from onnx import TensorProto
+
+    feeds = attention_feeds(3, 1, [5, 90, 37])
+    for name in ("past_key", "past_value"):
+        feeds[name] = feeds[name].astype(np.float16)
+    half = attention_session("forwardpass", TensorProto.FLOAT16).run(None, feeds)
+    wide = attention_session("forwardpass").run(None, {**feeds, "past_key": feeds["past_key"].astype(np.float32),
+                                                       "past_value": feeds["past_value"].astype(np.float32)})  # fmt: skip
+    assert half[1].dtype == np.float16 and half[2].dtype == np.float16
+    assert np.array_equal(half[1], wide[1].astype(np.float16)) and np.array_equal(half[2], wide[2].astype(np.float16))
+    assert np.abs(half[0] - wide[0]).max() <= 5e-3 * np.abs(wide[0]).max()

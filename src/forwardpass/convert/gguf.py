@@ -79,7 +79,7 @@ def import_gguf(path: str | Path, name: str, repository: str | Path, *, accuracy
         onnx.save(decoder, str(staging / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
         if prefill_accuracy_level is not None and prefill_accuracy_level != accuracy_level:
             prefill = build_decoder(source, accuracy_level=prefill_accuracy_level, max_positions=context,
-                                    head_accuracy_level=accuracy_level)  # fmt: skip
+                                    head_accuracy_level=accuracy_level, kernels=kernels)  # fmt: skip
             onnx.save(prefill, str(staging / "prefill.onnx"), save_as_external_data=True, location="prefill.onnx.data")
         os.replace(staging, folder / str(version))
     except BaseException:

@@ -16,7 +16,8 @@ Graph (B batch rows, T new tokens, S cache length, C = n_embd, V = vocab):
     last position only -> RMSNorm -> the tied Q8_0 head as 8-bit MatMulNBits -> logits (B, 1, V)
 
 Inputs: input_ids, seqlens_k (B,) int32 = tokens in the cache after this call - 1,
-total_sequence_length () int32, past_key.{i} / past_value.{i} (B, Hkv, S, D); logit_rows (1,) int64:
+total_sequence_length () int32, past_key.{i} / past_value.{i} (B, Hkv, S, D) (fp16 with forwardpass's
+kernels, else fp32); logit_rows (1,) int64:
 logits for the first rows only (the rest are padding).
 Outputs: logits, present_key.{i} / present_value.{i}, hidden_sum (the final-normed hidden states summed
 over the positions: mean-pooled embeddings). See convert/ggml_quants.py for the
@@ -140,6 +141,9 @@ def build_decoder(model: GGUFFile, *, accuracy_level: int = 4, max_positions: in
         raise ValueError(f"kernels is {kernels!r}; expected one of {', '.join(KERNELS)}")
     raw = lambda name: np.asarray(model.tensor(name).data)  # noqa: E731
     g = _Graph(kernels=kernels)
+    # forwardpass's attention keeps the KV cache in fp16, as llama.cpp does: at 8 rows the cache read a step is as
+    # many bytes as the weights (fp32: 46 KB a token); GroupQueryAttention's CPU kernel takes fp32 only
+    cache_type = TensorProto.FLOAT16 if kernels == "forwardpass" else TensorProto.FLOAT
     C, D, H, Hkv = hp.n_embd, hp.head_dim, hp.n_head, hp.n_head_kv
 
     # embedding: gather int8 rows and their block scales, dequantize only the T rows needed
@@ -173,7 +177,7 @@ def build_decoder(model: GGUFFile, *, accuracy_level: int = 4, max_positions: in
                                      f"l{i}_attn_norm", outputs=4, domain=MS, epsilon=hp.rms_eps)  # fmt: skip
         qkv = _q4_linear(g, h, [raw(w("attn_q")), raw(w("attn_k")), raw(w("attn_v"))], C, accuracy_level, f"l{i}_qkv")
         past_k, past_v = f"past_key.{i}", f"past_value.{i}"
-        inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", Hkv, "past", D]) for n in (past_k, past_v)]
+        inputs += [helper.make_tensor_value_info(n, cache_type, ["batch", Hkv, "past", D]) for n in (past_k, past_v)]
         if g.kernels == "forwardpass":  # the cache written in place when present_* are bound to past_*'s memory
             (attn,) = g.op("Attention", [qkv, past_k, past_v, "seqlens_k", "total_sequence_length", cos_name, sin_name],
                            f"l{i}_attn", domain=FP, num_heads=H, kv_num_heads=Hkv)  # fmt: skip
@@ -188,7 +192,7 @@ def build_decoder(model: GGUFFile, *, accuracy_level: int = 4, max_positions: in
             for out, name in ((present_k, f"present_key.{i}"), (present_v, f"present_value.{i}")):
                 g.nodes.append(helper.make_node("Identity", [out], [name], name=g.name("present")))
         for name in (f"present_key.{i}", f"present_value.{i}"):
-            outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", Hkv, "present", D]))
+            outputs.append(helper.make_tensor_value_info(name, cache_type, ["batch", Hkv, "present", D]))
         o = _q4_linear(g, attn, [raw(w("attn_output"))], C, accuracy_level, f"l{i}_o")
         ffn_norm = g.const("ffn_norm", model.dequantize(w("ffn_norm")))
         h, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [o, residual, ffn_norm],

@@ -1,6 +1,7 @@
 """A converted decoder with its KV cache: ONNX Runtime I/O binding over preallocated buffers.
 
-The cache is one (slots, Hkv, context, D) fp32 buffer per layer for keys and one for values.
+The cache is one (slots, Hkv, context, D) buffer per layer for keys and one for values (fp16 with
+forwardpass's attention kernel, fp32 with ONNX Runtime's GroupQueryAttention).
 GroupQueryAttention reads past keys/values and writes present ones; bound to the same memory
 they are one buffer, so a step copies nothing but the new tokens' keys and values. Each row
 (slot) is one sequence; GroupQueryAttention takes every row's own length (``seqlens_k``), so
@@ -37,11 +38,14 @@ class DecoderSession:
         self.max_context, self.slots, self.n_layer, self.n_vocab = max_context, slots, n_layer, n_vocab
         self.position = 0  # slot 0's length, for step()
         self.last_hidden_sum: np.ndarray | None = None  # the last call's (rows, C) pooled hidden states
-        # np.zeros maps untouched pages lazily: memory grows with the positions actually written
-        self.kv = [np.zeros((slots, n_head_kv, max_context, head_dim), np.float32) for _ in range(2 * n_layer)]
         self.session = self._load(path, threads)
         # a second graph for prompts (many rows at once; fp32 activations), on the same KV buffers
         self.prefill_session = self._load(prefill_path, threads) if prefill_path else None
+        # the cache's type is the graph's (fp16 with forwardpass's attention, fp32 with GroupQueryAttention);
+        # np.zeros maps untouched pages lazily: memory grows with the positions actually written
+        cache = next(i.type for i in self.session.get_inputs() if i.name == "past_key.0")
+        dtype = np.float16 if cache == "tensor(float16)" else np.float32
+        self.kv = [np.zeros((slots, n_head_kv, max_context, head_dim), dtype) for _ in range(2 * n_layer)]
         _memory.page_out(str(Path(path).resolve().parent))  # weight-file pages read only to prepack them
         self._bindings: dict[tuple[str, int, int, int], tuple[Any, np.ndarray, np.ndarray | None]] = {}
         prompt_graph = self.prefill_session or self.session

@@ -17,7 +17,8 @@
 
 typedef struct {
     const float *qkv;     /* (B, T, (H + 2 Hkv) D) */
-    float *keys, *values; /* (B, Hkv, S, D) */
+    void *keys, *values; /* (B, Hkv, S, D): float, or fp16 bits when half */
+    int half;
     const int32_t *seqlens;
     const float *cos, *sin; /* (P, D / 2) */
     float *out;             /* (B, T, H D) */
@@ -25,6 +26,64 @@ typedef struct {
 } fp_attention;
 
 static inline int64_t first_position(const fp_attention *a, int64_t b) { return a->seqlens[b] + 1 - a->T; }
+
+/* fp16 <-> float (round to nearest even), for caches kept in half precision as llama.cpp keeps them */
+static inline uint16_t to_half(float f) {
+#if defined(__F16C__)
+    return (uint16_t)_cvtss_sh(f, 0);
+#else
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    const uint32_t sign = (u >> 16) & 0x8000, exp = (u >> 23) & 0xFF;
+    uint32_t mant = u & 0x7FFFFF;
+    if (exp == 0xFF) return (uint16_t)(sign | 0x7C00 | (mant ? 0x200 : 0)); /* inf, nan */
+    const int e = (int)exp - 127 + 15;
+    if (e >= 31) return (uint16_t)(sign | 0x7C00); /* overflow: inf */
+    if (e <= 0) {                                   /* subnormal half (or zero) */
+        if (e < -10) return (uint16_t)sign;
+        mant |= 0x800000;
+        const int shift = 14 - e;
+        uint32_t half = mant >> shift;
+        const uint32_t rest = mant & ((1u << shift) - 1), mid = 1u << (shift - 1);
+        if (rest > mid || (rest == mid && (half & 1))) half++;
+        return (uint16_t)(sign | half);
+    }
+    uint32_t half = ((uint32_t)e << 10) | (mant >> 13);
+    const uint32_t rest = mant & 0x1FFF;
+    if (rest > 0x1000 || (rest == 0x1000 && (half & 1))) half++; /* may carry into the exponent: still right */
+    return (uint16_t)(sign | half);
+#endif
+}
+
+static inline float from_half(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F;
+    uint32_t mant = h & 0x3FF, bits;
+    if (exp == 0) {
+        if (!mant) {
+            bits = sign;
+        } else {
+            int e = 113;
+            while (!(mant & 0x400)) { mant <<= 1; e--; }
+            bits = sign | ((uint32_t)e << 23) | ((mant & 0x3FF) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7F800000u | (mant << 13);
+    } else {
+        bits = sign | ((exp + 112) << 23) | (mant << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+#endif
+}
+
+/* element `index` of a cache */
+static inline float cache_at(const fp_attention *a, const void *cache, int64_t index) {
+    return a->half ? from_half(((const uint16_t *)cache)[index]) : ((const float *)cache)[index];
+}
 
 /* The interleaved rotation of one head's vector at position p: (x0, x1) pairs turned by angle i at p. */
 static void rotate(const fp_attention *a, const float *x, int64_t p, float *y) {
@@ -42,8 +101,19 @@ void fp_attention_store(const fp_attention *a, int64_t i) {
     const int64_t p = first_position(a, b) + t, width = (a->H + 2 * a->Hkv) * a->D;
     const float *token = a->qkv + (b * a->T + t) * width;
     const int64_t at = ((b * a->Hkv + g) * a->S + p) * a->D;
-    rotate(a, token + (a->H + g) * a->D, p, a->keys + at);
-    memcpy(a->values + at, token + (a->H + a->Hkv + g) * a->D, (size_t)a->D * sizeof(float));
+    const float *value = token + (a->H + a->Hkv + g) * a->D;
+    if (!a->half) {
+        rotate(a, token + (a->H + g) * a->D, p, (float *)a->keys + at);
+        memcpy((float *)a->values + at, value, (size_t)a->D * sizeof(float));
+        return;
+    }
+    float key[256];
+    rotate(a, token + (a->H + g) * a->D, p, key);
+    uint16_t *k = (uint16_t *)a->keys + at, *v = (uint16_t *)a->values + at;
+    for (int64_t d = 0; d < a->D; d++) {
+        k[d] = to_half(key[d]);
+        v[d] = to_half(value[d]);
+    }
 }
 
 #if defined(__AVX512F__)
@@ -62,6 +132,26 @@ static inline __m512 exp16(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
     return _mm512_scalef_ps(p, n);
+}
+#endif
+
+#if defined(__AVX512F__)
+/* 64 cache elements from `index` as four vectors */
+static inline void load64(const fp_attention *a, const void *cache, int64_t index, __m512 *x0, __m512 *x1, __m512 *x2,
+                          __m512 *x3) {
+    if (a->half) {
+        const uint16_t *h = (const uint16_t *)cache + index;
+        *x0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)h));
+        *x1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + 16)));
+        *x2 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + 32)));
+        *x3 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + 48)));
+    } else {
+        const float *f = (const float *)cache + index;
+        *x0 = _mm512_loadu_ps(f);
+        *x1 = _mm512_loadu_ps(f + 16);
+        *x2 = _mm512_loadu_ps(f + 32);
+        *x3 = _mm512_loadu_ps(f + 48);
+    }
 }
 #endif
 
@@ -107,14 +197,13 @@ void fp_attention_group(const fp_attention *a, int64_t i, float *scores) {
         rotate(a, a->qkv + (b * a->T + t) * width + (g * G + h) * D, p, q + h * D);
         for (int64_t d = 0; d < D; d++) q[h * D + d] *= scale;
     }
-    const float *K = a->keys + (b * a->Hkv + g) * a->S * D, *V = a->values + (b * a->Hkv + g) * a->S * D;
+    const int64_t base = (b * a->Hkv + g) * a->S * D; /* this row and head's cache: element base + j * D + d */
     float *o = a->out + (b * a->T + t) * a->H * D + g * G * D;
 #if defined(__AVX512F__)
     if (D == 64 && G <= 8) {
         for (int64_t j = 0; j < n; j++) {
-            const float *k = K + j * 64;
-            const __m512 k0 = _mm512_loadu_ps(k), k1 = _mm512_loadu_ps(k + 16), k2 = _mm512_loadu_ps(k + 32),
-                         k3 = _mm512_loadu_ps(k + 48);
+            __m512 k0, k1, k2, k3;
+            load64(a, a->keys, base + j * 64, &k0, &k1, &k2, &k3);
             for (int64_t h = 0; h < G; h++) {
                 const float *qh = q + h * 64;
                 __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qh), k0);
@@ -129,9 +218,8 @@ void fp_attention_group(const fp_attention *a, int64_t i, float *scores) {
         for (int64_t h = 0; h < G; h++)
             for (int v = 0; v < 4; v++) acc[h][v] = _mm512_setzero_ps();
         for (int64_t j = 0; j < n; j++) {
-            const float *vj = V + j * 64;
-            const __m512 v0 = _mm512_loadu_ps(vj), v1 = _mm512_loadu_ps(vj + 16), v2 = _mm512_loadu_ps(vj + 32),
-                         v3 = _mm512_loadu_ps(vj + 48);
+            __m512 v0, v1, v2, v3;
+            load64(a, a->values, base + j * 64, &v0, &v1, &v2, &v3);
             for (int64_t h = 0; h < G; h++) {
                 const __m512 w = _mm512_set1_ps(scores[h * n + j]);
                 acc[h][0] = _mm512_fmadd_ps(w, v0, acc[h][0]);
@@ -149,12 +237,12 @@ void fp_attention_group(const fp_attention *a, int64_t i, float *scores) {
         float *s = scores + h * n;
         for (int64_t j = 0; j < n; j++) {
             float dot = 0.0f;
-            for (int64_t d = 0; d < D; d++) dot += q[h * D + d] * K[j * D + d];
+            for (int64_t d = 0; d < D; d++) dot += q[h * D + d] * cache_at(a, a->keys, base + j * D + d);
             s[j] = dot;
         }
         softmax(s, n);
         for (int64_t d = 0; d < D; d++) o[h * D + d] = 0.0f;
         for (int64_t j = 0; j < n; j++)
-            for (int64_t d = 0; d < D; d++) o[h * D + d] += s[j] * V[j * D + d];
+            for (int64_t d = 0; d < D; d++) o[h * D + d] += s[j] * cache_at(a, a->values, base + j * D + d);
     }
 }

@@ -25,7 +25,8 @@ void fp_q4_1_matmul(const void *scratch, int64_t M, int64_t K, const uint8_t *qs
                     const uint16_t *wm, int64_t n0, int64_t n1, int64_t N, float *y);
 typedef struct {
     const float *qkv;
-    float *keys, *values;
+    void *keys, *values;
+    int half;
     const int32_t *seqlens;
     const float *cos, *sin;
     float *out;
@@ -261,17 +262,17 @@ static void group_task(void *arg, size_t i) {
 }
 
 /* present = past's memory when they are bound to one buffer; otherwise a copy of past, then updated */
-static OrtStatus *cache_output(OrtKernelContext *context, size_t index, const Tensor *past, float **cache) {
+static OrtStatus *cache_output(OrtKernelContext *context, size_t index, const Tensor *past, void **cache) {
     OrtValue *value = NULL;
     OrtStatus *status = CALL(KERNEL_CONTEXT_GET_OUTPUT, OrtStatus *(*)(OrtKernelContext *, size_t, const int64_t *,
                                                                       size_t, OrtValue **))(context, index, past->dims,
                                                                                             past->rank, &value);
-    if (status || (status = CALL(GET_TENSOR_MUTABLE_DATA, OrtStatus *(*)(OrtValue *, void **))(value, (void **)cache)))
+    if (status || (status = CALL(GET_TENSOR_MUTABLE_DATA, OrtStatus *(*)(OrtValue *, void **))(value, cache)))
         return status;
     if (*cache != past->data) {
         size_t count = 1;
         for (size_t i = 0; i < past->rank; i++) count *= (size_t)past->dims[i];
-        memcpy(*cache, past->data, count * sizeof(float));
+        memcpy(*cache, past->data, count * (past->type == FLOAT16 ? 2 : 4));
     }
     return NULL;
 }
@@ -286,7 +287,8 @@ static OrtStatus *attention_compute(void *kernel, OrtKernelContext *context) {
         return status;
     char message[320];
     const int64_t H = k->heads, Hkv = k->kv_heads;
-    const int shapes = qkv.type == FLOAT && qkv.rank == 3 && pk.type == FLOAT && pk.rank == 4 && pv.type == FLOAT &&
+    const int shapes = qkv.type == FLOAT && qkv.rank == 3 && (pk.type == FLOAT || pk.type == FLOAT16) &&
+                       pk.rank == 4 && pv.type == pk.type &&
                        pv.rank == 4 && seqlens.type == INT32 && seqlens.rank == 1 && cos.type == FLOAT && cos.rank == 2 &&
                        sin.type == FLOAT && sin.rank == 2;
     const int64_t B = shapes ? qkv.dims[0] : 0, T = shapes ? qkv.dims[1] : 0, D = shapes ? pk.dims[3] : 0;
@@ -294,12 +296,12 @@ static OrtStatus *attention_compute(void *kernel, OrtKernelContext *context) {
         qkv.dims[2] != (H + 2 * Hkv) * D || seqlens.dims[0] != B || cos.dims[1] != D / 2 || sin.dims[0] != cos.dims[0] ||
         sin.dims[1] != D / 2 || pv.dims[0] != B || pv.dims[1] != Hkv || pv.dims[2] != pk.dims[2] || pv.dims[3] != D) {
         snprintf(message, sizeof message, "Attention: expected qkv float (B, T, (%lld + 2 x %lld) D), past key/value "
-                 "float (B, %lld, S, D) with D even and at most 256 (and at most 4096 query values a group), seqlens_k int32 (B), cos/sin caches (P, D/2)",
+                 "float or float16 (B, %lld, S, D) with D even and at most 256 (and at most 4096 query values a group), seqlens_k int32 (B), cos/sin caches (P, D/2)",
                  (long long)H, (long long)Hkv, (long long)Hkv);
         return error(ORT_INVALID_ARGUMENT, message);
     }
-    fp_attention a = {qkv.data, NULL, NULL, seqlens.data, cos.data, sin.data, NULL, B, T, H, Hkv, pk.dims[2], D,
-                      cos.dims[0]};
+    fp_attention a = {qkv.data, NULL, NULL, pk.type == FLOAT16, seqlens.data, cos.data, sin.data, NULL, B, T, H, Hkv,
+                      pk.dims[2], D, cos.dims[0]};
     for (int64_t b = 0; b < B; b++) {
         const int64_t last = a.seqlens[b];
         if (last + 1 - T < 0 || last >= a.S || last >= a.P) {
@@ -324,13 +326,28 @@ static OrtStatus *attention_compute(void *kernel, OrtKernelContext *context) {
 }
 
 static const char *attention_name(const Op *op) { (void)op; return "Attention"; }
+/* two registrations of one op: caches of float, or of float16 (as llama.cpp keeps them: half the bytes) */
 static int attention_input_type(const Op *op, size_t i) { (void)op; return i == 3 || i == 4 ? INT32 : FLOAT; }
+static int attention16_input_type(const Op *op, size_t i) {
+    (void)op;
+    return i == 3 || i == 4 ? INT32 : i == 1 || i == 2 ? FLOAT16 : FLOAT;
+}
+static int attention16_output_type(const Op *op, size_t i) { (void)op; return i ? FLOAT16 : FLOAT; }
 static size_t seven(const Op *op) { (void)op; return 7; }
 static size_t three(const Op *op) { (void)op; return 3; }
 
 static const Op attention_op = {
     .version = 16, .GetName = attention_name, .GetExecutionProviderType = cpu, .GetInputType = attention_input_type,
     .GetInputTypeCount = seven, .GetOutputType = float_type, .GetOutputTypeCount = three,
+    .KernelDestroy = destroy_attention, .GetInputCharacteristic = required, .GetOutputCharacteristic = required,
+    .GetInputMemoryType = default_memory, .GetVariadicInputMinArity = zero, .GetVariadicInputHomogeneity = zero,
+    .GetVariadicOutputMinArity = zero, .GetVariadicOutputHomogeneity = zero, .CreateKernelV2 = create_attention,
+    .KernelComputeV2 = attention_compute,
+};
+
+static const Op attention16_op = {
+    .version = 16, .GetName = attention_name, .GetExecutionProviderType = cpu, .GetInputType = attention16_input_type,
+    .GetInputTypeCount = seven, .GetOutputType = attention16_output_type, .GetOutputTypeCount = three,
     .KernelDestroy = destroy_attention, .GetInputCharacteristic = required, .GetOutputCharacteristic = required,
     .GetInputMemoryType = default_memory, .GetVariadicInputMinArity = zero, .GetVariadicInputHomogeneity = zero,
     .GetVariadicOutputMinArity = zero, .GetVariadicOutputHomogeneity = zero, .CreateKernelV2 = create_attention,
@@ -349,7 +366,8 @@ EXPORT OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase
             return status;
         typedef OrtStatus *(*add)(OrtCustomOpDomain *, const void *);
         if ((status = CALL(CUSTOM_OP_DOMAIN_ADD, add)(domain, &q4_1_op)) ||
-            (status = CALL(CUSTOM_OP_DOMAIN_ADD, add)(domain, &attention_op)))
+            (status = CALL(CUSTOM_OP_DOMAIN_ADD, add)(domain, &attention_op)) ||
+            (status = CALL(CUSTOM_OP_DOMAIN_ADD, add)(domain, &attention16_op)))
             return status;
     }
     return CALL(ADD_CUSTOM_OP_DOMAIN, OrtStatus *(*)(OrtSessionOptions *, OrtCustomOpDomain *))(options, domain);
