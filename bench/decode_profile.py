@@ -40,7 +40,7 @@ CORRECTION = re.compile(r"l\d+_(qkv|o|gate_up|down)_(split|corr|sum)_\d+")  # co
 def kind(name: str, op: str) -> str:
     """A node's row in the table."""
     if name == "head":
-        return "MatMulNBits (8-bit head)"
+        return f"{op} (8-bit head)"
     if op == "MatMulNBits":
         return "MatMulNBits (4-bit linears)"
     if op == "Q4_1MatMul":

@@ -183,3 +183,30 @@ def test_closed_schemas_forbid_undeclared_properties_only_where_the_schema_is_si
     assert out["$defs"]["e"]["additionalProperties"] is True  # said: kept
     assert "additionalProperties" not in schema  # the request's own schema is not changed
     assert closed({"type": "object"}) == {"type": "object"}  # json_object: any object
+
+
+def test_on_forwardpass_kernels_a_row_decodes_the_same_alone_and_beside_seven_others(llm):
+    """What lets the server decode a lone stream without a dummy row (GenerationScheduler, MIN_ROWS): with the
+    decoder on forwardpass's kernels, a row's logits are the same bits alone as in a batch of eight."""
+    import numpy as np
+
+    from forwardpass import kernels
+    from forwardpass.generation.scheduler import GenerationScheduler
+
+    session = llm.open_session(slots=8)
+    if not kernels.available():
+        assert not session.row_invariant
+        pytest.skip("forwardpass's kernels do not build here: the graph is ONNX Runtime's")
+    assert session.row_invariant
+    prompts = [llm.encode(f"Question {i}: what is {i} plus {i}?") for i in range(8)]
+    for slot, prompt in enumerate(prompts):
+        session.prefill(slot, prompt, 0)
+    ends = [len(p) for p in prompts]
+    alone = session.decode([42], ends[:1]).copy()
+    together = session.decode([42] + [7] * 7, ends)
+    assert np.array_equal(alone[0], together[0])
+    scheduler = GenerationScheduler(llm, slots=2)
+    try:
+        assert scheduler.state.min_rows == 1
+    finally:
+        scheduler.close()

@@ -64,6 +64,8 @@ def reference(prompt: list[int], limit: int, stop_ids: tuple[int, ...] = ()) -> 
 class FakeDecoder:
     """DecoderSession's interface over a (slots, CONTEXT) table of tokens (-1: never written)."""
 
+    row_invariant = False  # as a graph on ONNX Runtime's operators: a lone stream decodes beside a dummy row
+
     def __init__(self, slots: int, fail: int = 0):
         self.kv = np.full((slots, CONTEXT), -1, np.int64)
         self.calls: list[tuple] = []

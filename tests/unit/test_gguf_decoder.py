@@ -111,7 +111,9 @@ def test_forwardpass_kernels_compute_what_the_reference_does(tmp_path):
     assert sum(n.op_type == "Q4_1MatMul" for n in graph.graph.node) == 4 * model.hparams.n_layer
     assert not any(n.op_type in ("MatMul", "Add") for n in graph.graph.node)  # no block-sum correction left
     assert sum(n.op_type == "Attention" and n.domain == "forwardpass" for n in graph.graph.node) == model.hparams.n_layer
-    assert not any(n.op_type in ("GroupQueryAttention", "Identity") for n in graph.graph.node)
+    assert not any(n.op_type in ("GroupQueryAttention", "Identity", "MatMulNBits") for n in graph.graph.node)
+    head = next(n for n in graph.graph.node if n.name == "head")
+    assert head.op_type == "Q8_0MatMul" and head.input[1] == "embed_q_1"  # the tied head reads the embedding table
     onnx.save(graph, str(tmp_path / "decoder.onnx"), save_as_external_data=True, location="decoder.data")
     options = ort.SessionOptions()
     options.register_custom_ops_library(str(kernels_library()))

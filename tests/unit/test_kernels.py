@@ -224,3 +224,44 @@ def test_attention_keeps_a_half_precision_cache():
     assert half[1].dtype == np.float16 and half[2].dtype == np.float16
     assert np.array_equal(half[1], wide[1].astype(np.float16)) and np.array_equal(half[2], wide[2].astype(np.float16))
     assert np.abs(half[0] - wide[0]).max() <= 5e-3 * np.abs(wide[0]).max()
+
+
+# -- Q8_0MatMul (the tied head) ------------------------------------------------------------------------------------
+
+
+def q8_0_session(qs: np.ndarray, d: np.ndarray) -> ort.InferenceSession:
+    from onnx import TensorProto, helper, numpy_helper
+
+    n = qs.shape[0]
+    node = helper.make_node("Q8_0MatMul", ["x", "qs", "d"], ["y"], domain=kernels.DOMAIN)
+    graph = helper.make_graph([node], "q8_0", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "t", "k"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "t", n])],
+                              [numpy_helper.from_array(qs, "qs"), numpy_helper.from_array(d, "d")])  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(kernels.DOMAIN, 1)])
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(LIBRARY))
+    options.intra_op_num_threads = 2
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize(("n", "k"), [(100, 576), (37, 96), (16, 64)])
+def test_q8_0_matmul_is_the_quantized_product_and_the_same_for_a_row_alone(n, k):
+    rng = np.random.default_rng(6)
+    qs = rng.integers(-127, 128, (n, k), dtype=np.int8)
+    qs[0, :32] = -128  # a crafted table's extreme: still exact
+    d = rng.uniform(0.001, 0.01, (n, k // 32)).astype(np.float16)
+    x = rng.standard_normal((1, 6, k)).astype(np.float32)
+    session = q8_0_session(qs, d)
+    y = session.run(None, {"x": x})[0]
+    exact = x @ (qs.reshape(n, -1, 32).astype(np.float32) * d.astype(np.float32)[..., None]).reshape(n, k).T
+    assert np.abs(y - exact).max() <= 2e-2 * np.abs(exact).max()
+    lib = ctypes.CDLL(str(LIBRARY))
+    p, i = ctypes.c_void_p, ctypes.c_int64
+    lib.fp_q8_0_reference.argtypes = [p, i, i, p, p, i, p]
+    rows, expected = np.ascontiguousarray(x[0]), np.empty((6, n), np.float32)
+    lib.fp_q8_0_reference(rows.ctypes.data, 6, k, qs.ctypes.data, d.ctypes.data, n, expected.ctypes.data)
+    assert np.abs(y[0] - expected).max() <= 1e-5 * np.abs(expected).max()
+    alone = np.concatenate([session.run(None, {"x": x[:, j : j + 1]})[0] for j in range(6)], axis=1)
+    assert np.array_equal(y, alone)
+    with pytest.raises(Exception, match="Q8_0MatMul: expected X float"):
+        session.run(None, {"x": np.ones((1, 1, k + 32), np.float32)})

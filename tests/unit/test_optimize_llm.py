@@ -30,7 +30,8 @@ def _linears(path: Path) -> dict[str, int]:
     model = onnx.load(str(path), load_external_data=False)
     bits = [next(a.i for a in n.attribute if a.name == "bits") for n in model.graph.node if n.op_type == "MatMulNBits"]
     count = lambda op: sum(n.op_type == op for n in model.graph.node)  # noqa: E731
-    return {"4-bit": bits.count(4), "8-bit": bits.count(8), "MatMul": count("MatMul"), "Q4_1MatMul": count("Q4_1MatMul")}
+    return {"4-bit": bits.count(4), "8-bit": bits.count(8), "MatMul": count("MatMul"), "Q4_1MatMul": count("Q4_1MatMul"),
+            "Q8_0MatMul": count("Q8_0MatMul")}
 
 
 def test_int8_and_fp32_variants_are_judged_against_fp32_and_the_promoted_one_serves(repo, cli, serve, monkeypatch):
@@ -43,12 +44,15 @@ def test_int8_and_fp32_variants_are_judged_against_fp32_and_the_promoted_one_ser
     rows = {r["variant"]: r for r in report["rows"]}
     assert list(rows) == ["original", "int8", "fp32"] and rows["int8"]["version"] == 2 and rows["fp32"]["version"] == 3
     # 30 layers x 4 linears: the Q4_1 ones (forwardpass's kernel where it builds, else MatMulNBits and its correction
-    # MatMuls) are gone, the head stays 8-bit in int8
+    # MatMuls) are gone, the head stays 8-bit in int8 (forwardpass's Q8_0MatMul, or MatMulNBits)
     original = _linears(repo / "smollm2" / "1" / "model.onnx")
-    assert original in ({"4-bit": 0, "8-bit": 1, "MatMul": 0, "Q4_1MatMul": 120},
-                        {"4-bit": 120, "8-bit": 1, "MatMul": 120, "Q4_1MatMul": 0})  # fmt: skip
-    assert _linears(repo / "smollm2" / "2" / "model.onnx") == {"4-bit": 0, "8-bit": 121, "MatMul": 0, "Q4_1MatMul": 0}
-    assert _linears(repo / "smollm2" / "3" / "model.onnx") == {"4-bit": 0, "8-bit": 0, "MatMul": 121, "Q4_1MatMul": 0}
+    own = original["Q4_1MatMul"] == 120
+    assert original == ({"4-bit": 0, "8-bit": 0, "MatMul": 0, "Q4_1MatMul": 120, "Q8_0MatMul": 1} if own else
+                        {"4-bit": 120, "8-bit": 1, "MatMul": 120, "Q4_1MatMul": 0, "Q8_0MatMul": 0})  # fmt: skip
+    assert _linears(repo / "smollm2" / "2" / "model.onnx") == {"4-bit": 0, "8-bit": 120 + (not own), "MatMul": 0,
+                                                               "Q4_1MatMul": 0, "Q8_0MatMul": int(own)}  # fmt: skip
+    assert _linears(repo / "smollm2" / "3" / "model.onnx") == {"4-bit": 0, "8-bit": 0, "MatMul": 121, "Q4_1MatMul": 0,
+                                                               "Q8_0MatMul": 0}  # fmt: skip
     assert rows["fp32"]["size_bytes"] > 3 * rows["original"]["size_bytes"]
     fp32, int8, q4 = (rows[v]["quality"] for v in ("fp32", "int8", "original"))
     assert fp32["value"] == 1.0 and 0.8 < q4["value"] <= 1 and 0.8 < int8["value"] <= 1

@@ -146,10 +146,15 @@ def build_decoder(model: GGUFFile, *, accuracy_level: int = 4, max_positions: in
     cache_type = TensorProto.FLOAT16 if kernels == "forwardpass" else TensorProto.FLOAT
     C, D, H, Hkv = hp.n_embd, hp.head_dim, hp.n_head, hp.n_head_kv
 
-    # embedding: gather int8 rows and their block scales, dequantize only the T rows needed
+    # embedding: gather int8 rows and their block scales, dequantize only the T rows needed; with forwardpass's
+    # kernels the table (fp16 scales, as GGUF has them) is also the tied head's weights: one copy in memory
     q, d = q8_0_rows(raw("token_embd.weight"))
-    (rows,) = g.op("Gather", [g.const("embed_q", q), "input_ids"], "embed_rows")  # (B, T, C) int8
-    (scales,) = g.op("Gather", [g.const("embed_scales", d), "input_ids"], "embed_scales")  # (B, T, C/32)
+    embed_q = g.const("embed_q", q)
+    embed_d = g.const("embed_scales", d.astype(np.float16) if kernels == "forwardpass" else d)
+    (rows,) = g.op("Gather", [embed_q, "input_ids"], "embed_rows")  # (B, T, C) int8
+    (scales,) = g.op("Gather", [embed_d, "input_ids"], "embed_scales")  # (B, T, C/32)
+    if kernels == "forwardpass":
+        (scales,) = g.op("Cast", [scales], "embed_scales_cast", to=TensorProto.FLOAT)
     (rows_f,) = g.op("Cast", [rows], "embed_cast", to=TensorProto.FLOAT)
     (blocks,) = g.op("Reshape", [rows_f, g.const("embed_blocks", np.array([0, 0, C // 32, 32], np.int64))], "embed_b")
     (scales_u,) = g.op("Unsqueeze", [scales, g.const("last_axis", np.array([-1], np.int64))], "embed_su")
@@ -230,13 +235,21 @@ def build_decoder(model: GGUFFile, *, accuracy_level: int = 4, max_positions: in
     # dummy row (generation/scheduler.py, MIN_ROWS) does not pay for its logits.
     zero, batch_axis = g.const("zero", np.array([0], np.int64)), g.const("batch_axis", np.array([0], np.int64))
     (h,) = g.op("Slice", [h, zero, "logit_rows", batch_axis], "head_rows")
-    head_q, head_scales = q8_0_to_nbits(raw(head_name))
-    g.nodes.append(helper.make_node(
-        "MatMulNBits", [h, g.const("head_B", head_q), g.const("head_scales", head_scales)], ["logits"], name="head",
-        domain=MS, K=C, N=head_q.shape[0], bits=8, block_size=32,
-        accuracy_level=accuracy_level if head_accuracy_level is None else head_accuracy_level,
-    ))  # fmt: skip
-    outputs.insert(0, helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1, head_q.shape[0]]))
+    if kernels == "forwardpass":  # Q8_0 x Q8_0 as llama.cpp computes it, on the embedding table when it is tied
+        if head_name == "token_embd.weight":
+            head_q, head_d = embed_q, embed_d
+        else:
+            head_rows, head_scales = q8_0_rows(raw(head_name))
+            head_q, head_d = g.const("head_q", head_rows), g.const("head_d", head_scales.astype(np.float16))
+        g.nodes.append(helper.make_node("Q8_0MatMul", [h, head_q, head_d], ["logits"], name="head", domain=FP))
+    else:
+        head_b, head_scales = q8_0_to_nbits(raw(head_name))
+        g.nodes.append(helper.make_node(
+            "MatMulNBits", [h, g.const("head_B", head_b), g.const("head_scales", head_scales)], ["logits"], name="head",
+            domain=MS, K=C, N=head_b.shape[0], bits=8, block_size=32,
+            accuracy_level=accuracy_level if head_accuracy_level is None else head_accuracy_level,
+        ))  # fmt: skip
+    outputs.insert(0, helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1, hp.n_vocab]))
     graph = helper.make_graph(g.nodes, f"{hp.arch}_decoder", inputs, outputs, g.inits)
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)]
     if kernels == "forwardpass":

@@ -38,7 +38,8 @@ from forwardpass.generation.sequence import Sequence
 Emit = Callable[[Any], object]  # called with a str piece | Generation | Exception; what it returns is ignored
 # MatMulNBits' one-row kernel sums in another order than its many-row kernels (2e-7 relative), and int8
 # activation rounding grows that to ~0.5 logits after 30 layers: a stream would sample differently alone
-# than next to others. Every decode call therefore has at least two rows (rows 2..8 agree bit for bit).
+# than next to others. Every decode call of such a graph therefore has at least two rows (rows 2..8 agree bit
+# for bit). A graph on forwardpass's own kernels computes each row alone (DecoderSession.row_invariant): 1 row.
 MIN_ROWS = 2
 
 

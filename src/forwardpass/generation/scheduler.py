@@ -48,9 +48,11 @@ class GenerationScheduler:
         self.max_queue = gen.queue if queue is None else queue
         chunk = prefill_chunk or gen.prefill_chunk
         budget = gen.prefix_cache_mib * 2**20 if prefix_cache_bytes is None else prefix_cache_bytes
-        self.state = SchedulerState(self.slots, chunk, PrefixCache(budget))
-        self.stats = stats or GenerationStats(model.name, model.version)
         self.session = model.open_session(slots=max(self.slots, MIN_ROWS))
+        # a lone stream decodes alone where the graph computes a row the same alone as beside others
+        min_rows = 1 if self.session.row_invariant else MIN_ROWS
+        self.state = SchedulerState(self.slots, chunk, PrefixCache(budget), min_rows=min_rows)
+        self.stats = stats or GenerationStats(model.name, model.version)
         self._steps = Steps(self.session, self.state, self.stats)
         self._cond = threading.Condition()
         self._closing = self._closed = False

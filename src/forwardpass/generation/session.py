@@ -39,6 +39,8 @@ class DecoderSession:
         self.position = 0  # slot 0's length, for step()
         self.last_hidden_sum: np.ndarray | None = None  # the last call's (rows, C) pooled hidden states
         self.session = self._load(path, threads)
+        # forwardpass's kernels give a row the same result whatever rows run beside it: no dummy row needed
+        self.row_invariant = kernels.row_invariant(path) and not prefill_path
         # a second graph for prompts (many rows at once; fp32 activations), on the same KV buffers
         self.prefill_session = self._load(prefill_path, threads) if prefill_path else None
         # the cache's type is the graph's (fp16 with forwardpass's attention, fp32 with GroupQueryAttention);

@@ -21,7 +21,8 @@ import tempfile
 from functools import cache
 from pathlib import Path
 
-SOURCES = ("q4_1.c", "attention.c", "ort_ops.c")
+SOURCES = ("q4_1.c", "q8_0.c", "attention.c", "ort_ops.c")
+HEADERS = ("half.h",)
 DOMAIN = "forwardpass"  # the custom ops' ONNX domain
 FLAGS = ("-O3", "-march=native", "-std=c11", "-shared", "-fPIC", "-fvisibility=hidden", "-Wall")
 _HERE = Path(__file__).resolve().parent
@@ -48,7 +49,7 @@ def _cpu() -> str:
 
 def _key(cc: str) -> str:
     digest = hashlib.sha256()
-    for name in SOURCES:
+    for name in (*SOURCES, *HEADERS):
         digest.update((_HERE / name).read_bytes())
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
@@ -87,12 +88,30 @@ def library() -> Path:
     return path
 
 
-def used_by(path: str | Path) -> bool:
-    """Whether the ONNX graph at ``path`` uses these kernels (imports the forwardpass domain)."""
+# ONNX Runtime operators whose result for a row can depend on the rows computed with it (their kernels take
+# other paths, summing in another order, for one row than for many)
+ROW_MIXING = frozenset({"MatMulNBits", "MatMul", "Gemm", "GroupQueryAttention"})
+
+
+@cache
+def _graph(path: str, mtime: int) -> tuple[bool, frozenset[str]]:
     from forwardpass._deps import require
 
     onnx = require("onnx", "llm", "reading a graph's operator sets")
-    return any(o.domain == DOMAIN for o in onnx.load(str(path), load_external_data=False).opset_import)
+    model = onnx.load(path, load_external_data=False)
+    return any(o.domain == DOMAIN for o in model.opset_import), frozenset(n.op_type for n in model.graph.node)
+
+
+def used_by(path: str | Path) -> bool:
+    """Whether the ONNX graph at ``path`` uses these kernels (imports the forwardpass domain)."""
+    return _graph(str(path), Path(path).stat().st_mtime_ns)[0]
+
+
+def row_invariant(path: str | Path) -> bool:
+    """Whether every row of the graph at ``path`` is computed the same alone and beside other rows: its linears,
+    head and attention are these kernels (the rest of a decoder is per row or per element)."""
+    uses, ops = _graph(str(path), Path(path).stat().st_mtime_ns)
+    return uses and not ops & ROW_MIXING
 
 
 def available() -> bool:

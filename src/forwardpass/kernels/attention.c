@@ -11,9 +11,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#endif
+
+#include "half.h"
 
 typedef struct {
     const float *qkv;     /* (B, T, (H + 2 Hkv) D) */
@@ -27,62 +26,9 @@ typedef struct {
 
 static inline int64_t first_position(const fp_attention *a, int64_t b) { return a->seqlens[b] + 1 - a->T; }
 
-/* fp16 <-> float (round to nearest even), for caches kept in half precision as llama.cpp keeps them */
-static inline uint16_t to_half(float f) {
-#if defined(__F16C__)
-    return (uint16_t)_cvtss_sh(f, 0);
-#else
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    const uint32_t sign = (u >> 16) & 0x8000, exp = (u >> 23) & 0xFF;
-    uint32_t mant = u & 0x7FFFFF;
-    if (exp == 0xFF) return (uint16_t)(sign | 0x7C00 | (mant ? 0x200 : 0)); /* inf, nan */
-    const int e = (int)exp - 127 + 15;
-    if (e >= 31) return (uint16_t)(sign | 0x7C00); /* overflow: inf */
-    if (e <= 0) {                                   /* subnormal half (or zero) */
-        if (e < -10) return (uint16_t)sign;
-        mant |= 0x800000;
-        const int shift = 14 - e;
-        uint32_t half = mant >> shift;
-        const uint32_t rest = mant & ((1u << shift) - 1), mid = 1u << (shift - 1);
-        if (rest > mid || (rest == mid && (half & 1))) half++;
-        return (uint16_t)(sign | half);
-    }
-    uint32_t half = ((uint32_t)e << 10) | (mant >> 13);
-    const uint32_t rest = mant & 0x1FFF;
-    if (rest > 0x1000 || (rest == 0x1000 && (half & 1))) half++; /* may carry into the exponent: still right */
-    return (uint16_t)(sign | half);
-#endif
-}
-
-static inline float from_half(uint16_t h) {
-#if defined(__F16C__)
-    return _cvtsh_ss(h);
-#else
-    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F;
-    uint32_t mant = h & 0x3FF, bits;
-    if (exp == 0) {
-        if (!mant) {
-            bits = sign;
-        } else {
-            int e = 113;
-            while (!(mant & 0x400)) { mant <<= 1; e--; }
-            bits = sign | ((uint32_t)e << 23) | ((mant & 0x3FF) << 13);
-        }
-    } else if (exp == 31) {
-        bits = sign | 0x7F800000u | (mant << 13);
-    } else {
-        bits = sign | ((exp + 112) << 23) | (mant << 13);
-    }
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-#endif
-}
-
 /* element `index` of a cache */
 static inline float cache_at(const fp_attention *a, const void *cache, int64_t index) {
-    return a->half ? from_half(((const uint16_t *)cache)[index]) : ((const float *)cache)[index];
+    return a->half ? half_to_float(((const uint16_t *)cache)[index]) : ((const float *)cache)[index];
 }
 
 /* The interleaved rotation of one head's vector at position p: (x0, x1) pairs turned by angle i at p. */
@@ -111,8 +57,8 @@ void fp_attention_store(const fp_attention *a, int64_t i) {
     rotate(a, token + (a->H + g) * a->D, p, key);
     uint16_t *k = (uint16_t *)a->keys + at, *v = (uint16_t *)a->values + at;
     for (int64_t d = 0; d < a->D; d++) {
-        k[d] = to_half(key[d]);
-        v[d] = to_half(value[d]);
+        k[d] = float_to_half(key[d]);
+        v[d] = float_to_half(value[d]);
     }
 }
 

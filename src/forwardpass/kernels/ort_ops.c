@@ -1,6 +1,7 @@
 /* forwardpass's kernels as ONNX Runtime custom ops (domain "forwardpass"), over ONNX Runtime's C ABI.
  *
  *   Q4_1MatMul(X float (..., K), qs uint8 (N, K/32, 16), d float16 (N, K/32), m float16 (K/32, N)) -> Y (..., N)
+ *   Q8_0MatMul(X float (..., K), qs int8 (N, K), d float16 (N, K/32)) -> Y (..., N)
  *   Attention(qkv, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, sin_cache)
  *       -> output, present_key, present_value       (GroupQueryAttention's inputs, outputs and attributes
  *          num_heads / kv_num_heads; present_* may be the same memory as past_*: the cache is then updated in place)
@@ -23,6 +24,10 @@ int64_t fp_q8_1_scratch_bytes(int64_t M, int64_t K);
 void fp_quantize_q8_1(const float *x, int64_t r0, int64_t r1, int64_t M, int64_t K, void *scratch);
 void fp_q4_1_matmul(const void *scratch, int64_t M, int64_t K, const uint8_t *qs, const uint16_t *wd,
                     const uint16_t *wm, int64_t n0, int64_t n1, int64_t N, float *y);
+int64_t fp_q8_0_scratch_bytes(int64_t M, int64_t K);
+void fp_quantize_q8_0(const float *x, int64_t r0, int64_t r1, int64_t M, int64_t K, void *scratch);
+void fp_q8_0_matmul(const void *scratch, int64_t M, int64_t K, const int8_t *qs, const uint16_t *wd, int64_t n0,
+                    int64_t n1, int64_t N, float *y);
 typedef struct {
     const float *qkv;
     void *keys, *values;
@@ -49,7 +54,7 @@ typedef struct {
 
 enum { API_VERSION = 17 };                  /* the oldest table with every slot below */
 enum { ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2 }; /* OrtErrorCode */
-enum { FLOAT = 1, UINT8 = 2, INT32 = 6, FLOAT16 = 10 }; /* ONNXTensorElementDataType */
+enum { FLOAT = 1, UINT8 = 2, INT8 = 3, INT32 = 6, FLOAT16 = 10 }; /* ONNXTensorElementDataType */
 
 /* OrtApi slots */
 enum {
@@ -118,9 +123,10 @@ static OrtStatus *input(OrtKernelContext *context, size_t index, Tensor *t) {
 }
 
 typedef struct {
+    int q8_0; /* Q8_0MatMul, else Q4_1MatMul */
     const float *x;
     void *scratch;
-    const uint8_t *qs;
+    const void *qs;
     const uint16_t *d, *m;
     int64_t M, K, N;
     float *y;
@@ -131,18 +137,53 @@ enum { OUTPUTS_PER_TASK = 16, ROWS_PER_TASK = 4 };
 static void quantize_task(void *arg, size_t i) {
     const Work *w = arg;
     const int64_t r0 = (int64_t)i * ROWS_PER_TASK, r1 = r0 + ROWS_PER_TASK < w->M ? r0 + ROWS_PER_TASK : w->M;
-    fp_quantize_q8_1(w->x, r0, r1, w->M, w->K, w->scratch);
+    (w->q8_0 ? fp_quantize_q8_0 : fp_quantize_q8_1)(w->x, r0, r1, w->M, w->K, w->scratch);
 }
 
 static void matmul_task(void *arg, size_t i) {
     const Work *w = arg;
     const int64_t n0 = (int64_t)i * OUTPUTS_PER_TASK, n1 = n0 + OUTPUTS_PER_TASK < w->N ? n0 + OUTPUTS_PER_TASK : w->N;
-    fp_q4_1_matmul(w->scratch, w->M, w->K, w->qs, w->d, w->m, n0, n1, w->N, w->y);
+    if (w->q8_0)
+        fp_q8_0_matmul(w->scratch, w->M, w->K, w->qs, w->d, n0, n1, w->N, w->y);
+    else
+        fp_q4_1_matmul(w->scratch, w->M, w->K, w->qs, w->d, w->m, n0, n1, w->N, w->y);
 }
 
 static OrtStatus *parallel(OrtKernelContext *context, void (*task)(void *, size_t), size_t total, Work *w) {
     return CALL(KERNEL_CONTEXT_PARALLEL_FOR, OrtStatus *(*)(const OrtKernelContext *, void (*)(void *, size_t),
                                                              size_t, size_t, void *))(context, task, total, 0, w);
+}
+
+/* Y = X @ W^T: activations quantized (in parallel over rows when there are many), then outputs in parallel. */
+static OrtStatus *linear(OrtKernelContext *context, Work *w, const Tensor *x) {
+    int64_t dims[8];
+    w->M = 1;
+    for (size_t i = 0; i + 1 < x->rank; i++) w->M *= (dims[i] = x->dims[i]);
+    dims[x->rank - 1] = w->N;
+    OrtValue *out = NULL;
+    OrtStatus *status;
+    if ((status = CALL(KERNEL_CONTEXT_GET_OUTPUT, OrtStatus *(*)(OrtKernelContext *, size_t, const int64_t *, size_t,
+                                                                OrtValue **))(context, 0, dims, x->rank, &out)) ||
+        (status = CALL(GET_TENSOR_MUTABLE_DATA, OrtStatus *(*)(OrtValue *, void **))(out, (void **)&w->y)))
+        return status;
+    if (w->M == 0 || w->N == 0) return NULL;
+    /* the quantized activations: a buffer kept per calling thread, grown as needed */
+    static _Thread_local void *buffer;
+    static _Thread_local int64_t capacity;
+    const int64_t need = (w->q8_0 ? fp_q8_0_scratch_bytes : fp_q8_1_scratch_bytes)(w->M, w->K);
+    if (need > capacity) {
+        free(buffer);
+        capacity = 0;
+        if (!(buffer = malloc((size_t)need))) return error(ORT_FAIL, "forwardpass kernel: out of memory");
+        capacity = need;
+    }
+    w->scratch = buffer;
+    if (w->M <= ROWS_PER_TASK) {
+        quantize_task(w, 0);
+    } else if ((status = parallel(context, quantize_task, (size_t)((w->M + ROWS_PER_TASK - 1) / ROWS_PER_TASK), w))) {
+        return status;
+    }
+    return parallel(context, matmul_task, (size_t)((w->N + OUTPUTS_PER_TASK - 1) / OUTPUTS_PER_TASK), w);
 }
 
 static OrtStatus *q4_1_compute(void *kernel, OrtKernelContext *context) {
@@ -162,33 +203,26 @@ static OrtStatus *q4_1_compute(void *kernel, OrtKernelContext *context) {
                  (long long)K, qs.rank);
         return error(ORT_INVALID_ARGUMENT, message);
     }
-    int64_t dims[8], M = 1;
-    for (size_t i = 0; i + 1 < x.rank; i++) M *= (dims[i] = x.dims[i]);
-    dims[x.rank - 1] = N;
-    OrtValue *out = NULL;
-    if ((status = CALL(KERNEL_CONTEXT_GET_OUTPUT, OrtStatus *(*)(OrtKernelContext *, size_t, const int64_t *, size_t,
-                                                                OrtValue **))(context, 0, dims, x.rank, &out)))
+    Work w = {0, x.data, NULL, qs.data, d.data, m.data, 0, K, N, NULL};
+    return linear(context, &w, &x);
+}
+
+static OrtStatus *q8_0_compute(void *kernel, OrtKernelContext *context) {
+    (void)kernel;
+    Tensor x, qs, d;
+    OrtStatus *status;
+    if ((status = input(context, 0, &x)) || (status = input(context, 1, &qs)) || (status = input(context, 2, &d)))
         return status;
-    Work w = {x.data, NULL, qs.data, d.data, m.data, M, K, N, NULL};
-    if ((status = CALL(GET_TENSOR_MUTABLE_DATA, OrtStatus *(*)(OrtValue *, void **))(out, (void **)&w.y))) return status;
-    if (M == 0 || N == 0) return NULL;
-    /* the quantized activations: a buffer kept per calling thread, grown as needed */
-    static _Thread_local void *buffer;
-    static _Thread_local int64_t capacity;
-    const int64_t need = fp_q8_1_scratch_bytes(M, K);
-    if (need > capacity) {
-        free(buffer);
-        capacity = 0;
-        if (!(buffer = malloc((size_t)need))) return error(ORT_FAIL, "Q4_1MatMul: out of memory");
-        capacity = need;
+    char message[256];
+    const int64_t K = x.rank ? x.dims[x.rank - 1] : 0, N = qs.rank == 2 ? qs.dims[0] : 0;
+    if (x.type != FLOAT || x.rank < 1 || K % 32 || qs.type != INT8 || qs.rank != 2 || qs.dims[1] != K ||
+        d.type != FLOAT16 || d.rank != 2 || d.dims[0] != N || d.dims[1] != K / 32) {
+        snprintf(message, sizeof message, "Q8_0MatMul: expected X float (..., K) with K a multiple of 32, qs int8 "
+                 "(N, K), d float16 (N, K/32); got K = %lld, qs of rank %zu", (long long)K, qs.rank);
+        return error(ORT_INVALID_ARGUMENT, message);
     }
-    w.scratch = buffer;
-    if (M <= ROWS_PER_TASK) {
-        fp_quantize_q8_1(w.x, 0, M, M, K, w.scratch);
-    } else if ((status = parallel(context, quantize_task, (size_t)((M + ROWS_PER_TASK - 1) / ROWS_PER_TASK), &w))) {
-        return status;
-    }
-    return parallel(context, matmul_task, (size_t)((N + OUTPUTS_PER_TASK - 1) / OUTPUTS_PER_TASK), &w);
+    Work w = {1, x.data, NULL, qs.data, d.data, NULL, 0, K, N, NULL};
+    return linear(context, &w, &x);
 }
 
 static const char *q4_1_name(const Op *op) { (void)op; return "Q4_1MatMul"; }
@@ -197,6 +231,7 @@ static int q4_1_input_type(const Op *op, size_t i) { (void)op; return i == 0 ? F
 static size_t four(const Op *op) { (void)op; return 4; }
 static int float_type(const Op *op, size_t i) { (void)op; (void)i; return FLOAT; }
 static size_t one(const Op *op) { (void)op; return 1; }
+static size_t three(const Op *op) { (void)op; return 3; }
 static int required(const Op *op, size_t i) { (void)op; (void)i; return 0; } /* INPUT_OUTPUT_REQUIRED */
 static int default_memory(const Op *op, size_t i) { (void)op; (void)i; return 0; } /* OrtMemTypeDefault */
 static int zero(const Op *op) { (void)op; return 0; }
@@ -216,6 +251,18 @@ static const Op q4_1_op = {
     .GetInputMemoryType = default_memory, .GetVariadicInputMinArity = zero, .GetVariadicInputHomogeneity = zero,
     .GetVariadicOutputMinArity = zero, .GetVariadicOutputHomogeneity = zero, .CreateKernelV2 = create_kernel,
     .KernelComputeV2 = q4_1_compute,
+};
+
+static const char *q8_0_name(const Op *op) { (void)op; return "Q8_0MatMul"; }
+static int q8_0_input_type(const Op *op, size_t i) { (void)op; return i == 0 ? FLOAT : i == 1 ? INT8 : FLOAT16; }
+
+static const Op q8_0_op = {
+    .version = 16, .GetName = q8_0_name, .GetExecutionProviderType = cpu, .GetInputType = q8_0_input_type,
+    .GetInputTypeCount = three, .GetOutputType = float_type, .GetOutputTypeCount = one,
+    .KernelDestroy = destroy_kernel, .GetInputCharacteristic = required, .GetOutputCharacteristic = required,
+    .GetInputMemoryType = default_memory, .GetVariadicInputMinArity = zero, .GetVariadicInputHomogeneity = zero,
+    .GetVariadicOutputMinArity = zero, .GetVariadicOutputHomogeneity = zero, .CreateKernelV2 = create_kernel,
+    .KernelComputeV2 = q8_0_compute,
 };
 
 /* -- Attention ------------------------------------------------------------------------------------------------ */
@@ -334,7 +381,6 @@ static int attention16_input_type(const Op *op, size_t i) {
 }
 static int attention16_output_type(const Op *op, size_t i) { (void)op; return i ? FLOAT16 : FLOAT; }
 static size_t seven(const Op *op) { (void)op; return 7; }
-static size_t three(const Op *op) { (void)op; return 3; }
 
 static const Op attention_op = {
     .version = 16, .GetName = attention_name, .GetExecutionProviderType = cpu, .GetInputType = attention_input_type,
@@ -366,6 +412,7 @@ EXPORT OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase
             return status;
         typedef OrtStatus *(*add)(OrtCustomOpDomain *, const void *);
         if ((status = CALL(CUSTOM_OP_DOMAIN_ADD, add)(domain, &q4_1_op)) ||
+            (status = CALL(CUSTOM_OP_DOMAIN_ADD, add)(domain, &q8_0_op)) ||
             (status = CALL(CUSTOM_OP_DOMAIN_ADD, add)(domain, &attention_op)) ||
             (status = CALL(CUSTOM_OP_DOMAIN_ADD, add)(domain, &attention16_op)))
             return status;

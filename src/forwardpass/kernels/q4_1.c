@@ -13,51 +13,11 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#endif
+
+#include "half.h"
 
 #define QK 32
 #define EXPORT __attribute__((visibility("default"))) /* for tests (ctypes); the rest is internal */
-
-static inline float half_to_float(uint16_t h) {
-#if defined(__F16C__)
-    return _cvtsh_ss(h);
-#else
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, mant = h & 0x3FF, bits;
-    if (exp == 0) {
-        if (mant == 0) {
-            bits = sign;
-        } else { /* subnormal: normalize */
-            exp = 113;
-            while (!(mant & 0x400)) { mant <<= 1; exp--; }
-            bits = sign | (exp << 23) | ((mant & 0x3FF) << 13);
-        }
-    } else if (exp == 31) {
-        bits = sign | 0x7F800000u | (mant << 13);
-    } else {
-        bits = sign | ((exp + 112) << 23) | (mant << 13);
-    }
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-#endif
-}
-
-/* f rounded to the nearest fp16 value (ties to even), as a float. */
-static inline float round_to_half(float f) {
-#if defined(__F16C__)
-    return _cvtsh_ss(_cvtss_sh(f, 0));
-#else
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    const uint32_t exp = (u >> 23) & 0xFF;
-    if (exp < 113 || exp > 142) return f; /* outside fp16's normal range (not reached by activation scales) */
-    u = (u + 0xFFF + ((u >> 13) & 1)) & ~(uint32_t)0x1FFF;
-    memcpy(&f, &u, sizeof f);
-    return f;
-#endif
-}
 
 /* One call's quantized activations (the scratch buffer): xq (M, K) int8 in the vector path's order, xd and
  * xs (M, K/32), and xv (M, K/128, 16): each group of four blocks' scales, each repeated over its four lanes. */

@@ -93,6 +93,13 @@ def _rewrite_graph(model: Any, weights: str) -> int:
     count = 0
     for node in graph.node:
         attrs = _attrs(node)
+        if node.op_type == "Q8_0MatMul" and weights == "fp32":  # forwardpass's head: q * d (kept as it is in int8)
+            q8 = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+            d8 = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
+            w = (q8.reshape(q8.shape[0], -1, 32) * d8[..., None]).reshape(q8.shape)
+            replace[id(node)] = helper.make_node("MatMul", [node.input[0], _const(graph, f"{node.name}_W", w.T)],
+                                                 list(node.output), name=node.name)  # fmt: skip
+            continue
         if node.op_type == "Q4_1MatMul":  # forwardpass's kernel: GGUF's Q4_1 bytes (convert/ggml_quants.q4_1_split)
             qs, d4, m4 = (numpy_helper.to_array(inits[name]) for name in node.input[1:4])
             replace[id(node)] = _linear(graph, node, q4_1_join(qs, d4, m4), weights, list(node.output), level)
