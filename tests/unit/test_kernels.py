@@ -22,6 +22,40 @@ except kernels.KernelUnavailable as exc:  # no C compiler: the importer falls ba
     pytest.skip(f"forwardpass's kernels do not build here: {exc}", allow_module_level=True)
 
 
+def build_for(march: str, folder) -> str:
+    """The library built for another instruction set than this CPU's best (-march=native picks one path)."""
+    import os
+    import subprocess
+
+    out = folder / f"libforwardpass_kernels-{march}.so"
+    flags = [f if f != "-march=native" else f"-march={march}" for f in kernels.FLAGS]
+    cc = os.environ.get("CC", "cc")
+    sources = [str(kernels._HERE / name) for name in kernels.SOURCES]
+    done = subprocess.run([cc, *flags, "-o", str(out), *sources, "-lm"], capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"{cc} cannot build for {march}: {done.stderr[-300:]}")
+    return str(out)
+
+
+@pytest.fixture(scope="module", params=["native", "x86-64-v3", "x86-64"])
+def isa(request, tmp_path_factory):
+    """Each vector path of the kernels on this CPU: its best (AVX-512 VNNI where it has it), AVX2 (x86-64-v3),
+    and plain C (x86-64: no AVX, no F16C). Where the CPU lacks an instruction set, that path is skipped."""
+    global LIBRARY
+    native = LIBRARY
+    if request.param != "native":
+        import platform
+
+        if platform.machine() not in ("x86_64", "AMD64"):
+            pytest.skip("x86 instruction sets only")
+        flags = open("/proc/cpuinfo").read()
+        if request.param == "x86-64-v3" and not all(f" {f} " in flags for f in ("avx2", "fma", "f16c", "bmi2")):
+            pytest.skip("this CPU has no AVX2")
+        LIBRARY = build_for(request.param, tmp_path_factory.mktemp(request.param))
+    yield request.param
+    LIBRARY = native
+
+
 def q4_1_bytes(n: int, k: int, seed: int = 0) -> np.ndarray:
     """Random GGUF Q4_1 rows (N, K/32 * 20): fp16 d > 0, fp16 m <= 0, 16 bytes of nibbles a block."""
     rng = np.random.default_rng(seed)
@@ -65,7 +99,7 @@ def reference(x: np.ndarray, raw: np.ndarray) -> np.ndarray:
 # block (K 96, 160) and outputs that are no multiple of 16
 @pytest.mark.parametrize(("n", "k"), [(64, 576), (40, 1536), (37, 96), (19, 160)])
 @pytest.mark.parametrize("rows", [(1, 1), (2, 1), (3, 5), (1, 64)])
-def test_q4_1_matmul_is_the_quantized_product(n, k, rows):
+def test_q4_1_matmul_is_the_quantized_product(isa, n, k, rows):
     raw = q4_1_bytes(n, k)
     x = np.random.default_rng(1).standard_normal((*rows, k)).astype(np.float32)
     y = session(n, k, raw).run(None, {"x": x})[0]
@@ -76,7 +110,7 @@ def test_q4_1_matmul_is_the_quantized_product(n, k, rows):
     assert np.abs(y - expected).max() <= 1e-5 * np.abs(expected).max()  # the same sums, in another order
 
 
-def test_a_row_gives_the_same_bits_alone_beside_others_and_on_one_thread():
+def test_a_row_gives_the_same_bits_alone_beside_others_and_on_one_thread(isa):
     n, k = 200, 576
     raw = q4_1_bytes(n, k, seed=2)
     x = np.random.default_rng(3).standard_normal((1, 11, k)).astype(np.float32)
@@ -178,7 +212,7 @@ def attention_feeds(rows: int, tokens: int, ends: list[int], seed: int = 5) -> d
 
 @pytest.mark.parametrize(("rows", "tokens", "ends"), [(1, 1, [0]), (1, 1, [40]), (3, 1, [5, 90, 37]), (1, 7, [20]),
                                                       (1, 64, [63])])  # fmt: skip
-def test_attention_computes_what_group_query_attention_does(rows, tokens, ends):
+def test_attention_computes_what_group_query_attention_does(isa, rows, tokens, ends):
     feeds = attention_feeds(rows, tokens, ends)
     theirs, ours = attention_session("onnxruntime").run(None, feeds), attention_session("forwardpass").run(None, feeds)
     assert np.abs(ours[0] - theirs[0]).max() <= 1e-5 * np.abs(theirs[0]).max()
@@ -210,7 +244,7 @@ def test_attention_reads_prompts_of_several_rows_at_once_and_updates_a_bound_cac
         session.run(None, attention_feeds(2, 40, [50, 30]))
 
 
-def test_attention_keeps_a_half_precision_cache():
+def test_attention_keeps_a_half_precision_cache(isa):
     """The decoder's cache is fp16 (as llama.cpp keeps it): the new keys and values are stored as the fp32 cache's
     rounded to fp16 (nearest even), and the outputs stay within fp16's rounding of the fp32 cache's."""
     from onnx import TensorProto
@@ -245,7 +279,7 @@ def q8_0_session(qs: np.ndarray, d: np.ndarray) -> ort.InferenceSession:
 
 
 @pytest.mark.parametrize(("n", "k"), [(100, 576), (37, 96), (16, 64)])
-def test_q8_0_matmul_is_the_quantized_product_and_the_same_for_a_row_alone(n, k):
+def test_q8_0_matmul_is_the_quantized_product_and_the_same_for_a_row_alone(isa, n, k):
     rng = np.random.default_rng(6)
     qs = rng.integers(-127, 128, (n, k), dtype=np.int8)
     qs[0, :32] = -128  # a crafted table's extreme: still exact

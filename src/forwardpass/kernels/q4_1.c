@@ -30,7 +30,7 @@ static int64_t up64(int64_t n) { return (n + 63) & ~(int64_t)63; }
 
 int64_t fp_q8_1_scratch_bytes(int64_t M, int64_t K) {
     const int64_t nb = K / QK;
-    return up64(M * K) + 2 * up64(M * nb * 4) + up64(M * (nb / 4) * 16 * 4) + 64;
+    return up64(M * K) + 2 * up64(M * nb * 4) + up64(M * ((nb + 3) / 4) * 16 * 4) + 64;
 }
 
 static acts view(const void *scratch, int64_t M, int64_t K) {
@@ -49,7 +49,8 @@ static acts view(const void *scratch, int64_t M, int64_t K) {
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
 #define FP_KERNEL "avx512vnni"
-#define GROUPED 1 /* four blocks a vector: elements 0-15 of blocks b..b+3, then their elements 16-31 */
+#define GROUPED 1 /* four blocks a vector: elements 0-15 of blocks b..b+3, then their elements 16-31 (a last
+                    * group of 1-3 blocks likewise, its two halves 16 bytes a block wide) */
 #define ROWS 8    /* activation rows sharing one unpacked group of weights */
 #elif defined(__AVX2__) && defined(__FMA__)
 #define FP_KERNEL "avx2"
@@ -65,16 +66,18 @@ EXPORT const char *fp_kernel_name(void) { return FP_KERNEL; }
 
 /* Where element j (0..31) of block b of a row lands in the row's xq. */
 static inline int64_t slot(int64_t b, int j, int64_t nb) {
-    if (!GROUPED || b >= nb / 4 * 4) return b * QK + j;
-    return (b / 4) * 128 + (j / 16) * 64 + (b % 4) * 16 + j % 16;
+    if (!GROUPED) return b * QK + j;
+    const int64_t width = b < nb / 4 * 4 ? 4 : nb % 4; /* blocks in b's group: the last one may have 1-3 */
+    return (b / 4) * 128 + (j / 16) * 16 * width + (b % 4) * 16 + j % 16;
 }
 
 /* Rows r0..r1-1 of x (M, K) float into the scratch: ggml's Q8_1 (d = max|x| / 127, q = round(x / d),
  * s = d * sum(q), d and s rounded to fp16 as Q8_1 stores them). */
 void fp_quantize_q8_1(const float *x, int64_t r0, int64_t r1, int64_t M, int64_t K, void *scratch) {
-    const int64_t nb = K / QK, groups = nb / 4;
+    const int64_t nb = K / QK, groups = (nb + 3) / 4;
     const acts a = view(scratch, M, K);
     for (int64_t r = r0; r < r1; r++) {
+        memset(a.xv + r * groups * 16, 0, (size_t)groups * 16 * sizeof(float)); /* a last group's missing blocks */
         for (int64_t b = 0; b < nb; b++) {
             const float *v = x + r * K + b * QK;
 #if GROUPED
@@ -100,8 +103,7 @@ void fp_quantize_q8_1(const float *x, int64_t r0, int64_t r1, int64_t M, int64_t
             const float dh = round_to_half(d), sh = round_to_half(d * (float)sum); /* Q8_1 keeps both as fp16 */
             a.xd[r * nb + b] = dh;
             a.xs[r * nb + b] = sh;
-            if (b < groups * 4)
-                for (int j = 0; j < 4; j++) a.xv[(r * groups + b / 4) * 16 + (b % 4) * 4 + j] = dh;
+            for (int j = 0; j < 4; j++) a.xv[(r * groups + b / 4) * 16 + (b % 4) * 4 + j] = dh;
         }
     }
 }
@@ -110,9 +112,10 @@ void fp_quantize_q8_1(const float *x, int64_t r0, int64_t r1, int64_t M, int64_t
 /* rows activation rows (a tile) x weight rows n0..n1-1 */
 static void rows_tile(acts a, int rows, int64_t K, const uint8_t *qs, const uint16_t *wd, const uint16_t *wm,
                       int64_t n0, int64_t n1, int64_t N, float *y) {
-    const int64_t nb = K / QK, groups = nb / 4;
+    const int64_t nb = K / QK, full = nb / 4, groups = (nb + 3) / 4, rest = nb % 4;
     const __m512i m4 = _mm512_set1_epi8(0x0F);
-    const __m128i m4s = _mm_set1_epi8(0x0F);
+    const __mmask64 bytes = rest ? ((__mmask64)1 << (16 * rest)) - 1 : ~(__mmask64)0; /* the last group's */
+    const __mmask8 scales = (__mmask8)((1u << (rest ? rest : 4)) - 1);
     const __m512i lanes = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
     for (int64_t c0 = n0; c0 < n1; c0 += 16) { /* 16 outputs: their dots, then the minimum's term as a vector */
         const int count = (int)(n1 - c0 < 16 ? n1 - c0 : 16);
@@ -123,33 +126,22 @@ static void rows_tile(acts a, int rows, int64_t K, const uint8_t *qs, const uint
             const uint16_t *d = wd + n * nb;
             __m512 acc[ROWS];
             for (int r = 0; r < rows; r++) acc[r] = _mm512_setzero_ps();
-            for (int64_t g = 0; g < groups; g++) {
-                const __m512i w = _mm512_loadu_si512((const void *)(q + g * 64));
+            for (int64_t g = 0; g < groups; g++) { /* the last group may hold 1-3 blocks: masked loads */
+                const __mmask64 kb = g < full ? ~(__mmask64)0 : bytes;
+                const int64_t half = g < full ? 64 : 16 * rest; /* bytes of elements 0-15 of the group's blocks */
+                const __m512i w = _mm512_maskz_loadu_epi8(kb, q + g * 64);
                 const __m512i lo = _mm512_and_si512(w, m4), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), m4);
-                const __m512 ws = _mm512_permutexvar_ps(
-                    lanes, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(d + g * 4)))));
+                const __m128i ds = _mm_maskz_loadu_epi16(g < full ? (__mmask8)0xF : scales, d + g * 4);
+                const __m512 ws = _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(_mm_cvtph_ps(ds)));
                 for (int r = 0; r < rows; r++) {
                     const int8_t *x = a.xq + r * K + g * 128;
-                    __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512((const void *)x));
-                    dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512((const void *)(x + 64)));
+                    __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_maskz_loadu_epi8(kb, x));
+                    dot = _mm512_dpbusd_epi32(dot, hi, _mm512_maskz_loadu_epi8(kb, x + half));
                     const __m512 xs = _mm512_loadu_ps(a.xv + (r * groups + g) * 16);
                     acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), xs), ws, acc[r]);
                 }
             }
             for (int r = 0; r < rows; r++) dots[r][i] = _mm512_reduce_add_ps(acc[r]);
-            for (int64_t b = groups * 4; b < nb; b++) { /* up to three last blocks, one at a time */
-                const __m128i v = _mm_loadu_si128((const __m128i *)(q + b * 16));
-                const __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m4s), _mm_and_si128(v, m4s));
-                const float db = half_to_float(d[b]);
-                for (int r = 0; r < rows; r++) {
-                    const __m256i x = _mm256_loadu_si256((const __m256i *)(a.xq + r * K + b * QK));
-                    const __m256 f = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x));
-                    __m128 h = _mm_add_ps(_mm256_castps256_ps128(f), _mm256_extractf128_ps(f, 1));
-                    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-                    h = _mm_add_ss(h, _mm_movehdup_ps(h));
-                    dots[r][i] += db * a.xd[r * nb + b] * _mm_cvtss_f32(h);
-                }
-            }
         }
         const __mmask16 k = (__mmask16)((1u << count) - 1);
         for (int r = 0; r < rows; r++) {
@@ -224,7 +216,7 @@ void fp_q4_1_matmul(const void *scratch, int64_t M, int64_t K, const uint8_t *qs
     acts a = view(scratch, M, K);
     for (int64_t r0 = 0; r0 < M; r0 += ROWS) {
         const int rows = (int)(M - r0 < ROWS ? M - r0 : ROWS);
-        const acts t = {a.xq + r0 * K, a.xd + r0 * nb, a.xs + r0 * nb, a.xv + r0 * (nb / 4) * 16};
+        const acts t = {a.xq + r0 * K, a.xd + r0 * nb, a.xs + r0 * nb, a.xv + r0 * ((nb + 3) / 4) * 16};
         rows_tile(t, rows, K, qs, wd, wm, n0, n1, N, y + r0 * N);
     }
 }
