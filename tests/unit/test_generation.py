@@ -117,9 +117,12 @@ def test_cli_generate_streams_and_reports_speed(repo):
 # matching the numpy reference to 1e-4): on "What is the capital of France?" llama.cpp picks 'L'
 # by a margin of 0.35 where exact arithmetic picks 'The' by 0.08, so llama.cpp's logits are 0.43
 # or more from exact there. Stated tolerance: a divergence is accepted only at a step where
-# llama.cpp's top-1/top-2 margin is below MARGIN_TOLERANCE = 0.5 logits; after it the sequences
-# differ, so the comparison of that prompt ends there, and the test prints where.
+# Every step of every stored llama.cpp greedy sequence is compared, the model fed llama.cpp's own tokens (teacher
+# forcing), so one near-tie does not end the comparison of the rest: where the two pick differently, llama.cpp's
+# top-1/top-2 margin must be under MARGIN_TOLERANCE logits (a near-tie, which rounding anywhere can flip), and
+# AGREEMENT of all steps must agree (today 182 of 191 on either kernel set; a wrong kernel agrees on few).
 MARGIN_TOLERANCE = 0.5
+AGREEMENT = 0.9
 GOLDENS = __import__("pathlib").Path(__file__).parents[1] / "goldens" / "smollm2_greedy.json"
 
 
@@ -130,31 +133,32 @@ def test_greedy_parity_with_llama_cpp(llm, capsys):
 
     goldens = json.loads(GOLDENS.read_text())
     assert "llama-cpp-python" in goldens["header"]["made_with"]
-    report, matched_steps = [], 0
+    report, steps, agree = [], 0, 0
     for case in goldens["cases"]:
         prompt = llm.encode(case["prompt_text"])
         assert prompt == case["prompt_tokens"], f"tokenizer differs from llama.cpp's on {case['user']!r}"
         session = llm.session
         session.reset()
         logits = session.step(prompt)
+        ties = []
         for step, (expected, margin) in enumerate(zip(case["greedy_tokens"], case["top1_top2_margin"])):
             token = int(np.argmax(logits))
-            if token != expected:
+            steps += 1
+            if token == expected:
+                agree += 1
+            else:
                 assert margin < MARGIN_TOLERANCE, (
                     f"{case['user']!r}: step {step} chose {token}, llama.cpp {expected} with a margin of {margin} "
                     f"(>= {MARGIN_TOLERANCE}): a real divergence")  # fmt: skip
-                report.append(f"{case['user']!r}: near-tie at step {step} (llama.cpp margin {margin}), compared {step} tokens")
+                ties.append(f"{step} ({margin:.3f})")
+            if expected in llm.gen.stop_token_ids:
                 break
-            matched_steps += 1
-            if token in llm.gen.stop_token_ids:
-                report.append(f"{case['user']!r}: all {step + 1} tokens equal")
-                break
-            logits = session.step([token])
-        else:
-            report.append(f"{case['user']!r}: all {len(case['greedy_tokens'])} tokens equal")
+            logits = session.step([expected])  # llama.cpp's token, whichever this model chose
+        report.append(f"{case['user']!r}: {step + 1} steps, near-ties chosen differently at {', '.join(ties) or 'none'}")
     with capsys.disabled():
-        print("\nparity with llama.cpp (accepted near-ties said here):\n  " + "\n  ".join(report))
-    assert matched_steps >= 40  # what the stored goldens allow today: 9 + 1 + 26 + 12 + 6 = 54
+        print(f"\nparity with llama.cpp: {agree} of {steps} steps agree; llama.cpp's margin where they differ:\n  "
+              + "\n  ".join(report))  # fmt: skip
+    assert agree >= AGREEMENT * steps
 
 
 def test_logprobs(llm):

@@ -22,7 +22,7 @@ from functools import cache
 from pathlib import Path
 
 SOURCES = ("q4_1.c", "q8_0.c", "attention.c", "ort_ops.c")
-HEADERS = ("half.h",)
+HEADERS = ("kernels.h",)
 DOMAIN = "forwardpass"  # the custom ops' ONNX domain
 FLAGS = ("-O3", "-march=native", "-std=c11", "-shared", "-fPIC", "-fvisibility=hidden", "-Wall")
 _HERE = Path(__file__).resolve().parent

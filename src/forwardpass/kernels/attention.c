@@ -12,7 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "half.h"
+#include "kernels.h"
 
 typedef struct {
     const float *qkv;     /* (B, T, (H + 2 Hkv) D) */

@@ -244,26 +244,26 @@ static OrtStatus *create_kernel(const Op *op, const void *table, const OrtKernel
 }
 static void destroy_kernel(void *kernel) { (void)kernel; }
 
-static const Op q4_1_op = {
-    .version = 16, .GetName = q4_1_name, .GetExecutionProviderType = cpu, .GetInputType = q4_1_input_type,
-    .GetInputTypeCount = four, .GetOutputType = float_type, .GetOutputTypeCount = one,
-    .KernelDestroy = destroy_kernel, .GetInputCharacteristic = required, .GetOutputCharacteristic = required,
-    .GetInputMemoryType = default_memory, .GetVariadicInputMinArity = zero, .GetVariadicInputHomogeneity = zero,
-    .GetVariadicOutputMinArity = zero, .GetVariadicOutputHomogeneity = zero, .CreateKernelV2 = create_kernel,
-    .KernelComputeV2 = q4_1_compute,
-};
+/* A custom op of the V2 kind (version 16): its name, input and output types and counts, kernel callbacks; every
+ * input and output required, in CPU memory. */
+#define OP(name, input_type, inputs, output_type, outputs, create, destroy, compute)                            \
+    {                                                                                                            \
+        .version = 16, .GetName = name, .GetExecutionProviderType = cpu, .GetInputType = input_type,               \
+        .GetInputTypeCount = inputs, .GetOutputType = output_type, .GetOutputTypeCount = outputs,                  \
+        .KernelDestroy = destroy, .GetInputCharacteristic = required, .GetOutputCharacteristic = required,         \
+        .GetInputMemoryType = default_memory, .GetVariadicInputMinArity = zero, .GetVariadicInputHomogeneity = zero, \
+        .GetVariadicOutputMinArity = zero, .GetVariadicOutputHomogeneity = zero, .CreateKernelV2 = create,          \
+        .KernelComputeV2 = compute,                                                                              \
+    }
+
+static const Op q4_1_op = OP(q4_1_name, q4_1_input_type, four, float_type, one,
+        create_kernel, destroy_kernel, q4_1_compute);
 
 static const char *q8_0_name(const Op *op) { (void)op; return "Q8_0MatMul"; }
 static int q8_0_input_type(const Op *op, size_t i) { (void)op; return i == 0 ? FLOAT : i == 1 ? INT8 : FLOAT16; }
 
-static const Op q8_0_op = {
-    .version = 16, .GetName = q8_0_name, .GetExecutionProviderType = cpu, .GetInputType = q8_0_input_type,
-    .GetInputTypeCount = three, .GetOutputType = float_type, .GetOutputTypeCount = one,
-    .KernelDestroy = destroy_kernel, .GetInputCharacteristic = required, .GetOutputCharacteristic = required,
-    .GetInputMemoryType = default_memory, .GetVariadicInputMinArity = zero, .GetVariadicInputHomogeneity = zero,
-    .GetVariadicOutputMinArity = zero, .GetVariadicOutputHomogeneity = zero, .CreateKernelV2 = create_kernel,
-    .KernelComputeV2 = q8_0_compute,
-};
+static const Op q8_0_op = OP(q8_0_name, q8_0_input_type, three, float_type, one,
+        create_kernel, destroy_kernel, q8_0_compute);
 
 /* -- Attention ------------------------------------------------------------------------------------------------ */
 
@@ -382,23 +382,11 @@ static int attention16_input_type(const Op *op, size_t i) {
 static int attention16_output_type(const Op *op, size_t i) { (void)op; return i ? FLOAT16 : FLOAT; }
 static size_t seven(const Op *op) { (void)op; return 7; }
 
-static const Op attention_op = {
-    .version = 16, .GetName = attention_name, .GetExecutionProviderType = cpu, .GetInputType = attention_input_type,
-    .GetInputTypeCount = seven, .GetOutputType = float_type, .GetOutputTypeCount = three,
-    .KernelDestroy = destroy_attention, .GetInputCharacteristic = required, .GetOutputCharacteristic = required,
-    .GetInputMemoryType = default_memory, .GetVariadicInputMinArity = zero, .GetVariadicInputHomogeneity = zero,
-    .GetVariadicOutputMinArity = zero, .GetVariadicOutputHomogeneity = zero, .CreateKernelV2 = create_attention,
-    .KernelComputeV2 = attention_compute,
-};
+static const Op attention_op = OP(attention_name, attention_input_type, seven, float_type, three,
+        create_attention, destroy_attention, attention_compute);
 
-static const Op attention16_op = {
-    .version = 16, .GetName = attention_name, .GetExecutionProviderType = cpu, .GetInputType = attention16_input_type,
-    .GetInputTypeCount = seven, .GetOutputType = attention16_output_type, .GetOutputTypeCount = three,
-    .KernelDestroy = destroy_attention, .GetInputCharacteristic = required, .GetOutputCharacteristic = required,
-    .GetInputMemoryType = default_memory, .GetVariadicInputMinArity = zero, .GetVariadicInputHomogeneity = zero,
-    .GetVariadicOutputMinArity = zero, .GetVariadicOutputHomogeneity = zero, .CreateKernelV2 = create_attention,
-    .KernelComputeV2 = attention_compute,
-};
+static const Op attention16_op = OP(attention_name, attention16_input_type, seven, attention16_output_type, three,
+        create_attention, destroy_attention, attention_compute);
 
 EXPORT OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
     if (!api) api = base->GetApi(API_VERSION);

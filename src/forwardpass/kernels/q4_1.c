@@ -14,7 +14,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "half.h"
+#include "kernels.h"
 
 #define QK 32
 #define EXPORT __attribute__((visibility("default"))) /* for tests (ctypes); the rest is internal */
@@ -26,8 +26,6 @@ typedef struct {
     float *xd, *xs, *xv;
 } acts;
 
-static int64_t up64(int64_t n) { return (n + 63) & ~(int64_t)63; }
-
 int64_t fp_q8_1_scratch_bytes(int64_t M, int64_t K) {
     const int64_t nb = K / QK;
     return up64(M * K) + 2 * up64(M * nb * 4) + up64(M * ((nb + 3) / 4) * 16 * 4) + 64;
@@ -35,15 +33,12 @@ int64_t fp_q8_1_scratch_bytes(int64_t M, int64_t K) {
 
 static acts view(const void *scratch, int64_t M, int64_t K) {
     const int64_t nb = K / QK;
-    char *p = (char *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
+    char *p = aligned(scratch);
     acts a;
-    a.xq = (int8_t *)p;
-    p += up64(M * K);
-    a.xd = (float *)p;
-    p += up64(M * nb * 4);
-    a.xs = (float *)p;
-    p += up64(M * nb * 4);
-    a.xv = (float *)p;
+    a.xq = take(&p, M * K);
+    a.xd = take(&p, M * nb * 4);
+    a.xs = take(&p, M * nb * 4);
+    a.xv = take(&p, M * ((nb + 3) / 4) * 16 * 4);
     return a;
 }
 

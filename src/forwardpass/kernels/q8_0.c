@@ -10,7 +10,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "half.h"
+#include "kernels.h"
 
 #define QK 32
 
@@ -20,8 +20,6 @@ typedef struct {
     float *xp;  /* (M, K/64, 16): each pair of blocks' scales, each over its eight lanes */
 } acts;
 
-static int64_t up64(int64_t n) { return (n + 63) & ~(int64_t)63; }
-
 int64_t fp_q8_0_scratch_bytes(int64_t M, int64_t K) {
     const int64_t nb = K / QK;
     return up64(M * K) + up64(M * nb * 4) + up64(M * (nb / 2) * 16 * 4) + 64;
@@ -29,13 +27,11 @@ int64_t fp_q8_0_scratch_bytes(int64_t M, int64_t K) {
 
 static acts view(const void *scratch, int64_t M, int64_t K) {
     const int64_t nb = K / QK;
-    char *p = (char *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
+    char *p = aligned(scratch);
     acts a;
-    a.xq = (int8_t *)p;
-    p += up64(M * K);
-    a.xd = (float *)p;
-    p += up64(M * nb * 4);
-    a.xp = (float *)p;
+    a.xq = take(&p, M * K);
+    a.xd = take(&p, M * nb * 4);
+    a.xp = take(&p, M * (nb / 2) * 16 * 4);
     return a;
 }
 

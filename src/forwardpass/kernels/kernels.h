@@ -1,6 +1,7 @@
-/* fp16 <-> float, rounding to nearest even: F16C instructions where the compiler targets them, else plain C. */
-#ifndef FORWARDPASS_HALF_H
-#define FORWARDPASS_HALF_H
+/* What the kernels share: fp16 <-> float (nearest even; F16C where the compiler targets it, else plain C) and
+ * carving one call's scratch buffer into 64-byte aligned arrays. */
+#ifndef FORWARDPASS_KERNELS_H
+#define FORWARDPASS_KERNELS_H
 
 #include <stdint.h>
 #include <string.h>
@@ -62,5 +63,17 @@ static inline uint16_t float_to_half(float f) {
 
 /* f rounded to the nearest fp16 value, as a float */
 static inline float round_to_half(float f) { return half_to_float(float_to_half(f)); }
+
+static inline int64_t up64(int64_t n) { return (n + 63) & ~(int64_t)63; }
+
+/* the scratch buffer's first 64-byte boundary */
+static inline char *aligned(const void *scratch) { return (char *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63); }
+
+/* the next `bytes` of the buffer at *p (rounded up to 64) */
+static inline void *take(char **p, int64_t bytes) {
+    void *at = *p;
+    *p += up64(bytes);
+    return at;
+}
 
 #endif
