@@ -161,3 +161,24 @@ def test_the_int8_and_fp32_rewrites_compute_what_the_reference_does(tmp_path, ke
         got = session.run(["logits"], feeds_for(tokens, 0, cache))[0][0, -1]
         assert np.abs(got - expected).max() <= tolerance * np.abs(expected).max(), (weights, np.abs(got - expected).max())
         assert got.argmax() == expected.argmax(), weights
+
+
+@needs_model
+def test_a_second_prompt_graph_takes_onnx_runtimes_operators_and_a_library_that_does_not_load_is_named(tmp_path):
+    """--prefill-accuracy-level is a second graph of ONNX Runtime's fp32 activations: asked for, auto picks ONNX
+    Runtime's operators (forwardpass's kernels would compute the same twice) and an explicit choice is refused."""
+    import onnx
+
+    from forwardpass.convert.gguf import import_gguf
+    from forwardpass.errors import ModelLoadError
+    from forwardpass.generation.gguf_file import GGUFError
+    from forwardpass.runtime.onnx import open_session
+
+    folder = import_gguf(smollm2_path(), "two", tmp_path, max_context=64, prefill_accuracy_level=1)
+    graph = onnx.load(str(folder / "1" / "model.onnx"), load_external_data=False)
+    assert not any(o.domain == "forwardpass" for o in graph.opset_import) and (folder / "1" / "prefill.onnx").exists()
+    with pytest.raises(GGUFError, match="second prompt graph"):
+        import_gguf(smollm2_path(), "three", tmp_path, max_context=64, prefill_accuracy_level=1, kernels="forwardpass")
+    with pytest.raises(ModelLoadError, match="could not load"):
+        open_session(folder / "1" / "model.onnx", folder / "1" / "model.onnx", intra_op=1,
+                     custom_ops=tmp_path / "missing.so")  # fmt: skip

@@ -149,22 +149,25 @@ def test_wrong_shapes_are_an_error_naming_the_op():
         s.run(None, {"x": np.ones((2, 96), np.float32)})
 
 
-def test_the_library_is_built_once_per_source_and_cpu(tmp_path, monkeypatch):
-    monkeypatch.setenv("FORWARDPASS_HOME", str(tmp_path))
+def test_the_library_is_built_once_per_source_and_cpu_and_then_needs_no_compiler(tmp_path, monkeypatch):
+    monkeypatch.setenv("FORWARDPASS_HOME", str(tmp_path / "home"))
     kernels.library.cache_clear()
     try:
         first = kernels.library()
-        assert first.is_relative_to(tmp_path / "kernels") and first.exists()
+        assert first.is_relative_to(tmp_path / "home" / "kernels") and first.exists()
         stamp = first.stat().st_mtime_ns
-        kernels.library.cache_clear()
-        assert kernels.library() == first and first.stat().st_mtime_ns == stamp  # found, not rebuilt
         monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+        kernels.library.cache_clear()
+        assert kernels.library() == first and first.stat().st_mtime_ns == stamp  # found, not rebuilt, no compiler
+        monkeypatch.setenv("FORWARDPASS_HOME", str(tmp_path / "elsewhere"))  # nothing built there
         kernels.library.cache_clear()
         with pytest.raises(kernels.KernelUnavailable, match="no-such-compiler"):
             kernels.library()
         assert not kernels.available()
+        assert not list((tmp_path / "elsewhere" / "kernels").rglob("*.tmp"))  # no half-built file left
     finally:
         kernels.library.cache_clear()
+        kernels._failed.clear()
 
 
 # -- Attention ---------------------------------------------------------------------------------------------------

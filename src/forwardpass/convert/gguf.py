@@ -33,17 +33,21 @@ def import_gguf(path: str | Path, name: str, repository: str | Path, *, accuracy
     """Convert ``path`` into ``repository/name`` (a new version if the model exists); returns the folder.
 
     ``kernels``: "forwardpass" (forwardpass's own Q4_1 linears and attention, built here with the C compiler),
-    "onnxruntime" (ONNX Runtime's operators only) or "auto": forwardpass's where they build.
+    "onnxruntime" (ONNX Runtime's operators only) or "auto": forwardpass's where they build and fit (see
+    _forwardpass_kernels_unfit).
     """
     onnx = require("onnx", "llm", "converting GGUF models")
     check_name(name)
-    if kernels == "auto":
-        from forwardpass import kernels as own
-
-        kernels = "forwardpass" if own.available() else "onnxruntime"
     source = GGUFFile.open(path)  # bounded by the file's size; hyper-parameters checked against the tensors
     hp = source.hparams
     context = min(max_context, hp.n_ctx)
+    unfit = _forwardpass_kernels_unfit(hp, prefill_accuracy_level)
+    if kernels == "auto":
+        from forwardpass import kernels as own
+
+        kernels = "forwardpass" if not unfit and own.available() else "onnxruntime"
+    elif kernels == "forwardpass" and unfit:
+        raise GGUFError(f"{path}: forwardpass's kernels do not fit this import ({unfit}); use --kernels onnxruntime")
     # everything read from the metadata is checked before the (slow) conversion, so a bad file leaves nothing behind
     tokenizer = tokenizer_from_gguf(source)
     template = source.value("tokenizer.chat_template", None)
@@ -92,6 +96,19 @@ def import_gguf(path: str | Path, name: str, repository: str | Path, *, accuracy
     tmp.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     os.replace(tmp, folder / "model.yaml")
     return folder
+
+
+def _forwardpass_kernels_unfit(hp, prefill_accuracy_level: int | None) -> str | None:
+    """Why forwardpass's kernels cannot serve this model as asked, or None: their attention's limits (ort_ops.c),
+    and a second prompt graph (--prefill-accuracy-level picks ONNX Runtime's fp32 activations; the kernels
+    compute prompts and decode steps the same way, so it would be a second copy of the weights for nothing)."""
+    group = hp.n_head // hp.n_head_kv if hp.n_head_kv and hp.n_head % hp.n_head_kv == 0 else 0
+    if not group or hp.head_dim % 2 or hp.head_dim > 256 or group * hp.head_dim > 4096:
+        return (f"attention of {hp.n_head} heads over {hp.n_head_kv} key/value heads of {hp.head_dim}: the kernel "
+                f"takes an even head size up to 256 and up to 4096 query values a key/value head")  # fmt: skip
+    if prefill_accuracy_level is not None:
+        return "a second prompt graph (--prefill-accuracy-level) is for ONNX Runtime's operators"
+    return None
 
 
 def _token_id(source: GGUFFile, key: str, default: int | None = None) -> int:

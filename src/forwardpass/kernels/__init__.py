@@ -1,20 +1,23 @@
 """forwardpass's own CPU kernels: C compiled on the machine that runs them, loaded into ONNX Runtime as custom ops.
 
-    path = library()          # builds once per source, compiler and CPU (-O3 -march=native), cached
+    path = library()          # builds once per source and CPU (-O3 -march=native), cached
     options.register_custom_ops_library(str(path))
 
 ONNX Runtime's CPU kernels have no exact form for some of the layouts a GGUF model ships in (Q4_1's float
 minimum takes MatMulNBits plus three correction nodes a linear, bench/decode_profile.py). These ops compute
 them in one pass, as llama.cpp does. The library is plain C against ONNX Runtime's stable C ABI (``ort_ops.c``
 declares the few entries it calls), built with the system compiler (``$CC``, else ``cc``) into
-``$FORWARDPASS_HOME/kernels/<key>/``. Where no compiler works, :func:`library` raises KernelUnavailable and the
-GGUF importer builds the plain ONNX Runtime graph instead.
+``$FORWARDPASS_HOME/kernels/<key>/`` (the key: sources, flags and this CPU's instruction sets, so a library
+built once serves later without a compiler). Where none is built and no compiler works, or the library does not
+load, :func:`library` raises KernelUnavailable and the GGUF importer builds the plain ONNX Runtime graph instead.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -24,7 +27,7 @@ from pathlib import Path
 SOURCES = ("q4_1.c", "q8_0.c", "attention.c", "ort_ops.c")
 HEADERS = ("kernels.h",)
 DOMAIN = "forwardpass"  # the custom ops' ONNX domain
-FLAGS = ("-O3", "-march=native", "-std=c11", "-shared", "-fPIC", "-fvisibility=hidden", "-Wall")
+FLAGS = ("-O3", "-march=native", "-std=c11", "-shared", "-fPIC", "-fvisibility=hidden", "-pthread", "-Wall")
 _HERE = Path(__file__).resolve().parent
 
 
@@ -32,11 +35,14 @@ class KernelUnavailable(RuntimeError):
     """The kernels library could not be built or loaded here (no compiler, or it failed)."""
 
 
-def _compiler() -> str:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+def _compiler() -> list[str]:
+    given = os.environ.get("CC")
+    if given:  # may carry arguments: "ccache gcc"
+        return shlex.split(given)
+    cc = shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise KernelUnavailable("no C compiler found (set CC, or install gcc) to build forwardpass's kernels")
-    return cc
+    return [cc]
 
 
 def _cpu() -> str:
@@ -47,33 +53,47 @@ def _cpu() -> str:
     return next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
 
 
-def _key(cc: str) -> str:
+def _key() -> str:
+    """The build's folder: the sources, the flags and this CPU's instruction sets (a library built here serves
+    here, with or without a compiler left on the machine)."""
     digest = hashlib.sha256()
     for name in (*SOURCES, *HEADERS):
         digest.update((_HERE / name).read_bytes())
-    try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise KernelUnavailable(f"the C compiler {cc} does not run: {exc}") from None
-    digest.update("\0".join([*FLAGS, version, _cpu()]).encode())
+    digest.update("\0".join([*FLAGS, _cpu()]).encode())
     return digest.hexdigest()[:16]
+
+
+_failed: list[str] = []  # why this process could not build or load the library (not tried again)
 
 
 @cache
 def library() -> Path:
-    """The built kernels library (built now if this source, compiler and CPU have none yet)."""
+    """The built kernels library (built now if this source and CPU have none yet), loadable in this process."""
     from forwardpass.demo.build import home
 
+    if _failed:
+        raise KernelUnavailable(_failed[0])
+    path = home() / "kernels" / _key() / "libforwardpass_kernels.so"
+    try:
+        if not path.exists():
+            _build(path)
+        ctypes.CDLL(str(path))  # a library that built but does not load (noexec folder, foreign libc) is no use
+    except KernelUnavailable as exc:
+        _failed.append(str(exc))
+        raise
+    except OSError as exc:
+        _failed.append(f"forwardpass's kernels ({path}) do not load: {exc}")
+        raise KernelUnavailable(_failed[0]) from None
+    return path
+
+
+def _build(path: Path) -> None:
     cc = _compiler()
-    folder = home() / "kernels" / _key(cc)
-    path = folder / "libforwardpass_kernels.so"
-    if path.exists():
-        return path
-    folder.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     # built beside its final name and renamed: workers starting together never load a half-written file
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".so.tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".so.tmp")
     os.close(fd)
-    command = [cc, *FLAGS, "-o", tmp, *(str(_HERE / name) for name in SOURCES), "-lm"]
+    command = [*cc, *FLAGS, "-o", tmp, *(str(_HERE / name) for name in SOURCES), "-lm"]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
@@ -85,7 +105,6 @@ def library() -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return path
 
 
 # ONNX Runtime operators whose result for a row can depend on the rows computed with it (their kernels take

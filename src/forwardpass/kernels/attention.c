@@ -24,7 +24,7 @@ typedef struct {
     int64_t B, T, H, Hkv, S, D, P;
 } fp_attention;
 
-static inline int64_t first_position(const fp_attention *a, int64_t b) { return a->seqlens[b] + 1 - a->T; }
+static inline int64_t first_position(const fp_attention *a, int64_t b) { return (int64_t)a->seqlens[b] + 1 - a->T; }
 
 /* element `index` of a cache */
 static inline float cache_at(const fp_attention *a, const void *cache, int64_t index) {

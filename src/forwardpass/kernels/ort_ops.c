@@ -13,6 +13,7 @@
  * newest used, exists since ONNX Runtime 1.17.
  */
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -58,7 +59,7 @@ enum { FLOAT = 1, UINT8 = 2, INT8 = 3, INT32 = 6, FLOAT16 = 10 }; /* ONNXTensorE
 
 /* OrtApi slots */
 enum {
-    CREATE_STATUS = 0, CREATE_CUSTOM_OP_DOMAIN = 26, CUSTOM_OP_DOMAIN_ADD = 27, ADD_CUSTOM_OP_DOMAIN = 28,
+    CREATE_STATUS = 0, GET_ERROR_MESSAGE = 2, CREATE_CUSTOM_OP_DOMAIN = 26, CUSTOM_OP_DOMAIN_ADD = 27, ADD_CUSTOM_OP_DOMAIN = 28,
     GET_TENSOR_MUTABLE_DATA = 51, GET_TENSOR_ELEMENT_TYPE = 60, GET_DIMENSIONS_COUNT = 61, GET_DIMENSIONS = 62,
     GET_TENSOR_TYPE_AND_SHAPE = 65, KERNEL_INFO_GET_ATTRIBUTE_INT64 = 86, KERNEL_CONTEXT_GET_INPUT = 90,
     KERNEL_CONTEXT_GET_OUTPUT = 91,
@@ -319,7 +320,7 @@ static OrtStatus *cache_output(OrtKernelContext *context, size_t index, const Te
     if (*cache != past->data) {
         size_t count = 1;
         for (size_t i = 0; i < past->rank; i++) count *= (size_t)past->dims[i];
-        memcpy(*cache, past->data, count * (past->type == FLOAT16 ? 2 : 4));
+        if (count) memcpy(*cache, past->data, count * (past->type == FLOAT16 ? 2 : 4));
     }
     return NULL;
 }
@@ -388,22 +389,36 @@ static const Op attention_op = OP(attention_name, attention_input_type, seven, f
 static const Op attention16_op = OP(attention_name, attention16_input_type, seven, attention16_output_type, three,
         create_attention, destroy_attention, attention_compute);
 
+/* One domain for the process, made once (sessions may be created from several threads) and never released:
+ * sessions keep using it. A failure to make it is kept and reported to every later registration. */
+static OrtCustomOpDomain *domain;
+static OrtStatus *domain_failure;
+static pthread_once_t domain_once = PTHREAD_ONCE_INIT;
+
+static void make_domain(void) {
+    OrtCustomOpDomain *made = NULL;
+    typedef OrtStatus *(*add)(OrtCustomOpDomain *, const void *);
+    OrtStatus *status = CALL(CREATE_CUSTOM_OP_DOMAIN, OrtStatus *(*)(const char *, OrtCustomOpDomain **))("forwardpass",
+                                                                                                          &made);
+    if (!status && !((status = CALL(CUSTOM_OP_DOMAIN_ADD, add)(made, &q4_1_op)) ||
+                     (status = CALL(CUSTOM_OP_DOMAIN_ADD, add)(made, &q8_0_op)) ||
+                     (status = CALL(CUSTOM_OP_DOMAIN_ADD, add)(made, &attention_op)) ||
+                     (status = CALL(CUSTOM_OP_DOMAIN_ADD, add)(made, &attention16_op))))
+        domain = made;
+    domain_failure = status;
+}
+
 EXPORT OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
-    if (!api) api = base->GetApi(API_VERSION);
-    if (!api) return NULL; /* an ONNX Runtime older than 1.17: the session then reports the unknown op */
-    /* one domain for the process: sessions keep using it, so it is never released */
-    static OrtCustomOpDomain *domain;
-    OrtStatus *status;
+    const void *const *table = base->GetApi(API_VERSION); /* the same table every call */
+    if (!table) return NULL; /* an ONNX Runtime older than 1.17: the session then reports the unknown op */
+    api = table;
+    pthread_once(&domain_once, make_domain);
     if (!domain) {
-        if ((status = CALL(CREATE_CUSTOM_OP_DOMAIN, OrtStatus *(*)(const char *, OrtCustomOpDomain **))("forwardpass",
-                                                                                                        &domain)))
-            return status;
-        typedef OrtStatus *(*add)(OrtCustomOpDomain *, const void *);
-        if ((status = CALL(CUSTOM_OP_DOMAIN_ADD, add)(domain, &q4_1_op)) ||
-            (status = CALL(CUSTOM_OP_DOMAIN_ADD, add)(domain, &q8_0_op)) ||
-            (status = CALL(CUSTOM_OP_DOMAIN_ADD, add)(domain, &attention_op)) ||
-            (status = CALL(CUSTOM_OP_DOMAIN_ADD, add)(domain, &attention16_op)))
-            return status;
+        const char *why = domain_failure ? CALL(GET_ERROR_MESSAGE, const char *(*)(const OrtStatus *))(domain_failure)
+                                         : "unknown";
+        char message[512];
+        snprintf(message, sizeof message, "forwardpass kernels: the custom-op domain could not be made: %s", why);
+        return error(ORT_FAIL, message);
     }
     return CALL(ADD_CUSTOM_OP_DOMAIN, OrtStatus *(*)(OrtSessionOptions *, OrtCustomOpDomain *))(options, domain);
 }

@@ -221,9 +221,9 @@ def open_session(source: str | bytes | Path, path: Path, *, intra_op: int, inter
         options.add_session_config_entry("session.force_spinning_stop", "1")
     options.enable_cpu_mem_arena = arena
     options.log_severity_level = 4  # fatal only: we raise every error with its message; the log repeats it
-    if custom_ops is not None:
-        options.register_custom_ops_library(str(custom_ops))
     try:
+        if custom_ops is not None:
+            options.register_custom_ops_library(str(custom_ops))
         return ort.InferenceSession(source if isinstance(source, bytes) else str(source), sess_options=options,
                                     providers=list(providers))  # fmt: skip
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
