@@ -59,11 +59,11 @@ class DecoderSession:
     @staticmethod
     def _load(path: str | Path, threads: int | None) -> ort.InferenceSession:
         library = None
-        if kernels.used_by(path):  # its Q4_1 linears are forwardpass's own kernel
+        if kernels.used_by(path):  # its linears, head and attention are forwardpass's own kernels
             try:
                 library = kernels.library()
             except kernels.KernelUnavailable as exc:
-                raise ModelLoadError(f"{path}: the decoder uses forwardpass's Q4_1 kernel, which cannot be built here "
+                raise ModelLoadError(f"{path}: the decoder uses forwardpass's kernels, which cannot be built here "
                                      f"({exc}); import the GGUF again with `forwardpass import gguf --kernels "
                                      f"onnxruntime` to use ONNX Runtime's own operators") from None  # fmt: skip
         # ONNX Runtime's defaults otherwise (threads spin, the arena stays): a decode step is one long run

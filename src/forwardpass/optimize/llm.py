@@ -76,7 +76,7 @@ def _attrs(node: Any) -> dict[str, Any]:
 
 
 def _rewrite_graph(model: Any, weights: str) -> int:
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     from forwardpass.convert.ggml_quants import q4_1_join
 
@@ -97,8 +97,7 @@ def _rewrite_graph(model: Any, weights: str) -> int:
             q8 = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
             d8 = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
             w = (q8.reshape(q8.shape[0], -1, 32) * d8[..., None]).reshape(q8.shape)
-            replace[id(node)] = helper.make_node("MatMul", [node.input[0], _const(graph, f"{node.name}_W", w.T)],
-                                                 list(node.output), name=node.name)  # fmt: skip
+            replace[id(node)] = _linear(graph, node, w, "fp32", list(node.output), level)
             continue
         if node.op_type == "Q4_1MatMul":  # forwardpass's kernel: GGUF's Q4_1 bytes (convert/ggml_quants.q4_1_split)
             qs, d4, m4 = (numpy_helper.to_array(inits[name]) for name in node.input[1:4])
@@ -111,8 +110,7 @@ def _rewrite_graph(model: Any, weights: str) -> int:
             q = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32) - 128
             d = numpy_helper.to_array(inits[node.input[2]]).reshape(q.shape[0], q.shape[1], 1)
             w = (q * d).reshape(q.shape[0], -1)
-            replace[id(node)] = helper.make_node("MatMul", [node.input[0], _const(graph, f"{node.name}_W", w.T)],
-                                                 list(node.output), name=node.name)  # fmt: skip
+            replace[id(node)] = _linear(graph, node, w, "fp32", list(node.output), level)
             continue
         if attrs.get("bits") != 4:
             continue
