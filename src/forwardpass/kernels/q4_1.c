@@ -104,40 +104,84 @@ void fp_quantize_q8_1(const float *x, int64_t r0, int64_t r1, int64_t M, int64_t
 }
 
 #if GROUPED
+/* the 16 sums of 16 vectors v[0..15] (each summed in one fixed order, whatever its slot) */
+static inline __m512 sums16(const __m512 *v) {
+    __m512 u[8], w[4];
+    for (int i = 0; i < 8; i++)
+        u[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) {
+        const __m512d a = _mm512_castps_pd(u[2 * i]), b = _mm512_castps_pd(u[2 * i + 1]);
+        w[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    const __m512 r01 = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
+    const __m512 r23 = _mm512_add_ps(_mm512_shuffle_f32x4(w[2], w[3], 0x88), _mm512_shuffle_f32x4(w[2], w[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(r01, r23, 0x88), _mm512_shuffle_f32x4(r01, r23, 0xDD));
+}
+
+/* R activation rows x O consecutive outputs from n: each (row, output) vector of partial sums into v[r][o] */
+static inline __attribute__((always_inline)) void dots(acts a, const int R, const int O, int64_t K,
+        const uint8_t *qs, const uint16_t *wd, int64_t n, __m512 v[][16], int first) {
+    const int64_t nb = K / QK, full = nb / 4, groups = (nb + 3) / 4, rest = nb % 4;
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    const __mmask64 bytes = rest ? ((__mmask64)1 << (16 * rest)) - 1 : ~(__mmask64)0;
+    const __mmask8 scales = (__mmask8)((1u << (rest ? rest : 4)) - 1);
+    const __m512i lanes = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    __m512 acc[8][4];
+    for (int r = 0; r < R; r++)
+        for (int o = 0; o < O; o++) acc[r][o] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) { /* the last group may hold 1-3 blocks: masked loads */
+        const __mmask64 kb = g < full ? ~(__mmask64)0 : bytes;
+        const int64_t half = g < full ? 64 : 16 * rest; /* bytes of elements 0-15 of the group's blocks */
+        __m512i lo[4], hi[4];
+        __m512 ws[4];
+        for (int o = 0; o < O; o++) {
+            const __m512i w = _mm512_maskz_loadu_epi8(kb, qs + (n + o) * nb * 16 + g * 64);
+            lo[o] = _mm512_and_si512(w, m4);
+            hi[o] = _mm512_and_si512(_mm512_srli_epi16(w, 4), m4);
+            const __m128i ds = _mm_maskz_loadu_epi16(g < full ? (__mmask8)0xF : scales, wd + (n + o) * nb + g * 4);
+            ws[o] = _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(_mm_cvtph_ps(ds)));
+        }
+        for (int r = 0; r < R; r++) {
+            const int8_t *x = a.xq + r * K + g * 128;
+            const __m512i x0 = _mm512_maskz_loadu_epi8(kb, x), x1 = _mm512_maskz_loadu_epi8(kb, x + half);
+            const __m512 xs = _mm512_loadu_ps(a.xv + (r * groups + g) * 16);
+            for (int o = 0; o < O; o++) {
+                const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[o], x0), hi[o], x1);
+                acc[r][o] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), xs), ws[o], acc[r][o]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int o = 0; o < O; o++) v[r][first + o] = acc[r][o];
+}
+
+/* outputs c0..c0+count-1 (count <= 16) of R rows, O at a time, into v */
+static inline __attribute__((always_inline)) void outputs(acts a, const int R, const int O, int64_t K,
+        const uint8_t *qs, const uint16_t *wd, int64_t c0, int count, __m512 v[][16]) {
+    int i = 0;
+    for (; i + O <= count; i += O) dots(a, R, O, K, qs, wd, c0 + i, v, i);
+    for (; i < count; i++) dots(a, R, 1, K, qs, wd, c0 + i, v, i);
+}
+
 /* rows activation rows (a tile) x weight rows n0..n1-1 */
 static void rows_tile(acts a, int rows, int64_t K, const uint8_t *qs, const uint16_t *wd, const uint16_t *wm,
                       int64_t n0, int64_t n1, int64_t N, float *y) {
-    const int64_t nb = K / QK, full = nb / 4, groups = (nb + 3) / 4, rest = nb % 4;
-    const __m512i m4 = _mm512_set1_epi8(0x0F);
-    const __mmask64 bytes = rest ? ((__mmask64)1 << (16 * rest)) - 1 : ~(__mmask64)0; /* the last group's */
-    const __mmask8 scales = (__mmask8)((1u << (rest ? rest : 4)) - 1);
-    const __m512i lanes = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    const int64_t nb = K / QK;
     for (int64_t c0 = n0; c0 < n1; c0 += 16) { /* 16 outputs: their dots, then the minimum's term as a vector */
         const int count = (int)(n1 - c0 < 16 ? n1 - c0 : 16);
-        float dots[ROWS][16];
-        for (int i = 0; i < count; i++) {
-            const int64_t n = c0 + i;
-            const uint8_t *q = qs + n * nb * 16;
-            const uint16_t *d = wd + n * nb;
-            __m512 acc[ROWS];
-            for (int r = 0; r < rows; r++) acc[r] = _mm512_setzero_ps();
-            for (int64_t g = 0; g < groups; g++) { /* the last group may hold 1-3 blocks: masked loads */
-                const __mmask64 kb = g < full ? ~(__mmask64)0 : bytes;
-                const int64_t half = g < full ? 64 : 16 * rest; /* bytes of elements 0-15 of the group's blocks */
-                const __m512i w = _mm512_maskz_loadu_epi8(kb, q + g * 64);
-                const __m512i lo = _mm512_and_si512(w, m4), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), m4);
-                const __m128i ds = _mm_maskz_loadu_epi16(g < full ? (__mmask8)0xF : scales, d + g * 4);
-                const __m512 ws = _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(_mm_cvtph_ps(ds)));
-                for (int r = 0; r < rows; r++) {
-                    const int8_t *x = a.xq + r * K + g * 128;
-                    __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_maskz_loadu_epi8(kb, x));
-                    dot = _mm512_dpbusd_epi32(dot, hi, _mm512_maskz_loadu_epi8(kb, x + half));
-                    const __m512 xs = _mm512_loadu_ps(a.xv + (r * groups + g) * 16);
-                    acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), xs), ws, acc[r]);
-                }
-            }
-            for (int r = 0; r < rows; r++) dots[r][i] = _mm512_reduce_add_ps(acc[r]);
+        __m512 v[ROWS][16];
+        switch (rows) { /* O outputs at a time share each activation load: as many as the registers hold */
+        case 1: outputs(a, 1, 4, K, qs, wd, c0, count, v); break;
+        case 2: outputs(a, 2, 4, K, qs, wd, c0, count, v); break;
+        case 3: outputs(a, 3, 2, K, qs, wd, c0, count, v); break;
+        case 4: outputs(a, 4, 2, K, qs, wd, c0, count, v); break;
+        case 5: outputs(a, 5, 2, K, qs, wd, c0, count, v); break;
+        case 6: outputs(a, 6, 2, K, qs, wd, c0, count, v); break;
+        case 7: outputs(a, 7, 2, K, qs, wd, c0, count, v); break;
+        default: outputs(a, 8, 2, K, qs, wd, c0, count, v); break;
         }
+        for (int r = 0; r < rows; r++)
+            for (int j = count; j < 16; j++) v[r][j] = _mm512_setzero_ps();
         const __mmask16 k = (__mmask16)((1u << count) - 1);
         for (int r = 0; r < rows; r++) {
             __m512 ms = _mm512_setzero_ps();
@@ -145,7 +189,7 @@ static void rows_tile(acts a, int rows, int64_t K, const uint8_t *qs, const uint
                 const __m512 mw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, wm + b * N + c0));
                 ms = _mm512_fmadd_ps(mw, _mm512_set1_ps(a.xs[r * nb + b]), ms);
             }
-            _mm512_mask_storeu_ps(y + r * N + c0, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, dots[r]), ms));
+            _mm512_mask_storeu_ps(y + r * N + c0, k, _mm512_add_ps(sums16(v[r]), ms));
         }
     }
 }
