@@ -104,20 +104,6 @@ void fp_quantize_q8_1(const float *x, int64_t r0, int64_t r1, int64_t M, int64_t
 }
 
 #if GROUPED
-/* the 16 sums of 16 vectors v[0..15] (each summed in one fixed order, whatever its slot) */
-static inline __m512 sums16(const __m512 *v) {
-    __m512 u[8], w[4];
-    for (int i = 0; i < 8; i++)
-        u[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-    for (int i = 0; i < 4; i++) {
-        const __m512d a = _mm512_castps_pd(u[2 * i]), b = _mm512_castps_pd(u[2 * i + 1]);
-        w[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
-    }
-    const __m512 r01 = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
-    const __m512 r23 = _mm512_add_ps(_mm512_shuffle_f32x4(w[2], w[3], 0x88), _mm512_shuffle_f32x4(w[2], w[3], 0xDD));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(r01, r23, 0x88), _mm512_shuffle_f32x4(r01, r23, 0xDD));
-}
-
 /* R activation rows x O consecutive outputs from n: each (row, output) vector of partial sums into v[r][o] */
 static inline __attribute__((always_inline)) void dots(acts a, const int R, const int O, int64_t K,
         const uint8_t *qs, const uint16_t *wd, int64_t n, __m512 v[][16], int first) {

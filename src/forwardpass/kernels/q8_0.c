@@ -57,46 +57,86 @@ void fp_quantize_q8_0(const float *x, int64_t r0, int64_t r1, int64_t M, int64_t
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
 #define ROWS 8
 
-static void rows_tile(acts a, int rows, int64_t K, const int8_t *qs, const uint16_t *wd, int64_t n0, int64_t n1,
-                      int64_t N, float *y) {
+/* R activation rows x O consecutive outputs from n, over the pairs of blocks: each (row, output) vector of
+ * partial sums into v[r][first + o] */
+static inline __attribute__((always_inline)) void dots(acts a, const int R, const int O, int64_t K,
+        const int8_t *qs, const uint16_t *wd, int64_t n, __m512 v[][16], int first) {
     const int64_t nb = K / QK, pairs = nb / 2;
     const __m512i lanes = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    for (int64_t n = n0; n < n1; n++) {
-        const int8_t *q = qs + n * K;
-        const uint16_t *d = wd + n * nb;
-        __m512 acc[ROWS];
-        for (int r = 0; r < rows; r++) acc[r] = _mm512_setzero_ps();
-        for (int64_t p = 0; p < pairs; p++) {
-            /* u8 x s8 products: |w| times x with w's sign (exact: |q| <= 127 for activations) */
-            const __m512i w = _mm512_loadu_si512((const void *)(q + p * 64));
-            const __mmask64 negative = _mm512_movepi8_mask(w);
-            const __m512i magnitude = _mm512_abs_epi8(w);
+    __m512 acc[8][4];
+    for (int r = 0; r < R; r++)
+        for (int o = 0; o < O; o++) acc[r][o] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < pairs; p++) {
+        __mmask64 negative[4];
+        __m512i magnitude[4];
+        __m512 ws[4];
+        for (int o = 0; o < O; o++) { /* u8 x s8 products: |w| times x with w's sign (exact: |q| <= 127) */
+            const __m512i w = _mm512_loadu_si512((const void *)(qs + (n + o) * K + p * 64));
+            negative[o] = _mm512_movepi8_mask(w);
+            magnitude[o] = _mm512_abs_epi8(w);
             uint32_t two;
-            memcpy(&two, d + 2 * p, sizeof two);
-            const __m512 ws = _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128((int)two))));
-            for (int r = 0; r < rows; r++) {
-                const __m512i x = _mm512_loadu_si512((const void *)(a.xq + r * K + p * 64));
-                const __m512i signed_x = _mm512_mask_sub_epi8(x, negative, _mm512_setzero_si512(), x);
-                const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), magnitude, signed_x);
-                const __m512 xs = _mm512_loadu_ps(a.xp + (r * pairs + p) * 16);
-                acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), xs), ws, acc[r]);
+            memcpy(&two, wd + (n + o) * nb + 2 * p, sizeof two);
+            ws[o] = _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128((int)two))));
+        }
+        for (int r = 0; r < R; r++) {
+            const __m512i x = _mm512_loadu_si512((const void *)(a.xq + r * K + p * 64));
+            const __m512 xs = _mm512_loadu_ps(a.xp + (r * pairs + p) * 16);
+            for (int o = 0; o < O; o++) {
+                const __m512i signed_x = _mm512_mask_sub_epi8(x, negative[o], _mm512_setzero_si512(), x);
+                const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), magnitude[o], signed_x);
+                acc[r][o] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), xs), ws[o], acc[r][o]);
             }
         }
+    }
+    for (int r = 0; r < R; r++)
+        for (int o = 0; o < O; o++) v[r][first + o] = acc[r][o];
+}
+
+/* outputs c0..c0+count-1 (count <= 16) of R rows, O at a time, into v */
+static inline __attribute__((always_inline)) void outputs(acts a, const int R, const int O, int64_t K,
+        const int8_t *qs, const uint16_t *wd, int64_t c0, int count, __m512 v[][16]) {
+    int i = 0;
+    for (; i + O <= count; i += O) dots(a, R, O, K, qs, wd, c0 + i, v, i);
+    for (; i < count; i++) dots(a, R, 1, K, qs, wd, c0 + i, v, i);
+}
+
+static void rows_tile(acts a, int rows, int64_t K, const int8_t *qs, const uint16_t *wd, int64_t n0, int64_t n1,
+                      int64_t N, float *y) {
+    const int64_t nb = K / QK;
+    for (int64_t c0 = n0; c0 < n1; c0 += 16) {
+        const int count = (int)(n1 - c0 < 16 ? n1 - c0 : 16);
+        __m512 v[ROWS][16];
+        switch (rows) { /* O outputs at a time share each activation load, as in q4_1.c */
+        case 1: outputs(a, 1, 4, K, qs, wd, c0, count, v); break;
+        case 2: outputs(a, 2, 4, K, qs, wd, c0, count, v); break;
+        case 3: outputs(a, 3, 2, K, qs, wd, c0, count, v); break;
+        case 4: outputs(a, 4, 2, K, qs, wd, c0, count, v); break;
+        case 5: outputs(a, 5, 2, K, qs, wd, c0, count, v); break;
+        case 6: outputs(a, 6, 2, K, qs, wd, c0, count, v); break;
+        case 7: outputs(a, 7, 2, K, qs, wd, c0, count, v); break;
+        default: outputs(a, 8, 2, K, qs, wd, c0, count, v); break;
+        }
         for (int r = 0; r < rows; r++) {
-            float sum = _mm512_reduce_add_ps(acc[r]);
-            if (nb & 1) { /* an odd last block */
-                const int64_t b = nb - 1;
-                const __m256i w = _mm256_loadu_si256((const __m256i *)(q + b * QK));
-                const __m256i x = _mm256_loadu_si256((const __m256i *)(a.xq + r * K + b * QK));
-                const __m256i signed_x = _mm256_mask_sub_epi8(x, _mm256_movepi8_mask(w), _mm256_setzero_si256(), x);
-                const __m256 f = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(w),
-                                                                        signed_x));
-                __m128 h = _mm_add_ps(_mm256_castps256_ps128(f), _mm256_extractf128_ps(f, 1));
-                h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-                h = _mm_add_ss(h, _mm_movehdup_ps(h));
-                sum += half_to_float(d[b]) * a.xd[r * nb + b] * _mm_cvtss_f32(h);
+            for (int j = count; j < 16; j++) v[r][j] = _mm512_setzero_ps();
+            float sums[16];
+            _mm512_storeu_ps(sums, sums16(v[r]));
+            for (int i = 0; i < count; i++) {
+                const int64_t n = c0 + i;
+                float sum = sums[i];
+                if (nb & 1) { /* an odd last block */
+                    const int64_t b = nb - 1;
+                    const __m256i w = _mm256_loadu_si256((const __m256i *)(qs + n * K + b * QK));
+                    const __m256i x = _mm256_loadu_si256((const __m256i *)(a.xq + r * K + b * QK));
+                    const __m256i signed_x = _mm256_mask_sub_epi8(x, _mm256_movepi8_mask(w), _mm256_setzero_si256(), x);
+                    const __m256 f = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(w),
+                                                                            signed_x));
+                    __m128 h = _mm_add_ps(_mm256_castps256_ps128(f), _mm256_extractf128_ps(f, 1));
+                    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+                    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+                    sum += half_to_float(wd[n * nb + b]) * a.xd[r * nb + b] * _mm_cvtss_f32(h);
+                }
+                y[r * N + n] = sum;
             }
-            y[r * N + n] = sum;
         }
     }
 }
