@@ -69,15 +69,17 @@ def test_parse_with_a_pydantic_model_gives_a_valid_nested_object_every_time(clie
 
 
 def test_json_schema_answers_validate_and_json_object_answers_parse(client):
+    # the words bounded (see Short): an unbounded string sampled at temperature 1 can outrun max_tokens
     schema = {"type": "object", "properties": {"answer": {"type": "integer", "minimum": 0, "maximum": 9},
-                                                "words": {"type": "array", "items": {"type": "string"}, "minItems": 1,
-                                                          "maxItems": 2}},
+                                                "words": {"type": "array", "items": {"type": "string", "maxLength": 20},
+                                                          "minItems": 1, "maxItems": 2}},
               "required": ["answer", "words"], "additionalProperties": False}  # fmt: skip
     for seed in (1, 2):
         answer = client.chat.completions.create(
             model="smollm2", messages=ask("How many legs has a cat? Answer in JSON."), seed=seed, temperature=1.0,
             response_format={"type": "json_schema", "json_schema": {"name": "legs", "schema": schema, "strict": True}},
             max_tokens=100)  # fmt: skip
+        assert answer.choices[0].finish_reason == "stop"
         jsonschema.validate(json.loads(answer.choices[0].message.content), schema)
     # any object: the model decides how long it is (a 135M model may ramble until max_tokens cuts it off, as
     # OpenAI's JSON mode can: the output is whole when the finish reason is stop)
