@@ -7,7 +7,7 @@ the decoder graph bound to its KV buffers as the engine binds them; the profiler
 op type (the 4-bit linears, the 8-bit head and the Q4_1 block-sum correction's nodes apart), per step, with
 the median whole-run time. Profiling adds a few microseconds to every node (about 700 of them), so the
 whole-run time here is above the unprofiled step; compare kinds with each other and the same kind between
-row counts. The first 10 steps are left out of the median (allocation, first-use setup). ``--kernels`` picks
+row counts; the unprofiled step (timed around each run, no profiler) is printed first. The first 10 steps are left out of the median (allocation, first-use setup). ``--kernels`` picks
 the graphs to profile: on forwardpass's own kernels (one Q4_1MatMul node a linear, its Attention; the default
 import) and on ONNX Runtime's operators only (MatMulNBits and three correction nodes a linear,
 GroupQueryAttention).
@@ -24,6 +24,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,9 @@ def kind(name: str, op: str) -> str:
     return op
 
 
-def profile(model: Path, rows: int, steps: int, context: int) -> tuple[float, dict[str, tuple[float, int]]]:
+def profile(model: Path, rows: int, steps: int, context: int, enable: bool = True) -> tuple[float, dict[str, tuple[float, int]]]:
+    """The median step (ms) and, profiled, each kind's kernel time a step (ms) and node count; unprofiled
+    (``enable`` false) the median is timed here and the table is empty."""
     from forwardpass import kernels
 
     options = ort.SessionOptions()
@@ -58,7 +61,7 @@ def profile(model: Path, rows: int, steps: int, context: int) -> tuple[float, di
         options.register_custom_ops_library(str(kernels.library()))
         kernels.use_threads(2)  # as the engine's session tells them
     options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = 2, 0, 4
-    options.enable_profiling = True
+    options.enable_profiling = enable
     options.profile_file_prefix = str(Path(tempfile.gettempdir()) / "fp-decode-profile")
     session = ort.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])
     shapes = {i.name: i.shape for i in session.get_inputs()}
@@ -81,12 +84,17 @@ def profile(model: Path, rows: int, steps: int, context: int) -> tuple[float, di
             width = output.shape[-1]
             io.bind_ortvalue_output("hidden_sum", ort.OrtValue.ortvalue_from_numpy(np.zeros((rows, width), np.float32)))
     io.bind_cpu_input("logit_rows", np.array([rows], np.int64))
+    times = []
     for step in range(steps):
         position = context + step
         io.bind_cpu_input("input_ids", np.full((rows, 1), 500 + step, np.int64))
         io.bind_cpu_input("seqlens_k", np.full(rows, position, np.int32))
         io.bind_cpu_input("total_sequence_length", np.array(position + 1, np.int32))
+        start = time.perf_counter()
         session.run_with_iobinding(io)
+        times.append(time.perf_counter() - start)
+    if not enable:
+        return statistics.median(times[10:]) * 1000, {}
     trace = Path(session.end_profiling())
     events = json.loads(trace.read_text())
     trace.unlink()
@@ -121,10 +129,11 @@ def main() -> None:
             import_gguf(GGUF, which, repo, max_context=1024, kernels=which)
             model = repo / which / "1" / "model.onnx"
             for rows in args.rows:
+                plain, _ = profile(model, rows, args.steps, args.context, enable=False)
                 run, table = profile(model, rows, args.steps, args.context)
                 kernels = sum(ms for ms, _ in table.values())
-                print(f"\n{which} kernels, {rows} row{'s' if rows > 1 else ''}: whole run {run:.2f} ms a step "
-                      f"(profiled), kernels {kernels:.2f} ms")  # fmt: skip
+                print(f"\n{which} kernels, {rows} row{'s' if rows > 1 else ''}: a step {plain:.2f} ms unprofiled; "
+                      f"profiled: whole run {run:.2f} ms, kernels {kernels:.2f} ms")  # fmt: skip
                 for k, (ms, n) in sorted(table.items(), key=lambda item: -item[1][0]):
                     if ms >= 0.05:
                         print(f"  {k:<36}{ms:7.2f} ms {ms / kernels:6.1%}  {n:4d} nodes")
