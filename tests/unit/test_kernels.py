@@ -152,6 +152,72 @@ def test_wrong_shapes_are_an_error_naming_the_op():
         s.run(None, {"x": np.ones((2, 96), np.float32)})
 
 
+def fused_session(n: int, k: int, raw: np.ndarray, norm: np.ndarray | None, residual: bool, swiglu: bool):
+    """Q4_1MatMul with its fused forms: RMSNorm of X (epsilon 1e-5), SwiGLU of X (..., 2K), + residual."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    qs, d, m = q4_1_split(raw)
+    inits = [numpy_helper.from_array(qs, "qs"), numpy_helper.from_array(d, "d"), numpy_helper.from_array(m, "m")]
+    inputs = ["x", "qs", "d", "m", "norm" if norm is not None else "", "r" if residual else ""]
+    if norm is not None:
+        inits.append(numpy_helper.from_array(norm, "norm"))
+    while inputs[-1] == "":  # trailing optional inputs left out, as the importer writes them
+        inputs.pop()
+    attrs = {"swiglu": 1} if swiglu else {"epsilon": 1e-5}
+    node = helper.make_node("Q4_1MatMul", inputs, ["y"], domain=kernels.DOMAIN, **attrs)
+    feeds = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "t", "k"])]
+    if residual:
+        feeds.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, ["b", "t", "width"]))
+    graph = helper.make_graph([node], "fused", feeds, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(kernels.DOMAIN, 1)])
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(LIBRARY))
+    options.intra_op_num_threads = 2
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("form", ["norm", "norm+residual", "swiglu+residual", "residual"])
+def test_fused_forms_are_the_plain_product_of_the_prepared_rows(isa, form):
+    n, k = 48, 160
+    raw = q4_1_bytes(n, k, seed=7)
+    rng = np.random.default_rng(8)
+    norm = rng.uniform(0.5, 1.5, k).astype(np.float32) if "norm" in form else None
+    swiglu = "swiglu" in form
+    x = (rng.standard_normal((2, 3, 2 * k if swiglu else k)) * 3).astype(np.float32)
+    r = rng.standard_normal((2, 3, n)).astype(np.float32)
+    feeds = {"x": x, **({"r": r} if "residual" in form else {})}
+    fused = fused_session(n, k, raw, norm, "residual" in form, swiglu)
+    y = fused.run(None, feeds)[0]
+    if norm is not None:
+        prepared = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-5) * norm
+    elif swiglu:
+        gate, up = x[..., :k].astype(np.float64), x[..., k:]
+        prepared = gate / (1 + np.exp(-gate)) * up
+    else:
+        prepared = x
+    plain = session(n, k, raw).run(None, {"x": prepared.astype(np.float32)})[0]
+    expected = plain + r if "residual" in form else plain
+    # the same quantized product of rows prepared in float32 here and in float64 by numpy: a block's scale or
+    # an element's rounding may differ by one step
+    assert np.abs(y - expected).max() <= 1e-2 * np.abs(plain).max()
+    alone = np.concatenate([fused.run(None, {name: v[:, j : j + 1] for name, v in feeds.items()})[0]
+                            for j in range(3)], axis=1)  # fmt: skip
+    assert np.array_equal(y, alone)  # a row's bits do not depend on the rows beside it, fused or not
+
+
+def test_fused_inputs_of_the_wrong_shape_are_an_error_naming_them():
+    n, k = 16, 64
+    raw = q4_1_bytes(n, k)
+    with_norm = fused_session(n, k, raw, np.ones(k, np.float32), True, False)
+    with pytest.raises(Exception, match="Q4_1MatMul: expected residual float of the output's shape"):
+        with_norm.run(None, {"x": np.ones((1, 1, k), np.float32), "r": np.ones((1, 1, n + 1), np.float32)})
+    swiglu = fused_session(n, k, raw, None, False, True)
+    with pytest.raises(Exception, match="Q4_1MatMul: expected X float"):
+        swiglu.run(None, {"x": np.ones((1, 1, k), np.float32)})  # K 32: qs holds 64 a row
+    assert swiglu.run(None, {"x": np.ones((1, 1, 2 * k), np.float32)})[0].shape == (1, 1, n)
+
+
 def test_the_library_is_built_once_per_source_and_cpu_and_then_needs_no_compiler(tmp_path, monkeypatch):
     monkeypatch.setenv("FORWARDPASS_HOME", str(tmp_path / "home"))
     kernels.library.cache_clear()

@@ -5,15 +5,18 @@
 Graph (B batch rows, T new tokens, S cache length, C = n_embd, V = vocab):
 
     input_ids (B, T) int64 -> embedding rows gathered from the Q8_0 table, dequantized in-graph
-    per layer:  SkipSimplifiedLayerNormalization (residual + RMSNorm in one kernel)
-                qkv = Q4_1MatMul (forwardpass's kernel, q/k/v fused), or without it
-                      MatMulNBits(4-bit) + block-sum correction
-                Attention (forwardpass's) or GroupQueryAttention (packed qkv, interleaved rotary from cos/sin
-                                     caches, past/present KV buffers that can be one shared buffer)
-                o = MatMulNBits + correction
-                SkipSimplifiedLayerNormalization
+    per layer, on ONNX Runtime's operators:
+                SkipSimplifiedLayerNormalization (residual + RMSNorm in one kernel)
+                qkv = MatMulNBits(4-bit, q/k/v fused) + block-sum correction (Split, MatMul, Add)
+                GroupQueryAttention (packed qkv, interleaved rotary from cos/sin caches, past/present KV
+                                     buffers that can be one shared buffer)
+                o = MatMulNBits + correction; SkipSimplifiedLayerNormalization
                 gate|up = MatMulNBits (fused) + correction; SiLU(gate) * up; down = MatMulNBits + correction
-    last position only -> RMSNorm -> the tied Q8_0 head as 8-bit MatMulNBits -> logits (B, 1, V)
+    per layer, on forwardpass's kernels (five nodes):
+                qkv = Q4_1MatMul(RMSNorm(residual)); Attention; residual = Q4_1MatMul(attn) + residual;
+                gate|up = Q4_1MatMul(RMSNorm(residual)); residual = Q4_1MatMul(SiLU(gate) * up) + residual
+    last position only -> RMSNorm -> the tied Q8_0 head (8-bit MatMulNBits, or Q8_0MatMul with the norm
+    inside) -> logits (B, 1, V)
 
 Inputs: input_ids, seqlens_k (B,) int32 = tokens in the cache after this call - 1,
 total_sequence_length () int32, past_key.{i} / past_value.{i} (B, Hkv, S, D) (fp16 with forwardpass's
@@ -80,15 +83,24 @@ class _Graph:
         return names
 
 
-def _q4_linear(g: _Graph, x: str, raws: list[np.ndarray], k: int, level: int, hint: str) -> str:
-    """x (.., K) @ W.T for Q4_1 weights (several fused along N): Q4_1MatMul, or MatMulNBits + block-sum correction."""
+def _q4_linear(g: _Graph, x: str, raws: list[np.ndarray], k: int, level: int, hint: str, *, norm: str = "",
+               epsilon: float = 1e-5, residual: str = "", swiglu: bool = False) -> str:
+    """x (.., K) @ W.T for Q4_1 weights (several fused along N): Q4_1MatMul, or MatMulNBits + block-sum correction.
+
+    With forwardpass's kernels the node also does what sits beside a linear in a layer (ort_ops.c): RMSNorm of
+    x first (``norm``: the weights' initializer), SiLU(gate) * up of x (..., 2K) first (``swiglu``), and
+    ``residual`` added to the product."""
     if g.kernels == "forwardpass":
         parts4 = [q4_1_split(r) for r in raws]
         qs, d = np.concatenate([p[0] for p in parts4]), np.concatenate([p[1] for p in parts4])
         m = np.concatenate([p[2] for p in parts4], axis=1)  # (K/32, N): the minimums, transposed
-        (out,) = g.op("Q4_1MatMul", [x, g.const(f"{hint}_qs", qs), g.const(f"{hint}_d", d), g.const(f"{hint}_m", m)],
-                      hint, domain=FP)  # fmt: skip
+        inputs = [x, g.const(f"{hint}_qs", qs), g.const(f"{hint}_d", d), g.const(f"{hint}_m", m), norm, residual]
+        while not inputs[-1]:  # optional inputs left out at the end
+            inputs.pop()
+        attrs = {"swiglu": 1} if swiglu else {"epsilon": epsilon} if norm else {}
+        (out,) = g.op("Q4_1MatMul", inputs, hint, domain=FP, **attrs)
         return out
+    assert not (norm or residual or swiglu), "only forwardpass's Q4_1MatMul fuses a norm, SwiGLU or residual"
     parts = [q4_1_to_nbits(r) for r in raws]
     sum_rows, sum_scales = block_sum_rows(k)
     packed = np.concatenate([p[0] for p in parts] + [sum_rows])  # (N + K/32, K/32, 16)
@@ -170,20 +182,25 @@ def build_decoder(model: GGUFFile, *, accuracy_level: int = 4, max_positions: in
         helper.make_tensor_value_info("logit_rows", TensorProto.INT64, [1]),
     ]
     outputs = []
-    residual, pending = x, None  # pending: the last sub-block's output, not yet added to the residual
+    fused = kernels == "forwardpass"  # five nodes a layer: norms, SwiGLU and residual adds inside the linears
+    residual, pending = x, None  # pending: the last sub-block's output, not yet added to the residual (unfused)
     for i in range(hp.n_layer):
         w = lambda name, i=i: f"blk.{i}.{name}.weight"  # noqa: E731 (bound now: called only in this iteration)
-        norm = model.dequantize(w("attn_norm"))
-        if pending is None:
-            (h,) = g.op("SimplifiedLayerNormalization", [residual, g.const("attn_norm", norm)], f"l{i}_attn_norm",
-                        epsilon=hp.rms_eps, axis=-1)  # fmt: skip
+        attn_norm = g.const("attn_norm", model.dequantize(w("attn_norm")))
+        qkv_raws = [raw(w("attn_q")), raw(w("attn_k")), raw(w("attn_v"))]
+        if fused:
+            qkv = _q4_linear(g, residual, qkv_raws, C, accuracy_level, f"l{i}_qkv", norm=attn_norm, epsilon=hp.rms_eps)
         else:
-            h, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [pending, residual, g.const("attn_norm", norm)],
-                                     f"l{i}_attn_norm", outputs=4, domain=MS, epsilon=hp.rms_eps)  # fmt: skip
-        qkv = _q4_linear(g, h, [raw(w("attn_q")), raw(w("attn_k")), raw(w("attn_v"))], C, accuracy_level, f"l{i}_qkv")
+            if pending is None:
+                (h,) = g.op("SimplifiedLayerNormalization", [residual, attn_norm], f"l{i}_attn_norm",
+                            epsilon=hp.rms_eps, axis=-1)  # fmt: skip
+            else:
+                h, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [pending, residual, attn_norm],
+                                         f"l{i}_attn_norm", outputs=4, domain=MS, epsilon=hp.rms_eps)  # fmt: skip
+            qkv = _q4_linear(g, h, qkv_raws, C, accuracy_level, f"l{i}_qkv")
         past_k, past_v = f"past_key.{i}", f"past_value.{i}"
         inputs += [helper.make_tensor_value_info(n, cache_type, ["batch", Hkv, "past", D]) for n in (past_k, past_v)]
-        if g.kernels == "forwardpass":  # the cache written in place when present_* are bound to past_*'s memory
+        if fused:  # the cache written in place when present_* are bound to past_*'s memory
             (attn,) = g.op("Attention", [qkv, past_k, past_v, "seqlens_k", "total_sequence_length", cos_name, sin_name],
                            f"l{i}_attn", domain=FP, num_heads=H, kv_num_heads=Hkv)  # fmt: skip
             g.nodes[-1].output.extend([f"present_key.{i}", f"present_value.{i}"])
@@ -198,51 +215,67 @@ def build_decoder(model: GGUFFile, *, accuracy_level: int = 4, max_positions: in
                 g.nodes.append(helper.make_node("Identity", [out], [name], name=g.name("present")))
         for name in (f"present_key.{i}", f"present_value.{i}"):
             outputs.append(helper.make_tensor_value_info(name, cache_type, ["batch", Hkv, "present", D]))
-        o = _q4_linear(g, attn, [raw(w("attn_output"))], C, accuracy_level, f"l{i}_o")
         ffn_norm = g.const("ffn_norm", model.dequantize(w("ffn_norm")))
-        h, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [o, residual, ffn_norm],
-                                 f"l{i}_ffn_norm", outputs=4, domain=MS, epsilon=hp.rms_eps)  # fmt: skip
-        gate_up = _q4_linear(g, h, [raw(w("ffn_gate")), raw(w("ffn_up"))], C, accuracy_level, f"l{i}_gate_up")
-        gate, up = g.op("Split", [gate_up, g.const("split", np.array([hp.n_ff, hp.n_ff], np.int64))], f"l{i}_split",
-                        outputs=2, axis=-1)  # fmt: skip
-        (sig,) = g.op("Sigmoid", [gate], f"l{i}_sigmoid")
-        (silu,) = g.op("Mul", [gate, sig], f"l{i}_silu")
-        (act,) = g.op("Mul", [silu, up], f"l{i}_swiglu")
-        pending = _q4_linear(g, act, [raw(w("ffn_down"))], hp.n_ff, accuracy_level, f"l{i}_down")
+        gate_up_raws, down_raws = [raw(w("ffn_gate")), raw(w("ffn_up"))], [raw(w("ffn_down"))]
+        if fused:
+            residual = _q4_linear(g, attn, [raw(w("attn_output"))], C, accuracy_level, f"l{i}_o", residual=residual)
+            gate_up = _q4_linear(g, residual, gate_up_raws, C, accuracy_level, f"l{i}_gate_up", norm=ffn_norm,
+                                 epsilon=hp.rms_eps)  # fmt: skip
+            residual = _q4_linear(g, gate_up, down_raws, hp.n_ff, accuracy_level, f"l{i}_down", residual=residual,
+                                  swiglu=True)  # fmt: skip
+            hidden = residual
+        else:
+            o = _q4_linear(g, attn, [raw(w("attn_output"))], C, accuracy_level, f"l{i}_o")
+            h, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [o, residual, ffn_norm],
+                                     f"l{i}_ffn_norm", outputs=4, domain=MS, epsilon=hp.rms_eps)  # fmt: skip
+            gate_up = _q4_linear(g, h, gate_up_raws, C, accuracy_level, f"l{i}_gate_up")
+            gate, up = g.op("Split", [gate_up, g.const("split", np.array([hp.n_ff, hp.n_ff], np.int64))], f"l{i}_split",
+                            outputs=2, axis=-1)  # fmt: skip
+            (sig,) = g.op("Sigmoid", [gate], f"l{i}_sigmoid")
+            (silu,) = g.op("Mul", [gate, sig], f"l{i}_silu")
+            (act,) = g.op("Mul", [silu, up], f"l{i}_swiglu")
+            pending = _q4_linear(g, act, down_raws, hp.n_ff, accuracy_level, f"l{i}_down")
+            (hidden,) = g.op("Add", [pending, residual], f"l{i}_hidden") if expose_hidden else ("",)
         if expose_hidden:
-            g.nodes.append(helper.make_node("Add", [pending, residual], [f"hidden.{i}"], name=g.name("hidden")))
+            g.nodes.append(helper.make_node("Identity", [hidden], [f"hidden.{i}"], name=g.name("hidden")))
             outputs.append(helper.make_tensor_value_info(f"hidden.{i}", TensorProto.FLOAT, ["batch", "tokens", C]))
 
     # the final-normed hidden states of every position, summed per row: mean-pooled embeddings (llama-server's
     # --pooling mean) are these sums over a prompt's chunks / its length; a few microseconds a chunk
-    assert pending is not None
     output_norm = g.const("output_norm", model.dequantize("output_norm.weight"))
-    every, _, _, _ = g.op("SkipSimplifiedLayerNormalization", [pending, residual, output_norm], "pool_norm", outputs=4,
-                          domain=MS, epsilon=hp.rms_eps)  # fmt: skip
+    if fused:
+        (every,) = g.op("SimplifiedLayerNormalization", [residual, output_norm], "pool_norm", epsilon=hp.rms_eps,
+                        axis=-1)  # fmt: skip
+    else:
+        assert pending is not None  # every layer leaves its feed-forward output pending
+        every, _, _, _ = g.op("SkipSimplifiedLayerNormalization", [pending, residual, output_norm], "pool_norm",
+                              outputs=4, domain=MS, epsilon=hp.rms_eps)  # fmt: skip
     g.op("ReduceSum", [every, g.const("seq_axis_pool", np.array([1], np.int64))], "pool_sum", keepdims=0)
     g.nodes[-1].output[0] = "hidden_sum"
     outputs.append(helper.make_tensor_value_info("hidden_sum", TensorProto.FLOAT, ["batch", C]))
 
-    # only the last position goes through the head: a 512-token prefill would otherwise pay 512 head rows
+    # only the last position goes through the head: a 512-token prefill would otherwise pay 512 head rows; and
+    # only the first `logit_rows` rows (a third of a decode step): a decode call padded with a dummy row
+    # (generation/scheduler.py, MIN_ROWS) does not pay for its logits
     last = [g.const("minus1", np.array([-1], np.int64)), g.const("end", np.array([np.iinfo(np.int64).max], np.int64)),
             g.const("seq_axis", np.array([1], np.int64))]  # fmt: skip
-    assert pending is not None  # every layer leaves its feed-forward output pending
-    (last_pending,) = g.op("Slice", [pending, *last], "last_pending")
-    (last_residual,) = g.op("Slice", [residual, *last], "last_residual")
-    h, _, _, _ = g.op("SkipSimplifiedLayerNormalization", [last_pending, last_residual, output_norm],
-                      "final_norm", outputs=4, domain=MS, epsilon=hp.rms_eps)  # fmt: skip
-    # the head (a third of a decode step) runs for the first `logit_rows` rows only: a decode call padded with a
-    # dummy row (generation/scheduler.py, MIN_ROWS) does not pay for its logits.
     zero, batch_axis = g.const("zero", np.array([0], np.int64)), g.const("batch_axis", np.array([0], np.int64))
-    (h,) = g.op("Slice", [h, zero, "logit_rows", batch_axis], "head_rows")
-    if kernels == "forwardpass":  # Q8_0 x Q8_0 as llama.cpp computes it, on the embedding table when it is tied
+    (last_residual,) = g.op("Slice", [residual, *last], "last_residual")
+    if fused:  # Q8_0 x Q8_0 as llama.cpp computes it, the final norm inside; the tied head reads the embedding table
+        (h,) = g.op("Slice", [last_residual, zero, "logit_rows", batch_axis], "head_rows")
         if head_name == "token_embd.weight":
             head_q, head_d = embed_q, embed_d
         else:
             head_rows, head_scales = q8_0_rows(raw(head_name))
             head_q, head_d = g.const("head_q", head_rows), g.const("head_d", head_scales.astype(np.float16))
-        g.nodes.append(helper.make_node("Q8_0MatMul", [h, head_q, head_d], ["logits"], name="head", domain=FP))
+        g.nodes.append(helper.make_node("Q8_0MatMul", [h, head_q, head_d, output_norm], ["logits"], name="head",
+                                        domain=FP, epsilon=hp.rms_eps))  # fmt: skip
     else:
+        assert pending is not None
+        (last_pending,) = g.op("Slice", [pending, *last], "last_pending")
+        h, _, _, _ = g.op("SkipSimplifiedLayerNormalization", [last_pending, last_residual, output_norm],
+                          "final_norm", outputs=4, domain=MS, epsilon=hp.rms_eps)  # fmt: skip
+        (h,) = g.op("Slice", [h, zero, "logit_rows", batch_axis], "head_rows")
         head_b, head_scales = q8_0_to_nbits(raw(head_name))
         g.nodes.append(helper.make_node(
             "MatMulNBits", [h, g.const("head_B", head_b), g.const("head_scales", head_scales)], ["logits"], name="head",

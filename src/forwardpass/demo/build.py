@@ -22,7 +22,7 @@ import yaml
 from forwardpass._deps import require
 from forwardpass.demo import datasets
 
-DEMO_VERSION = "12"  # 12: smollm2's Q4_1 linears on forwardpass's own kernel where it builds
+DEMO_VERSION = "13"  # 13: smollm2 on forwardpass's fused kernels (norms, SwiGLU, residuals inside the linears)
 _STAMP = ".forwardpass-demo"
 
 

@@ -63,25 +63,6 @@ void fp_attention_store(const fp_attention *a, int64_t i) {
 }
 
 #if defined(__AVX512F__)
-static inline __m512 exp16(__m512 x) {
-    /* e^x = 2^n e^r, n = round(x / ln 2), |r| <= ln 2 / 2; e^r by its Taylor polynomial to r^7 (error < 1e-7) */
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
-    __m512 p = _mm512_set1_ps(1.98412698e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.38888889e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.33333333e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.16666667e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.66666667e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-#endif
-
-#if defined(__AVX512F__)
 /* 64 cache elements from `index` as four vectors */
 static inline void load64(const fp_attention *a, const void *cache, int64_t index, __m512 *x0, __m512 *x1, __m512 *x2,
                           __m512 *x3) {

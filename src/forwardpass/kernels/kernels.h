@@ -3,6 +3,7 @@
 #ifndef FORWARDPASS_KERNELS_H
 #define FORWARDPASS_KERNELS_H
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 #if defined(__x86_64__) || defined(_M_X64)
@@ -123,5 +124,101 @@ static inline __m512 sums16(const __m512 *v) {
     return _mm512_add_ps(_mm512_shuffle_f32x4(r01, r23, 0x88), _mm512_shuffle_f32x4(r01, r23, 0xDD));
 }
 #endif
+
+#if defined(__AVX512F__)
+static inline __m512 exp16(__m512 x) {
+    /* e^x = 2^n e^r, n = round(x / ln 2), |r| <= ln 2 / 2; e^r by its Taylor polynomial to r^7 (error < 1e-7) */
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+    __m512 p = _mm512_set1_ps(1.98412698e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.38888889e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.33333333e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.16666667e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.66666667e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__)
+static inline __m256 exp8(__m256 x) { /* exp16's steps on eight lanes; 2^n built in the exponent bits */
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), r);
+    __m256 p = _mm256_set1_ps(1.98412698e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.38888889e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.33333333e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.16666667e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.66666667e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#endif
+
+/* What a linear does to its input rows before quantizing them (the decoder's fused nodes, ort_ops.c): nothing,
+ * RMSNorm (x / sqrt(mean(x^2) + epsilon) * norm), or SwiGLU (a row holds 2K values: silu(first K) * last K). */
+typedef struct {
+    const float *norm; /* (K,), or NULL */
+    float epsilon;
+    int swiglu;
+} fp_prologue;
+
+/* the floats between one input row and the next */
+static inline int64_t row_stride(const fp_prologue *p, int64_t K) { return p && p->swiglu ? 2 * K : K; }
+
+/* RMSNorm's 1 / sqrt(mean(x^2) + epsilon) for a row of K (a multiple of 32), summed in one fixed order; 1 without */
+static inline float row_scale(const fp_prologue *p, const float *row, int64_t K) {
+    if (!p || !p->norm) return 1.0f;
+    float sum = 0.0f;
+#if defined(__AVX512F__)
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t j = 0; j < K; j += 16) {
+        const __m512 v = _mm512_loadu_ps(row + j);
+        acc = _mm512_fmadd_ps(v, v, acc);
+    }
+    sum = _mm512_reduce_add_ps(acc);
+#else
+    for (int64_t j = 0; j < K; j++) sum += row[j] * row[j];
+#endif
+    return 1.0f / sqrtf(sum / (float)K + p->epsilon);
+}
+
+/* The 32 input values of block b of a row: the row itself, or the prologue's values written into out */
+static inline const float *block_values(const fp_prologue *p, const float *row, int64_t K, int64_t b, float scale,
+                                        float *out) {
+    const float *x = row + b * 32;
+    if (!p || (!p->norm && !p->swiglu)) return x;
+    if (p->norm) {
+        for (int j = 0; j < 32; j++) out[j] = x[j] * scale * p->norm[b * 32 + j];
+        return out;
+    }
+    const float *up = x + K; /* SwiGLU: silu(gate) * up, silu(g) = g / (1 + e^-g) */
+#if defined(__AVX512F__)
+    for (int j = 0; j < 32; j += 16) {
+        const __m512 g = _mm512_loadu_ps(x + j);
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+        const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+        _mm512_storeu_ps(out + j, _mm512_mul_ps(silu, _mm512_loadu_ps(up + j)));
+    }
+#elif defined(__AVX2__) && defined(__FMA__)
+    for (int j = 0; j < 32; j += 8) {
+        const __m256 g = _mm256_loadu_ps(x + j);
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+        _mm256_storeu_ps(out + j, _mm256_mul_ps(silu, _mm256_loadu_ps(up + j)));
+    }
+#else
+    for (int j = 0; j < 32; j++) out[j] = x[j] / (1.0f + expf(-x[j])) * up[j];
+#endif
+    return out;
+}
 
 #endif

@@ -1,7 +1,12 @@
 /* forwardpass's kernels as ONNX Runtime custom ops (domain "forwardpass"), over ONNX Runtime's C ABI.
  *
- *   Q4_1MatMul(X float (..., K), qs uint8 (N, K/32, 16), d float16 (N, K/32), m float16 (K/32, N)) -> Y (..., N)
- *   Q8_0MatMul(X float (..., K), qs int8 (N, K), d float16 (N, K/32)) -> Y (..., N)
+ *   Q4_1MatMul(X float (..., K), qs uint8 (N, K/32, 16), d float16 (N, K/32), m float16 (K/32, N)
+ *              [, norm float (K) [, residual float (..., N)]]) -> Y (..., N)
+ *   Q8_0MatMul(X float (..., K), qs int8 (N, K), d float16 (N, K/32) [, norm float (K)]) -> Y (..., N)
+ *       Y = f(X) @ W^T (+ residual). f: the rows as they are; RMSNorm with the weights `norm` (attribute epsilon,
+ *       default 1e-5); or with attribute swiglu = 1 (Q4_1MatMul, no norm), X (..., 2K) and f = silu(first K) *
+ *       last K. So a decoder layer is five nodes: qkv (norm), Attention, o (+ residual), gate|up (norm),
+ *       down (swiglu, + residual): each node ONNX Runtime runs costs some microseconds whatever it computes.
  *   Attention(qkv, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, sin_cache)
  *       -> output, present_key, present_value       (GroupQueryAttention's inputs, outputs and attributes
  *          num_heads / kv_num_heads; present_* may be the same memory as past_*: the cache is then updated in place)
@@ -22,12 +27,16 @@
 
 #define EXPORT __attribute__((visibility("default")))
 
+#include "kernels.h"
+
 int64_t fp_q8_1_scratch_bytes(int64_t M, int64_t K);
-void fp_quantize_q8_1(const float *x, int64_t r0, int64_t r1, int64_t M, int64_t K, void *scratch);
+void fp_quantize_q8_1(const float *x, const fp_prologue *p, int64_t r0, int64_t r1, int64_t M, int64_t K,
+                      void *scratch);
 void fp_q4_1_matmul(const void *scratch, int64_t M, int64_t K, const uint8_t *qs, const uint16_t *wd,
                     const uint16_t *wm, int64_t n0, int64_t n1, int64_t N, float *y);
 int64_t fp_q8_0_scratch_bytes(int64_t M, int64_t K);
-void fp_quantize_q8_0(const float *x, int64_t r0, int64_t r1, int64_t M, int64_t K, void *scratch);
+void fp_quantize_q8_0(const float *x, const fp_prologue *p, int64_t r0, int64_t r1, int64_t M, int64_t K,
+                      void *scratch);
 void fp_q8_0_matmul(const void *scratch, int64_t M, int64_t K, const int8_t *qs, const uint16_t *wd, int64_t n0,
                     int64_t n1, int64_t N, float *y);
 typedef struct {
@@ -62,8 +71,8 @@ enum { FLOAT = 1, UINT8 = 2, INT8 = 3, INT32 = 6, FLOAT16 = 10 }; /* ONNXTensorE
 enum {
     CREATE_STATUS = 0, GET_ERROR_MESSAGE = 2, CREATE_CUSTOM_OP_DOMAIN = 26, CUSTOM_OP_DOMAIN_ADD = 27, ADD_CUSTOM_OP_DOMAIN = 28,
     GET_TENSOR_MUTABLE_DATA = 51, GET_TENSOR_ELEMENT_TYPE = 60, GET_DIMENSIONS_COUNT = 61, GET_DIMENSIONS = 62,
-    GET_TENSOR_TYPE_AND_SHAPE = 65, KERNEL_INFO_GET_ATTRIBUTE_INT64 = 86, KERNEL_CONTEXT_GET_INPUT = 90,
-    KERNEL_CONTEXT_GET_OUTPUT = 91,
+    GET_TENSOR_TYPE_AND_SHAPE = 65, KERNEL_INFO_GET_ATTRIBUTE_FLOAT = 85, KERNEL_INFO_GET_ATTRIBUTE_INT64 = 86,
+    KERNEL_CONTEXT_GET_INPUT = 90, KERNEL_CONTEXT_GET_OUTPUT = 91, RELEASE_STATUS = 93,
     RELEASE_TENSOR_TYPE_AND_SHAPE_INFO = 99, KERNEL_CONTEXT_PARALLEL_FOR = 274,
 };
 
@@ -106,12 +115,15 @@ typedef struct {
     int64_t dims[8];
 } Tensor;
 
-static OrtStatus *input(OrtKernelContext *context, size_t index, Tensor *t) {
+/* Input `index`; a missing one is an error unless `optional` (then t->data is NULL). */
+static OrtStatus *read_input(OrtKernelContext *context, size_t index, Tensor *t, int optional) {
     const OrtValue *value = NULL;
     OrtShape *shape = NULL;
     OrtStatus *status = CALL(KERNEL_CONTEXT_GET_INPUT, OrtStatus *(*)(const OrtKernelContext *, size_t,
                                                                       const OrtValue **))(context, index, &value);
     if (status) return status;
+    t->data = NULL;
+    if (!value && optional) return NULL;
     if (!value) return error(ORT_INVALID_ARGUMENT, "forwardpass kernel: an input is missing");
     if ((status = CALL(GET_TENSOR_TYPE_AND_SHAPE, OrtStatus *(*)(const OrtValue *, OrtShape **))(value, &shape)))
         return status;
@@ -124,12 +136,16 @@ static OrtStatus *input(OrtKernelContext *context, size_t index, Tensor *t) {
     return status;
 }
 
+static OrtStatus *input(OrtKernelContext *context, size_t index, Tensor *t) { return read_input(context, index, t, 0); }
+
 typedef struct {
     int q8_0; /* Q8_0MatMul, else Q4_1MatMul */
     const float *x;
+    fp_prologue pro;
     void *scratch;
     const void *qs;
     const uint16_t *d, *m;
+    const float *residual; /* added to Y, or NULL */
     int64_t M, K, N;
     float *y;
 } Work;
@@ -139,7 +155,7 @@ enum { OUTPUTS_PER_TASK = 16, ROWS_PER_TASK = 4 };
 static void quantize_task(void *arg, size_t i) {
     const Work *w = arg;
     const int64_t r0 = (int64_t)i * ROWS_PER_TASK, r1 = r0 + ROWS_PER_TASK < w->M ? r0 + ROWS_PER_TASK : w->M;
-    (w->q8_0 ? fp_quantize_q8_0 : fp_quantize_q8_1)(w->x, r0, r1, w->M, w->K, w->scratch);
+    (w->q8_0 ? fp_quantize_q8_0 : fp_quantize_q8_1)(w->x, &w->pro, r0, r1, w->M, w->K, w->scratch);
 }
 
 static void matmul_task(void *arg, size_t i) {
@@ -149,6 +165,9 @@ static void matmul_task(void *arg, size_t i) {
         fp_q8_0_matmul(w->scratch, w->M, w->K, w->qs, w->d, n0, n1, w->N, w->y);
     else
         fp_q4_1_matmul(w->scratch, w->M, w->K, w->qs, w->d, w->m, n0, n1, w->N, w->y);
+    if (w->residual)
+        for (int64_t r = 0; r < w->M; r++)
+            for (int64_t n = n0; n < n1; n++) w->y[r * w->N + n] += w->residual[r * w->N + n];
 }
 
 /* The intra-op threads of the sessions running these kernels (the most any asked for; 0: not told). A linear's
@@ -169,16 +188,13 @@ static OrtStatus *parallel(OrtKernelContext *context, void (*task)(void *, size_
                                                              size_t, size_t, void *))(context, task, total, parts, w);
 }
 
-/* Y = X @ W^T: activations quantized (in parallel over rows when there are many), then outputs in parallel. */
-static OrtStatus *linear(OrtKernelContext *context, Work *w, const Tensor *x) {
-    int64_t dims[8];
-    w->M = 1;
-    for (size_t i = 0; i + 1 < x->rank; i++) w->M *= (dims[i] = x->dims[i]);
-    dims[x->rank - 1] = w->N;
+/* Y = f(X) @ W^T (+ residual): activations quantized (in parallel over rows when there are many), then outputs in
+ * parallel. dims: Y's shape (rank of X). */
+static OrtStatus *linear(OrtKernelContext *context, Work *w, const int64_t *dims, size_t rank) {
     OrtValue *out = NULL;
     OrtStatus *status;
     if ((status = CALL(KERNEL_CONTEXT_GET_OUTPUT, OrtStatus *(*)(OrtKernelContext *, size_t, const int64_t *, size_t,
-                                                                OrtValue **))(context, 0, dims, x->rank, &out)) ||
+                                                                OrtValue **))(context, 0, dims, rank, &out)) ||
         (status = CALL(GET_TENSOR_MUTABLE_DATA, OrtStatus *(*)(OrtValue *, void **))(out, (void **)&w->y)))
         return status;
     if (w->M == 0 || w->N == 0) return NULL;
@@ -202,32 +218,94 @@ static OrtStatus *linear(OrtKernelContext *context, Work *w, const Tensor *x) {
     return parallel(context, matmul_task, tasks, parts < tasks ? parts : 0, w);
 }
 
+/* A linear's attributes: epsilon (RMSNorm's, float) and swiglu (int); either may be absent. */
+typedef struct {
+    float epsilon;
+    int64_t swiglu;
+} LinearKernel;
+
+static void optional_attribute(OrtStatus *status) { /* a missing attribute: its default stays */
+    if (status) CALL(RELEASE_STATUS, void (*)(OrtStatus *))(status);
+}
+
+static OrtStatus *create_linear(const Op *op, const void *table, const OrtKernelInfo *info, void **kernel) {
+    (void)op; (void)table;
+    LinearKernel *k = malloc(sizeof *k);
+    if (!k) return error(ORT_FAIL, "forwardpass kernel: out of memory");
+    k->epsilon = 1e-5f;
+    k->swiglu = 0;
+    optional_attribute(CALL(KERNEL_INFO_GET_ATTRIBUTE_FLOAT, OrtStatus *(*)(const OrtKernelInfo *, const char *,
+                                                                           float *))(info, "epsilon", &k->epsilon));
+    optional_attribute(CALL(KERNEL_INFO_GET_ATTRIBUTE_INT64, OrtStatus *(*)(const OrtKernelInfo *, const char *,
+                                                                           int64_t *))(info, "swiglu", &k->swiglu));
+    *kernel = k;
+    return NULL;
+}
+
+static void destroy_linear(void *kernel) { free(kernel); }
+
+/* X's rows (M), the linear's K (X's last dimension, half of it for swiglu) and Y's dims; the norm and residual
+ * inputs checked against them. 0, or an error message written into `message`. */
+static int linear_shapes(const Tensor *x, const Tensor *norm, const Tensor *residual, int swiglu, int64_t N,
+                         Work *w, int64_t *dims, char *message, size_t size, const char *op) {
+    const int64_t last = x->rank ? x->dims[x->rank - 1] : 0;
+    w->K = swiglu ? last / 2 : last;
+    w->M = 1;
+    for (size_t i = 0; i + 1 < x->rank; i++) w->M *= (dims[i] = x->dims[i]);
+    dims[x->rank ? x->rank - 1 : 0] = N;
+    if (norm->data && (norm->type != FLOAT || norm->rank != 1 || norm->dims[0] != w->K)) {
+        snprintf(message, size, "%s: expected norm float (%lld), the input's width; got rank %zu", op,
+                 (long long)w->K, norm->rank);
+        return 1;
+    }
+    if (residual->data) {
+        int same = residual->type == FLOAT && residual->rank == x->rank;
+        for (size_t i = 0; same && i < x->rank; i++) same = residual->dims[i] == dims[i];
+        if (!same) {
+            snprintf(message, size, "%s: expected residual float of the output's shape (..., %lld)", op, (long long)N);
+            return 1;
+        }
+    }
+    if (swiglu && norm->data) {
+        snprintf(message, size, "%s: swiglu and norm together are not supported", op);
+        return 1;
+    }
+    return 0;
+}
+
 static OrtStatus *q4_1_compute(void *kernel, OrtKernelContext *context) {
-    (void)kernel;
-    Tensor x, qs, d, m;
+    const LinearKernel *k = kernel;
+    Tensor x, qs, d, m, norm, residual;
     OrtStatus *status;
     if ((status = input(context, 0, &x)) || (status = input(context, 1, &qs)) || (status = input(context, 2, &d)) ||
-        (status = input(context, 3, &m)))
+        (status = input(context, 3, &m)) || (status = read_input(context, 4, &norm, 1)) ||
+        (status = read_input(context, 5, &residual, 1)))
         return status;
     char message[256];
-    const int64_t K = x.rank ? x.dims[x.rank - 1] : 0, N = qs.rank == 3 ? qs.dims[0] : 0, nb = K / 32;
-    if (x.type != FLOAT || x.rank < 1 || K % 32 || qs.type != UINT8 || qs.rank != 3 || qs.dims[1] != nb ||
-        qs.dims[2] != 16 || d.type != FLOAT16 || d.rank != 2 || d.dims[0] != N || d.dims[1] != nb ||
-        m.type != FLOAT16 || m.rank != 2 || m.dims[0] != nb || m.dims[1] != N) {
-        snprintf(message, sizeof message, "Q4_1MatMul: expected X float (..., K) with K a multiple of 32, qs uint8 "
-                 "(N, K/32, 16), d float16 (N, K/32), m float16 (K/32, N); got K = %lld, qs of rank %zu",
+    const int64_t last = x.rank ? x.dims[x.rank - 1] : 0, K = k->swiglu ? last / 2 : last;
+    const int64_t N = qs.rank == 3 ? qs.dims[0] : 0, nb = K / 32;
+    if (x.type != FLOAT || x.rank < 1 || K % 32 || (k->swiglu && last % 2) || qs.type != UINT8 || qs.rank != 3 ||
+        qs.dims[1] != nb || qs.dims[2] != 16 || d.type != FLOAT16 || d.rank != 2 || d.dims[0] != N ||
+        d.dims[1] != nb || m.type != FLOAT16 || m.rank != 2 || m.dims[0] != nb || m.dims[1] != N) {
+        snprintf(message, sizeof message, "Q4_1MatMul: expected X float (..., K) (2K with swiglu) with K a multiple "
+                 "of 32, qs uint8 (N, K/32, 16), d float16 (N, K/32), m float16 (K/32, N); got K = %lld, qs of rank %zu",
                  (long long)K, qs.rank);
         return error(ORT_INVALID_ARGUMENT, message);
     }
-    Work w = {0, x.data, NULL, qs.data, d.data, m.data, 0, K, N, NULL};
-    return linear(context, &w, &x);
+    Work w = {0, x.data, {norm.data, k->epsilon, (int)k->swiglu}, NULL, qs.data, d.data, m.data, residual.data,
+              0, 0, N, NULL};
+    int64_t dims[8];
+    if (linear_shapes(&x, &norm, &residual, (int)k->swiglu, N, &w, dims, message, sizeof message, "Q4_1MatMul"))
+        return error(ORT_INVALID_ARGUMENT, message);
+    return linear(context, &w, dims, x.rank);
 }
 
 static OrtStatus *q8_0_compute(void *kernel, OrtKernelContext *context) {
-    (void)kernel;
-    Tensor x, qs, d;
+    const LinearKernel *k = kernel;
+    Tensor x, qs, d, norm, residual = {0};
     OrtStatus *status;
-    if ((status = input(context, 0, &x)) || (status = input(context, 1, &qs)) || (status = input(context, 2, &d)))
+    if ((status = input(context, 0, &x)) || (status = input(context, 1, &qs)) || (status = input(context, 2, &d)) ||
+        (status = read_input(context, 3, &norm, 1)))
         return status;
     char message[256];
     const int64_t K = x.rank ? x.dims[x.rank - 1] : 0, N = qs.rank == 2 ? qs.dims[0] : 0;
@@ -237,49 +315,53 @@ static OrtStatus *q8_0_compute(void *kernel, OrtKernelContext *context) {
                  "(N, K), d float16 (N, K/32); got K = %lld, qs of rank %zu", (long long)K, qs.rank);
         return error(ORT_INVALID_ARGUMENT, message);
     }
-    Work w = {1, x.data, NULL, qs.data, d.data, NULL, 0, K, N, NULL};
-    return linear(context, &w, &x);
+    Work w = {1, x.data, {norm.data, k->epsilon, 0}, NULL, qs.data, d.data, NULL, NULL, 0, K, N, NULL};
+    int64_t dims[8];
+    if (linear_shapes(&x, &norm, &residual, 0, N, &w, dims, message, sizeof message, "Q8_0MatMul"))
+        return error(ORT_INVALID_ARGUMENT, message);
+    return linear(context, &w, dims, x.rank);
 }
 
 static const char *q4_1_name(const Op *op) { (void)op; return "Q4_1MatMul"; }
 static const char *cpu(const Op *op) { (void)op; return NULL; } /* NULL: the CPU execution provider */
-static int q4_1_input_type(const Op *op, size_t i) { (void)op; return i == 0 ? FLOAT : i == 1 ? UINT8 : FLOAT16; }
+static int q4_1_input_type(const Op *op, size_t i) {
+    (void)op;
+    return i == 0 || i >= 4 ? FLOAT : i == 1 ? UINT8 : FLOAT16;
+}
+static size_t six(const Op *op) { (void)op; return 6; }
 static size_t four(const Op *op) { (void)op; return 4; }
 static int float_type(const Op *op, size_t i) { (void)op; (void)i; return FLOAT; }
 static size_t one(const Op *op) { (void)op; return 1; }
 static size_t three(const Op *op) { (void)op; return 3; }
 static int required(const Op *op, size_t i) { (void)op; (void)i; return 0; } /* INPUT_OUTPUT_REQUIRED */
+static int q4_1_input_kind(const Op *op, size_t i) { (void)op; return i >= 4; } /* 1: INPUT_OUTPUT_OPTIONAL */
+static int q8_0_input_kind(const Op *op, size_t i) { (void)op; return i >= 3; }
 static int default_memory(const Op *op, size_t i) { (void)op; (void)i; return 0; } /* OrtMemTypeDefault */
 static int zero(const Op *op) { (void)op; return 0; }
 
-static char kernel_object; /* the kernels keep no state: every kernel is this address */
-static OrtStatus *create_kernel(const Op *op, const void *table, const OrtKernelInfo *info, void **kernel) {
-    (void)op; (void)table; (void)info;
-    *kernel = &kernel_object;
-    return NULL;
-}
-static void destroy_kernel(void *kernel) { (void)kernel; }
-
-/* A custom op of the V2 kind (version 16): its name, input and output types and counts, kernel callbacks; every
- * input and output required, in CPU memory. */
-#define OP(name, input_type, inputs, output_type, outputs, create, destroy, compute)                            \
+/* A custom op of the V2 kind (version 16): its name, input types, count and which are optional (input_kind),
+ * output types and count, kernel callbacks; every output required, all in CPU memory. */
+#define OP(name, input_type, inputs, input_kind, output_type, outputs, create, destroy, compute)                \
     {                                                                                                            \
         .version = 16, .GetName = name, .GetExecutionProviderType = cpu, .GetInputType = input_type,               \
         .GetInputTypeCount = inputs, .GetOutputType = output_type, .GetOutputTypeCount = outputs,                  \
-        .KernelDestroy = destroy, .GetInputCharacteristic = required, .GetOutputCharacteristic = required,         \
+        .KernelDestroy = destroy, .GetInputCharacteristic = input_kind, .GetOutputCharacteristic = required,       \
         .GetInputMemoryType = default_memory, .GetVariadicInputMinArity = zero, .GetVariadicInputHomogeneity = zero, \
         .GetVariadicOutputMinArity = zero, .GetVariadicOutputHomogeneity = zero, .CreateKernelV2 = create,          \
         .KernelComputeV2 = compute,                                                                              \
     }
 
-static const Op q4_1_op = OP(q4_1_name, q4_1_input_type, four, float_type, one,
-        create_kernel, destroy_kernel, q4_1_compute);
+static const Op q4_1_op = OP(q4_1_name, q4_1_input_type, six, q4_1_input_kind, float_type, one,
+        create_linear, destroy_linear, q4_1_compute);
 
 static const char *q8_0_name(const Op *op) { (void)op; return "Q8_0MatMul"; }
-static int q8_0_input_type(const Op *op, size_t i) { (void)op; return i == 0 ? FLOAT : i == 1 ? INT8 : FLOAT16; }
+static int q8_0_input_type(const Op *op, size_t i) {
+    (void)op;
+    return i == 0 || i == 3 ? FLOAT : i == 1 ? INT8 : FLOAT16;
+}
 
-static const Op q8_0_op = OP(q8_0_name, q8_0_input_type, three, float_type, one,
-        create_kernel, destroy_kernel, q8_0_compute);
+static const Op q8_0_op = OP(q8_0_name, q8_0_input_type, four, q8_0_input_kind, float_type, one,
+        create_linear, destroy_linear, q8_0_compute);
 
 /* -- Attention ------------------------------------------------------------------------------------------------ */
 
@@ -398,10 +480,10 @@ static int attention16_input_type(const Op *op, size_t i) {
 static int attention16_output_type(const Op *op, size_t i) { (void)op; return i ? FLOAT16 : FLOAT; }
 static size_t seven(const Op *op) { (void)op; return 7; }
 
-static const Op attention_op = OP(attention_name, attention_input_type, seven, float_type, three,
+static const Op attention_op = OP(attention_name, attention_input_type, seven, required, float_type, three,
         create_attention, destroy_attention, attention_compute);
 
-static const Op attention16_op = OP(attention_name, attention16_input_type, seven, attention16_output_type, three,
+static const Op attention16_op = OP(attention_name, attention16_input_type, seven, required, attention16_output_type, three,
         create_attention, destroy_attention, attention_compute);
 
 /* One domain for the process, made once (sessions may be created from several threads) and never released:

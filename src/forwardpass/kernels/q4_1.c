@@ -66,15 +66,18 @@ static inline int64_t slot(int64_t b, int j, int64_t nb) {
     return (b / 4) * 128 + (j / 16) * 16 * width + (b % 4) * 16 + j % 16;
 }
 
-/* Rows r0..r1-1 of x (M, K) float into the scratch: ggml's Q8_1 (d = max|x| / 127, q = round(x / d),
- * s = d * sum(q), d and s rounded to fp16 as Q8_1 stores them). */
-void fp_quantize_q8_1(const float *x, int64_t r0, int64_t r1, int64_t M, int64_t K, void *scratch) {
+/* Rows r0..r1-1 of x (M rows) float into the scratch, after the prologue p (NULL: none): ggml's Q8_1
+ * (d = max|x| / 127, q = round(x / d), s = d * sum(q), d and s rounded to fp16 as Q8_1 stores them). */
+void fp_quantize_q8_1(const float *x, const fp_prologue *p, int64_t r0, int64_t r1, int64_t M, int64_t K,
+                      void *scratch) {
     const int64_t nb = K / QK, groups = (nb + 3) / 4;
     const acts a = view(scratch, M, K);
     for (int64_t r = r0; r < r1; r++) {
         memset(a.xv + r * groups * 16, 0, (size_t)groups * 16 * sizeof(float)); /* a last group's missing blocks */
+        const float *row = x + r * row_stride(p, K), scale = row_scale(p, row, K);
         for (int64_t b = 0; b < nb; b++) {
-            const float *v = x + r * K + b * QK;
+            float values[QK];
+            const float *v = block_values(p, row, K, b, scale, values);
 #if GROUPED
             const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
             const float d = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1))) / 127.0f;

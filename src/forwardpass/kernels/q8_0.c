@@ -35,13 +35,16 @@ static acts view(const void *scratch, int64_t M, int64_t K) {
     return a;
 }
 
-/* Rows r0..r1-1 of x (M, K) float into the scratch as ggml's Q8_0. */
-void fp_quantize_q8_0(const float *x, int64_t r0, int64_t r1, int64_t M, int64_t K, void *scratch) {
+/* Rows r0..r1-1 of x (M rows) float into the scratch as ggml's Q8_0, after the prologue p (NULL: none). */
+void fp_quantize_q8_0(const float *x, const fp_prologue *p, int64_t r0, int64_t r1, int64_t M, int64_t K,
+                      void *scratch) {
     const int64_t nb = K / QK;
     const acts a = view(scratch, M, K);
     for (int64_t r = r0; r < r1; r++) {
+        const float *row = x + r * row_stride(p, K), scale = row_scale(p, row, K);
         for (int64_t b = 0; b < nb; b++) {
-            const float *v = x + r * K + b * QK;
+            float values[QK];
+            const float *v = block_values(p, row, K, b, scale, values);
             float amax = 0.0f;
             for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(v[j]));
             const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;

@@ -89,7 +89,7 @@ def _rewrite_graph(model: Any, weights: str) -> int:
         for name in node.input:
             users.setdefault(name, []).append(node)
     drop: set[int] = set()
-    replace: dict[int, Any] = {}
+    replace: dict[int, list[Any]] = {}
     count = 0
     for node in graph.node:
         attrs = _attrs(node)
@@ -97,11 +97,11 @@ def _rewrite_graph(model: Any, weights: str) -> int:
             q8 = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
             d8 = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
             w = (q8.reshape(q8.shape[0], -1, 32) * d8[..., None]).reshape(q8.shape)
-            replace[id(node)] = _linear(graph, node, w, "fp32", list(node.output), level)
+            replace[id(node)] = _unfused(graph, node, w, "fp32", level)
             continue
         if node.op_type == "Q4_1MatMul":  # forwardpass's kernel: GGUF's Q4_1 bytes (convert/ggml_quants.q4_1_split)
             qs, d4, m4 = (numpy_helper.to_array(inits[name]) for name in node.input[1:4])
-            replace[id(node)] = _linear(graph, node, q4_1_join(qs, d4, m4), weights, list(node.output), level)
+            replace[id(node)] = _unfused(graph, node, q4_1_join(qs, d4, m4), weights, level)
             count += 1
             continue
         if node.op_type != "MatMulNBits" or node.domain != MS:
@@ -110,7 +110,7 @@ def _rewrite_graph(model: Any, weights: str) -> int:
             q = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32) - 128
             d = numpy_helper.to_array(inits[node.input[2]]).reshape(q.shape[0], q.shape[1], 1)
             w = (q * d).reshape(q.shape[0], -1)
-            replace[id(node)] = _linear(graph, node, w, "fp32", list(node.output), level)
+            replace[id(node)] = [_linear(graph, node.name, node.input[0], w, "fp32", list(node.output), level)]
             continue
         if attrs.get("bits") != 4:
             continue
@@ -124,10 +124,11 @@ def _rewrite_graph(model: Any, weights: str) -> int:
         q = np.empty((n, blocks, 32), np.float32)
         q[..., 0::2], q[..., 1::2] = packed & 0x0F, packed >> 4  # byte i holds elements 2i (low), 2i+1
         w = ((q - 8) * d + correction.T[..., None]).reshape(n, -1)  # Q4_1: q d + m
-        replace[id(node)] = _linear(graph, node, w, weights, list(add.output), attrs.get("accuracy_level", 0))
+        replace[id(node)] = [_linear(graph, node.name, node.input[0], w, weights, list(add.output),
+                                     attrs.get("accuracy_level", 0))]  # fmt: skip
         drop.update({id(split), id(corr), id(add)})
         count += 1
-    nodes = [replace.get(id(n), n) for n in graph.node if id(n) not in drop]
+    nodes = [m for n in graph.node if id(n) not in drop for m in replace.get(id(n), [n])]
     del graph.node[:]
     graph.node.extend(nodes)
     if not any(n.domain == "forwardpass" for n in graph.node):  # no forwardpass kernel left: nor its domain
@@ -141,19 +142,45 @@ def _rewrite_graph(model: Any, weights: str) -> int:
     return count
 
 
-def _linear(graph: Any, node: Any, w: np.ndarray, weights: str, outputs: list[str], level: int) -> Any:
+def _unfused(graph: Any, node: Any, w: np.ndarray, weights: str, level: int) -> list[Any]:
+    """A forwardpass linear (Q4_1MatMul, Q8_0MatMul) as ONNX's own nodes: what it fuses (RMSNorm or SiLU(gate)
+    * up of its input, a residual added to its product: kernels/ort_ops.c) as the nodes that compute it, around
+    ``_linear``'s node."""
+    from onnx import helper
+
+    attrs, hint = _attrs(node), node.name
+    optional = list(node.input[4:6] if node.op_type == "Q4_1MatMul" else node.input[3:4])
+    norm, residual = (optional + ["", ""])[:2]
+    x, nodes = node.input[0], []
+    if norm:
+        nodes.append(helper.make_node("SimplifiedLayerNormalization", [x, norm], [x := f"{hint}_normed"],
+                                      name=f"{hint}_norm", epsilon=attrs.get("epsilon", 1e-5), axis=-1))  # fmt: skip
+    if attrs.get("swiglu"):
+        k = w.shape[1]
+        halves = _const(graph, f"{hint}_halves", np.array([k, k], np.int64))
+        nodes += [helper.make_node("Split", [x, halves], [f"{hint}_gate", f"{hint}_up"], name=f"{hint}_split", axis=-1),
+                  helper.make_node("Sigmoid", [f"{hint}_gate"], [f"{hint}_sig"], name=f"{hint}_sigmoid"),
+                  helper.make_node("Mul", [f"{hint}_gate", f"{hint}_sig"], [f"{hint}_silu"], name=f"{hint}_silu"),
+                  helper.make_node("Mul", [f"{hint}_silu", f"{hint}_up"], [x := f"{hint}_act"], name=f"{hint}_act")]
+    product = [f"{hint}_product"] if residual else list(node.output)
+    nodes.append(_linear(graph, hint, x, w, weights, product, level))
+    if residual:
+        nodes.append(helper.make_node("Add", [product[0], residual], list(node.output), name=f"{hint}_residual"))
+    return nodes
+
+
+def _linear(graph: Any, hint: str, x: str, w: np.ndarray, weights: str, outputs: list[str], level: int) -> Any:
     """The node computing x @ w.T (w (N, K) float) as ``weights``: fp32 MatMul or 8-bit MatMulNBits."""
     from onnx import helper
 
     from forwardpass.convert.ggml_quants import int8_blocks
 
-    hint = node.name
     if weights == "fp32":
-        return helper.make_node("MatMul", [node.input[0], _const(graph, f"{hint}_W", w.T)], outputs, name=hint)
+        return helper.make_node("MatMul", [x, _const(graph, f"{hint}_W", w.T)], outputs, name=hint)
     b8, s8 = int8_blocks(w)
-    return helper.make_node("MatMulNBits", [node.input[0], _const(graph, f"{hint}_B8", b8),
-                                            _const(graph, f"{hint}_S8", s8)], outputs, name=hint, domain=MS,
-                            K=w.shape[1], N=w.shape[0], bits=8, block_size=32, accuracy_level=level)  # fmt: skip
+    return helper.make_node("MatMulNBits", [x, _const(graph, f"{hint}_B8", b8), _const(graph, f"{hint}_S8", s8)],
+                            outputs, name=hint, domain=MS, K=w.shape[1], N=w.shape[0], bits=8, block_size=32,
+                            accuracy_level=level)  # fmt: skip
 
 
 def _const(graph: Any, name: str, array: np.ndarray) -> str:
