@@ -214,3 +214,71 @@ def test_on_forwardpass_kernels_a_row_decodes_the_same_alone_and_beside_seven_ot
         assert scheduler.state.min_rows == 1
     finally:
         scheduler.close()
+
+
+def test_on_forwardpass_kernels_prompts_arriving_together_are_read_in_one_call_and_answer_as_alone(llm):
+    """Batched prefill (schedule.py, ``also``): eight chats submitted at once read their prompts together, the
+    shorter chunks starting early (re-read tokens); each answer is its answer alone, bit for bit in its tokens."""
+    import threading
+
+    from forwardpass import kernels
+    from forwardpass.generation.scheduler import GenerationScheduler
+
+    if not kernels.available():
+        pytest.skip("forwardpass's kernels do not build here: prompts are read one at a time")
+    topics = ["a cat", "the sea at night", "a robot", "rivers", "old clocks and the people who mend them", "a bird",
+              "lamps", "a ship"]  # fmt: skip
+    seqs = lambda: [llm.prepare(messages=[{"role": "user", "content": f"Write about {t}."}], max_tokens=12,  # noqa: E731
+                                temperature=0, ignore_eos=True) for t in topics]  # fmt: skip
+    alone = [llm.generate(messages=[{"role": "user", "content": f"Write about {t}."}], max_tokens=12, temperature=0,
+                          ignore_eos=True).tokens for t in topics]  # fmt: skip
+    assert len({len(s.prompt) for s in seqs()}) > 1  # prompts of several lengths
+    scheduler = GenerationScheduler(llm, slots=8, prefix_cache_bytes=0)
+    calls = []
+    real = scheduler.session.prefill_rows
+    scheduler.session.prefill_rows = lambda *a, **k: calls.append(len(a[1])) or real(*a, **k)
+    try:
+        for _ in range(2):
+            done, results = threading.Event(), {}
+
+            def emit(i, results=results, done=done):
+                def on(item):
+                    if not isinstance(item, str):
+                        results[i] = item
+                        if len(results) == len(topics):
+                            done.set()
+
+                return on
+
+            with scheduler._cond:  # all queued before the scheduler plans its next turn
+                for i, seq in enumerate(seqs()):
+                    scheduler.submit(seq, emit(i))
+            assert done.wait(120)
+            assert [results[i].tokens for i in range(len(topics))] == alone
+    finally:
+        scheduler.close()
+    assert calls and max(calls) >= 4  # prompts read several rows a call
+
+
+def test_on_forwardpass_kernels_a_prompt_row_that_rereads_tokens_computes_what_one_call_does(llm):
+    """A batched prefill row may start before its filled length (its chunk is as long as the others'): the
+    re-read positions get the same KV and the row the same logits, bit for bit, as the prompt read in one call."""
+    import numpy as np
+
+    from forwardpass import kernels
+
+    if not kernels.available():
+        pytest.skip("forwardpass's kernels do not build here")
+    session = llm.open_session(slots=2)
+    a = llm.encode("The history of printing begins with movable type, which changed how books were made.")
+    b = llm.encode("Rivers carve valleys over thousands of years, slowly, patiently.")
+    whole_a = session.prefill(0, a, 0).copy()
+    whole_b = session.prefill(1, b, 0).copy()
+    next_a = session.decode([11, 12], [len(a), len(b)]).copy()
+    session.prefill(0, a[:20], 0)  # row 0 has read 20 tokens, row 1 five
+    session.prefill(1, b[:5], 0)
+    t = len(a) - 10
+    logits = session.prefill_rows(0, [a[10:], b[5 : 5 + t]], [10, 5], 2)  # row 0 re-reads positions 10..19
+    assert np.array_equal(logits[0], whole_a)
+    assert np.array_equal(session.prefill(1, b[5 + t :], 5 + t), whole_b)
+    assert np.array_equal(session.decode([11, 12], [len(a), len(b)]), next_a)  # and the caches are the same

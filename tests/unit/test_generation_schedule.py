@@ -22,6 +22,7 @@ from forwardpass.generation.sampler import SamplingParams
 from forwardpass.generation.schedule import (
     Admission,
     DecodeBatch,
+    PrefillBatch,
     PrefillChunk,
     PrefixCache,
     SchedulerState,
@@ -80,6 +81,12 @@ class FakeDecoder:
         self.calls.append(("prefill", slot, start, start + len(tokens)))
         self.kv[slot, start : start + len(tokens)] = tokens
         return self._logits(slot, start + len(tokens) - 1)
+
+    def prefill_rows(self, first: int, tokens, starts, logit_rows: int) -> np.ndarray:
+        self.calls.append(("prefill_rows", first, tuple(starts), len(tokens[0])))
+        for row, (ids, start) in enumerate(zip(tokens, starts, strict=True)):
+            self.kv[first + row, start : start + len(ids)] = ids
+        return np.stack([self._logits(first + row, starts[row] + len(tokens[row]) - 1) for row in range(logit_rows)])
 
     def decode(self, tokens: list[int], positions: list[int], logit_rows: int = 0) -> np.ndarray:
         self.calls.append(("decode", tuple(tokens), tuple(positions)))
@@ -530,3 +537,49 @@ def test_a_fork_whose_first_choice_ended_or_was_cancelled_runs_alone():
     plans, results, _ = drive(s)
     assert [a.source for p in plans for a in p.admit] == [-1, -1]  # nothing left to copy: a prefill of its own
     assert results[id(fork)].tokens == reference(prompt, 2)
+
+
+# -- batched prefill (a graph computing each row alone) --------------------------------------------------------
+
+
+def test_neighbouring_prompts_join_the_oldest_ones_call_rereading_to_match_its_length():
+    st = state(slots=5, chunk=4, batch_prefill=True, min_rows=1)
+    oldest, short, long, tiny = ticket(list(range(1, 8))), ticket([2, 3, 4, 5, 6]), ticket(list(range(9))), ticket([1])
+    decoding = ticket([5, 6])
+    for slot, (t, filled) in enumerate([(short, 3), (oldest, 4), (long, 0), (tiny, 0), (decoding, 2)]):
+        t.slot, t.filled = slot, filled
+        st.active[slot] = t
+    decoding.seq.tokens.append(3)
+    plan = schedule(st)
+    assert plan.prefill == PrefillChunk(oldest, 1, 4, 7)  # its rest: 3 tokens
+    # short re-reads position 2 to read 3 (its last two are new); long reads its first 3; tiny (1 token) cannot
+    assert plan.also == (PrefillChunk(short, 0, 2, 5), PrefillChunk(long, 2, 0, 3))
+    assert plan.batch == PrefillBatch(0, ((4, 5, 6), (5, 6, 7), (0, 1, 2)), (2, 4, 0), 2)
+    assert plan.decode == DecodeBatch((4,), (0, 0, 0, 0, 3), (3, 4, 0, 0, 2))  # dummies where prompts go
+
+
+def test_a_free_slot_between_joining_prompts_is_a_dummy_row_and_a_decoding_one_ends_the_run():
+    st = state(slots=4, chunk=4, batch_prefill=True, min_rows=1)
+    a, b, running = ticket([1, 2, 3]), ticket([4, 5, 6]), ticket([7, 8])
+    for slot, t in ((0, a), (2, b), (3, running)):
+        t.slot = slot
+        st.active[slot] = t
+    running.filled = 2
+    running.seq.tokens.append(9)
+    plan = schedule(st)
+    assert plan.prefill.slot == 0 and plan.also == (PrefillChunk(b, 2, 0, 3),)
+    assert plan.batch == PrefillBatch(0, ((1, 2, 3), (0, 0, 0), (4, 5, 6)), (0, 0, 0), 3)
+
+
+def test_batched_prefill_answers_every_prompt_as_alone_with_prefixes_cached():
+    st = state(slots=6, chunk=4, cache_bytes=10**6, batch_prefill=True, min_rows=1)
+    s = steps(st)
+    prompts = [[1, 2, 3, 4, 5, 6], [1, 2, 3, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9], [3, 3], [1, 2, 3, 4, 5, 6, 2], [8]]
+    for _ in range(2):  # cold, then with the first round's prompts cached
+        tickets = [ticket(p, limit=5) for p in prompts]
+        st.waiting.extend(tickets)
+        plans, results, _ = drive(s)
+        assert [results[id(t)].tokens for t in tickets] == [reference(p, 5) for p in prompts]
+        assert any(p.also for p in plans)
+    assert any(c[0] == "prefill_rows" for c in s.session.calls)
+

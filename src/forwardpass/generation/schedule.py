@@ -13,7 +13,11 @@ tickets, the prompt-prefix cache. A plan says, for one turn of the decoder:
    stream gets a dummy (MIN_ROWS);
 4. ``prefill``: one prompt chunk (up to the next multiple of ``chunk``, never one token alone) of the oldest
    sequence still in its prompt, so running streams keep flowing while new prompts are read; when it
-   ends the prompt, how many leading tokens to keep in the prefix cache.
+   ends the prompt, how many leading tokens to keep in the prefix cache;
+5. ``also`` and ``batch`` (a graph that computes each row alone, ``batch_prefill``): the prompts of neighbouring
+   slots join the oldest one's call with as many tokens, a row ending its chunk sooner starting earlier (the
+   tokens it re-reads give the same KV, bit for bit); eight chats arriving together read their prompts in
+   one call, not eight turns.
 
 Which sequences finish is known only from the tokens sampled (a stop token, a stop string, max_tokens):
 ``update`` (generation/steps.py) decides that from the outputs and frees their slots.
@@ -48,6 +52,10 @@ MIN_ROWS = 2
 # tokens (bit for bit, measured), a one-token chunk takes the one-row kernel (see MIN_ROWS). So a prompt may
 # resume from any cached length, to the token, and still compute exactly what a cold run computes.
 MIN_CHUNK = 2
+
+# The most prompt tokens one batched prefill call reads (rows x tokens): about half a second of prompt at
+# ~1,100 tokens/s on two cores, so running streams wait no longer than a long prompt's chunks make them.
+BATCH_TOKENS = 512
 
 
 class PrefixCache:
@@ -149,6 +157,7 @@ class SchedulerState:
     chunk: int  # prompt tokens per prefill call, cut at absolute multiples of it
     cache: PrefixCache
     min_rows: int = MIN_ROWS
+    batch_prefill: bool = False  # prompts of several slots in one call (a graph computing each row alone)
     active: list[Ticket | None] = field(default_factory=list)
     waiting: deque[Ticket] = field(default_factory=deque)
 
@@ -208,6 +217,17 @@ class PrefillChunk:
 
 
 @dataclass(frozen=True)
+class PrefillBatch:
+    """One prefill call over KV rows first..first + len(starts) - 1, every row the same number of tokens: the
+    chunks' rows, and free slots between them as dummies (tokens 0 at positions a later prompt overwrites)."""
+
+    first: int
+    tokens: tuple[tuple[int, ...], ...]
+    starts: tuple[int, ...]  # each row's first position
+    logit_rows: int  # logits for rows first..first + logit_rows - 1 (the last chunk ending its prompt)
+
+
+@dataclass(frozen=True)
 class StepPlan:
     """One turn of the decoder (see the module docstring)."""
 
@@ -215,6 +235,8 @@ class StepPlan:
     admit: tuple[Admission, ...] = ()
     decode: DecodeBatch | None = None
     prefill: PrefillChunk | None = None
+    also: tuple[PrefillChunk, ...] = ()  # other slots' chunks, as long as prefill's, in the same call
+    batch: PrefillBatch | None = None  # that call, when there are ``also`` chunks
 
     @property
     def idle(self) -> bool:
@@ -245,7 +267,9 @@ def schedule(state: SchedulerState) -> StepPlan:
             cached, key = state.cache.find(ticket.seq.prompt)
             admit.append(Admission(ticket, slot, cached, key))
         slots[slot], filled[slot] = ticket, cached
-    return StepPlan(evict, tuple(admit), _decode(state, slots, filled), _prefill(state, slots, filled))
+    prefill = _prefill(state, slots, filled)
+    also, batch = _batch(state, slots, filled, prefill) if state.batch_prefill and prefill else ((), None)
+    return StepPlan(evict, tuple(admit), _decode(state, slots, filled), prefill, also, batch)
 
 
 def _ready(ticket: Ticket, slots: list[Ticket | None]) -> bool:
@@ -300,3 +324,50 @@ def _prefill(state: SchedulerState, slots: list[Ticket | None], filled: dict[int
         end = len(prompt)
     store = state.cache.wants(prompt) if end == len(prompt) else 0
     return PrefillChunk(ticket, slot, start, end, store)
+
+
+def _batch(state: SchedulerState, slots: list[Ticket | None], filled: dict[int, int],
+           first: PrefillChunk) -> tuple[tuple[PrefillChunk, ...], PrefillBatch | None]:  # fmt: skip
+    """The chunks of neighbouring slots that join ``first``'s call (see the module docstring), and the call.
+
+    A slot joins when it is in its prompt (not an embedding, whose sums would count a re-read token twice), its
+    prompt has at least T tokens, and at least half of the T it reads are new; a free slot between joiners is a
+    dummy row. The run of slots stops at any other (a decoding row, whose positions a dummy must not pass)."""
+    T = first.end - first.start
+    if first.ticket.seq.pooling:
+        return (), None
+
+    def join(i: int) -> PrefillChunk | None:
+        ticket = slots[i]
+        if ticket is None or ticket.cancelled or ticket.seq.pooling:
+            return None
+        prompt, done = ticket.seq.prompt, _filled(slots, filled, i)
+        end = min(len(prompt), done + T)
+        if done >= len(prompt) or len(prompt) < T or 2 * (end - done) < T:
+            return None
+        return PrefillChunk(ticket, i, end - T, end, state.cache.wants(prompt) if end == len(prompt) else 0)
+
+    rows: dict[int, PrefillChunk | None] = {first.slot: first}
+    budget = BATCH_TOKENS // max(T, 1)
+    for step in (-1, 1):
+        i = first.slot + step
+        while 0 <= i < len(slots) and len(rows) < budget:
+            chunk = join(i) if slots[i] is not None else None
+            if chunk is None and slots[i] is not None:
+                break
+            rows[i] = chunk
+            i += step
+    while rows and rows[min(rows)] is None:  # no dummy rows at the ends
+        del rows[min(rows)]
+    while rows and rows[max(rows)] is None:
+        del rows[max(rows)]
+    also = tuple(c for i, c in sorted(rows.items()) if c is not None and i != first.slot)
+    if not also:
+        return (), None
+    lo = min(rows)
+    order = sorted(rows)
+    tokens = tuple(tuple(c.tokens) if (c := rows[i]) else (0,) * T for i in order)
+    starts = tuple(c.start if (c := rows[i]) else 0 for i in order)
+    ending = [i - lo for i in order if (c := rows[i]) is not None and c.last]
+    return also, PrefillBatch(lo, tokens, starts, max(ending, default=0) + 1)
+

@@ -51,7 +51,8 @@ class GenerationScheduler:
         self.session = model.open_session(slots=max(self.slots, MIN_ROWS))
         # a lone stream decodes alone where the graph computes a row the same alone as beside others
         min_rows = 1 if self.session.row_invariant else MIN_ROWS
-        self.state = SchedulerState(self.slots, chunk, PrefixCache(budget), min_rows=min_rows)
+        self.state = SchedulerState(self.slots, chunk, PrefixCache(budget), min_rows=min_rows,
+                                    batch_prefill=self.session.row_invariant)  # fmt: skip
         self.stats = stats or GenerationStats(model.name, model.version)
         self._steps = Steps(self.session, self.state, self.stats)
         self._cond = threading.Condition()

@@ -18,6 +18,7 @@ rows at different positions decode together in one call: continuous batching.
 
 from __future__ import annotations
 
+from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,13 @@ class DecoderSession:
             raise InvalidInput(("tokens",), "expected at least one token")
         ids = np.asarray([tokens], dtype=np.int64)
         return self._run("prefill", slot, ids, np.array([start + len(tokens) - 1], np.int32))[0]
+
+    def prefill_rows(self, first: int, tokens: Seq[Seq[int]], starts: Seq[int], logit_rows: int) -> np.ndarray:
+        """Rows first.. of the cache each take len(tokens[0]) tokens, row i's at positions starts[i]..; logits
+        (logit_rows, V) after each of the first logit_rows rows' last token (the prompt graph, one call)."""
+        ids = np.asarray(tokens, dtype=np.int64)
+        ends = np.asarray(starts, dtype=np.int32) + ids.shape[1] - 1
+        return self._run("prefill", first, ids, ends, logit_rows)
 
     def prefill_pooled(self, slot: int, tokens: list[int], start: int) -> tuple[np.ndarray, np.ndarray]:
         """``prefill``, and the chunk's final hidden states summed over its positions (C,): embeddings."""

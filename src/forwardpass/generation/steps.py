@@ -38,6 +38,7 @@ class Decoder(Protocol):
 
     def decode(self, tokens: list[int], positions: list[int], logit_rows: int = 0) -> np.ndarray: ...
     def prefill(self, slot: int, tokens: list[int], start: int) -> np.ndarray: ...
+    def prefill_rows(self, first: int, tokens: Seq[Seq[int]], starts: Seq[int], logit_rows: int) -> np.ndarray: ...
     def prefill_pooled(self, slot: int, tokens: list[int], start: int) -> tuple[np.ndarray, np.ndarray]: ...
     def read_prefix(self, slot: int, length: int) -> list[np.ndarray]: ...
     def write_prefix(self, slot: int, arrays: list[np.ndarray], length: int) -> None: ...
@@ -53,6 +54,8 @@ class StepOutputs:
     decode_seconds: float = 0.0
     allowed: dict[int, np.ndarray] = field(default_factory=dict)  # slot -> (V,) grammar mask, constrained rows
     hidden_sum: np.ndarray | None = None  # (C,) a pooling sequence's chunk: its final hidden states summed
+    also: dict[int, np.ndarray] = field(default_factory=dict)  # slot -> (V,): an ``also`` chunk ending its prompt
+    also_stored: dict[int, list[np.ndarray]] = field(default_factory=dict)  # slot -> its prompt's prefix KV
 
 
 def begin(state: SchedulerState, stats: GenerationStats, plan: StepPlan) -> None:
@@ -92,15 +95,16 @@ def constrained_rows(state: SchedulerState, plan: StepPlan) -> list[tuple[int, C
             ticket = state.active[slot]
             if ticket is not None and ticket.seq.constraint is not None:
                 rows.append((slot, ticket.seq.constraint))
-    p = plan.prefill
-    if p is not None and p.last and p.ticket.seq.constraint is not None:
-        rows.append((p.slot, p.ticket.seq.constraint))
+    for p in (plan.prefill, *plan.also):
+        if p is not None and p.last and p.ticket.seq.constraint is not None:
+            rows.append((p.slot, p.ticket.seq.constraint))
     return rows
 
 
 def execute(plan: StepPlan, session: Decoder, cache: PrefixCache,
             constrained: Seq[tuple[int, Constraint]] = (), masks: MaskWorker | None = None) -> StepOutputs:  # fmt: skip
-    """Run ``plan`` on the decoder: copy cached prefixes into admitted slots, one decode call, one prompt chunk.
+    """Run ``plan`` on the decoder: copy cached prefixes into admitted slots, one decode call, one prefill call
+    (a prompt chunk, or the chunks of several slots).
     The ``constrained`` rows' grammar masks are computed by ``masks`` meanwhile (both release the GIL)."""
     pending = masks.start(constrained) if constrained and masks is not None else None
     for a in plan.admit:
@@ -115,7 +119,24 @@ def execute(plan: StepPlan, session: Decoder, cache: PrefixCache,
         decode = session.decode(list(d.tokens), list(d.positions), logit_rows=d.logit_rows)
         seconds = time.perf_counter() - started
     prefill = stored = hidden = None
-    if plan.prefill is not None:
+    also: dict[int, np.ndarray] = {}
+    also_stored: dict[int, list[np.ndarray]] = {}
+    if plan.batch is not None:  # the prefill chunk and its ``also`` chunks in one call
+        b = plan.batch
+        logits = session.prefill_rows(b.first, b.tokens, b.starts, b.logit_rows)
+        for p in (plan.prefill, *plan.also):
+            assert p is not None
+            row = logits[min(p.slot - b.first, b.logit_rows - 1)]  # a chunk not ending its prompt needs none
+            if p is plan.prefill:
+                prefill = row
+            elif p.last:
+                also[p.slot] = row
+            if p.last and p.store:
+                if p is plan.prefill:
+                    stored = session.read_prefix(p.slot, p.store)
+                else:
+                    also_stored[p.slot] = session.read_prefix(p.slot, p.store)
+    elif plan.prefill is not None:
         p = plan.prefill
         if p.ticket.seq.pooling:
             prefill, hidden = session.prefill_pooled(p.slot, p.tokens, p.start)
@@ -124,7 +145,7 @@ def execute(plan: StepPlan, session: Decoder, cache: PrefixCache,
         if p.last and p.store:
             stored = session.read_prefix(p.slot, p.store)
     allowed = pending.result() if pending is not None else {}
-    return StepOutputs(decode, prefill, stored, seconds, allowed, hidden)
+    return StepOutputs(decode, prefill, stored, seconds, allowed, hidden, also, also_stored)
 
 
 def update(state: SchedulerState, stats: GenerationStats, plan: StepPlan, outputs: StepOutputs) -> list[Event]:
@@ -152,6 +173,13 @@ def update(state: SchedulerState, stats: GenerationStats, plan: StepPlan, output
                 events.append((p.ticket, finish(state, stats, p.slot)))
         elif p.last:
             _advance(state, stats, p.slot, outputs.prefill, events, outputs.allowed.get(p.slot))
+    for p in plan.also:  # chunks read in the prefill's call (never an embedding's)
+        p.ticket.filled = p.end
+        if p.last and p.slot in outputs.also_stored:
+            state.cache.store(p.ticket.seq.prompt[: p.store], outputs.also_stored[p.slot])
+            stats.prefix_cache_bytes = state.cache.bytes
+        if p.last:
+            _advance(state, stats, p.slot, outputs.also[p.slot], events, outputs.allowed.get(p.slot))
     return events
 
 
