@@ -1,5 +1,6 @@
 /* What the kernels share: fp16 <-> float (nearest even; F16C where the compiler targets it, else plain C),
- * carving one call's scratch buffer into 64-byte aligned arrays, and summing 16 vectors at once. */
+ * carving one call's scratch buffer into 64-byte aligned arrays, summing 16 vectors at once, e^x on vectors, and
+ * what a linear does to its rows before quantizing them (fp_prologue). */
 #ifndef FORWARDPASS_KERNELS_H
 #define FORWARDPASS_KERNELS_H
 
@@ -32,22 +33,6 @@ static inline float half_to_float(uint16_t h) {
     float f;
     memcpy(&f, &bits, sizeof f);
     return f;
-#if defined(__AVX512F__) && defined(__AVX512DQ__)
-/* the 16 sums of 16 vectors v[0..15] (each summed in one fixed order, whatever its slot) */
-static inline __m512 sums16(const __m512 *v) {
-    __m512 u[8], w[4];
-    for (int i = 0; i < 8; i++)
-        u[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-    for (int i = 0; i < 4; i++) {
-        const __m512d a = _mm512_castps_pd(u[2 * i]), b = _mm512_castps_pd(u[2 * i + 1]);
-        w[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
-    }
-    const __m512 r01 = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
-    const __m512 r23 = _mm512_add_ps(_mm512_shuffle_f32x4(w[2], w[3], 0x88), _mm512_shuffle_f32x4(w[2], w[3], 0xDD));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(r01, r23, 0x88), _mm512_shuffle_f32x4(r01, r23, 0xDD));
-}
-#endif
-
 #endif
 }
 
@@ -75,22 +60,6 @@ static inline uint16_t float_to_half(float f) {
     const uint32_t rest = mant & 0x1FFF;
     if (rest > 0x1000 || (rest == 0x1000 && (half & 1))) half++; /* a carry into the exponent is still right */
     return (uint16_t)(sign | half);
-#if defined(__AVX512F__) && defined(__AVX512DQ__)
-/* the 16 sums of 16 vectors v[0..15] (each summed in one fixed order, whatever its slot) */
-static inline __m512 sums16(const __m512 *v) {
-    __m512 u[8], w[4];
-    for (int i = 0; i < 8; i++)
-        u[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-    for (int i = 0; i < 4; i++) {
-        const __m512d a = _mm512_castps_pd(u[2 * i]), b = _mm512_castps_pd(u[2 * i + 1]);
-        w[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
-    }
-    const __m512 r01 = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
-    const __m512 r23 = _mm512_add_ps(_mm512_shuffle_f32x4(w[2], w[3], 0x88), _mm512_shuffle_f32x4(w[2], w[3], 0xDD));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(r01, r23, 0x88), _mm512_shuffle_f32x4(r01, r23, 0xDD));
-}
-#endif
-
 #endif
 }
 
@@ -109,7 +78,7 @@ static inline void *take(char **p, int64_t bytes) {
     return at;
 }
 
-#if defined(__AVX512F__) && defined(__AVX512DQ__)
+#if defined(__AVX512F__)
 /* the 16 sums of 16 vectors v[0..15] (each summed in one fixed order, whatever its slot) */
 static inline __m512 sums16(const __m512 *v) {
     __m512 u[8], w[4];

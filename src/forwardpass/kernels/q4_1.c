@@ -172,14 +172,13 @@ static void rows_tile(acts a, int rows, int64_t K, const uint8_t *qs, const uint
         for (int r = 0; r < rows; r++)
             for (int j = count; j < 16; j++) v[r][j] = _mm512_setzero_ps();
         const __mmask16 k = (__mmask16)((1u << count) - 1);
-        for (int r = 0; r < rows; r++) {
-            __m512 ms = _mm512_setzero_ps();
-            for (int64_t b = 0; b < nb; b++) {
-                const __m512 mw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, wm + b * N + c0));
-                ms = _mm512_fmadd_ps(mw, _mm512_set1_ps(a.xs[r * nb + b]), ms);
-            }
-            _mm512_mask_storeu_ps(y + r * N + c0, k, _mm512_add_ps(sums16(v[r]), ms));
+        __m512 ms[ROWS]; /* the minimum's term of each row: each block's 16 minimums converted once for all rows */
+        for (int r = 0; r < rows; r++) ms[r] = _mm512_setzero_ps();
+        for (int64_t b = 0; b < nb; b++) {
+            const __m512 mw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, wm + b * N + c0));
+            for (int r = 0; r < rows; r++) ms[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(a.xs[r * nb + b]), ms[r]);
         }
+        for (int r = 0; r < rows; r++) _mm512_mask_storeu_ps(y + r * N + c0, k, _mm512_add_ps(sums16(v[r]), ms[r]));
     }
 }
 
