@@ -59,7 +59,6 @@ def profile(model: Path, rows: int, steps: int, context: int, enable: bool = Tru
     options = ort.SessionOptions()
     if kernels.used_by(model):
         options.register_custom_ops_library(str(kernels.library()))
-        kernels.use_threads(2)  # as the engine's session tells them
     options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = 2, 0, 4
     options.enable_profiling = enable
     options.profile_file_prefix = str(Path(tempfile.gettempdir()) / "fp-decode-profile")

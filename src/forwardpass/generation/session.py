@@ -67,11 +67,8 @@ class DecoderSession:
                 raise ModelLoadError(f"{path}: the decoder uses forwardpass's kernels, which cannot be built here "
                                      f"({exc}); import the GGUF again with `forwardpass import gguf --kernels "
                                      f"onnxruntime` to use ONNX Runtime's own operators") from None  # fmt: skip
-        threads = threads or available_cores()
-        if library is not None:
-            kernels.use_threads(threads)
         # ONNX Runtime's defaults otherwise (threads spin, the arena stays): a decode step is one long run
-        return open_session(path, Path(path), intra_op=threads, inter_op=0, what="the decoder",
+        return open_session(path, Path(path), intra_op=threads or available_cores(), inter_op=0, what="the decoder",
                             custom_ops=library)  # fmt: skip
 
     def _binding(self, graph: str, first: int, rows: int, logit_rows: int) -> tuple[Any, np.ndarray, np.ndarray | None]:

@@ -133,13 +133,6 @@ def row_invariant(path: str | Path) -> bool:
     return uses and not ops & ROW_MIXING
 
 
-def use_threads(n: int) -> None:
-    """Tell the kernels a session running them has ``n`` intra-op threads: a linear's outputs are then split in
-    that many contiguous parts, one a thread (ONNX Runtime's C API does not tell a kernel its pool's size). The
-    most any session asked for is kept; the split changes speed only, never a result."""
-    ctypes.CDLL(str(library())).fp_set_threads(ctypes.c_int(n))
-
-
 def available() -> bool:
     """Whether the kernels library builds (or is built) here."""
     try:

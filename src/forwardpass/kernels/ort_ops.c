@@ -19,7 +19,6 @@
  */
 #include <math.h>
 #include <pthread.h>
-#include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -170,22 +169,9 @@ static void matmul_task(void *arg, size_t i) {
             for (int64_t n = n0; n < n1; n++) w->y[r * w->N + n] += w->residual[r * w->N + n];
 }
 
-/* The intra-op threads of the sessions running these kernels (the most any asked for; 0: not told). A linear's
- * outputs go to them in that many contiguous parts, one a thread: each reads one long run of weights, as the
- * hardware prefetcher wants (the same work in 16-output tasks was a third slower at one row). ONNX Runtime's C
- * API does not tell a kernel its pool's size, so forwardpass.kernels says it when it opens a session. */
-static atomic_int threads;
-
-EXPORT void fp_set_threads(int n) {
-    int seen = atomic_load(&threads);
-    while (n > seen && !atomic_compare_exchange_weak(&threads, &seen, n)) {
-    }
-}
-
-static OrtStatus *parallel(OrtKernelContext *context, void (*task)(void *, size_t), size_t total, size_t parts,
-                           Work *w) {
+static OrtStatus *parallel(OrtKernelContext *context, void (*task)(void *, size_t), size_t total, Work *w) {
     return CALL(KERNEL_CONTEXT_PARALLEL_FOR, OrtStatus *(*)(const OrtKernelContext *, void (*)(void *, size_t),
-                                                             size_t, size_t, void *))(context, task, total, parts, w);
+                                                             size_t, size_t, void *))(context, task, total, 0, w);
 }
 
 /* Y = f(X) @ W^T (+ residual): activations quantized (in parallel over rows when there are many), then outputs in
@@ -211,11 +197,10 @@ static OrtStatus *linear(OrtKernelContext *context, Work *w, const int64_t *dims
     w->scratch = buffer;
     if (w->M <= ROWS_PER_TASK) {
         quantize_task(w, 0);
-    } else if ((status = parallel(context, quantize_task, (size_t)((w->M + ROWS_PER_TASK - 1) / ROWS_PER_TASK), 0, w))) {
+    } else if ((status = parallel(context, quantize_task, (size_t)((w->M + ROWS_PER_TASK - 1) / ROWS_PER_TASK), w))) {
         return status;
     }
-    const size_t tasks = (size_t)((w->N + OUTPUTS_PER_TASK - 1) / OUTPUTS_PER_TASK), parts = (size_t)atomic_load(&threads);
-    return parallel(context, matmul_task, tasks, parts < tasks ? parts : 0, w);
+    return parallel(context, matmul_task, (size_t)((w->N + OUTPUTS_PER_TASK - 1) / OUTPUTS_PER_TASK), w);
 }
 
 /* A linear's attributes: epsilon (RMSNorm's, float) and swiglu (int); either may be absent. */
