@@ -78,6 +78,20 @@ static inline void *take(char **p, int64_t bytes) {
     return at;
 }
 
+/* EACH(R, O) for a tile of `rows` (1-8) activation rows, R and O constants (so each tile's loops are unrolled):
+ * O outputs at a time share each activation load, as many as the registers hold (R x O accumulators). */
+#define FP_BY_ROWS(rows, EACH)                                                                                  \
+    switch (rows) {                                                                                            \
+    case 1: EACH(1, 4); break;                                                                                 \
+    case 2: EACH(2, 4); break;                                                                                 \
+    case 3: EACH(3, 2); break;                                                                                 \
+    case 4: EACH(4, 2); break;                                                                                 \
+    case 5: EACH(5, 2); break;                                                                                 \
+    case 6: EACH(6, 2); break;                                                                                 \
+    case 7: EACH(7, 2); break;                                                                                 \
+    default: EACH(8, 2); break;                                                                                \
+    }
+
 #if defined(__AVX512F__)
 /* the 16 sums of 16 vectors v[0..15] (each summed in one fixed order, whatever its slot) */
 static inline __m512 sums16(const __m512 *v) {

@@ -109,16 +109,9 @@ static void rows_tile(acts a, int rows, int64_t K, const int8_t *qs, const uint1
     for (int64_t c0 = n0; c0 < n1; c0 += 16) {
         const int count = (int)(n1 - c0 < 16 ? n1 - c0 : 16);
         __m512 v[ROWS][16];
-        switch (rows) { /* O outputs at a time share each activation load, as in q4_1.c */
-        case 1: outputs(a, 1, 4, K, qs, wd, c0, count, v); break;
-        case 2: outputs(a, 2, 4, K, qs, wd, c0, count, v); break;
-        case 3: outputs(a, 3, 2, K, qs, wd, c0, count, v); break;
-        case 4: outputs(a, 4, 2, K, qs, wd, c0, count, v); break;
-        case 5: outputs(a, 5, 2, K, qs, wd, c0, count, v); break;
-        case 6: outputs(a, 6, 2, K, qs, wd, c0, count, v); break;
-        case 7: outputs(a, 7, 2, K, qs, wd, c0, count, v); break;
-        default: outputs(a, 8, 2, K, qs, wd, c0, count, v); break;
-        }
+#define OUTPUTS(R, O) outputs(a, R, O, K, qs, wd, c0, count, v)
+        FP_BY_ROWS(rows, OUTPUTS);
+#undef OUTPUTS
         for (int r = 0; r < rows; r++) {
             for (int j = count; j < 16; j++) v[r][j] = _mm512_setzero_ps();
             float sums[16];
