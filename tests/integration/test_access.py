@@ -224,9 +224,11 @@ def test_reloads_free_the_old_sessions(llm_server):
                 break
         return samples[-1]
 
-    reload()
-    after_one = rss_settled()
+    for _ in range(2):  # the baseline after two: the first reload's RSS settles ~100 MiB below the later ones'
+        reload()
+    after_two = rss_settled()
     for _ in range(5):  # each kept scheduler and decoder session (weights, KV cache) would add its whole size
         reload()
-    after_six = rss_settled()
-    assert after_six < 1.3 * after_one, (after_one, after_six)
+    after_seven = rss_settled()
+    # five sessions kept would be 450 MiB or more (93 MiB of weights each); the allocator moves RSS by ~20
+    assert after_seven < after_two + 100, (after_two, after_seven)
