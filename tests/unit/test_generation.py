@@ -233,7 +233,7 @@ def test_on_forwardpass_kernels_prompts_arriving_together_are_read_in_one_call_a
     alone = [llm.generate(messages=[{"role": "user", "content": f"Write about {t}."}], max_tokens=12, temperature=0,
                           ignore_eos=True).tokens for t in topics]  # fmt: skip
     assert len({len(s.prompt) for s in seqs()}) > 1  # prompts of several lengths
-    scheduler = GenerationScheduler(llm, slots=8, prefix_cache_bytes=0)
+    scheduler = GenerationScheduler(llm, slots=8)  # round 1 stores each prompt; round 2 reads all but 2 tokens
     calls = []
     real = scheduler.session.prefill_rows
     scheduler.session.prefill_rows = lambda *a, **k: calls.append(len(a[1])) or real(*a, **k)
@@ -258,6 +258,7 @@ def test_on_forwardpass_kernels_prompts_arriving_together_are_read_in_one_call_a
     finally:
         scheduler.close()
     assert calls and max(calls) >= 4  # prompts read several rows a call
+    assert scheduler.stats.prefix_hits >= len(topics)  # the second round from the prompts the first one stored
 
 
 def test_on_forwardpass_kernels_a_prompt_row_that_rereads_tokens_computes_what_one_call_does(llm):

@@ -543,7 +543,7 @@ def test_a_fork_whose_first_choice_ended_or_was_cancelled_runs_alone():
 
 
 def test_neighbouring_prompts_join_the_oldest_ones_call_rereading_to_match_its_length():
-    st = state(slots=5, chunk=4, batch_prefill=True, min_rows=1)
+    st = state(slots=5, chunk=16, batch_prefill=True, min_rows=1)
     oldest, short, long, tiny = ticket(list(range(1, 8))), ticket([2, 3, 4, 5, 6]), ticket(list(range(9))), ticket([1])
     decoding = ticket([5, 6])
     for slot, (t, filled) in enumerate([(short, 3), (oldest, 4), (long, 0), (tiny, 0), (decoding, 2)]):
@@ -556,10 +556,22 @@ def test_neighbouring_prompts_join_the_oldest_ones_call_rereading_to_match_its_l
     assert plan.also == (PrefillChunk(short, 0, 2, 5), PrefillChunk(long, 2, 0, 3))
     assert plan.batch == PrefillBatch(0, ((4, 5, 6), (5, 6, 7), (0, 1, 2)), (2, 4, 0), 2)
     assert plan.decode == DecodeBatch((4,), (0, 0, 0, 0, 3), (3, 4, 0, 0, 2))  # dummies where prompts go
+    st.chunk = 4  # while a stream decodes, a call reads at most one chunk's tokens: here the oldest's 3 alone
+    assert schedule(st).also == () and schedule(st).batch is None
+
+
+def test_a_prompt_left_one_token_short_or_two_free_slots_away_does_not_join():
+    st = state(slots=6, chunk=64, batch_prefill=True, min_rows=1)
+    first, one_short, far = ticket([1, 2, 3]), ticket([4, 5, 6, 7]), ticket([7, 8, 9])
+    for slot, t in ((0, first), (1, one_short), (4, far)):
+        t.slot = slot
+        st.active[slot] = t
+    plan = schedule(st)  # one_short would read 3 of 4 and leave 1; far is behind two free slots
+    assert plan.prefill == PrefillChunk(first, 0, 0, 3) and plan.also == () and plan.batch is None
 
 
 def test_a_free_slot_between_joining_prompts_is_a_dummy_row_and_a_decoding_one_ends_the_run():
-    st = state(slots=4, chunk=4, batch_prefill=True, min_rows=1)
+    st = state(slots=4, chunk=16, batch_prefill=True, min_rows=1)
     a, b, running = ticket([1, 2, 3]), ticket([4, 5, 6]), ticket([7, 8])
     for slot, t in ((0, a), (2, b), (3, running)):
         t.slot = slot

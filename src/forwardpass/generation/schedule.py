@@ -53,8 +53,9 @@ MIN_ROWS = 2
 # resume from any cached length, to the token, and still compute exactly what a cold run computes.
 MIN_CHUNK = 2
 
-# The most prompt tokens one batched prefill call reads (rows x tokens): about half a second of prompt at
-# ~1,100 tokens/s on two cores, so running streams wait no longer than a long prompt's chunks make them.
+# The most prompt tokens one batched prefill call reads (rows x tokens) when no stream is decoding: about half
+# a second of prompt at ~1,100 tokens/s on two cores. While streams decode, a call reads at most ``chunk``
+# tokens, as an unbatched one does, so their next token waits no longer than it did.
 BATCH_TOKENS = 512
 
 
@@ -267,9 +268,10 @@ def schedule(state: SchedulerState) -> StepPlan:
             cached, key = state.cache.find(ticket.seq.prompt)
             admit.append(Admission(ticket, slot, cached, key))
         slots[slot], filled[slot] = ticket, cached
-    prefill = _prefill(state, slots, filled)
-    also, batch = _batch(state, slots, filled, prefill) if state.batch_prefill and prefill else ((), None)
-    return StepPlan(evict, tuple(admit), _decode(state, slots, filled), prefill, also, batch)
+    prefill, decode = _prefill(state, slots, filled), _decode(state, slots, filled)
+    budget = state.chunk if decode is not None else BATCH_TOKENS
+    also, batch = _batch(state, slots, filled, prefill, budget) if state.batch_prefill and prefill else ((), None)
+    return StepPlan(evict, tuple(admit), decode, prefill, also, batch)
 
 
 def _ready(ticket: Ticket, slots: list[Ticket | None]) -> bool:
@@ -326,13 +328,15 @@ def _prefill(state: SchedulerState, slots: list[Ticket | None], filled: dict[int
     return PrefillChunk(ticket, slot, start, end, store)
 
 
-def _batch(state: SchedulerState, slots: list[Ticket | None], filled: dict[int, int],
-           first: PrefillChunk) -> tuple[tuple[PrefillChunk, ...], PrefillBatch | None]:  # fmt: skip
-    """The chunks of neighbouring slots that join ``first``'s call (see the module docstring), and the call.
+def _batch(state: SchedulerState, slots: list[Ticket | None], filled: dict[int, int], first: PrefillChunk,
+           budget: int) -> tuple[tuple[PrefillChunk, ...], PrefillBatch | None]:  # fmt: skip
+    """The chunks of neighbouring slots that join ``first``'s call (see the module docstring), and the call, of
+    at most ``budget`` tokens (rows x T).
 
     A slot joins when it is in its prompt (not an embedding, whose sums would count a re-read token twice), its
-    prompt has at least T tokens, and at least half of the T it reads are new; a free slot between joiners is a
-    dummy row. The run of slots stops at any other (a decoding row, whose positions a dummy must not pass)."""
+    prompt has at least T tokens, at least half of the T it reads are new, and it does not leave a single token
+    for later (MIN_CHUNK); one free slot between joiners is a dummy row (two in a row end the run, as any other
+    slot does: a decoding row, whose positions a dummy must not pass)."""
     T = first.end - first.start
     if first.ticket.seq.pooling:
         return (), None
@@ -343,17 +347,17 @@ def _batch(state: SchedulerState, slots: list[Ticket | None], filled: dict[int, 
             return None
         prompt, done = ticket.seq.prompt, _filled(slots, filled, i)
         end = min(len(prompt), done + T)
-        if done >= len(prompt) or len(prompt) < T or 2 * (end - done) < T:
+        if done >= len(prompt) or len(prompt) < T or 2 * (end - done) < T or 0 < len(prompt) - end < MIN_CHUNK:
             return None
         return PrefillChunk(ticket, i, end - T, end, state.cache.wants(prompt) if end == len(prompt) else 0)
 
     rows: dict[int, PrefillChunk | None] = {first.slot: first}
-    budget = BATCH_TOKENS // max(T, 1)
+    most = budget // max(T, 1)
     for step in (-1, 1):
         i = first.slot + step
-        while 0 <= i < len(slots) and len(rows) < budget:
+        while 0 <= i < len(slots) and len(rows) < most:
             chunk = join(i) if slots[i] is not None else None
-            if chunk is None and slots[i] is not None:
+            if chunk is None and (slots[i] is not None or rows.get(i - step, first) is None):
                 break
             rows[i] = chunk
             i += step

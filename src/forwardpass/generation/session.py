@@ -51,6 +51,10 @@ class DecoderSession:
         self.kv = [np.zeros((slots, n_head_kv, max_context, head_dim), dtype) for _ in range(2 * n_layer)]
         _memory.page_out(str(Path(path).resolve().parent))  # weight-file pages read only to prepack them
         self._bindings: dict[tuple[str, int, int, int], tuple[Any, np.ndarray, np.ndarray | None]] = {}
+        # a logits buffer per graph kind and row count, shared by the bindings of every first row: a binding a
+        # (first, rows, logit_rows) is cheap, a (logit_rows, V) buffer each is not (65 MB at 8 slots once prompts
+        # batch); a decode's and a prompt's logits are read together, so the kinds do not share
+        self._logits: dict[tuple[str, int], np.ndarray] = {}
         prompt_graph = self.prefill_session or self.session
         # graphs imported by forwardpass since issue 16 also give the final hidden states summed (embeddings)
         pooled = [o for o in prompt_graph.get_outputs() if o.name == "hidden_sum"]
@@ -84,7 +88,7 @@ class DecoderSession:
                     view = ort.OrtValue.ortvalue_from_numpy(self.kv[2 * i + j][first : first + rows])
                     io.bind_ortvalue_input(f"past_{kind}.{i}", view)
                     io.bind_ortvalue_output(f"present_{kind}.{i}", view)
-            logits = np.zeros((logit_rows, 1, self.n_vocab), np.float32)
+            logits = self._logits.setdefault((graph, logit_rows), np.zeros((logit_rows, 1, self.n_vocab), np.float32))
             io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
             io.bind_cpu_input("logit_rows", np.array([logit_rows], np.int64))
             pooled = None
@@ -136,7 +140,7 @@ class DecoderSession:
         """One new token for each of rows 0..n-1, row i's at position ``positions[i]``; logits (n, V), or
         (logit_rows, V) for the first rows only when ``logit_rows`` is given (the others are padding).
 
-        The array is this session's buffer, overwritten by the next call with the same row counts.
+        The array is this session's buffer, overwritten by the next decode call with as many logit rows.
         """
         ids = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)
         return self._run("decode", 0, ids, np.asarray(positions, dtype=np.int32), logit_rows)

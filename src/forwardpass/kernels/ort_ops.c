@@ -223,6 +223,10 @@ static OrtStatus *create_linear(const Op *op, const void *table, const OrtKernel
                                                                            float *))(info, "epsilon", &k->epsilon));
     optional_attribute(CALL(KERNEL_INFO_GET_ATTRIBUTE_INT64, OrtStatus *(*)(const OrtKernelInfo *, const char *,
                                                                            int64_t *))(info, "swiglu", &k->swiglu));
+    if (k->swiglu != 0 && k->swiglu != 1) {
+        free(k);
+        return error(ORT_INVALID_ARGUMENT, "forwardpass linear: the swiglu attribute must be 0 or 1");
+    }
     *kernel = k;
     return NULL;
 }
@@ -239,8 +243,8 @@ static int linear_shapes(const Tensor *x, const Tensor *norm, const Tensor *resi
     for (size_t i = 0; i + 1 < x->rank; i++) w->M *= (dims[i] = x->dims[i]);
     dims[x->rank ? x->rank - 1 : 0] = N;
     if (norm->data && (norm->type != FLOAT || norm->rank != 1 || norm->dims[0] != w->K)) {
-        snprintf(message, size, "%s: expected norm float (%lld), the input's width; got rank %zu", op,
-                 (long long)w->K, norm->rank);
+        snprintf(message, size, "%s: expected norm float (%lld), the input's width; got rank %zu, length %lld", op,
+                 (long long)w->K, norm->rank, (long long)(norm->rank ? norm->dims[0] : 0));
         return 1;
     }
     if (residual->data) {
@@ -293,6 +297,8 @@ static OrtStatus *q8_0_compute(void *kernel, OrtKernelContext *context) {
         (status = read_input(context, 3, &norm, 1)))
         return status;
     char message[256];
+    if (k->swiglu)
+        return error(ORT_INVALID_ARGUMENT, "Q8_0MatMul: the swiglu attribute is Q4_1MatMul's only");
     const int64_t K = x.rank ? x.dims[x.rank - 1] : 0, N = qs.rank == 2 ? qs.dims[0] : 0;
     if (x.type != FLOAT || x.rank < 1 || K % 32 || qs.type != INT8 || qs.rank != 2 || qs.dims[1] != K ||
         d.type != FLOAT16 || d.rank != 2 || d.dims[0] != N || d.dims[1] != K / 32) {
