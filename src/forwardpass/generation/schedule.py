@@ -112,11 +112,12 @@ class PrefixCache:
 
     def store(self, ids: list[int], arrays: list[np.ndarray]) -> None:
         """Keep ``arrays`` (KV of positions 0..len(ids)-1) for ``ids``; stored prompts that ``ids`` extends
-        (an earlier turn of the same chat) are dropped: the new entry serves them too."""
+        (an earlier turn of the same chat) are dropped: the new entry serves them too. Nothing is kept when a
+        longer stored prompt starts with ``ids`` (one stored since wants() was asked, in the same turn)."""
         size = sum(a.nbytes for a in arrays)
-        if size > self.budget:
-            return
         key = tuple(ids)
+        if size > self.budget or any(len(k) > len(key) and k[: len(key)] == key for k in self.entries):
+            return
         for old in [k for k in self.entries if len(k) <= len(key) and key[: len(k)] == k]:
             self.bytes -= sum(a.nbytes for a in self.entries.pop(old))
         self.entries[key] = arrays

@@ -175,8 +175,7 @@ def update(state: SchedulerState, stats: GenerationStats, plan: StepPlan, output
             _advance(state, stats, p.slot, outputs.prefill, events, outputs.allowed.get(p.slot))
     for p in plan.also:  # chunks read in the prefill's call (never an embedding's)
         p.ticket.filled = p.end
-        # planned before this turn's other stores: one of them may already hold this prompt
-        if p.last and p.slot in outputs.also_stored and state.cache.wants(p.ticket.seq.prompt[: p.store]):
+        if p.last and p.slot in outputs.also_stored:
             state.cache.store(p.ticket.seq.prompt[: p.store], outputs.also_stored[p.slot])
             stats.prefix_cache_bytes = state.cache.bytes
         if p.last:
