@@ -224,11 +224,12 @@ def test_reloads_free_the_old_sessions(llm_server):
                 break
         return samples[-1]
 
-    for _ in range(2):  # the baseline after two: the first reload's RSS settles ~100 MiB below the later ones'
+    for _ in range(2):
         reload()
     after_two = rss_settled()
     for _ in range(5):  # each kept scheduler and decoder session (weights, KV cache) would add its whole size
         reload()
     after_seven = rss_settled()
-    # five sessions kept would be 450 MiB or more (93 MiB of weights each); the allocator moves RSS by ~20
-    assert after_seven < after_two + 100, (after_two, after_seven)
+    # five sessions kept are 400-480 MiB more (measured with a leak patched in); with none kept RSS can still
+    # step up once by ~120 MiB at some reload (the allocator's arenas, not a session a reload)
+    assert after_seven < after_two + 200, (after_two, after_seven)
