@@ -223,7 +223,8 @@ def build_decoder(model: GGUFFile, *, accuracy_level: int = 4, max_positions: in
                                  epsilon=hp.rms_eps)  # fmt: skip
             residual = _q4_linear(g, gate_up, down_raws, hp.n_ff, accuracy_level, f"l{i}_down", residual=residual,
                                   swiglu=True)  # fmt: skip
-            hidden = residual
+            if expose_hidden:
+                g.nodes.append(helper.make_node("Identity", [residual], [f"hidden.{i}"], name=g.name("hidden")))
         else:
             o = _q4_linear(g, attn, [raw(w("attn_output"))], C, accuracy_level, f"l{i}_o")
             h, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [o, residual, ffn_norm],
@@ -235,9 +236,9 @@ def build_decoder(model: GGUFFile, *, accuracy_level: int = 4, max_positions: in
             (silu,) = g.op("Mul", [gate, sig], f"l{i}_silu")
             (act,) = g.op("Mul", [silu, up], f"l{i}_swiglu")
             pending = _q4_linear(g, act, down_raws, hp.n_ff, accuracy_level, f"l{i}_down")
-            (hidden,) = g.op("Add", [pending, residual], f"l{i}_hidden") if expose_hidden else ("",)
+            if expose_hidden:
+                g.nodes.append(helper.make_node("Add", [pending, residual], [f"hidden.{i}"], name=g.name("hidden")))
         if expose_hidden:
-            g.nodes.append(helper.make_node("Identity", [hidden], [f"hidden.{i}"], name=g.name("hidden")))
             outputs.append(helper.make_tensor_value_info(f"hidden.{i}", TensorProto.FLOAT, ["batch", "tokens", C]))
 
     # the final-normed hidden states of every position, summed per row: mean-pooled embeddings (llama-server's
